@@ -1,0 +1,44 @@
+"""lepton_ai: a fault-tolerant platform for AI workloads.
+
+MapReduce-style jobs over worker processes, a Paxos-replicated control plane,
+replicated model serving and self-healing, with no external services.
+
+The public names are imported lazily so that ``import lepton_ai`` stays cheap
+(executor start-up imports it) and each layer loads only when used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (DESIGN.md section 5).
+_EXPORTS: dict[str, str] = {
+    "LocalCluster": "lepton_ai.node.cluster",
+    "connect": "lepton_ai.node.cluster",
+    "Cluster": "lepton_ai.node.cluster",
+    "DistributedTask": "lepton_ai.compute.api",
+    "Dataset": "lepton_ai.compute.api",
+    "Job": "lepton_ai.compute.job",
+    "TaskError": "lepton_ai.errors",
+    "JobFailed": "lepton_ai.errors",
+    "Unavailable": "lepton_ai.errors",
+    "LeptonError": "lepton_ai.errors",
+    "Deployment": "lepton_ai.serve.deployment",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers only
+    from lepton_ai.errors import JobFailed, LeptonError, TaskError, Unavailable
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lepton_ai' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

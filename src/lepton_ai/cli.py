@@ -1,0 +1,63 @@
+"""The ``lepton`` command.
+
+Each layer owns its subcommands: a module listed in ``_COMMAND_MODULES`` has
+``register(subparsers)`` which adds parsers whose ``func(args) -> int`` runs the
+command. A command exits non-zero with a one-line reason on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# Modules that contribute subcommands; a module that does not exist yet is skipped
+# so that one layer's command set never breaks another's.
+_COMMAND_MODULES = (
+    "lepton_ai.node.cli",
+    "lepton_ai.consensus.cli",
+    "lepton_ai.serve.cli",
+    "lepton_ai.compute.cli",
+    "lepton_ai.monitor.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lepton",
+        description="lepton_ai: fault-tolerant MapReduce, replicated KV and model serving.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    try:
+        code = func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI's edge: one line, non-zero exit.
+        if getattr(args, "debug", False):
+            raise
+        print(f"lepton {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    return int(code or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Compute layer: the DistributedTask and Dataset API, logical plan to stages, the sans-I/O scheduler core and the executor."""

@@ -1,0 +1,1 @@
+"""Data layer: datasets as partitioned collections, readers (items, numpy arrays, text via fsspec) and partitioning."""

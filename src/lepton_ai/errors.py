@@ -1,0 +1,42 @@
+"""Exceptions shared by every layer.
+
+Expected failures are typed so a caller can tell its own misuse (ValueError,
+TypeError) from a peer's misbehaviour (ProtocolError) and from the cluster being
+unable to answer (Unavailable).
+"""
+
+from __future__ import annotations
+
+
+class LeptonError(Exception):
+    """Base class of every lepton_ai error."""
+
+
+class Unavailable(LeptonError):
+    """No quorum or no leader answered within the caller's deadline."""
+
+
+class ProtocolError(LeptonError):
+    """A peer sent something the protocol does not allow; its connection is closed."""
+
+
+class AuthError(ProtocolError):
+    """A peer failed the HMAC handshake (wrong token or wrong protocol version)."""
+
+
+class FrameTooLarge(ProtocolError):
+    """A frame's declared length exceeds the configured bound."""
+
+
+class JobFailed(LeptonError):
+    """A job ended without a result (retries exhausted, cancelled, or lost)."""
+
+
+class TaskError(JobFailed):
+    """User code raised inside a task. Carries the partition and the remote traceback."""
+
+    def __init__(self, message: str, *, stage: int, partition: int, traceback: str) -> None:
+        super().__init__(f"{message} (stage {stage}, partition {partition})\n{traceback}")
+        self.stage = stage
+        self.partition = partition
+        self.remote_traceback = traceback

@@ -1,0 +1,1 @@
+"""Monitoring layer: the phi-accrual failure detector, Prometheus metrics and cluster events."""

@@ -1,0 +1,1 @@
+"""Node programs: the coordinator and worker agent processes, and the LocalCluster launcher."""

@@ -1,0 +1,1 @@
+"""Application layer: model deployments as replica processes (ASGI), the load balancer and health checks."""

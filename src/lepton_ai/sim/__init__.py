@@ -1,0 +1,1 @@
+"""Deterministic simulator: runs the real sans-I/O cores over a seeded faulty network."""
