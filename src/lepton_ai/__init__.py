@@ -29,10 +29,25 @@ _EXPORTS: dict[str, str] = {
     "Deployment": "lepton_ai.serve.deployment",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "Cluster",
+    "Dataset",
+    "Deployment",
+    "DistributedTask",
+    "Job",
+    "JobFailed",
+    "LeptonError",
+    "LocalCluster",
+    "TaskError",
+    "Unavailable",
+    "connect",
+]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
-    from lepton_ai.errors import JobFailed, LeptonError, TaskError, Unavailable
+    from lepton_ai.errors import JobFailed as JobFailed
+    from lepton_ai.errors import LeptonError as LeptonError
+    from lepton_ai.errors import TaskError as TaskError
+    from lepton_ai.errors import Unavailable as Unavailable
 
 
 def __getattr__(name: str) -> Any:

@@ -20,6 +20,7 @@ _COMMAND_MODULES = (
     "lepton_ai.serve.cli",
     "lepton_ai.compute.cli",
     "lepton_ai.monitor.cli",
+    "lepton_ai.demo",
 )
 
 
@@ -51,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = func(args)
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # noqa: BLE001 - the CLI's edge: one line, non-zero exit.
+    except Exception as exc:  # the CLI's edge: one line, non-zero exit.
         if getattr(args, "debug", False):
             raise
         print(f"lepton {args.command}: error: {exc}", file=sys.stderr)
