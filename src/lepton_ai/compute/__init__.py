@@ -1,1 +1,2 @@
-"""Compute layer: the DistributedTask and Dataset API, logical plan to stages, the sans-I/O scheduler core and the executor."""
+"""Compute layer: the DistributedTask and Dataset API, logical plan to stages,
+the sans-I/O scheduler core and executor-side task execution."""

@@ -1,1 +1,2 @@
-"""Data layer: datasets as partitioned collections, readers (items, numpy arrays, text via fsspec) and partitioning."""
+"""Data layer: datasets as partitioned collections, readers (items, numpy arrays,
+text via fsspec) and partitioning."""

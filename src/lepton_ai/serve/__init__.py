@@ -1,1 +1,5 @@
-"""Application layer: model deployments as replica processes (ASGI), the load balancer and health checks."""
+"""Application layer: model deployments.
+
+Replica processes (ASGI), the load balancer, health checks and the supervisor
+that restarts and scales them.
+"""

@@ -1,0 +1,419 @@
+"""Compute benchmark: lepton_ai against multiprocessing, Dask and Ray, side by side.
+
+    make bench                                   # the full run (about 10 minutes)
+    .venv/bin/python benchmarks/compute_bench.py --quick   # small sizes, one run
+
+Scenarios (issue 2), medians over ``--runs`` runs, each peer in its own process
+group (memory measured per peer, a crash or hang of one does not stop the rest):
+
+1. start-up of a 2-worker cluster (until 2 trivial tasks came back) and the
+   peak RSS summed over the whole process tree during it;
+2. 10,000 trivial tasks (tasks/s) and 1,000 tasks of 10 ms CPU each (efficiency
+   against the 2-core ideal of 5 s);
+3. word count over a seeded ~200 MB Zipf corpus in 64 files (MB/s; every
+   result is checked against a serial count);
+4. the same word count with one worker SIGKILLed at 40% of the fault-free time
+   (completes? correct? slowdown against the lost work plus 1 s).
+
+Dask and Ray are not project dependencies: they live in ``benchmarks/.venv-compute``,
+which this script creates on first use (``python3 -m venv`` and ``pip install -e
+. 'dask[distributed]' ray psutil``). Results: ``benchmarks/results/compute.json``
+and the table in ``docs/benchmarks-compute.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+VENV = BENCH / ".venv-compute"
+VENV_PY = VENV / "bin" / "python"
+RESULTS_JSON = BENCH / "results" / "compute.json"
+RESULTS_MD = ROOT / "docs" / "benchmarks-compute.md"
+CORPUS_ROOT = BENCH / "results" / "tmp"
+PEER_ORDER = ("lepton", "multiprocessing", "dask", "ray")
+PEER_PACKAGES = ("dask[distributed]", "ray", "psutil")
+CHILD_TIMEOUT_S = {"full": 900.0, "quick": 300.0}
+MARKER_ENV = "LEPTON_BENCH_RUN"
+
+FULL = {"corpus_mb": 200, "files": 64, "trivial_tasks": 10_000, "cpu_tasks": 1_000, "runs": 3}
+QUICK = {"corpus_mb": 20, "files": 64, "trivial_tasks": 2_000, "cpu_tasks": 200, "runs": 1}
+KILL_FRACTION = 0.4
+SEED = 2026
+
+TARGETS = {
+    "startup_s": ("<=", 0.8),
+    "startup_peak_mb": ("<=", 250.0),
+    "trivial_tasks_per_s": (">=", 4000.0),
+    "cpu_efficiency": (">=", 0.90),
+}
+
+
+def ensure_venv() -> None:
+    """Create or repair the peers' venv; a no-op when everything imports."""
+    probe = "import dask.distributed, ray, psutil, numpy, lepton_ai.data.synthetic"
+    if (
+        VENV_PY.exists()
+        and subprocess.run([VENV_PY, "-c", probe], check=False, capture_output=True).returncode == 0
+    ):
+        return
+    print(f"creating {VENV.relative_to(ROOT)} (dask, ray; once) ...", flush=True)
+    if not VENV_PY.exists():
+        subprocess.run(["python3", "-m", "venv", str(VENV)], check=True)
+    pip = [str(VENV_PY), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, "--upgrade", "pip"], check=True)
+    subprocess.run([*pip, "-e", str(ROOT), *PEER_PACKAGES], check=True)
+    subprocess.run([VENV_PY, "-c", probe], check=True)
+
+
+def ensure_corpus(size_mb: int, files: int) -> list[str]:
+    """The Zipf corpus, generated once per (seed, size, files) and kept (gitignored)."""
+    directory = CORPUS_ROOT / f"zipf-s{SEED}-{size_mb}mb-{files}f"
+    manifest = directory / "MANIFEST.json"
+    if manifest.exists():
+        paths: list[str] = json.loads(manifest.read_text())["paths"]
+        if all(Path(p).exists() for p in paths):
+            return paths
+    directory.mkdir(parents=True, exist_ok=True)
+    print(f"generating {size_mb} MB Zipf corpus in {directory.relative_to(ROOT)} ...", flush=True)
+    code = (
+        "import json, sys\n"
+        "from lepton_ai.data.synthetic import write_zipf_corpus\n"
+        f"spec = write_zipf_corpus({str(directory)!r}, {size_mb * 1_000_000}, {files}, {SEED})\n"
+        "print(json.dumps([str(p) for p in spec.paths]))\n"
+    )
+    out = subprocess.run([VENV_PY, "-c", code], check=True, capture_output=True, text=True)
+    paths = json.loads(out.stdout.strip().splitlines()[-1])
+    manifest.write_text(json.dumps({"seed": SEED, "paths": paths}))
+    return paths
+
+
+def _kill_marked(marker: str) -> int:
+    """SIGKILL processes that carry this child's marker and outlived it (leaks)."""
+    import psutil
+
+    killed = 0
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if p.pid != os.getpid() and p.environ().get(MARKER_ENV) == marker:
+                p.kill()
+                killed += 1
+        except psutil.Error:
+            continue
+    return killed
+
+
+def run_child(peer: str, spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    marker = uuid.uuid4().hex
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH), env.get("PYTHONPATH")]))
+    env[MARKER_ENV] = marker
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    cmd = [str(VENV_PY), str(BENCH / "bench_peers.py"), peer, "--spec", json.dumps(spec)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=BENCH,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+        result = None
+        for line in out.splitlines():
+            if line.startswith("RESULT "):
+                result = json.loads(line[len("RESULT ") :])
+        if result is None:
+            result = {"peer": peer, "error": f"exit {proc.returncode}: {err.strip()[-400:]}"}
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        result = {"peer": peer, "error": f"timed out after {timeout_s:.0f} s"}
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # anything of its group still alive
+    except ProcessLookupError:
+        pass
+    leaked = _kill_marked(marker)
+    if leaked:
+        result["leaked_processes"] = leaked
+    result["child_wall_s"] = time.perf_counter() - t0
+    if result.get("error"):
+        print(f"  {peer}: ERROR {result['error'][:300]}", flush=True)
+    return result
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _kill_summary(runs: list[dict[str, Any]], reference: str, key: str) -> dict[str, Any]:
+    kills = [r[key] for r in runs if key in r]
+    slowdowns, budgets = [], []
+    for r in runs:
+        k = r.get(key)
+        if k and k.get("completed"):
+            slowdowns.append(k["wall_s"] - r["wordcount_s"])
+            budgets.append(k["partition_s"] + 1.0)
+    return {
+        "runs": len(kills),
+        "completed": sum(bool(k.get("completed")) for k in kills),
+        "correct": sum(k.get("digest") == reference for k in kills),
+        "slowdown_s": _median(slowdowns),
+        "budget_s": _median(budgets),
+        "killed": kills[0].get("killed") if kills else None,
+        "errors": sorted({k["error"][:160] for k in kills if k.get("error")}),
+    }
+
+
+def aggregate(results: dict[str, list[dict[str, Any]]], reference: str) -> dict[str, Any]:
+    metrics = (
+        "startup_s",
+        "startup_peak_mb",
+        "trivial_tasks_per_s",
+        "cpu_efficiency",
+        "wordcount_mb_per_s",
+        "wordcount_s",
+        "run_peak_mb",
+    )
+    out: dict[str, Any] = {}
+    for peer, runs in results.items():
+        ok = [r for r in runs if "error" not in r or r.get("startup_s") is not None]
+        agg: dict[str, Any] = {m: _median([r[m] for r in ok if m in r]) for m in metrics}
+        agg["wordcount_correct"] = sum(r.get("wordcount_digest") == reference for r in runs)
+        agg["runs"] = len(runs)
+        agg["errors"] = sorted({r["error"][:200] for r in runs if r.get("error")})
+        agg["leaked_processes"] = sum(r.get("leaked_processes", 0) for r in runs)
+        if peer != "serial":
+            agg["kill"] = _kill_summary(runs, reference, "kill")
+        if any("kill_node" in r for r in runs):
+            agg["kill_node"] = _kill_summary(runs, reference, "kill_node")
+        out[peer] = agg
+    return out
+
+
+def _ratios(summary: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """lepton's value divided by each peer's (for times and MB lower is better)."""
+    lep = summary.get("lepton", {})
+    out: dict[str, dict[str, float | None]] = {}
+    for peer, agg in summary.items():
+        if peer == "lepton":
+            continue
+        out[peer] = {}
+        for m in (
+            "startup_s",
+            "startup_peak_mb",
+            "trivial_tasks_per_s",
+            "cpu_efficiency",
+            "wordcount_mb_per_s",
+        ):
+            a, b = lep.get(m), agg.get(m)
+            out[peer][m] = round(a / b, 3) if a and b else None
+    return out
+
+
+def check_targets(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    lep = summary.get("lepton", {})
+    checks: dict[str, dict[str, Any]] = {}
+    for metric, (op, bound) in TARGETS.items():
+        value = lep.get(metric)
+        ok = value is not None and (value <= bound if op == "<=" else value >= bound)
+        checks[metric] = {"value": value, "target": f"{op} {bound}", "met": ok}
+    wc = lep.get("wordcount_mb_per_s")
+    ray = summary.get("ray", {}).get("wordcount_mb_per_s")
+    mp = summary.get("multiprocessing", {}).get("wordcount_mb_per_s")
+    checks["wordcount_vs_ray"] = {
+        "value": wc,
+        "target": f">= ray ({ray})",
+        "met": bool(wc and ray and wc >= ray),
+    }
+    checks["wordcount_vs_multiprocessing"] = {
+        "value": wc,
+        "target": f">= multiprocessing / 1.1 ({mp})",
+        "met": bool(wc and mp and wc >= mp / 1.1),
+    }
+    kill = lep.get("kill", {})
+    met = bool(
+        kill.get("runs")
+        and kill.get("correct") == kill.get("runs")
+        and kill.get("slowdown_s") is not None
+        and kill["slowdown_s"] <= kill["budget_s"]
+    )
+    checks["worker_kill"] = {
+        "value": kill.get("slowdown_s"),
+        "target": f"<= {kill.get('budget_s')}",
+        "met": met,
+    }
+    return checks
+
+
+def _fmt(v: Any, nd: int = 2) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:,.{nd}f}"
+    return str(v)
+
+
+def _row(name: str, summary: dict[str, Any], key: str, fmt: Any, target: str) -> str:
+    cells = [fmt(summary.get(p, {}).get(key)) if p in summary else "—" for p in PEER_ORDER]
+    return f"| {name} | " + " | ".join(cells) + f" | {target} |"
+
+
+def render_markdown(doc: dict[str, Any]) -> str:
+    s = doc["summary"]
+    pct = lambda v: "—" if v is None else f"{100 * v:.0f}%"  # noqa: E731
+    mb = lambda v: _fmt(v, 0)  # noqa: E731
+    sec = lambda v: _fmt(v, 2)  # noqa: E731
+    rate = lambda v: _fmt(v, 0)  # noqa: E731
+
+    def kill_cell(p: str, key: str = "kill") -> str:
+        k = s.get(p, {}).get(key)
+        if not k:
+            return "—"
+        slow = "—" if k["slowdown_s"] is None else f"+{k['slowdown_s']:.2f} s"
+        return f"{k['completed']}/{k['runs']} done, {k['correct']} correct, {slow}"
+
+    lines = [
+        "# Compute benchmark: lepton_ai vs multiprocessing, Dask, Ray",
+        "",
+        f"Command: `{doc['command']}` (generated by `benchmarks/compute_bench.py`; "
+        "peers live in `benchmarks/.venv-compute`, created by the script).",
+        "",
+        f"Measured {doc['date']} on {doc['machine']}; medians of {doc['config']['runs']} run(s); "
+        f"corpus {doc['corpus_mb']:.0f} MB in {doc['config']['files']} files (seed {SEED}). "
+        "The machine was shared with other work, so absolute numbers are noisy; "
+        "the peers ran interleaved, so the comparison is fairer than the absolutes.",
+        "",
+        "| scenario | " + " | ".join(PEER_ORDER) + " | lepton target |",
+        "|---|" + "---|" * (len(PEER_ORDER) + 1),
+        _row("start-up, 2 workers (s)", s, "startup_s", sec, "<= 0.8"),
+        _row("start-up peak RSS, all processes (MB)", s, "startup_peak_mb", mb, "<= 250"),
+        _row(
+            f"{doc['config']['trivial_tasks']:,} trivial tasks (tasks/s)",
+            s,
+            "trivial_tasks_per_s",
+            rate,
+            ">= 4,000",
+        ),
+        _row(
+            f"{doc['config']['cpu_tasks']:,} x 10 ms CPU tasks (% of 2-core ideal)",
+            s,
+            "cpu_efficiency",
+            pct,
+            ">= 90%",
+        ),
+        _row(
+            "word count (MB/s)",
+            s,
+            "wordcount_mb_per_s",
+            _fmt,
+            ">= Ray, >= multiprocessing/1.1 (serial: "
+            f"{_fmt(s.get('serial', {}).get('wordcount_mb_per_s'))})",
+        ),
+        "| word count, a worker SIGKILLed at 40% | "
+        + " | ".join(kill_cell(p) for p in PEER_ORDER)
+        + " | correct, +<= lost work + 1 s |",
+        "| word count, a whole worker node (agent + executor) SIGKILLed at 40%, not restarted | "
+        + " | ".join(kill_cell(p, "kill_node") for p in PEER_ORDER)
+        + " | (no peer can inject this) |",
+        "",
+        "Targets for lepton_ai: "
+        + ", ".join(f"{m} {'met' if c['met'] else 'MISSED'}" for m, c in doc["targets"].items())
+        + ".",
+        "",
+        "What was killed: "
+        + "; ".join(
+            f"{p}: {s[p]['kill']['killed']}" for p in PEER_ORDER if s.get(p, {}).get("kill")
+        )
+        + ".",
+    ]
+    errors = [f"- {p}: {e}" for p in PEER_ORDER for e in s.get(p, {}).get("errors", [])]
+    if errors:
+        lines += ["", "Errors:", *errors]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help="small sizes and one run, for development")
+    ap.add_argument("--runs", type=int, help="runs per peer (default 3, 1 with --quick)")
+    ap.add_argument("--peers", default=",".join(PEER_ORDER), help="comma-separated subset")
+    ap.add_argument(
+        "--write",
+        action="store_true",
+        help="store results of a --quick run too (a full run always stores them)",
+    )
+    args = ap.parse_args()
+    mode = "quick" if args.quick else "full"
+    config = dict(QUICK if args.quick else FULL)
+    if args.runs is not None:
+        if args.runs <= 0:
+            ap.error("--runs must be > 0")
+        config["runs"] = args.runs
+    peers = [p for p in args.peers.split(",") if p]
+    if unknown := set(peers) - set(PEER_ORDER):
+        ap.error(f"unknown peers: {sorted(unknown)}")
+    ensure_venv()
+    paths = ensure_corpus(int(config["corpus_mb"]), int(config["files"]))
+    corpus_mb = sum(os.path.getsize(p) for p in paths) / 1e6
+    spec = {
+        "paths": paths,
+        "trivial_tasks": config["trivial_tasks"],
+        "cpu_tasks": config["cpu_tasks"],
+        "kill_fraction": KILL_FRACTION,
+    }
+    timeout_s = CHILD_TIMEOUT_S[mode]
+    results: dict[str, list[dict[str, Any]]] = {p: [] for p in ["serial", *peers]}
+    print("serial reference ...", flush=True)
+    results["serial"].append(run_child("serial", spec, timeout_s))
+    reference = results["serial"][0].get("wordcount_digest", "")
+    for run in range(int(config["runs"])):
+        order = peers[run % len(peers) :] + peers[: run % len(peers)]  # rotate: share the noise
+        for peer in order:
+            print(f"run {run + 1}/{config['runs']}: {peer} ...", flush=True)
+            results[peer].append(run_child(peer, spec, timeout_s))
+    summary = aggregate(results, reference)
+    doc = {
+        "command": "make bench" if not args.quick else "python benchmarks/compute_bench.py --quick",
+        "argv": shlex.join(sys.argv),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{os.cpu_count()} cores, {platform.system()} {platform.machine()}, "
+        f"Python {platform.python_version()}, load avg {os.getloadavg()[0]:.1f}",
+        "config": config,
+        "corpus_mb": corpus_mb,
+        "summary": summary,
+        "ratios_lepton_over_peer": _ratios(summary),
+        "targets": check_targets(summary),
+        "raw": results,
+    }
+    md = render_markdown(doc)
+    print(md)
+    if args.write or not args.quick:
+        RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS_JSON.write_text(json.dumps(doc, indent=1) + "\n")
+        RESULTS_MD.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS_MD.write_text(md)
+        print(f"wrote {RESULTS_JSON.relative_to(ROOT)} and {RESULTS_MD.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""The user-facing compute API: ``DistributedTask`` and the lazy ``Dataset``.
+
+    task = lep.DistributedTask(cluster)
+    counts = (task.read_text("logs/*.log")
+                  .flat_map(str.split)
+                  .map(lambda w: (w, 1))
+                  .reduce_by_key(operator.add, partitions=8)
+                  .collect())
+
+Transformations are lazy and only record a logical chain; an action (``collect``,
+``count``, ``reduce``) or ``submit`` turns the chain into a ``JobPlan`` (see
+``plan.py``) and hands it to the cluster through the ``JobRunner`` protocol
+below. Bad input fails at the call with TypeError/ValueError; a function that
+cannot be pickled fails at ``submit``/the action with TypeError.
+
+The cluster side (node layer) implements ``JobRunner``; waiting, progress and
+fetching the result belong to ``lepton_ai.compute.job.Job``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from lepton_ai.compute.plan import (
+    ActionKind,
+    JobOptions,
+    LogicalOp,
+    NarrowKind,
+    NarrowOp,
+    ShuffleOp,
+    SourceOp,
+    build_plan,
+    encode_plan,
+)
+from lepton_ai.data.partition import check_partitions, split_evenly
+from lepton_ai.data.sources import (
+    BlobStorer,
+    SourceLimits,
+    TextFormat,
+    inline_sources,
+    range_sources,
+    text_sources,
+)
+
+if TYPE_CHECKING:
+    from lepton_ai.compute.job import Job
+
+DEFAULT_PARTITIONS = 8
+
+
+@runtime_checkable
+class JobRunner(Protocol):
+    """What a cluster object offers the Dataset API (implemented by the node layer).
+
+    ``submit_plan`` sends an encoded ``JobPlan`` (``plan.encode_plan``) with its
+    options to the leading coordinator, which commits ``JobSubmitted`` to the
+    log, and returns the job id once it is committed. It raises
+    ``lepton_ai.errors.Unavailable`` if no leader answers in time. The caller
+    then waits with ``Job(cluster, job_id).result(timeout=)``.
+    """
+
+    def submit_plan(self, plan: bytes, options: JobOptions) -> str: ...
+
+
+def _blob_storer(cluster: object) -> BlobStorer | None:
+    """The cluster's optional ``put_blob(data: bytes) -> key``.
+
+    A cluster that offers it stores big ``parallelize`` chunks outside the plan
+    (and so outside the coordinator's log); its executors must then pass
+    ``fetch_blob`` to ``tasks.run_task``. Without it, chunks travel inline.
+    """
+    put = getattr(cluster, "put_blob", None)
+    return put if callable(put) else None
+
+
+def _check_callable(fn: object, what: str) -> None:
+    if not callable(fn):
+        raise TypeError(f"{what} must be callable, got {type(fn).__name__}")
+
+
+def _check_runner(cluster: object) -> JobRunner:
+    if not isinstance(cluster, JobRunner):
+        raise TypeError(
+            f"DistributedTask needs a cluster (lep.LocalCluster or lep.connect(...)), "
+            f"got {type(cluster).__name__}"
+        )
+    return cluster
+
+
+class DistributedTask:
+    """Entry point of the compute API, bound to one cluster.
+
+    Keyword options are the defaults of every job started from this task:
+    ``max_retries=3``, ``retry_exceptions=False``, ``speculation=True``,
+    ``progress=None`` (None: a rich progress bar when stderr is a TTY and the job
+    runs longer than a second; False: never; True: always).
+    """
+
+    def __init__(
+        self,
+        cluster: Any,
+        *,
+        max_retries: int = 3,
+        retry_exceptions: bool = False,
+        speculation: bool = True,
+        progress: bool | None = None,
+        limits: SourceLimits | None = None,
+    ) -> None:
+        self.cluster: JobRunner = _check_runner(cluster)
+        self.options = JobOptions(
+            max_retries=max_retries,
+            retry_exceptions=bool(retry_exceptions),
+            speculation=bool(speculation),
+        )
+        if progress is not None and not isinstance(progress, bool):
+            raise TypeError("progress must be None, True or False")
+        self.progress = progress
+        self.limits = limits or SourceLimits()
+        self._last: Dataset | None = None
+
+    def _default_partitions(self) -> int:
+        n = getattr(self.cluster, "default_parallelism", DEFAULT_PARTITIONS)
+        return n if isinstance(n, int) and n > 0 else DEFAULT_PARTITIONS
+
+    def parallelize(self, data: Iterable[Any], partitions: int | None = None) -> Dataset:
+        """A dataset of the items of ``data`` (any iterable, a ``range`` or a numpy array).
+
+        Items keep their order across partitions. A numpy array is split along
+        axis 0 into ``partitions`` chunks; its items are the rows, and
+        ``map_partitions`` receives the ndarray chunk itself. A ``range`` travels
+        as its bounds. Other iterables are materialised and pickled into the plan.
+        """
+        parts = self._default_partitions() if partitions is None else check_partitions(partitions)
+        if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
+            raise TypeError(f"parallelize() needs an iterable of items, got {type(data).__name__}")
+        if isinstance(data, range):
+            return Dataset(self, (SourceOp(tuple(range_sources(data, parts))),))
+        chunks: list[Any]
+        if type(data).__module__ == "numpy" and type(data).__name__ == "ndarray":
+            import numpy as np
+
+            arr: Any = data
+            if arr.ndim == 0:
+                raise ValueError("parallelize() needs an array with at least one dimension")
+            chunks = list(np.array_split(arr, parts))
+        else:
+            chunks = [list(c) for c in split_evenly(list(data), parts)]
+        sources = inline_sources(chunks, self.limits, _blob_storer(self.cluster))
+        return Dataset(self, (SourceOp(tuple(sources)),))
+
+    def read_text(self, path: str, partitions: int | None = None) -> Dataset:
+        """A dataset of the lines (without newline) of the files at ``path``.
+
+        ``path`` is a local path, a directory, a glob (``logs/*.log``) or an fsspec
+        URL. Files are split into byte ranges (at least ``partitions`` of them when
+        the files are big enough; default one per 32 MiB); each executor reads its
+        range itself. FileNotFoundError if nothing matches.
+        """
+        return self._read(path, partitions, "text")
+
+    def read_jsonl(self, path: str, partitions: int | None = None) -> Dataset:
+        """Like ``read_text`` but each non-blank line is parsed with ``json.loads``."""
+        return self._read(path, partitions, "jsonl")
+
+    def read_csv(self, path: str, partitions: int | None = None, *, header: bool = True) -> Dataset:
+        """Rows of CSV files: dicts keyed by the header row, or lists if ``header=False``.
+
+        Records must not contain newlines inside quoted fields (files are split by line).
+        """
+        return self._read(path, partitions, "csv", header)
+
+    def _read(
+        self, path: str, partitions: int | None, fmt: TextFormat, header: bool = True
+    ) -> Dataset:
+        if partitions is not None:
+            check_partitions(partitions)
+        sources = text_sources(path, partitions, fmt=fmt, csv_header=header, limits=self.limits)
+        return Dataset(self, (SourceOp(tuple(sources)),))
+
+    def map(
+        self, fn: Callable[[Any], Any], data: Iterable[Any], partitions: int | None = None
+    ) -> Dataset:
+        """The seed's convenience: ``parallelize(data, partitions).map(fn)``, remembered.
+
+        Lazy like any Dataset: call ``.collect()`` on it, or ``task.reduce(op)``
+        to reduce the most recent ``task.map`` result across the cluster.
+        """
+        _check_callable(fn, "map function")
+        ds = self.parallelize(data, partitions).map(fn)
+        self._last = ds
+        return ds
+
+    def reduce(self, op: Callable[[Any, Any], Any] | None = None) -> Any:
+        """Reduce the dataset of the last ``task.map`` call with ``op(a, b)``.
+
+        ``op=None`` sums (``operator.add``; 0 for an empty dataset). ValueError if
+        ``task.map`` was never called.
+        """
+        if self._last is None:
+            raise ValueError("task.reduce() needs a previous task.map(fn, data)")
+        return self._last.reduce(op)
+
+
+class Dataset:
+    """A lazy, partitioned collection. Transformations return new Datasets."""
+
+    def __init__(self, task: DistributedTask, ops: tuple[LogicalOp, ...]) -> None:
+        self._task = task
+        self._ops = ops
+
+    def _narrow(self, kind: NarrowKind, fn: Callable[..., Any]) -> Dataset:
+        _check_callable(fn, f"{kind} function")
+        return Dataset(self._task, (*self._ops, NarrowOp(kind, fn)))
+
+    @property
+    def num_partitions(self) -> int:
+        n = len(self._ops[0].sources) if isinstance(self._ops[0], SourceOp) else 0
+        for op in self._ops:
+            if isinstance(op, ShuffleOp):
+                n = op.partitions
+        return n
+
+    def map(self, fn: Callable[[Any], Any]) -> Dataset:
+        """Apply ``fn`` to each item."""
+        return self._narrow("map", fn)
+
+    def filter(self, pred: Callable[[Any], Any]) -> Dataset:
+        """Keep the items for which ``pred(item)`` is true."""
+        return self._narrow("filter", pred)
+
+    def flat_map(self, fn: Callable[[Any], Iterable[Any]]) -> Dataset:
+        """Replace each item by the items of the iterable ``fn(item)``."""
+        return self._narrow("flat_map", fn)
+
+    def map_partitions(self, fn: Callable[[Iterable[Any]], Iterable[Any]]) -> Dataset:
+        """Replace each partition by ``fn(partition)`` (an iterable of items).
+
+        The partition is an iterable: a ``range``/list/ndarray chunk when this
+        is the first operation after the source, an iterator otherwise.
+        """
+        return self._narrow("map_partitions", fn)
+
+    def reduce_by_key(
+        self, op: Callable[[Any, Any], Any], partitions: int | None = None
+    ) -> Dataset:
+        """(key, value) items -> one (key, op-folded value) per key, hash-partitioned.
+
+        ``op`` must be associative and commutative: values are combined map-side
+        first. Keys must be hashable; see ``data.partition.stable_hash``.
+        """
+        _check_callable(op, "reduce_by_key op")
+        parts = self.num_partitions if partitions is None else check_partitions(partitions)
+        return Dataset(self._task, (*self._ops, ShuffleOp("reduce", max(1, parts), op)))
+
+    def group_by_key(self, partitions: int | None = None) -> Dataset:
+        """(key, value) items -> (key, [values...]) per key; value order is unspecified."""
+        parts = self.num_partitions if partitions is None else check_partitions(partitions)
+        return Dataset(self._task, (*self._ops, ShuffleOp("group", max(1, parts))))
+
+    # ------------------------------------------------------------- actions
+
+    def submit(self, **options: Any) -> Job:
+        """Start a ``collect`` job and return at once (detached); see ``Job``."""
+        return self._start("collect", None, options)
+
+    def collect(self, *, timeout: float | None = None, **options: Any) -> list[Any]:
+        """All items, in partition order."""
+        result: list[Any] = self._start("collect", None, options).result(timeout=timeout)
+        return result
+
+    def count(self, *, timeout: float | None = None, **options: Any) -> int:
+        """The number of items."""
+        result: int = self._start("count", None, options).result(timeout=timeout)
+        return result
+
+    def reduce(
+        self,
+        op: Callable[[Any, Any], Any] | None = None,
+        *,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> Any:
+        """Fold all items with ``op(a, b)`` (associative). ``op=None`` sums, 0 when empty.
+
+        ValueError (raised by ``Job.result``) for an empty dataset with an explicit op.
+        """
+        if op is not None:
+            _check_callable(op, "reduce op")
+        return self._start("reduce", op, options).result(timeout=timeout)
+
+    def plan_bytes(
+        self, action: ActionKind = "collect", op: Callable[..., Any] | None = None
+    ) -> bytes:
+        """The encoded ``JobPlan`` this dataset would submit (for tools and tests)."""
+        return encode_plan(build_plan(self._ops, action, op))
+
+    def _start(
+        self, action: ActionKind, op: Callable[..., Any] | None, options: dict[str, Any]
+    ) -> Job:
+        progress = options.pop("progress", self._task.progress)
+        if progress is not None and not isinstance(progress, bool):
+            raise TypeError("progress must be None, True or False")
+        base = self._task.options
+        known = {"max_retries", "retry_exceptions", "speculation", "name"}
+        unknown = set(options) - known
+        if unknown:
+            raise TypeError(f"unknown job option(s): {', '.join(sorted(unknown))}")
+        merged = JobOptions(
+            max_retries=options.get("max_retries", base.max_retries),
+            retry_exceptions=bool(options.get("retry_exceptions", base.retry_exceptions)),
+            speculation=bool(options.get("speculation", base.speculation)),
+            name=str(options.get("name", base.name)),
+        )
+        plan = self.plan_bytes(action, op)  # TypeError here if a function cannot be pickled
+        job_id = self._task.cluster.submit_plan(plan, merged)
+        from lepton_ai.compute.job import Job
+
+        return Job(self._task.cluster, job_id, progress=progress)

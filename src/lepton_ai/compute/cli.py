@@ -1,0 +1,119 @@
+"""``lepton submit FILE[:FUNC]`` and ``lepton job status|result|events ID``.
+
+``FUNC`` (default ``main``) in ``FILE`` takes a ``DistributedTask`` and returns a
+``Dataset`` (submitted as ``collect``) or a ``Job``. ``submit`` prints the job id
+and returns at once unless ``--wait``; anyone with the id can fetch the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import runpy
+from typing import Any
+
+
+def _connect(args: argparse.Namespace) -> Any:
+    from lepton_ai.node.cli import connect_from_args
+
+    return connect_from_args(args)
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+    return value
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from lepton_ai.compute.api import Dataset, DistributedTask
+    from lepton_ai.compute.job import Job
+
+    path, _, func_name = args.target.partition(":")
+    namespace = runpy.run_path(path, run_name="lepton_submit")
+    func = namespace.get(func_name or "main")
+    if not callable(func):
+        raise ValueError(f"{path} has no function {func_name or 'main'}(task)")
+    cluster = _connect(args)
+    try:
+        out = func(DistributedTask(cluster))
+        if isinstance(out, Dataset):
+            job = out.submit(progress=False)
+        elif isinstance(out, Job):
+            job = out
+        else:
+            raise TypeError(
+                f"{func_name or 'main'}(task) must return a Dataset or a Job, "
+                f"got {type(out).__name__}"
+            )
+        if not args.wait:
+            print(json.dumps({"job_id": job.id}) if args.json else job.id)
+            return 0
+        result = job.result(timeout=args.timeout)
+    finally:
+        cluster.close()
+    if args.json:
+        print(json.dumps({"job_id": job.id, "result": _jsonable(result)}))
+    else:
+        print(f"{job.id}: {result!r}")
+    return 0
+
+
+def _cmd_job(args: argparse.Namespace) -> int:
+    from lepton_ai.compute.job import Job
+
+    cluster = _connect(args)
+    try:
+        job = Job(cluster, args.job_id, progress=False)
+        if args.job_command == "status":
+            info = cluster.job_info(args.job_id, 0.0)
+            obj = {
+                "job_id": info.job_id,
+                "status": info.status,
+                "done": info.done,
+                "total": info.total,
+            }
+            text = f"{info.job_id}: {info.status} ({info.done}/{info.total} tasks)"
+        elif args.job_command == "events":
+            events = job.events()
+            obj = {"job_id": args.job_id, "events": events}
+            text = "\n".join(f"{e['t']:.3f} {e['kind']:<18} {e['detail']}" for e in events)
+        else:
+            value = job.result(timeout=args.timeout)
+            obj = {"job_id": args.job_id, "result": _jsonable(value)}
+            text = repr(value)
+    except KeyError as exc:
+        raise ValueError(f"unknown job {args.job_id}") from exc
+    finally:
+        cluster.close()
+    print(json.dumps(obj) if args.json else text)
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    from lepton_ai.node.cli import add_connect_args
+
+    p = subparsers.add_parser("submit", help="submit a job defined in a Python file")
+    p.add_argument("target", metavar="FILE[:FUNC]", help="FUNC(task) returns a Dataset")
+    p.add_argument("--wait", action="store_true", help="wait for the result and print it")
+    p.add_argument("--timeout", type=float, default=None)
+    p.add_argument("--json", action="store_true")
+    add_connect_args(p)
+    p.set_defaults(func=_cmd_submit)
+
+    job = subparsers.add_parser("job", help="status, result or events of a job")
+    sub = job.add_subparsers(dest="job_command", metavar="SUBCOMMAND", required=True)
+    for name, text in (
+        ("status", "running/finished/failed and progress"),
+        ("result", "wait for the result and print it"),
+        ("events", "the job's timeline"),
+    ):
+        q = sub.add_parser(name, help=text)
+        q.add_argument("job_id")
+        if name == "result":
+            q.add_argument("--timeout", type=float, default=None)
+        q.add_argument("--json", action="store_true")
+        add_connect_args(q)
+        q.set_defaults(func=_cmd_job)

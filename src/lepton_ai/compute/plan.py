@@ -1,0 +1,296 @@
+"""Logical plan -> stages: what a job is, as the scheduler and the executors see it.
+
+A ``Dataset`` chain is a list of logical operations: one source, narrow ops
+(``map``, ``filter``, ``flat_map``, ``map_partitions``) and shuffles
+(``reduce_by_key``, ``group_by_key``), ended by an action. ``build_plan`` cuts
+it into stages at each shuffle and fuses the narrow ops in between:
+
+    source -> narrow* -> [shuffle write]  |  [shuffle read] -> narrow* -> [shuffle write] | ...
+                                                                 ... -> narrow* -> [action]
+
+Stage ``i+1`` reads the shuffle written by stage ``i`` (a linear chain). The
+last stage's tasks are *result tasks*: each applies the action to its
+partition (``collect``: the items; ``count``: a number; ``reduce``: a partial
+reduce) and ``finalize`` merges those partials in the client.
+
+Every function is cloudpickled once per stage (``StageSpec.ops``); the rest of
+the plan is msgspec structs, so the coordinator decodes and schedules a plan
+without ever unpickling user code.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+import pickle
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import msgspec
+
+from lepton_ai.data.sources import Source
+
+NarrowKind = Literal["map", "filter", "flat_map", "map_partitions"]
+ShuffleMode = Literal["reduce", "group"]
+ActionKind = Literal["collect", "count", "reduce"]
+
+PLAN_VERSION = 1
+
+
+class JobOptions(msgspec.Struct, frozen=True, kw_only=True):
+    """Per-job settings that travel with the job through the log.
+
+    ``max_retries``: infrastructure failures (executor or node death, lost or
+    corrupt shuffle output) tolerated per task before the job fails.
+    ``retry_exceptions``: also retry a task whose user code raised (else the job
+    fails at once with ``lep.TaskError``). ``speculation``: run backup copies of
+    stragglers. ``name``: shown in status and events.
+    """
+
+    max_retries: int = 3
+    retry_exceptions: bool = False
+    speculation: bool = True
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int):
+            raise TypeError("max_retries must be an int")
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
+
+
+class ShuffleWrite(msgspec.Struct, frozen=True):
+    """The stage ends by hash-partitioning (key, value) pairs into ``num_buckets`` buckets.
+
+    ``mode == "reduce"``: values of a key are combined map-side with the op in
+    ``op`` (cloudpickled); ``"group"``: gathered into lists.
+    """
+
+    num_buckets: int
+    mode: ShuffleMode
+    op: bytes | None = None
+
+
+class ShuffleRead(msgspec.Struct, frozen=True):
+    """The stage starts by merging bucket ``partition`` of every task of ``parent``."""
+
+    parent: int
+    num_maps: int
+    mode: ShuffleMode
+    op: bytes | None = None
+
+
+class ResultSpec(msgspec.Struct, frozen=True):
+    """The action folded into the last stage; ``op`` is the cloudpickled reduce op."""
+
+    kind: ActionKind
+    op: bytes | None = None
+
+
+class StageSpec(msgspec.Struct, frozen=True):
+    """One stage: ``num_partitions`` tasks running the same fused pipeline.
+
+    Exactly one of ``sources`` (one per partition) / ``shuffle_read`` is set, and
+    exactly one of ``shuffle_write`` / ``result``. ``ops`` is a cloudpickled
+    ``list[tuple[NarrowKind, Callable]]``; ``op_names`` is for display only.
+    """
+
+    stage_id: int
+    num_partitions: int
+    ops: bytes
+    op_names: list[str]
+    sources: list[Source] | None = None
+    shuffle_read: ShuffleRead | None = None
+    shuffle_write: ShuffleWrite | None = None
+    result: ResultSpec | None = None
+
+    @property
+    def parent(self) -> int | None:
+        return self.shuffle_read.parent if self.shuffle_read is not None else None
+
+    @property
+    def is_result(self) -> bool:
+        return self.result is not None
+
+
+class JobPlan(msgspec.Struct, frozen=True):
+    """A job: stages in order; stage ``i > 0`` reads the shuffle of stage ``i - 1``."""
+
+    stages: list[StageSpec]
+    version: int = PLAN_VERSION
+
+    @property
+    def result_stage(self) -> StageSpec:
+        return self.stages[-1]
+
+    def describe(self) -> str:
+        parts = []
+        for s in self.stages:
+            tail = f"shuffle->{s.shuffle_write.num_buckets}" if s.shuffle_write else "result"
+            parts.append(f"stage {s.stage_id}[{s.num_partitions}]: {'|'.join(s.op_names)} {tail}")
+        return "; ".join(parts)
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(JobPlan)
+
+
+def encode_plan(plan: JobPlan) -> bytes:
+    return _encoder.encode(plan)
+
+
+def decode_plan(data: bytes) -> JobPlan:
+    """Decode and validate a plan; ValueError on malformed input. Never unpickles."""
+    try:
+        plan = _decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"malformed job plan: {exc}") from exc
+    validate_plan(plan)
+    return plan
+
+
+def validate_plan(plan: JobPlan) -> None:
+    """Check the structural invariants the scheduler relies on; ValueError if broken."""
+    if plan.version != PLAN_VERSION:
+        raise ValueError(f"unsupported plan version {plan.version}")
+    if not plan.stages:
+        raise ValueError("a plan needs at least one stage")
+    for i, s in enumerate(plan.stages):
+        if s.stage_id != i or s.num_partitions <= 0:
+            raise ValueError(f"stage {i}: bad id {s.stage_id} or partitions {s.num_partitions}")
+        last = i == len(plan.stages) - 1
+        if (s.result is not None) != last or (s.shuffle_write is not None) == last:
+            raise ValueError(f"stage {i}: only the last stage has a result")
+        if i == 0:
+            if s.sources is None or len(s.sources) != s.num_partitions:
+                raise ValueError("stage 0 needs one source per partition")
+            continue
+        prev = plan.stages[i - 1]
+        rd = s.shuffle_read
+        if rd is None or rd.parent != i - 1 or rd.num_maps != prev.num_partitions:
+            raise ValueError(f"stage {i}: must read the shuffle of stage {i - 1}")
+        if prev.shuffle_write is None or prev.shuffle_write.num_buckets != s.num_partitions:
+            raise ValueError(f"stage {i}: bucket count differs from its partitions")
+
+
+# ------------------------------------------------------------ logical operations
+
+
+@dataclass(frozen=True)
+class SourceOp:
+    sources: tuple[Source, ...]
+
+
+@dataclass(frozen=True)
+class NarrowOp:
+    kind: NarrowKind
+    fn: Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class ShuffleOp:
+    mode: ShuffleMode
+    partitions: int
+    op: Callable[[Any, Any], Any] | None = None
+
+
+LogicalOp = SourceOp | NarrowOp | ShuffleOp
+
+
+def dumps_function(obj: Any, what: str) -> bytes:
+    """cloudpickle ``obj``; an unpicklable function raises TypeError naming ``what``."""
+    import cloudpickle
+
+    try:
+        data: bytes = cloudpickle.dumps(obj, protocol=5)
+    except Exception as exc:
+        raise TypeError(f"{what} cannot be pickled to ship to workers: {exc}") from exc
+    return data
+
+
+def _fn_name(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
+def build_plan(
+    ops: Sequence[LogicalOp], action: ActionKind, op: Callable[[Any, Any], Any] | None = None
+) -> JobPlan:
+    """Cut a logical chain into stages. TypeError if a function cannot be pickled."""
+    if not ops or not isinstance(ops[0], SourceOp):
+        raise ValueError("a dataset chain starts with a source")
+    groups: list[tuple[list[NarrowOp], ShuffleOp | None]] = [([], None)]
+    for lop in ops[1:]:
+        if isinstance(lop, NarrowOp):
+            groups[-1][0].append(lop)
+        elif isinstance(lop, ShuffleOp):
+            groups[-1] = (groups[-1][0], lop)
+            groups.append(([], None))
+        else:
+            raise ValueError("a source can only start a chain")
+    sources = list(ops[0].sources)
+    stages: list[StageSpec] = []
+    prev_shuffle: tuple[ShuffleOp, bytes | None] | None = None
+    for i, (narrow, shuffle) in enumerate(groups):
+        names = [f"{n.kind}({_fn_name(n.fn)})" for n in narrow]
+        blob = dumps_function([(n.kind, n.fn) for n in narrow], f"stage {i} ({', '.join(names)})")
+        read = None
+        if prev_shuffle is not None:
+            pop, pblob = prev_shuffle
+            read = ShuffleRead(i - 1, stages[-1].num_partitions, pop.mode, pblob)
+        n_parts = len(sources) if i == 0 else stages[-1].shuffle_write.num_buckets  # type: ignore[union-attr]
+        write = result = None
+        if shuffle is not None:
+            sop = None if shuffle.op is None else dumps_function(shuffle.op, "reduce_by_key op")
+            write = ShuffleWrite(shuffle.partitions, shuffle.mode, sop)
+            prev_shuffle = (shuffle, sop)
+        else:
+            rop = None if op is None else dumps_function(op, f"{action} op")
+            result = ResultSpec(action, rop)
+        stages.append(
+            StageSpec(
+                stage_id=i,
+                num_partitions=n_parts,
+                ops=blob,
+                op_names=names,
+                sources=sources if i == 0 else None,
+                shuffle_read=read,
+                shuffle_write=write,
+                result=result,
+            )
+        )
+    plan = JobPlan(stages)
+    validate_plan(plan)
+    return plan
+
+
+# ------------------------------------------------------------ result merging
+
+
+def finalize(plan: JobPlan, parts: Sequence[bytes]) -> Any:
+    """Merge the result tasks' outputs (in partition order) into the action's value.
+
+    ``collect``: the list of all items in partition order. ``count``: an int.
+    ``reduce``: the op folded over the partitions' partials, left to right;
+    ValueError if the dataset was empty (like ``functools.reduce``), except that
+    the default op (``None`` = sum) returns 0 for an empty dataset.
+    """
+    spec = plan.result_stage.result
+    if spec is None or len(parts) != plan.result_stage.num_partitions:
+        raise ValueError(f"expected {plan.result_stage.num_partitions} result parts")
+    values = [pickle.loads(p) for p in parts]
+    if spec.kind == "collect":
+        out: list[Any] = []
+        for v in values:
+            out.extend(v)
+        return out
+    if spec.kind == "count":
+        return sum(values)
+    fn = operator.add if spec.op is None else pickle.loads(spec.op)
+    # A reduce partial is () for an empty partition, else (value,): None is a valid value.
+    partials = [v[0] for v in values if len(v) == 1]
+    if not partials:
+        if spec.op is None:
+            return 0
+        raise ValueError("reduce() of an empty dataset")
+    return functools.reduce(fn, partials)

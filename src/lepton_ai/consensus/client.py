@@ -1,0 +1,431 @@
+"""KV client: finds the leader, follows redirects, retries safely, gives up with ``Unavailable``.
+
+The client knows every replica's address. It sends to its guess of the leader; a
+follower answers ``Redirect(leader)``; an unreachable or silent replica makes it try
+the next one. A write is retried with the *same* session sequence number (the
+same command bytes), so the KV machine applies it at most once and returns its
+first result (see ``kv.py``). Reads use the leader's read index: no log write.
+When no leader answers within ``ClientConfig.deadline_s`` the call raises
+``lepton_ai.errors.Unavailable``.
+
+``KvClient`` is the asyncio client; ``KV`` wraps it for synchronous code (it owns a
+private event loop thread), which is what ``cluster.kv`` returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import threading
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import msgspec
+
+from lepton_ai.consensus.kv import (
+    Cas,
+    Delete,
+    KvError,
+    KvResult,
+    Op,
+    OpenSession,
+    Put,
+    Request,
+    decode_result,
+    encode_command,
+)
+from lepton_ai.consensus.protocol import (
+    ChangeMembers,
+    ClientMessage,
+    Failed,
+    Read,
+    Redirect,
+    Reply,
+    ReplyMessage,
+    Status,
+    StatusQuery,
+    Submit,
+)
+from lepton_ai.errors import AuthError, LeptonError, ProtocolError, Unavailable
+from lepton_ai.wire import Codec, Connection, ConnectionClosed, WireConfig, connect
+
+T = TypeVar("T")
+_REPLY_CODEC = Codec[ReplyMessage](ReplyMessage)
+_value_encoder = msgspec.msgpack.Encoder()
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    deadline_s: float = 10.0  # whole operation, all retries included
+    attempt_timeout_s: float = 2.0  # one try on one replica
+    backoff_s: float = 0.02  # pause after a failed try, doubled up to backoff_max_s
+    backoff_max_s: float = 0.3
+    inflight_max: int = 8192  # concurrent operations of one client
+    wire: WireConfig = field(default_factory=WireConfig)
+
+    def __post_init__(self) -> None:
+        if self.deadline_s <= 0 or self.attempt_timeout_s <= 0 or self.inflight_max <= 0:
+            raise ValueError("deadline_s, attempt_timeout_s and inflight_max must be positive")
+
+
+def parse_addresses(addresses: str | Sequence[str]) -> list[str]:
+    """``"h1:7400,h2:7400"`` or a list; ``id=host:port`` entries (a ``--peers`` list) work too."""
+    items = addresses.split(",") if isinstance(addresses, str) else list(addresses)
+    out = []
+    for raw in items:
+        item = raw.strip()
+        if not item:
+            continue
+        if "=" in item:
+            item = item.split("=", 1)[1]
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"bad replica address {raw!r}; expected host:port")
+        out.append(f"{host}:{int(port)}")
+    if not out:
+        raise ValueError("no replica addresses given")
+    return out
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+class _Link:
+    """One connection to one replica and the task reading its replies."""
+
+    def __init__(self, address: str, conn: Connection[ReplyMessage]) -> None:
+        self.address = address
+        self.conn = conn
+        self.rids: set[int] = set()
+        self.reader: asyncio.Task[None] | None = None
+
+
+class KvClient:
+    """Asyncio KV client for a replica group. Use ``async with`` or call ``close``."""
+
+    def __init__(
+        self, addresses: str | Sequence[str], *, token: str, config: ClientConfig | None = None
+    ) -> None:
+        self.addresses = parse_addresses(addresses)
+        self.config = config or ClientConfig()
+        self._token = token
+        self._leader: str | None = None
+        self._rr = 0
+        self._rids = itertools.count(1)
+        self._links: dict[str, _Link] = {}
+        self._pending: dict[int, asyncio.Future[ReplyMessage]] = {}
+        self._session = 0
+        self._session_lock: asyncio.Lock | None = None
+        self._seqs = itertools.count(1)
+        self._inflight_seqs: set[int] = set()
+        self._slots: asyncio.Semaphore | None = None
+        self._closed = False
+
+    async def __aenter__(self) -> KvClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def leader(self) -> str | None:
+        """The replica that answered last (the leader, as far as this client knows)."""
+        return self._leader
+
+    @property
+    def session(self) -> int:
+        """This client's session id (0 until its first write opened one)."""
+        return self._session
+
+    # -- public operations ---------------------------------------------------------
+    async def put(self, key: str, value: Any) -> None:
+        _check_key(key)
+        _check_value(value)
+        await self._write(Put(key, value))
+
+    async def get(self, key: str, default: Any = None) -> Any:
+        result = await self.read(key)
+        return result.value if result.found else default
+
+    async def read(self, key: str) -> KvResult:
+        _check_key(key)
+        reply = await self._request(lambda rid: Read(rid, key))
+        if not isinstance(reply, Reply):
+            raise ProtocolError(f"expected a Reply, got {type(reply).__name__}")
+        return _checked(decode_result(reply.result))
+
+    async def delete(self, key: str) -> bool:
+        _check_key(key)
+        return (await self._write(Delete(key))).found
+
+    async def cas(self, key: str, expected: Any, new: Any) -> bool:
+        """Set ``key`` to ``new`` iff it equals ``expected`` (None: iff absent). True if swapped."""
+        _check_key(key)
+        if expected is not None:
+            _check_value(expected)
+        if new is not None:
+            _check_value(new)
+        return (await self._write(Cas(key, expected, new))).ok
+
+    async def change_members(self, *, add: bool, node: int, address: str = "") -> None:
+        """Add ``node`` at ``address`` to the replica group, or remove it (one at a time).
+
+        A retry after a timeout may find the change already made; that counts as done.
+        """
+        try:
+            await self._request(lambda rid: ChangeMembers(rid, add, node, address))
+        except ValueError as exc:
+            done = "already a member" if add else "is not a member"
+            if done not in str(exc):
+                raise
+
+    async def status(self, address: str, timeout_s: float = 2.0) -> Status:
+        """Ask one replica for its view (no redirect, no retry)."""
+        link = await asyncio.wait_for(self._link(address), timeout_s)
+        rid = next(self._rids)
+        reply = await self._exchange(link, StatusQuery(rid), rid, timeout_s)
+        if not isinstance(reply, Status):
+            raise ProtocolError(f"expected Status, got {type(reply).__name__}")
+        return reply
+
+    async def close(self) -> None:
+        self._closed = True
+        for link in list(self._links.values()):
+            await self._drop(link)
+
+    # -- sessions ---------------------------------------------------------------------
+    async def _open_session(self) -> int:
+        if self._session_lock is None:
+            self._session_lock = asyncio.Lock()
+        async with self._session_lock:
+            if not self._session:
+                command = encode_command(OpenSession())
+                reply = await self._request(lambda rid: Submit(rid, command))
+                if not isinstance(reply, Reply):
+                    raise ProtocolError(f"expected a Reply, got {type(reply).__name__}")
+                self._session = _checked(decode_result(reply.result)).session
+            return self._session
+
+    async def _write(self, op: Op) -> KvResult:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.config.inflight_max)
+        async with self._slots:
+            for _ in range(2):
+                session = await self._open_session()
+                seq = next(self._seqs)
+                self._inflight_seqs.add(seq)
+                try:
+                    command = encode_command(Request(session, seq, min(self._inflight_seqs), op))
+                    reply = await self._request(_submitter(command))
+                finally:
+                    self._inflight_seqs.discard(seq)
+                if not isinstance(reply, Reply):
+                    raise ProtocolError(f"expected a Reply, got {type(reply).__name__}")
+                result = decode_result(reply.result)
+                if result.error != "session_expired":
+                    return _checked(result)
+                # The machine applied nothing for this command: a fresh session may retry it.
+                if self._session == session:
+                    self._session = 0
+        raise KvError("session expired twice in a row; the session table is overloaded")
+
+    # -- requests -----------------------------------------------------------------------
+    def _target(self) -> str:
+        if self._leader is not None:
+            return self._leader
+        address = self.addresses[self._rr % len(self.addresses)]
+        return address
+
+    async def _request(self, make: Callable[[int], ClientMessage]) -> ReplyMessage:
+        """Send to the leader until one answers; same message content on every retry."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.deadline_s
+        backoff = self.config.backoff_s
+        last = "no replica tried"
+        while not self._closed:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            address = self._target()
+            timeout = min(remaining, self.config.attempt_timeout_s)
+            try:
+                link = await asyncio.wait_for(self._link(address), timeout)
+                rid = next(self._rids)
+                reply = await self._exchange(link, make(rid), rid, timeout)
+            except AuthError:
+                raise
+            except (OSError, TimeoutError, LeptonError) as exc:
+                last = f"{address}: {type(exc).__name__}: {exc}"
+                self._forget(address)
+            else:
+                if isinstance(reply, Redirect):
+                    last = f"{address} redirected to {reply.leader}"
+                    if reply.leader is not None and reply.leader != address:
+                        self._leader = reply.leader
+                        continue  # a named leader: go there at once
+                    self._forget(address)
+                elif isinstance(reply, Failed):
+                    if reply.reason.startswith(("ValueError", "TypeError")):
+                        raise ValueError(reply.reason)  # our request is wrong: no retry
+                    last = f"{address}: {reply.reason}"
+                    self._forget(address)
+                else:
+                    self._leader = address
+                    return reply
+            await asyncio.sleep(min(backoff, max(0.0, deadline - loop.time())))
+            backoff = min(backoff * 2, self.config.backoff_max_s)
+        raise Unavailable(
+            f"no leader answered within {self.config.deadline_s:g}s "
+            f"(replicas {', '.join(self.addresses)}; last: {last})"
+        )
+
+    def _forget(self, address: str) -> None:
+        if self._leader == address:
+            self._leader = None
+        self._rr += 1
+
+    async def _exchange(
+        self, link: _Link, msg: ClientMessage, rid: int, timeout: float
+    ) -> ReplyMessage:
+        fut: asyncio.Future[ReplyMessage] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        link.rids.add(rid)
+        try:
+            link.conn.send_nowait(msg)
+            await link.conn.drain()
+            return await asyncio.wait_for(fut, timeout)
+        except (ConnectionClosed, OSError):
+            await self._drop(link)
+            raise
+        finally:
+            self._pending.pop(rid, None)
+            link.rids.discard(rid)
+
+    async def _link(self, address: str) -> _Link:
+        link = self._links.get(address)
+        if link is not None and not link.conn.closed:
+            return link
+        host, port = _split(address)
+        conn = await connect(
+            host, port, token=self._token, codec=_REPLY_CODEC, config=self.config.wire
+        )
+        link = _Link(address, conn)
+        self._links[address] = link
+        link.reader = asyncio.get_running_loop().create_task(self._read_replies(link))
+        return link
+
+    async def _read_replies(self, link: _Link) -> None:
+        try:
+            while True:
+                msg = await link.conn.recv()
+                fut = self._pending.get(msg.rid)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+        except (ConnectionClosed, ProtocolError, OSError) as exc:
+            for rid in list(link.rids):
+                fut = self._pending.get(rid)
+                if fut is not None and not fut.done():
+                    fut.set_exception(ConnectionClosed(f"{link.address}: {exc}"))
+            if self._links.get(link.address) is link:
+                del self._links[link.address]
+            await link.conn.close()
+
+    async def _drop(self, link: _Link) -> None:
+        if self._links.get(link.address) is link:
+            del self._links[link.address]
+        await link.conn.close()
+        if link.reader is not None and link.reader is not asyncio.current_task():
+            link.reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await link.reader
+
+
+def _submitter(command: bytes) -> Callable[[int], ClientMessage]:
+    def make(rid: int) -> ClientMessage:
+        return Submit(rid, command)
+
+    return make
+
+
+def _check_key(key: object) -> None:
+    if not isinstance(key, str):
+        raise TypeError(f"KV keys are str, got {type(key).__name__}")
+
+
+def _check_value(value: object) -> None:
+    if value is None:
+        raise ValueError("KV values cannot be None (None means 'absent'; use delete)")
+    try:
+        _value_encoder.encode(value)
+    except TypeError as exc:
+        raise TypeError(f"KV value is not serialisable as MessagePack: {exc}") from exc
+
+
+def _checked(result: KvResult) -> KvResult:
+    if result.error is not None:
+        if result.error.startswith("too_large") or result.error == "none_value":
+            raise ValueError(f"KV refused the command: {result.error}")
+        raise KvError(f"KV refused the command: {result.error}")
+    return result
+
+
+class KV:
+    """Synchronous KV handle (``cluster.kv``): ``put``, ``get``, ``delete``, ``cas``.
+
+    It runs a ``KvClient`` on a private event-loop thread that it owns and stops
+    in ``close``, so it works from plain scripts and from inside other event loops.
+    """
+
+    def __init__(
+        self, addresses: str | Sequence[str], *, token: str, config: ClientConfig | None = None
+    ) -> None:
+        self._client = KvClient(addresses, token=token, config=config)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="lepton-kv-client", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if not self._thread.is_alive():
+            coro.close()
+            raise ValueError("this KV handle is closed")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def put(self, key: str, value: Any) -> None:
+        self._run(self._client.put(key, value))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._run(self._client.get(key, default))
+
+    def delete(self, key: str) -> bool:
+        return self._run(self._client.delete(key))
+
+    def cas(self, key: str, expected: Any, new: Any) -> bool:
+        return self._run(self._client.cas(key, expected, new))
+
+    def status(self, address: str, timeout_s: float = 2.0) -> Status:
+        return self._run(self._client.status(address, timeout_s))
+
+    @property
+    def addresses(self) -> list[str]:
+        return list(self._client.addresses)
+
+    def close(self) -> None:
+        if not self._thread.is_alive():
+            return
+        with contextlib.suppress(Exception):
+            self._run(self._client.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._loop.close()
+
+    def __enter__(self) -> KV:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,128 @@
+"""Leader- and candidate-side bookkeeping of the Multi-Paxos core (no I/O).
+
+``Progress`` tracks what each peer holds at the leader's ballot; ``merge_promises``
+turns a quorum of Phase 1 promises into the log the new leader must re-propose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lepton_ai.consensus.core_types import InvariantError
+from lepton_ai.consensus.messages import KIND_CONFIG, KIND_NOOP, Ballot, Entry, Promise, Value
+
+
+def majority(members: tuple[int, ...] | frozenset[int]) -> int:
+    return len(members) // 2 + 1
+
+
+def has_quorum(voters: set[int], configs: list[tuple[int, ...]]) -> bool:
+    """True iff ``voters`` hold a majority of every configuration in ``configs``."""
+    return all(len(voters.intersection(c)) >= majority(c) for c in configs)
+
+
+def quorum_slot(match: dict[int, int], configs: list[tuple[int, ...]]) -> int:
+    """Highest slot held by a majority of every configuration (prefix-closed acks)."""
+    best: int | None = None
+    for config in configs:
+        slots = sorted((match.get(m, 0) for m in config), reverse=True)
+        s = slots[majority(config) - 1]
+        best = s if best is None else min(best, s)
+    return best if best is not None else 0
+
+
+@dataclass(slots=True)
+class Peer:
+    """What the leader knows about one peer at its ballot."""
+
+    next: int
+    match: int = 0
+    heard_tick: int = 0
+    stall_match: int = -1
+    stall_ticks: int = 0
+    read_seq: int = 0
+    snapshot_sent: bool = False
+
+
+@dataclass(slots=True)
+class Batch:
+    """The leader's open batch of client commands for slot ``slot``."""
+
+    slot: int
+    commands: list[bytes] = field(default_factory=list)
+    size_bytes: int = 0
+
+
+@dataclass(slots=True)
+class LeaderState:
+    ballot: Ballot
+    start_slot: int
+    """The no-op the leader appended after Phase 1; its commit proves the commit point is
+    current, so reads and membership changes wait for it."""
+    peers: dict[int, Peer] = field(default_factory=dict)
+    self_match: int = 0
+    batch: Batch | None = None
+    read_seq: int = 0
+    read_seq_sent: int = 0
+    reads: list[tuple[int, int, int]] = field(default_factory=list)
+    """(request id, read round, read index) waiting for confirmation or application."""
+    quorum_check_tick: int = 0
+
+    def match_map(self, node_id: int) -> dict[int, int]:
+        out = {p: peer.match for p, peer in self.peers.items()}
+        out[node_id] = self.self_match
+        return out
+
+
+@dataclass(slots=True)
+class Merged:
+    """The log a candidate recovered from its promises."""
+
+    chosen_through: int
+    values: dict[int, Value]
+    """Slot -> value for every slot above the candidate's commit up to the highest seen."""
+    configs: list[tuple[int, ...]]
+
+
+def merge_promises(
+    commit: int, base_config: tuple[int, ...], promises: dict[int, Promise]
+) -> Merged:
+    """Recover Phase 1: per slot above ``commit``, a value known chosen (below a promiser's
+    commit) wins, else the value accepted at the highest ballot, else a gap (filled later
+    with a no-op). Two different chosen values for one slot break safety: raise."""
+    chosen: dict[int, Value] = {}
+    best: dict[int, tuple[Ballot, Value]] = {}
+    chosen_through = commit
+    for p in promises.values():
+        chosen_through = max(chosen_through, p.commit)
+        for e in p.entries:
+            if e.slot <= commit:
+                continue
+            if e.slot <= p.commit:
+                other = chosen.get(e.slot)
+                if other is not None and other != e.value:
+                    raise InvariantError(f"two chosen values for slot {e.slot}")
+                chosen[e.slot] = e.value
+            prev = best.get(e.slot)
+            if prev is None or e.ballot > prev[0]:
+                best[e.slot] = (e.ballot, e.value)
+    values: dict[int, Value] = {s: v for s, (_, v) in best.items()}
+    values.update(chosen)
+    for s in range(commit + 1, chosen_through + 1):
+        if s not in chosen:
+            raise InvariantError(f"promises miss chosen slot {s} (through {chosen_through})")
+    configs = [base_config]
+    latest = [s for s, v in values.items() if v.kind == KIND_CONFIG]
+    for s in sorted(latest):
+        cfg = tuple(values[s].members)
+        if cfg not in configs:
+            configs.append(cfg)
+    return Merged(chosen_through=chosen_through, values=values, configs=configs)
+
+
+def noop(origin: Ballot) -> Value:
+    return Value(kind=KIND_NOOP, origin=origin)
+
+
+def entries_above(entries: dict[int, Entry], slot: int) -> list[Entry]:
+    return [e for s, e in sorted(entries.items()) if s > slot]

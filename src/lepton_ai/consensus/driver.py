@@ -1,0 +1,448 @@
+"""The asyncio driver of one replica: where the Paxos core meets time, disk and network.
+
+One loop, in the order the ``Ready`` contract demands::
+
+    collect events (peer messages, ticks, proposals, reads) -> core.step/tick/propose/read_index
+    -> rd = core.ready() -> persist rd (WAL, one fdatasync) -> THEN send rd.messages
+    -> restore snapshot / apply committed commands -> resolve waiting callers -> core.advance(rd)
+
+Persist-before-send is the rule that makes a promise or an acceptance a promise: a
+peer never hears of a ballot or a value this replica could forget in a crash.
+Everything that arrives while the loop is busy (fsync included) is handled in the
+next pass, so one fdatasync covers every request that queued up (group commit).
+
+``ReplicaDriver`` implements ``lepton_ai.consensus.api.LogHost`` for whatever
+``StateMachine`` it is given; the KV server and (later) the coordinator run on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from lepton_ai.consensus.api import NotLeader, StateMachine
+from lepton_ai.consensus.core import Replica
+from lepton_ai.consensus.core_types import (
+    DurableState,
+    InvariantError,
+    Overloaded,
+    PaxosConfig,
+    ProposalId,
+    Ready,
+)
+from lepton_ai.consensus.messages import KIND_COMMANDS, KIND_CONFIG, PeerMessage, Value
+from lepton_ai.consensus.storage import ReplicaStorage
+from lepton_ai.consensus.transport import PeerLink, TransportConfig
+from lepton_ai.errors import LeptonError, Unavailable
+from lepton_ai.wire import Codec
+
+log = logging.getLogger("lepton_ai.consensus.driver")
+
+
+Done = Callable[[bytes | None, BaseException | None], None]
+"""Called once with (result, None) or (None, error)."""
+
+
+class ProposalLost(LeptonError):
+    """The slot a command was proposed into committed another value: it did not take effect."""
+
+
+class LeadershipLost(LeptonError):
+    """This replica stopped leading while the command was in flight: it may still commit."""
+
+
+@dataclass(frozen=True)
+class DriverConfig:
+    tick_s: float = 0.02  # one core tick; election timeouts are a number of ticks
+    ticks_per_pass_max: int = 4  # after a stall (SIGSTOP, GC) do not fire a burst of ticks
+    inbox_max: int = 65_536  # peer messages waiting for the loop; beyond: dropped (Paxos resends)
+    proposals_pending_max: int = 65_536  # commands proposed and not yet committed
+    proposals_per_pass_max: int = 2048  # commands handed to the core per loop pass
+    submit_timeout_s: float = 10.0  # LogHost.submit / read_barrier deadline
+    transport: TransportConfig = field(default_factory=TransportConfig)
+
+    def __post_init__(self) -> None:
+        if self.tick_s <= 0 or self.ticks_per_pass_max < 1 or self.inbox_max < 1:
+            raise ValueError("tick_s, ticks_per_pass_max and inbox_max must be positive")
+
+
+class ReplicaDriver:
+    """Runs one ``Replica`` core with its storage, transport and state machine."""
+
+    def __init__(
+        self,
+        paxos: PaxosConfig,
+        addresses: dict[int, str],
+        state_machine: StateMachine,
+        storage: ReplicaStorage,
+        replica: Replica,
+        *,
+        token: str,
+        peer_codec: Codec[object],
+        config: DriverConfig | None = None,
+    ) -> None:
+        self.paxos = paxos
+        self.node_id = paxos.node_id
+        self.addresses = dict(addresses)
+        self.state_machine = state_machine
+        self.storage = storage
+        self.core = replica
+        self.config = config or DriverConfig()
+        self._token = token
+        self._codec = peer_codec
+        self.links: dict[int, PeerLink] = {}
+        for peer, address in self.addresses.items():
+            if peer != self.node_id:
+                self.links[peer] = self._new_link(peer, address)
+        self._inbox: deque[PeerMessage] = deque()
+        self._proposals: deque[tuple[bytes, Done]] = deque()
+        self._read_requests: deque[Done] = deque()
+        self._waiting: dict[int, list[tuple[ProposalId, Done]]] = {}
+        self._waiting_count = 0
+        self._reads: dict[int, Done] = {}
+        self._read_ids = 0
+        self._wake = asyncio.Event()
+        self._callbacks: list[Callable[[bool], None]] = []
+        self._was_leader = False
+        self._last_tick = time.monotonic()
+        self._extra_tasks: set[asyncio.Task[None]] = set()
+        self.dropped_inbox = 0
+        self.passes = 0
+
+    @classmethod
+    def create(
+        cls,
+        paxos: PaxosConfig,
+        addresses: dict[int, str],
+        state_machine: StateMachine,
+        storage: ReplicaStorage,
+        durable: DurableState,
+        *,
+        token: str,
+        peer_codec: Codec[object],
+        config: DriverConfig | None = None,
+    ) -> ReplicaDriver:
+        """Build the core from recovered durable state (election jitter from the OS RNG)."""
+        replica = Replica(paxos, durable, random_fn=random.Random().random)
+        return cls(
+            paxos,
+            addresses,
+            state_machine,
+            storage,
+            replica,
+            token=token,
+            peer_codec=peer_codec,
+            config=config,
+        )
+
+    def _new_link(self, peer: int, address: str) -> PeerLink:
+        return PeerLink(
+            self.node_id,
+            peer,
+            address,
+            token=self._token,
+            codec=self._codec,
+            config=self.config.transport,
+        )
+
+    # -- LogHost ----------------------------------------------------------------------------
+    @property
+    def is_leader(self) -> bool:
+        return self.core.is_leader
+
+    @property
+    def leader_id(self) -> int | None:
+        return self.core.leader_id
+
+    @property
+    def leader_address(self) -> str | None:
+        leader = self.core.leader_id
+        return None if leader is None else self.addresses.get(leader)
+
+    def on_leadership(self, callback: Callable[[bool], None]) -> None:
+        self._callbacks.append(callback)
+
+    async def submit(self, command: bytes) -> bytes:
+        try:
+            return await asyncio.wait_for(self.propose(command), self.config.submit_timeout_s)
+        except TimeoutError as exc:
+            raise Unavailable(
+                f"command not committed within {self.config.submit_timeout_s:g}s"
+            ) from exc
+
+    async def read_barrier(self) -> None:
+        try:
+            await asyncio.wait_for(self.read_index(), self.config.submit_timeout_s)
+        except TimeoutError as exc:
+            raise Unavailable(
+                f"read index not confirmed within {self.config.submit_timeout_s:g}s"
+            ) from exc
+
+    # -- callback-style entry points (the server's hot path) -------------------------------
+    def propose_cb(self, command: bytes, done: Done) -> None:
+        """Queue ``command``; ``done(result, None)`` once applied, ``done(None, error)`` if
+        it failed: NotLeader, Overloaded, ProposalLost (did not take effect) or
+        LeadershipLost (may still take effect)."""
+        if not self.core.is_leader:
+            done(None, NotLeader(self.leader_address))
+        elif self._waiting_count + len(self._proposals) >= self.config.proposals_pending_max:
+            done(None, Overloaded("too many proposals pending"))
+        else:
+            self._proposals.append((command, done))
+            self._wake.set()
+
+    def read_index_cb(self, done: Done) -> None:
+        """``done(b"", None)`` once local state reflects every command committed before
+        the call (linearizable read point), ``done(None, error)`` otherwise."""
+        if not self.core.is_leader:
+            done(None, NotLeader(self.leader_address))
+        else:
+            self._read_requests.append(done)
+            self._wake.set()
+
+    def change_members_cb(self, add: bool, node: int, address: str, done: Done) -> None:
+        """Propose adding ``node`` (reachable at ``address``) or removing it; one change at a
+        time. ``done(b"", None)`` once the new configuration is committed."""
+        try:
+            if add:
+                _check_address(address)
+                pid = self.core.add_member(node, f"{node}={address}".encode())
+                # Link now: the joint quorum may need the newcomer before the change commits.
+                self.addresses[node] = address
+                if node not in self.links and node != self.node_id:
+                    link = self._new_link(node, address)
+                    self.links[node] = link
+                    self._spawn_link(link)
+            else:
+                pid = self.core.remove_member(node)
+        except NotLeader:
+            done(None, NotLeader(self.leader_address))
+            return
+        except (Overloaded, ValueError) as exc:
+            done(None, exc)
+            return
+        self._waiting.setdefault(pid.slot, []).append((pid, done))
+        self._waiting_count += 1
+        self._wake.set()
+
+    def propose(self, command: bytes) -> asyncio.Future[bytes]:
+        """``propose_cb`` as a future."""
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.propose_cb(command, _resolver(fut))
+        return fut
+
+    def read_index(self) -> asyncio.Future[None]:
+        """``read_index_cb`` as a future."""
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.read_index_cb(_resolver(fut))
+        return asyncio.ensure_future(_discard(fut))
+
+    def deliver(self, msg: PeerMessage) -> None:
+        """A message from a peer (called by the server's connection handlers)."""
+        if len(self._inbox) >= self.config.inbox_max:
+            self.dropped_inbox += 1
+            return
+        self._inbox.append(msg)
+        self._wake.set()
+
+    # -- the loop -------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Run until cancelled: the peer links, the ticker and the Ready loop."""
+        async with asyncio.TaskGroup() as tg:
+            for link in self.links.values():
+                tg.create_task(link.run(), name=f"peer-link-{link.peer_id}")
+            tg.create_task(self._ticker(), name="ticker")
+            tg.create_task(self._loop(), name="ready-loop")
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.tick_s)
+            self._wake.set()
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            self._pass()
+            # Let connection readers run (and fill the inbox) before the next pass.
+            await asyncio.sleep(0)
+
+    def _pass(self) -> None:
+        self.passes += 1
+        # Messages before ticks: after this process was starved of CPU, the leader's
+        # heartbeats waiting in the inbox must count before the time that passed does.
+        while self._inbox:
+            self.core.step(self._inbox.popleft())
+        now = time.monotonic()
+        due = int((now - self._last_tick) / self.config.tick_s)
+        if due > 0:
+            self._last_tick += due * self.config.tick_s
+            for _ in range(min(due, self.config.ticks_per_pass_max)):
+                self.core.tick()
+        self._take_proposals()
+        self._take_reads()
+        while self.core.has_ready():
+            rd = self.core.ready()
+            self._handle(rd)
+            self.core.advance(rd)
+            if self.core.compaction_due():
+                self.core.compact(self.state_machine.snapshot())
+            if rd.is_empty():
+                # has_ready() stays true while reads wait for heartbeat acks; those
+                # arrive as messages, in a later pass.
+                break
+        self._note_leadership()
+        if self._proposals:
+            self._wake.set()
+
+    def _take_proposals(self) -> None:
+        # Bounded per pass so one burst cannot stall heartbeats and replies for long.
+        for _ in range(min(len(self._proposals), self.config.proposals_per_pass_max)):
+            command, done = self._proposals.popleft()
+            try:
+                pid = self.core.propose(command)
+            except NotLeader:
+                done(None, NotLeader(self.leader_address))
+                continue
+            except (Overloaded, ValueError, TypeError) as exc:
+                done(None, exc)
+                continue
+            self._waiting.setdefault(pid.slot, []).append((pid, done))
+            self._waiting_count += 1
+
+    def _take_reads(self) -> None:
+        while self._read_requests:
+            done = self._read_requests.popleft()
+            self._read_ids += 1
+            try:
+                self.core.read_index(self._read_ids)
+            except NotLeader:
+                done(None, NotLeader(self.leader_address))
+                continue
+            except Overloaded as exc:
+                done(None, exc)
+                continue
+            self._reads[self._read_ids] = done
+
+    def _handle(self, rd: Ready) -> None:
+        self.storage.persist(rd)  # fdatasync here when rd.must_sync ...
+        if rd.messages:  # ... and only then do messages leave, one write per peer
+            by_peer: dict[int, list[PeerMessage]] = {}
+            for to, msg in rd.messages:
+                by_peer.setdefault(to, []).append(msg)
+            for to, msgs in by_peer.items():
+                link = self.links.get(to)
+                if link is not None:
+                    link.send_many(msgs)
+        if rd.snapshot_to_install is not None:
+            self.state_machine.restore(rd.snapshot_to_install.data)
+            self._fail_waiting_through(rd.snapshot_to_install.slot)
+        for slot, value in rd.committed:
+            self._apply(slot, value)
+        for rid in rd.reads_ready:
+            done = self._reads.pop(rid, None)
+            if done is not None:
+                done(b"", None)
+        for rid in rd.reads_failed:
+            done = self._reads.pop(rid, None)
+            if done is not None:
+                done(None, NotLeader(self.leader_address))
+
+    def _apply(self, slot: int, value: Value) -> None:
+        results: list[bytes] = []
+        if value.kind == KIND_COMMANDS:
+            apply = self.state_machine.apply
+            results = [apply(cmd) for cmd in value.commands]
+        elif value.kind == KIND_CONFIG:
+            self._apply_config(value)
+            results = [b""]
+        waiting = self._waiting.pop(slot, None)
+        if not waiting:
+            return
+        self._waiting_count -= len(waiting)
+        for pid, done in waiting:
+            if pid.matches(value) and pid.index < len(results):
+                done(results[pid.index], None)
+            else:
+                done(None, ProposalLost(f"slot {slot} chose another value"))
+
+    def _apply_config(self, value: Value) -> None:
+        """A committed membership change: learn a new member's address and link to it."""
+        payload = value.commands[0] if value.commands else b""
+        if payload:
+            node_text, _, address = payload.decode().partition("=")
+            if node_text.isdigit():
+                self.addresses.setdefault(int(node_text), address)
+        for peer in value.members:
+            if peer != self.node_id and peer not in self.links and peer in self.addresses:
+                link = self._new_link(peer, self.addresses[peer])
+                self.links[peer] = link
+                self._spawn_link(link)
+        log.info("node %s: members are now %s", self.node_id, list(value.members))
+
+    def _spawn_link(self, link: PeerLink) -> None:
+        task = asyncio.get_running_loop().create_task(link.run(), name=f"peer-link-{link.peer_id}")
+        self._extra_tasks.add(task)
+        task.add_done_callback(self._extra_tasks.discard)
+
+    def _fail_waiting_through(self, slot: int) -> None:
+        for s in [s for s in self._waiting if s <= slot]:
+            for _, done in self._waiting.pop(s):
+                self._waiting_count -= 1
+                done(None, LeadershipLost("slot overtaken by an installed snapshot"))
+
+    def _note_leadership(self) -> None:
+        leading = self.core.is_leader
+        if leading == self._was_leader:
+            return
+        self._was_leader = leading
+        if not leading:
+            # In-flight commands may still be chosen by the next leader; callers retry
+            # with the same session sequence, which the state machine deduplicates.
+            for waiting in self._waiting.values():
+                for _, done in waiting:
+                    done(None, LeadershipLost("leadership lost; retry on the leader"))
+            self._waiting.clear()
+            self._waiting_count = 0
+        log.info("node %s %s leadership", self.node_id, "gained" if leading else "lost")
+        for callback in self._callbacks:
+            callback(leading)
+
+    def check_invariants(self) -> None:  # pragma: no cover - debugging aid
+        if self._waiting_count < 0:
+            raise InvariantError("negative waiting count")
+
+    async def close(self) -> None:
+        for task in list(self._extra_tasks):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.storage.close()
+
+
+def _check_address(address: str) -> None:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"bad replica address {address!r}; expected host:port")
+
+
+def _resolver(fut: asyncio.Future[bytes]) -> Done:
+    def done(result: bytes | None, error: BaseException | None) -> None:
+        if fut.done():
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result or b"")
+
+    return done
+
+
+async def _discard(fut: asyncio.Future[bytes]) -> None:
+    await fut

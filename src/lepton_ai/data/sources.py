@@ -1,0 +1,294 @@
+"""Where a partition's input comes from, and how an executor reads it.
+
+A source is a small msgspec struct that travels inside the job plan:
+
+* ``RangeSource`` - a sub-range of ``range(...)``: a few integers, whatever its length.
+* ``InlineSource`` - pickled items (a list slice or an ndarray chunk) carried in the plan.
+  Bounded by ``SourceLimits.inline_bytes_max`` for the whole job, because the plan goes
+  through the coordinator's log.
+* ``BlobSource`` - the same pickled chunk, stored outside the plan (when the cluster
+  offers ``put_blob``, for chunks above ``SourceLimits.inline_chunk_bytes_max``): the
+  plan carries only the key, and the executor fetches the bytes itself.
+* ``TextSource`` - a byte range of a file (local path or fsspec URL). The executor reads
+  the range itself, with Hadoop TextInputFormat's rule: a split owns exactly the lines
+  whose first byte lies in ``[start, end)``, so any set of adjacent ranges covering a file
+  yields every line exactly once.
+
+``read_source`` is eager: all I/O of a task happens before user code runs, so a
+failure while reading is an infrastructure failure, not a user exception.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import pickle
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import IO, Any, Literal
+
+import msgspec
+
+TextFormat = Literal["text", "jsonl", "csv"]
+
+
+@dataclass(frozen=True)
+class SourceLimits:
+    """Bounds on inputs described by the client."""
+
+    inline_bytes_max: int = 512 * 1024 * 1024  # all inline chunks of one job
+    inline_chunk_bytes_max: int = 1024 * 1024  # bigger chunks go by reference if possible
+    text_split_bytes_default: int = 32 * 1024 * 1024  # when partitions is not given
+    text_files_max: int = 100_000
+    read_chunk_bytes: int = 1 << 16  # step when extending a split to its last line's end
+
+
+class RangeSource(msgspec.Struct, frozen=True, tag="range"):
+    start: int
+    stop: int
+    step: int = 1
+
+
+class InlineSource(msgspec.Struct, frozen=True, tag="inline"):
+    """``data`` is a pickle (protocol 5) of a list of items or of an ndarray chunk."""
+
+    data: bytes
+    count: int
+
+
+class BlobSource(msgspec.Struct, frozen=True, tag="blob"):
+    """A pickled chunk stored by the cluster under ``key`` (see ``JobRunner.put_blob``)."""
+
+    key: str
+    size_bytes: int
+    count: int
+
+
+class TextSource(msgspec.Struct, frozen=True, tag="text"):
+    """Lines of ``url`` whose first byte lies in ``[start, end)``."""
+
+    url: str
+    start: int
+    end: int
+    fmt: TextFormat = "text"
+    csv_header: bool = True
+
+
+Source = RangeSource | InlineSource | BlobSource | TextSource
+BlobFetcher = Callable[[str], bytes]
+BlobStorer = Callable[[bytes], str]
+
+
+# ---------------------------------------------------------------- client side
+
+
+def range_sources(r: range, partitions: int) -> list[Source]:
+    from lepton_ai.data.partition import split_evenly
+
+    out: list[Source] = []
+    for part in split_evenly(r, partitions):
+        sub = part if isinstance(part, range) else range(0)
+        out.append(RangeSource(sub.start, sub.stop, sub.step))
+    return out
+
+
+def inline_sources(
+    chunks: Sequence[Any], limits: SourceLimits, put_blob: BlobStorer | None = None
+) -> list[Source]:
+    """Pickle each chunk (a list or an ndarray) into the plan, or by reference.
+
+    With ``put_blob``, a chunk larger than ``inline_chunk_bytes_max`` is stored
+    through it and only its key travels. ValueError if the inline chunks exceed
+    ``inline_bytes_max`` in total.
+    """
+    import cloudpickle
+
+    out: list[Source] = []
+    total = 0
+    for chunk in chunks:
+        try:
+            data = pickle.dumps(chunk, protocol=5)
+        except (pickle.PicklingError, TypeError, AttributeError):
+            # objects of classes defined in __main__, lambdas, and the like
+            data = cloudpickle.dumps(chunk, protocol=5)
+        if put_blob is not None and len(data) > limits.inline_chunk_bytes_max:
+            out.append(BlobSource(put_blob(data), len(data), len(chunk)))
+            continue
+        total += len(data)
+        if total > limits.inline_bytes_max:
+            raise ValueError(
+                f"parallelize(): data is larger than {limits.inline_bytes_max} bytes once "
+                "pickled; write it to files and use read_text(), or raise "
+                "SourceLimits.inline_bytes_max"
+            )
+        out.append(InlineSource(data, len(chunk)))
+    return out
+
+
+def _resolve_files(path: str, limits: SourceLimits) -> tuple[Any, list[tuple[str, int]]]:
+    """(filesystem, [(path, size)]) of every file matched by ``path`` (glob or directory)."""
+    import fsspec
+
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    if any(ch in fs_path for ch in "*?["):
+        matched = sorted(fs.glob(fs_path))
+    elif fs.exists(fs_path):
+        matched = sorted(fs.find(fs_path)) if fs.isdir(fs_path) else [fs_path]
+    else:
+        matched = []
+    files: list[tuple[str, int]] = []
+    for p in matched:
+        info = fs.info(p)
+        if info.get("type") == "directory":
+            continue
+        if len(files) >= limits.text_files_max:
+            raise ValueError(f"{path!r} matches more than {limits.text_files_max} files")
+        files.append((p, int(info.get("size") or 0)))
+    if not files:
+        raise FileNotFoundError(f"no input file matches {path!r}")
+    return fs, files
+
+
+def text_sources(
+    path: str,
+    partitions: int | None,
+    *,
+    fmt: TextFormat = "text",
+    csv_header: bool = True,
+    limits: SourceLimits | None = None,
+) -> list[Source]:
+    """Split the files matched by ``path`` into byte-range sources.
+
+    ``partitions`` is a target: the total size is cut into splits of
+    ``ceil(total / partitions)`` bytes, never crossing a file, so the count can
+    exceed ``partitions`` by up to the number of files. Empty files give no split.
+    Raises FileNotFoundError when nothing matches.
+    """
+    limits = limits or SourceLimits()
+    if not isinstance(path, str) or not path:
+        raise TypeError(f"path must be a non-empty str, got {path!r}")
+    fs, files = _resolve_files(path, limits)
+    total = sum(size for _, size in files)
+    if partitions is None:
+        partitions = max(1, math.ceil(total / limits.text_split_bytes_default))
+    split_bytes = max(1, math.ceil(total / partitions))
+    out: list[Source] = []
+    for p, size in files:
+        url = p if _is_local(fs) else fs.unstrip_protocol(p)
+        for start in range(0, size, split_bytes):
+            end = min(size, start + split_bytes)
+            out.append(TextSource(url, start, end, fmt, csv_header))
+    if not out:  # only empty files: one empty partition keeps the job well formed
+        out.append(RangeSource(0, 0, 1))
+    return out
+
+
+def _is_local(fs: Any) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
+# ---------------------------------------------------------------- executor side
+
+
+def read_source(
+    source: Source, limits: SourceLimits | None = None, fetch_blob: BlobFetcher | None = None
+) -> Iterable[Any]:
+    """The items of one partition: a range, a list, an ndarray chunk, or lines/records.
+
+    ``fetch_blob(key) -> bytes`` is required for a ``BlobSource``.
+    """
+    if isinstance(source, RangeSource):
+        return range(source.start, source.stop, source.step)
+    if isinstance(source, InlineSource):
+        items: Iterable[Any] = pickle.loads(source.data)
+        return items
+    if isinstance(source, BlobSource):
+        if fetch_blob is None:
+            raise ValueError(f"partition stored by reference ({source.key}) and no fetch_blob")
+        data = fetch_blob(source.key)
+        if len(data) != source.size_bytes:
+            raise ValueError(f"blob {source.key}: {len(data)} bytes, expected {source.size_bytes}")
+        blob_items: Iterable[Any] = pickle.loads(data)
+        return blob_items
+    return read_text_source(source, limits or SourceLimits())
+
+
+def read_text_source(source: TextSource, limits: SourceLimits) -> list[Any]:
+    with _open(source.url) as f:
+        body = read_line_range(f, source.start, source.end, limits.read_chunk_bytes)
+        header: list[str] | None = None
+        if source.fmt == "csv" and source.csv_header and source.start > 0:
+            f.seek(0)
+            header = next(csv.reader([f.readline().decode("utf-8").rstrip("\r\n")]), [])
+    lines = decode_lines(body)
+    if source.fmt == "text":
+        return lines
+    if source.fmt == "jsonl":
+        return [json.loads(line) for line in lines if line.strip()]
+    rows = list(csv.reader(lines))
+    if not source.csv_header:
+        return rows
+    if source.start == 0:
+        if not rows:
+            return []
+        header, rows = rows[0], rows[1:]
+    keys = header or []
+    return [dict(zip(keys, row, strict=False)) for row in rows]
+
+
+def _open(url: str) -> IO[bytes]:
+    if "://" not in url:
+        return open(url, "rb")
+    import fsspec
+
+    f: IO[bytes] = fsspec.open(url, "rb").open()
+    return f
+
+
+def read_line_range(f: IO[bytes], start: int, end: int, chunk_bytes: int = 1 << 16) -> bytes:
+    """The bytes of the lines whose first byte lies in ``[start, end)``, newlines included.
+
+    The last owned line may run past ``end``; it is read to its newline or to EOF.
+    """
+    if start < 0 or end < start:
+        raise ValueError(f"bad byte range [{start}, {end})")
+    if start == end:
+        return b""
+    if start > 0:
+        # A line starts at p >= start iff byte p-1 is a newline: look from start-1.
+        f.seek(start - 1)
+        buf = f.read(end - start + 1)
+        nl = buf.find(b"\n")
+        if nl == -1:
+            return b""
+        body = buf[nl + 1 :]
+    else:
+        f.seek(0)
+        body = f.read(end)
+    if not body or body.endswith(b"\n"):
+        return body
+    parts = [body]
+    while True:
+        chunk = f.read(chunk_bytes)
+        if not chunk:
+            break
+        nl = chunk.find(b"\n")
+        if nl != -1:
+            parts.append(chunk[: nl + 1])
+            break
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def decode_lines(body: bytes) -> list[str]:
+    """Split UTF-8 ``body`` into lines without their ``\\n`` / ``\\r\\n`` terminators."""
+    if not body:
+        return []
+    text = body.decode("utf-8")
+    if "\r" in text:
+        text = text.replace("\r\n", "\n")
+    if text.endswith("\n"):
+        text = text[:-1]
+    return text.split("\n")

@@ -1,0 +1,318 @@
+"""``lepton coordinator``, ``lepton worker``, ``lepton cluster up|down|status``, ``lepton chaos``.
+
+Other layers add ``lepton cluster ...`` subcommands through ``cluster_subparsers()``
+(the consensus layer's ``lepton cluster events`` and friends): this module is
+registered first, so by the time theirs runs the group exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+STATE_ENV = "LEPTON_STATE_FILE"
+_cluster_subparsers: Any = None
+
+
+def cluster_subparsers() -> Any:
+    """The ``lepton cluster`` subparsers object; add more subcommands to it."""
+    if _cluster_subparsers is None:
+        raise RuntimeError("lepton_ai.node.cli.register() has not run yet")
+    return _cluster_subparsers
+
+
+def default_state_file() -> Path:
+    return Path(os.environ.get(STATE_ENV) or Path.home() / ".lepton" / "cluster.json")
+
+
+def add_coordinator_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=0, help="port to bind (0: any free port)")
+    p.add_argument(
+        "--data-dir",
+        default=os.path.join(os.getcwd(), ".lepton", "coordinator"),
+        help="directory of the command log",
+    )
+    p.add_argument("--token", default=None, help="cluster token (default: $LEPTON_TOKEN)")
+    p.add_argument("--no-fsync", action="store_true", help="do not fsync the command log")
+    p.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--quiet", action="store_true", help="do not print the bound address")
+
+
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--join", required=True, metavar="HOST:PORT", help="the coordinator")
+    p.add_argument("--token", default=None, help="cluster token (default: $LEPTON_TOKEN)")
+    p.add_argument("--slots", type=int, default=1, help="executor processes (default 1)")
+    p.add_argument("--name", default=None, help="member id shown in status (default: pid)")
+    p.add_argument(
+        "--data-dir",
+        default=os.path.join(os.getcwd(), ".lepton", "workers"),
+        help="directory of the block store",
+    )
+    p.add_argument("--quiet", action="store_true", help="do not print the worker id")
+
+
+def add_connect_args(p: argparse.ArgumentParser) -> None:
+    """--address/--token, or the state file ``lepton cluster up`` wrote."""
+    p.add_argument("--address", default=None, help="coordinator HOST:PORT[,HOST:PORT...]")
+    p.add_argument("--token", default=None, help="cluster token (default: $LEPTON_TOKEN)")
+    p.add_argument("--state-file", default=None, help="state file of `lepton cluster up`")
+
+
+def connect_from_args(args: argparse.Namespace) -> Any:
+    from lepton_ai.node.cluster import connect
+
+    if args.address:
+        return connect(args.address, args.token)
+    state = _read_state(args.state_file)
+    return connect(state["address"], args.token or state["token"])
+
+
+def _read_state(path_text: str | None) -> dict[str, Any]:
+    path = Path(path_text) if path_text else default_state_file()
+    try:
+        state: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(
+            f"no running cluster: {path} does not exist "
+            "(start one with `lepton cluster up` or pass --address)"
+        ) from None
+    return state
+
+
+def _print(args: argparse.Namespace, obj: Any, text: str) -> None:
+    print(json.dumps(obj) if getattr(args, "json", False) else text)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def _cmd_coordinator(args: argparse.Namespace) -> int:
+    from lepton_ai.node.coordinator import run_coordinator
+    from lepton_ai.wire import resolve_token
+
+    run_coordinator(
+        resolve_token(args.token),
+        args.data_dir,
+        host=args.host,
+        port=args.port,
+        listen_fd=args.listen_fd,
+        fsync=not args.no_fsync,
+        announce=not args.quiet,
+    )
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from lepton_ai.node.worker import run_worker
+    from lepton_ai.wire import resolve_token
+
+    if args.slots < 1:
+        raise ValueError(f"--slots must be >= 1, got {args.slots}")
+    run_worker(
+        args.join,
+        resolve_token(args.token),
+        args.slots,
+        args.data_dir,
+        args.name or f"w{os.getpid()}",
+        announce=not args.quiet,
+    )
+    return 0
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from lepton_ai.node.cluster import Cluster
+    from lepton_ai.node.netutil import bind_listener
+    from lepton_ai.wire import generate_token
+
+    path = Path(args.state_file) if args.state_file else default_state_file()
+    if path.exists():
+        state = json.loads(path.read_text())
+        if any(_is_ours(p) for p in state.get("pids", [])):
+            raise ValueError(
+                f"a cluster is already up ({state['address']}); `lepton cluster down` first"
+            )
+    if args.workers < 1 or args.slots < 1:
+        raise ValueError("--workers and --slots must be >= 1")
+    data_dir = Path(args.data_dir or path.parent / "cluster-data")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    token = args.token or generate_token()
+    sock = bind_listener(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    address = f"{host}:{port}"
+    env = dict(os.environ, LEPTON_TOKEN=token)
+    log = open(data_dir / "cluster.log", "ab")  # noqa: SIM115 - handed to the children
+    common: dict[str, Any] = {
+        "env": env,
+        "stdin": subprocess.DEVNULL,
+        "stdout": log,
+        "stderr": log,
+        "start_new_session": True,
+    }
+    py = [sys.executable, "-m"]
+    coord = subprocess.Popen(
+        [
+            *py,
+            "lepton_ai.node.coordinator",
+            "--listen-fd",
+            str(sock.fileno()),
+            "--quiet",
+            "--data-dir",
+            str(data_dir / "coordinator"),
+        ],
+        pass_fds=(sock.fileno(),),
+        **common,
+    )
+    sock.close()
+    workers = [
+        subprocess.Popen(
+            [
+                *py,
+                "lepton_ai.node.worker",
+                "--join",
+                address,
+                "--slots",
+                str(args.slots),
+                "--name",
+                str(i),
+                "--quiet",
+                "--data-dir",
+                str(data_dir / "workers"),
+            ],
+            **common,
+        )
+        for i in range(args.workers)
+    ]
+    pids = [coord.pid] + [w.pid for w in workers]
+    state = {"address": address, "token": token, "pids": pids, "data_dir": str(data_dir)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(state))
+    os.chmod(path, 0o600)  # the token lets anyone run code on the workers
+    cluster = Cluster(address, token)
+    try:
+        info = cluster._cluster_info(args.workers, 30.0)
+    finally:
+        cluster.close()
+    ready = sum(1 for m in info.members if m.role == "worker")
+    if ready < args.workers:
+        _stop_pids(pids)
+        path.unlink(missing_ok=True)
+        raise RuntimeError(f"only {ready} of {args.workers} workers joined; see {log.name}")
+    _print(args, state, f"cluster up at {address} (state in {path}; token in the file)")
+    return 0
+
+
+def _is_ours(pid: int) -> bool:
+    """True if ``pid`` is a live lepton node program (never signal a recycled pid)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"lepton_ai.node." in cmdline
+
+
+def _stop_pids(pids: list[int]) -> list[int]:
+    from lepton_ai.node.process import pid_alive
+
+    ours = [p for p in pids if _is_ours(p)]
+    for pid in ours:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline and any(pid_alive(p) for p in ours):
+        time.sleep(0.05)
+    for pid in ours:
+        if pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    return ours
+
+
+def _cmd_down(args: argparse.Namespace) -> int:
+    path = Path(args.state_file) if args.state_file else default_state_file()
+    state = _read_state(str(path))
+    stopped = _stop_pids(list(state.get("pids", [])))
+    path.unlink(missing_ok=True)
+    _print(args, {"stopped": stopped}, f"stopped {len(stopped)} processes")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    cluster = connect_from_args(args)
+    try:
+        status = cluster.status()
+    finally:
+        cluster.close()
+    lines = [f"leader {status['leader']}"]
+    for m in status["members"]:
+        lines.append(
+            f"  {m['role']:<12} {m['id']:<6} pid {m['pid']:<8} {m['health']:<9} {m['address']}"
+        )
+    _print(args, status, "\n".join(lines))
+    return 0
+
+
+def _cmd_chaos(args: argparse.Namespace) -> int:
+    cluster = connect_from_args(args)
+    try:
+        target: int | str = int(args.id) if args.id.isdigit() else args.id
+        verb = {"kill": cluster.kill, "pause": cluster.pause, "resume": cluster.resume}
+        pid = verb[args.action](args.role, target)
+    finally:
+        cluster.close()
+    _print(
+        args,
+        {"action": args.action, "role": args.role, "id": args.id, "pid": pid},
+        f"{args.action} {args.role} {args.id}: pid {pid}",
+    )
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    global _cluster_subparsers
+    p = subparsers.add_parser("coordinator", help="run a coordinator")
+    add_coordinator_args(p)
+    p.set_defaults(func=_cmd_coordinator)
+
+    p = subparsers.add_parser("worker", help="run a worker node agent")
+    add_worker_args(p)
+    p.set_defaults(func=_cmd_worker)
+
+    cluster = subparsers.add_parser("cluster", help="start, stop or inspect a local cluster")
+    sub = cluster.add_subparsers(dest="cluster_command", metavar="SUBCOMMAND", required=True)
+    _cluster_subparsers = sub
+    up = sub.add_parser("up", help="start a coordinator and workers in the background")
+    up.add_argument("--workers", type=int, default=2)
+    up.add_argument("--slots", type=int, default=1, help="executors per worker")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=0)
+    up.add_argument("--token", default=None, help="cluster token (default: generated)")
+    up.add_argument("--data-dir", default=None)
+    up.add_argument("--state-file", default=None)
+    up.add_argument("--json", action="store_true")
+    up.set_defaults(func=_cmd_up)
+    down = sub.add_parser("down", help="stop the cluster `up` started (by PID)")
+    down.add_argument("--state-file", default=None)
+    down.add_argument("--json", action="store_true")
+    down.set_defaults(func=_cmd_down)
+    st = sub.add_parser("status", help="members with role, id, pid, address, health")
+    add_connect_args(st)
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=_cmd_status)
+
+    chaos = subparsers.add_parser("chaos", help="inject a fault into a running cluster")
+    chaos.add_argument("action", choices=["kill", "pause", "resume"])
+    chaos.add_argument("role", choices=["coordinator", "leader", "worker", "executor"])
+    chaos.add_argument("id", help="member id (executors: index or WORKER.SLOT)")
+    add_connect_args(chaos)
+    chaos.add_argument("--json", action="store_true")
+    chaos.set_defaults(func=_cmd_chaos)

@@ -1,0 +1,438 @@
+"""Cluster handles: ``LocalCluster`` (starts the programs) and ``connect`` (joins a running one).
+
+    with lep.LocalCluster(workers=2) as cluster:
+        ...
+        cluster.kill("worker", 1)     # SIGKILL; "executor", "coordinator"/"leader" too
+        cluster.pause("worker", 0)    # SIGSTOP (a hang); resume() sends SIGCONT
+        cluster.restart("worker", 1)  # start it again
+
+``LocalCluster`` starts a coordinator and ``workers`` worker agents as
+subprocesses on 127.0.0.1 with a fresh token. The coordinator's listening
+socket is bound here and inherited by the child, so the workers start at the
+same time as the coordinator (they know its address already) and a restarted
+coordinator comes back on the same port. Every child holds a lifeline pipe and
+has ``PR_SET_PDEATHSIG``; ``close()`` (also on ``with`` exit, Ctrl-C and at
+interpreter exit) kills every process it started, by PID, and waits for it.
+
+The consensus layer's KV client attaches as ``cluster.kv`` (``Cluster.kv`` is
+``None`` until then; see ``attach_kv``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from typing import Any
+
+from lepton_ai.compute.plan import JobOptions
+from lepton_ai.errors import LeptonError, Unavailable
+from lepton_ai.node.client import CoordinatorClient, check_reply
+from lepton_ai.node.messages import (
+    ClusterInfo,
+    Event,
+    EventList,
+    GetEvents,
+    GetStatus,
+    JobAccepted,
+    JobInfo,
+    MemberInfo,
+    RecordEvent,
+    SubmitJob,
+    WaitJob,
+)
+from lepton_ai.node.process import Lifeline, kill_pid
+
+_SIGNALS = {"kill": signal.SIGKILL, "pause": signal.SIGSTOP, "resume": signal.SIGCONT}
+_ROLES = ("coordinator", "leader", "worker", "executor")
+
+
+class Cluster:
+    """A handle on a running cluster (``lep.connect``); also the base of ``LocalCluster``."""
+
+    def __init__(self, address: str, token: str) -> None:
+        self.address = address
+        self.token = token
+        self.client = CoordinatorClient(address, token)
+        self.kv: Any = None  # the consensus layer's KV client (attach_kv)
+        self._local_events: list[Event] = []
+        self.slots_total = 0
+
+    # -- hooks -----------------------------------------------------------------------
+    def attach_kv(self, kv: Any) -> None:
+        """Where the consensus layer plugs in its KV client (``cluster.kv.put`` ...)."""
+        self.kv = kv
+
+    # -- the compute layer's JobRunner ----------------------------------------------
+    @property
+    def default_parallelism(self) -> int:
+        if self.slots_total <= 0:
+            members = self.status()["members"]
+            self.slots_total = sum(1 for m in members if m["role"] == "executor")
+        return max(2 * self.slots_total, 2)
+
+    def submit_plan(self, plan: bytes, options: JobOptions) -> str:
+        reply = check_reply(self.client.request(SubmitJob(plan, options)))
+        if not isinstance(reply, JobAccepted):
+            raise LeptonError(f"unexpected reply {type(reply).__name__} to SubmitJob")
+        return reply.job_id
+
+    def job_info(self, job_id: str, wait_s: float = 0.0) -> JobInfo:
+        """The job's status; waits up to ``wait_s`` for it to end. KeyError if unknown."""
+        reply = check_reply(self.client.request(WaitJob(job_id, wait_s), wait_s + 30.0))
+        if not isinstance(reply, JobInfo):
+            raise LeptonError(f"unexpected reply {type(reply).__name__} to WaitJob")
+        return reply
+
+    # -- status and timeline ---------------------------------------------------------
+    def _cluster_info(self, workers: int = 0, timeout_s: float = 0.0) -> ClusterInfo:
+        reply = check_reply(self.client.request(GetStatus(workers, timeout_s), timeout_s + 10.0))
+        if not isinstance(reply, ClusterInfo):
+            raise LeptonError(f"unexpected reply {type(reply).__name__} to GetStatus")
+        return reply
+
+    def status(self) -> dict[str, Any]:
+        """``{"leader": address, "members": [{role, id, pid, address, health}, ...]}``."""
+        info = self._cluster_info()
+        return {"leader": info.leader, "members": [_member_dict(m) for m in info.members]}
+
+    def events(self, job_id: str | None = None) -> list[dict[str, Any]]:
+        """The timeline (faults, detection, rescheduling, completion), oldest first."""
+        remote: list[Event] = []
+        with contextlib.suppress(Unavailable):
+            reply = check_reply(self.client.request(GetEvents(job_id or ""), 5.0))
+            if isinstance(reply, EventList):
+                remote = list(reply.events)
+        seen = {(e.t, e.kind, e.detail) for e in remote}
+        merged = remote + [e for e in self._local_events if (e.t, e.kind, e.detail) not in seen]
+        merged.sort(key=lambda e: e.t)
+        return [
+            {"t": e.t, "kind": e.kind, "detail": e.detail, "job_id": e.job_id}
+            for e in merged
+            if not job_id or e.job_id in ("", job_id)
+        ]
+
+    def record_event(self, kind: str, detail: str) -> None:
+        ev = Event(time.time(), kind, detail)
+        self._local_events.append(ev)
+        del self._local_events[:-1000]
+        with contextlib.suppress(Unavailable, LeptonError):
+            self.client.request(RecordEvent(ev), 2.0)
+
+    # -- fault injection -------------------------------------------------------------
+    def kill(self, role: str, id: int | str = 0, sig: int = signal.SIGKILL) -> int:
+        """Send ``sig`` (SIGKILL) to a member; returns its pid. The target must run on this host."""
+        return self._signal(role, id, sig, "kill")
+
+    def pause(self, role: str, id: int | str = 0) -> int:
+        """SIGSTOP a member: a hang, not a crash."""
+        return self._signal(role, id, signal.SIGSTOP, "pause")
+
+    def resume(self, role: str, id: int | str = 0) -> int:
+        return self._signal(role, id, signal.SIGCONT, "resume")
+
+    def _signal(self, role: str, id: int | str, sig: int, verb: str) -> int:
+        pid = self.find_pid(role, id)
+        if not kill_pid(pid, sig):
+            raise LookupError(f"{role} {id} (pid {pid}) is not running")
+        self.record_event(
+            "fault_injected", f"{verb} {role} {id} pid {pid} ({signal.Signals(sig).name})"
+        )
+        return pid
+
+    def find_pid(self, role: str, id: int | str) -> int:
+        member = _find_member(self._cluster_info().members, role, id)
+        return member.pid
+
+    def restart(self, role: str, id: int | str = 0) -> int:
+        raise LeptonError("restart needs the process owner: use the LocalCluster that started it")
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _member_dict(m: MemberInfo) -> dict[str, Any]:
+    return {
+        "role": m.role,
+        "id": m.id,
+        "pid": m.pid,
+        "address": m.address,
+        "health": m.health,
+        "node": m.node,
+    }
+
+
+def _find_member(members: list[MemberInfo], role: str, id: int | str) -> MemberInfo:
+    if role not in _ROLES:
+        raise ValueError(f"role must be one of {', '.join(_ROLES)}, got {role!r}")
+    want = "coordinator" if role == "leader" else role
+    candidates = [m for m in members if m.role == want]
+    if role == "leader":
+        leaders = [m for m in candidates if m.health == "leader"]
+        if leaders:
+            return leaders[0]
+    key = str(id)
+    for m in candidates:
+        if m.id == key:
+            return m
+    if want == "executor" and isinstance(id, int) and not isinstance(id, bool):
+        # Executors by index across the cluster: worker order, then slot.
+        def order(m: MemberInfo) -> tuple[int, int]:
+            w, _, s = m.id.partition(".")
+            return (int(w) if w.isdigit() else 1 << 30, int(s) if s.isdigit() else 0)
+
+        ordered = sorted(candidates, key=order)
+        if 0 <= id < len(ordered):
+            return ordered[id]
+    known = ", ".join(m.id for m in candidates) or "none"
+    raise LookupError(f"no {want} {id!r} (known: {known})")
+
+
+class _Proc:
+    def __init__(self, role: str, id: str, popen: subprocess.Popen[bytes], line: Lifeline):
+        self.role, self.id, self.popen, self.lifeline = role, id, popen, line
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self) -> None:
+        self.lifeline.cut()
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                # SIGCONT first: a paused process would not act on anything else.
+                os.kill(self.popen.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(5.0)
+
+
+_live_clusters: weakref.WeakSet[LocalCluster] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for cluster in list(_live_clusters):
+        cluster.close()
+
+
+class LocalCluster(Cluster):
+    """A coordinator and ``workers`` worker agents as subprocesses of this process."""
+
+    def __init__(
+        self,
+        workers: int = 2,
+        coordinators: int = 1,
+        slots_per_worker: int = 1,
+        *,
+        data_dir: str | None = None,
+        fsync: bool = False,
+        start_timeout_s: float = 60.0,
+    ) -> None:
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+            raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+        if not isinstance(slots_per_worker, int) or slots_per_worker < 1:
+            raise ValueError(f"slots_per_worker must be an int >= 1, got {slots_per_worker!r}")
+        if coordinators != 1:
+            raise ValueError(
+                f"coordinators={coordinators}: this build runs one coordinator on a local log; "
+                "replicated coordinators come with the consensus layer"
+            )
+        from lepton_ai.node.netutil import bind_listener
+        from lepton_ai.wire import generate_token
+
+        self.workers = workers
+        self.slots_per_worker = slots_per_worker
+        self.fsync = fsync
+        self._own_dir = data_dir is None
+        self.data_dir = data_dir or tempfile.mkdtemp(prefix="lepton-cluster-")
+        self._listener = bind_listener("127.0.0.1", 0)
+        host, port = self._listener.getsockname()[:2]
+        self.procs: dict[tuple[str, str], _Proc] = {}
+        self._closed = False
+        token = generate_token()
+        super().__init__(f"{host}:{port}", token)
+        self.slots_total = workers * slots_per_worker
+        _live_clusters.add(self)
+        try:
+            self._spawn("coordinator", "0")
+            for i in range(workers):
+                self._spawn("worker", str(i))
+            self.wait_ready(workers, start_timeout_s)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- processes -------------------------------------------------------------------
+    def _command(self, role: str, id: str) -> tuple[list[str], tuple[int, ...]]:
+        py = [sys.executable, "-m"]
+        if role == "coordinator":
+            fd = self._listener.fileno()
+            args = [
+                "lepton_ai.node.coordinator",
+                "--listen-fd",
+                str(fd),
+                "--quiet",
+                "--data-dir",
+                os.path.join(self.data_dir, "coordinator"),
+            ]
+            if not self.fsync:
+                args.append("--no-fsync")
+            return py + args, (fd,)
+        args = [
+            "lepton_ai.node.worker",
+            "--join",
+            self.address,
+            "--slots",
+            str(self.slots_per_worker),
+            "--name",
+            id,
+            "--quiet",
+            "--data-dir",
+            os.path.join(self.data_dir, "workers"),
+        ]
+        return py + args, ()
+
+    def _spawn(self, role: str, id: str) -> _Proc:
+        cmd, fds = self._command(role, id)
+        line = Lifeline()
+        env = dict(os.environ)
+        env["LEPTON_TOKEN"] = self.token
+        env.update(line.child_env())
+        try:
+            popen = subprocess.Popen(
+                cmd, env=env, pass_fds=(*fds, line.read_fd), stdin=subprocess.DEVNULL
+            )
+        finally:
+            line.after_spawn()
+        proc = _Proc(role, id, popen, line)
+        self.procs[(role, id)] = proc
+        return proc
+
+    def wait_ready(self, workers: int | None = None, timeout_s: float = 30.0) -> None:
+        """Block until ``workers`` workers are registered with all executors started."""
+        want = self.workers if workers is None else workers
+        deadline = time.monotonic() + timeout_s
+        while True:
+            dead = [p for p in self.procs.values() if p.role == "coordinator" and not p.alive()]
+            if dead:
+                raise Unavailable(f"coordinator exited with status {dead[0].popen.returncode}")
+            left = deadline - time.monotonic()
+            try:
+                info = self._cluster_info(want, max(0.1, min(left, 5.0)))
+            except Unavailable:
+                info = None
+            ready = 0 if info is None else _ready_workers(info.members)
+            if ready >= want:
+                return
+            if time.monotonic() >= deadline:
+                raise Unavailable(f"only {ready} of {want} workers ready after {timeout_s} s")
+
+    def _proc_for(self, role: str, id: int | str) -> _Proc | None:
+        want = "coordinator" if role == "leader" else role
+        return self.procs.get((want, "0" if role == "leader" else str(id)))
+
+    def _signal(self, role: str, id: int | str, sig: int, verb: str) -> int:
+        if role not in _ROLES:
+            raise ValueError(f"role must be one of {', '.join(_ROLES)}, got {role!r}")
+        proc = self._proc_for(role, id)
+        if proc is None:
+            return super()._signal(role, id, sig, verb)  # executors: pid from the coordinator
+        if not proc.alive():
+            raise LookupError(f"{role} {id} (pid {proc.pid}) is not running")
+        if role in ("coordinator", "leader") and sig != signal.SIGKILL:
+            pass  # pause/resume of the coordinator are fine; nothing else to do
+        self.record_event(
+            "fault_injected", f"{verb} {role} {id} pid {proc.pid} ({signal.Signals(sig).name})"
+        )
+        os.kill(proc.pid, sig)
+        return proc.pid
+
+    def restart(self, role: str, id: int | str = 0) -> int:
+        """Start the member again (SIGKILL it first if it still runs); returns the new pid."""
+        if role == "executor":
+            return self.kill(role, id)  # its agent starts a replacement at once
+        proc = self._proc_for(role, id)
+        if proc is None:
+            raise LookupError(f"no {role} {id} was started by this cluster")
+        proc.stop()
+        new = self._spawn(proc.role, proc.id)
+        self.record_event("restarted", f"{role} {id} pid {new.pid}")
+        return new.pid
+
+    def status(self) -> dict[str, Any]:
+        try:
+            out = super().status()
+        except Unavailable:
+            out = {"leader": None, "members": []}
+        listed = {(m["role"], m["id"]) for m in out["members"]}
+        for (role, id), proc in sorted(self.procs.items()):
+            if (role, id) not in listed:
+                health = "down" if not proc.alive() else "unregistered"
+                out["members"].append(
+                    {
+                        "role": role,
+                        "id": id,
+                        "pid": proc.pid,
+                        "address": self.address if role == "coordinator" else "",
+                        "health": health,
+                        "node": "",
+                    }
+                )
+        return out
+
+    def pids(self) -> list[int]:
+        """Every process this cluster started (not executors: their agents own them)."""
+        return [p.pid for p in self.procs.values()]
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for proc in self.procs.values():
+            proc.lifeline.cut()
+            if proc.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
+        for proc in self.procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.popen.wait(5.0)
+        super().close()
+        self._listener.close()
+        if self._own_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+        _live_clusters.discard(self)
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+
+def _ready_workers(members: list[MemberInfo]) -> int:
+    workers = {m.node for m in members if m.role == "worker"}
+    starting = {m.node for m in members if m.role == "executor" and m.health == "starting"}
+    with_execs = {m.node for m in members if m.role == "executor"}
+    return len((workers & with_execs) - starting)
+
+
+def connect(address: str, token: str | None = None) -> Cluster:
+    """A handle on a running cluster: ``"host:port"`` (or a comma-separated list)."""
+    from lepton_ai.wire import resolve_token
+
+    cluster = Cluster(address, resolve_token(token))
+    cluster.status()  # fail here, with a clear error, if nobody answers
+    return cluster

@@ -1,0 +1,151 @@
+"""The coordinator's client-facing requests and its view of each worker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from typing import TYPE_CHECKING
+
+from lepton_ai.compute.scheduler_events import RunningReport
+from lepton_ai.compute.state import JobRecord, JobSubmitted
+from lepton_ai.node.messages import (
+    ClientReply,
+    ClusterInfo,
+    CoordinatorMessage,
+    ErrorReply,
+    EventList,
+    ExecutorInfo,
+    GetEvents,
+    GetStatus,
+    JobAccepted,
+    JobInfo,
+    JobList,
+    ListJobs,
+    MemberInfo,
+    Ok,
+    RecordEvent,
+    Register,
+    SubmitJob,
+    WaitJob,
+)
+from lepton_ai.wire import Connection
+
+if TYPE_CHECKING:
+    from lepton_ai.node.coordinator import Coordinator
+
+
+class WorkerView:
+    """What the coordinator knows about one registered worker incarnation."""
+
+    def __init__(self, reg: Register, conn: Connection[CoordinatorMessage]) -> None:
+        self.worker_id = reg.worker
+        self.name = reg.name
+        self.address = reg.address
+        self.pid = reg.pid
+        self.slots = reg.slots
+        self.conn = conn
+        self.plans_sent: set[str] = set()
+        self.executors: list[ExecutorInfo] = []
+        self.running: list[RunningReport] = list(reg.running)
+
+    @property
+    def ready(self) -> bool:
+        return len(self.executors) == self.slots and all(
+            e.state != "starting" for e in self.executors
+        )
+
+
+def job_info(rec: JobRecord, with_record: bytes | None) -> JobInfo:
+    done, total = rec.progress()
+    return JobInfo(
+        rec.job_id,
+        rec.status,
+        done,
+        total,
+        rec.options.name,
+        rec.submitted_at,
+        rec.finished_at,
+        with_record,
+    )
+
+
+class ClientApi:
+    """One request in, one reply out."""
+
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.c = coordinator
+
+    async def handle(self, msg: CoordinatorMessage) -> ClientReply:
+        if isinstance(msg, SubmitJob):
+            return await self._submit(msg)
+        if isinstance(msg, WaitJob):
+            return await self._wait_job(msg)
+        if isinstance(msg, ListJobs):
+            recs = sorted(self.c.machine.jobs.state.jobs.values(), key=lambda r: r.seq)
+            return JobList([job_info(r, None) for r in recs])
+        if isinstance(msg, GetStatus):
+            return await self._status(msg)
+        if isinstance(msg, GetEvents):
+            events = [e for e in self.c.events if not msg.job_id or e.job_id in ("", msg.job_id)]
+            return EventList(events)
+        if isinstance(msg, RecordEvent):
+            self.c.events.append(msg.event)
+            return Ok()
+        return ErrorReply("invalid", f"{type(msg).__name__} is not a client request")
+
+    async def _submit(self, msg: SubmitJob) -> ClientReply:
+        try:
+            self.c.validate_plan(msg.plan)
+        except ValueError as exc:
+            return ErrorReply("invalid", str(exc))
+        job_id = msg.job_id or self.c.new_job_id()
+        if not job_id.isascii() or not job_id.replace("-", "").replace("_", "").isalnum():
+            return ErrorReply("invalid", f"bad job id {job_id!r}")
+        result = await self.c.submit_command(
+            JobSubmitted(job_id, msg.plan, msg.options, time.time())
+        )
+        if not result.accepted and result.reason != "duplicate job id":
+            return ErrorReply("invalid", result.reason)
+        return JobAccepted(job_id)
+
+    async def _wait_job(self, msg: WaitJob) -> ClientReply:
+        rec = self.c.job_record(msg.job_id)
+        if rec is None:
+            return ErrorReply("not_found", f"no job {msg.job_id!r}")
+        timeout = min(max(msg.timeout_s, 0.0), self.c.config.wait_timeout_max_s)
+        if rec.status == "running" and timeout > 0:
+            done = self.c.job_done.setdefault(msg.job_id, asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), timeout)
+            rec = self.c.job_record(msg.job_id)
+            if rec is None:
+                return ErrorReply("not_found", f"job {msg.job_id!r} was deleted")
+        record = self.c.encode_record(rec) if rec.status != "running" else None
+        return job_info(rec, record)
+
+    async def _status(self, msg: GetStatus) -> ClientReply:
+        deadline = time.monotonic() + min(max(msg.timeout_s, 0.0), self.c.config.wait_timeout_max_s)
+        while True:
+            ready = sum(v.ready for v in self.c.workers.values())
+            left = deadline - time.monotonic()
+            if ready >= msg.workers or left <= 0:
+                break
+            self.c.members_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.c.members_changed.wait(), left)
+        return ClusterInfo(self.c.address, self._members())
+
+    def _members(self) -> list[MemberInfo]:
+        now = time.monotonic()
+        members = [MemberInfo("coordinator", "0", os.getpid(), self.c.address, "leader")]
+        for v in sorted(self.c.workers.values(), key=lambda v: v.name):
+            phi = self.c.phi.phi(v.worker_id, now)
+            health = "suspect" if phi >= self.c.config.phi.threshold / 2 else "alive"
+            members.append(MemberInfo("worker", v.name, v.pid, v.address, health, v.worker_id, phi))
+            for e in v.executors:
+                members.append(
+                    MemberInfo("executor", f"{v.name}.{e.slot}", e.pid, "", e.state, v.worker_id)
+                )
+        return members

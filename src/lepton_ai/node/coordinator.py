@@ -1,0 +1,475 @@
+"""The coordinator program: a thin asyncio shell around the scheduler core.
+
+    lepton coordinator --port 0 --data-dir D --token T
+
+Durable state is ``compute.state.JobStateMachine`` behind a ``LogHost``
+(``LocalLog`` here; the Paxos log of issue 4 plugs in through the same
+protocol). The scheduler core (``compute.scheduler.Scheduler``) decides; this
+shell only turns messages and time into events, steps the core and carries out
+its actions:
+
+* ``Propose`` -> ``LogHost.submit``; the state machine's apply hook (not the
+  submit's return) feeds ``Applied`` back, so commands ordered by any replica
+  reach the scheduler the same way;
+* ``Dispatch`` / ``Cancel`` -> ``RunTasks`` / ``CancelTasks`` to the worker,
+  batched per worker and flushed once per step burst.
+
+Failure detection: every message from a worker is a heartbeat for the
+phi-accrual detector; a worker suspected by it (a hang: SIGSTOP) or whose
+connection closes (a crash: the kernel closes its sockets) is declared lost and
+must rejoin under a new id. Timestamps of what happened go to a bounded event
+list that clients read as a job's timeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import msgspec
+
+from lepton_ai.compute.plan import decode_plan
+from lepton_ai.compute.scheduler import Scheduler
+from lepton_ai.compute.scheduler_events import (
+    Applied,
+    Cancel,
+    Dispatch,
+    FetchFailed,
+    Propose,
+    ProposeFailed,
+    SchedulerAction,
+    SchedulerConfig,
+    SchedulerEvent,
+    TaskFailed,
+    Tick,
+    WorkerJoined,
+    WorkerLost,
+)
+from lepton_ai.compute.state import (
+    ApplyResult,
+    JobCommand,
+    JobFailedCmd,
+    JobFinished,
+    JobRecord,
+    JobStateMachine,
+    JobSubmitted,
+    OutputLost,
+    decode_apply_result,
+    decode_command,
+    encode_command,
+)
+from lepton_ai.consensus.api import LogHost, NotLeader
+from lepton_ai.errors import Unavailable
+from lepton_ai.monitor.phi import PhiAccrualDetector, PhiConfig
+from lepton_ai.node.coord_views import ClientApi, WorkerView
+from lepton_ai.node.messages import (
+    CancelTasks,
+    CoordinatorMessage,
+    DropJobs,
+    Event,
+    ExecutorInfo,
+    Heartbeat,
+    JobPlanBlob,
+    Register,
+    Registered,
+    Reports,
+    RunTasks,
+)
+from lepton_ai.wire import Codec, Connection, WireConfig
+
+log = logging.getLogger("lepton_ai.coordinator")
+
+CODEC = Codec[CoordinatorMessage](CoordinatorMessage)
+_record_encoder = msgspec.msgpack.Encoder()
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    tick_interval_s: float = 0.1
+    heartbeat_interval_s: float = 0.1
+    events_max: int = 10_000
+    inflight_proposals_max: int = 10_000
+    lost_workers_max: int = 10_000  # ids remembered so a lost incarnation cannot rejoin
+    wait_timeout_max_s: float = 60.0
+    fsync: bool = True
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    phi: PhiConfig = field(default_factory=PhiConfig)
+    wire: WireConfig = field(default_factory=WireConfig)
+
+
+class JobsMachine:
+    """The coordinator's ``StateMachine``: the job state machine plus an apply hook.
+
+    The hook is how applied commands reach the scheduler; it is attached only
+    after recovery, so replaying the log at start does not re-drive anything.
+    """
+
+    def __init__(self) -> None:
+        self.jobs = JobStateMachine()
+        self.listener: Callable[[JobCommand, ApplyResult], None] | None = None
+
+    def apply(self, command: bytes) -> bytes:
+        result = self.jobs.apply(command)
+        if self.listener is not None:
+            with contextlib.suppress(ValueError):  # undecodable: the machine rejected it
+                self.listener(decode_command(command), decode_apply_result(result))
+        return result
+
+    def snapshot(self) -> bytes:
+        return self.jobs.snapshot()
+
+    def restore(self, data: bytes) -> None:
+        self.jobs.restore(data)
+
+
+class Coordinator:
+    def __init__(
+        self,
+        log_host: LogHost,
+        machine: JobsMachine,
+        address: str,
+        config: CoordinatorConfig,
+        epoch: int,
+    ) -> None:
+        self.log = log_host
+        self.machine = machine
+        self.address = address
+        self.config = config
+        self.epoch = epoch
+        self.scheduler = Scheduler.from_state(
+            machine.jobs.state, time.monotonic(), epoch=epoch, config=config.scheduler
+        )
+        self.phi = PhiAccrualDetector(config.phi)
+        self.workers: dict[str, WorkerView] = {}
+        self.lost: deque[str] = deque(maxlen=config.lost_workers_max)
+        self.events: deque[Event] = deque(maxlen=config.events_max)
+        self.job_done: dict[str, asyncio.Event] = {}
+        self.dispatch_counts: dict[tuple[str, int, int], int] = {}
+        self.members_changed = asyncio.Event()
+        self._outgoing: dict[str, RunTasks] = {}
+        self._flush_scheduled = False
+        self._proposals = asyncio.Semaphore(config.inflight_proposals_max)
+        self._tg: asyncio.TaskGroup | None = None
+        self.api = ClientApi(self)
+        machine.listener = self._on_applied
+
+    # -- events for the timeline -----------------------------------------------------
+    def event(self, kind: str, detail: str = "", job_id: str = "") -> None:
+        self.events.append(Event(time.time(), kind, detail, job_id))
+
+    # -- the driver ------------------------------------------------------------------
+    async def run(self, server_sock: socket.socket) -> None:
+        from lepton_ai.node.netutil import serve_socket
+
+        self.event("coordinator_started", f"{self.address} epoch {self.epoch}")
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            server = await serve_socket(
+                server_sock,
+                token=self.token,
+                codec=CODEC,
+                handler=self._handle,
+                config=self.config.wire,
+            )
+            try:
+                await self._tick_loop()
+            finally:
+                server.close()
+
+    token = ""
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.tick_interval_s)
+            now = time.monotonic()
+            for worker_id in self.phi.suspects(now):
+                view = self.workers.get(worker_id)
+                if view is not None:
+                    phi = self.phi.phi(worker_id, now)
+                    last = self.phi.last_heartbeat(worker_id) or now
+                    self._lose_worker(view, f"phi {phi:.1f}, silent {now - last:.2f} s")
+            self.step(Tick(now))
+
+    def step(self, event: SchedulerEvent) -> None:
+        try:
+            actions = self.scheduler.step(event)
+        except NotLeader:
+            raise
+        for action in actions:
+            self._carry_out(action)
+        if self._outgoing and not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _carry_out(self, action: SchedulerAction) -> None:
+        if isinstance(action, Propose):
+            self.propose_soon(action.command)
+        elif isinstance(action, Dispatch):
+            self._queue_dispatch(action)
+        elif isinstance(action, Cancel):
+            view = self.workers.get(action.worker)
+            if view is not None:
+                view.conn.send_nowait(CancelTasks([action.attempt]))
+
+    def _queue_dispatch(self, d: Dispatch) -> None:
+        a = d.attempt
+        key = (a.job_id, a.stage, a.partition)
+        n = self.dispatch_counts.get(key, 0) + 1
+        self.dispatch_counts[key] = n
+        if d.speculative:
+            self.event(
+                "backup_launched",
+                f"stage {a.stage} partition {a.partition} on {d.worker}",
+                a.job_id,
+            )
+        elif n > 1:
+            self.event(
+                "task_rescheduled",
+                f"stage {a.stage} partition {a.partition} (run {n}) on {d.worker}",
+                a.job_id,
+            )
+        view = self.workers.get(d.worker)
+        if view is None:
+            # Lost between the scheduler's decision and now: report it as failed.
+            self.step(TaskFailed(a, d.worker, "infra", time.monotonic(), "worker gone"))
+            return
+        batch = self._outgoing.setdefault(d.worker, RunTasks([], []))
+        if a.job_id not in view.plans_sent:
+            rec = self.machine.jobs.job(a.job_id)
+            if rec is not None:
+                batch.plans.append(JobPlanBlob(a.job_id, rec.plan))
+                view.plans_sent.add(a.job_id)
+        batch.tasks.append(d)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        outgoing, self._outgoing = self._outgoing, {}
+        for worker_id, batch in outgoing.items():
+            view = self.workers.get(worker_id)
+            if view is None:
+                for d in batch.tasks:
+                    self.step(TaskFailed(d.attempt, worker_id, "infra", time.monotonic(), "gone"))
+                continue
+            view.conn.send_nowait(batch)
+
+    # -- proposals and applied commands ----------------------------------------------
+    def propose_soon(self, cmd: JobCommand) -> None:
+        if self._tg is None:
+            raise AssertionError("proposal before the coordinator runs")
+        self._tg.create_task(self._propose(cmd))
+
+    async def _propose(self, cmd: JobCommand) -> ApplyResult:
+        async with self._proposals:
+            try:
+                raw = await self.log.submit(encode_command(cmd))
+            except Unavailable:
+                self.step(ProposeFailed(cmd, time.monotonic()))
+                return ApplyResult(False, "log unavailable")
+        return decode_apply_result(raw)
+
+    async def submit_command(self, cmd: JobCommand) -> ApplyResult:
+        """For client requests: order ``cmd`` and return how it was applied."""
+        return await self._propose(cmd)
+
+    def _on_applied(self, cmd: JobCommand, result: ApplyResult) -> None:
+        self.step(Applied(cmd, result, time.monotonic()))
+        if not result.accepted:
+            return
+        if isinstance(cmd, JobSubmitted):
+            self.event("job_submitted", cmd.options.name or "", cmd.job_id)
+        elif isinstance(cmd, OutputLost):
+            self.event("output_lost", f"stage {cmd.stage} partition {cmd.partition}", cmd.job_id)
+        elif isinstance(cmd, JobFinished | JobFailedCmd):
+            failed = isinstance(cmd, JobFailedCmd)
+            what = cmd.error.message.splitlines()[0] if isinstance(cmd, JobFailedCmd) else ""
+            self.event("job_failed" if failed else "job_finished", what, cmd.job_id)
+            self._job_over(cmd.job_id)
+
+    def _job_over(self, job_id: str) -> None:
+        done = self.job_done.pop(job_id, None)
+        if done is not None:
+            done.set()
+        for key in [k for k in self.dispatch_counts if k[0] == job_id]:
+            del self.dispatch_counts[key]
+        for view in self.workers.values():
+            view.plans_sent.discard(job_id)
+            view.conn.send_nowait(DropJobs([job_id]))
+
+    def job_record(self, job_id: str) -> JobRecord | None:
+        return self.machine.jobs.job(job_id)
+
+    def encode_record(self, rec: JobRecord) -> bytes:
+        return _record_encoder.encode(rec)
+
+    def new_job_id(self) -> str:
+        return "j" + uuid.uuid4().hex[:12]
+
+    @staticmethod
+    def validate_plan(plan: bytes) -> None:
+        decode_plan(plan)
+
+    # -- connections -----------------------------------------------------------------
+    async def _handle(self, conn: Connection[CoordinatorMessage]) -> None:
+        first = await conn.recv()
+        if isinstance(first, Register):
+            await self._worker_session(conn, first)
+            return
+        reply = await self.api.handle(first)
+        await conn.send(reply)
+        async for msg in conn:
+            await conn.send(await self.api.handle(msg))
+
+    async def _worker_session(self, conn: Connection[CoordinatorMessage], reg: Register) -> None:
+        if reg.worker in self.lost or reg.worker in self.workers or reg.slots <= 0:
+            # A lost incarnation may hold stale attempts: it must rejoin as a new one.
+            await conn.send(Registered(self.address, self.config.heartbeat_interval_s, False))
+            return
+        view = WorkerView(reg, conn)
+        self.workers[reg.worker] = view
+        now = time.monotonic()
+        self.phi.heartbeat(reg.worker, now)
+        await conn.send(Registered(self.address, self.config.heartbeat_interval_s, True))
+        self.event("worker_joined", f"{reg.name} ({reg.worker}) pid {reg.pid} at {reg.address}")
+        self.members_changed.set()
+        self.step(WorkerJoined(reg.worker, reg.address, reg.slots, now, reg.running))
+        try:
+            async for msg in conn:
+                if self.workers.get(reg.worker) is not view:
+                    return  # declared lost while this message was in flight
+                self._on_worker_message(view, msg)
+        finally:
+            if self.workers.get(reg.worker) is view:
+                self._lose_worker(view, "connection closed")
+
+    def _on_worker_message(self, view: WorkerView, msg: CoordinatorMessage) -> None:
+        now = time.monotonic()
+        self.phi.heartbeat(view.worker_id, now)
+        if isinstance(msg, Heartbeat):
+            view.executors = list(msg.executors)
+            view.running = list(msg.running)
+            self.members_changed.set()
+        elif isinstance(msg, Reports):
+            for rep in msg.reports:
+                ev = msgspec.structs.replace(rep, now=now)
+                if isinstance(ev, TaskFailed) and ev.kind == "infra":
+                    self.event(
+                        "task_failed",
+                        f"stage {ev.attempt.stage} partition "
+                        f"{ev.attempt.partition} on {view.name}: {ev.message}",
+                        ev.attempt.job_id,
+                    )
+                elif isinstance(ev, FetchFailed):
+                    self.event(
+                        "fetch_failed",
+                        f"stage {ev.map_stage} map {ev.map_partition} from {ev.source_worker}",
+                        ev.attempt.job_id,
+                    )
+                self.step(ev)
+        else:
+            raise ValueError(f"worker sent {type(msg).__name__}")
+
+    def _lose_worker(self, view: WorkerView, why: str) -> None:
+        if self.workers.pop(view.worker_id, None) is None:
+            return
+        self.lost.append(view.worker_id)
+        self.phi.remove(view.worker_id)
+        self.event("worker_lost", f"{view.name} ({view.worker_id}): {why}")
+        self.members_changed.set()
+        view.conn.writer.close()
+        self.step(WorkerLost(view.worker_id, time.monotonic()))
+
+    def executor_infos(self) -> list[tuple[WorkerView, ExecutorInfo]]:
+        return [(v, e) for v in self.workers.values() for e in v.executors]
+
+
+def next_epoch(data_dir: str) -> int:
+    """A new leadership epoch per coordinator start, persisted so it never repeats."""
+    path = os.path.join(data_dir, "epoch")
+    epoch = 0
+    with contextlib.suppress(FileNotFoundError, ValueError), open(path) as f:
+        epoch = int(f.read().strip())
+    epoch += 1
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(str(epoch))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return epoch
+
+
+async def serve_coordinator(
+    sock: socket.socket, token: str, data_dir: str, config: CoordinatorConfig
+) -> None:
+    from lepton_ai.node.local_log import LocalLog, LocalLogConfig
+
+    host, port = sock.getsockname()[:2]
+    address = f"{host}:{port}"
+    os.makedirs(data_dir, exist_ok=True)
+    machine = JobsMachine()
+    local_log = LocalLog(
+        os.path.join(data_dir, "log"), machine, LocalLogConfig(fsync=config.fsync), address
+    )
+    coordinator = Coordinator(local_log, machine, address, config, next_epoch(data_dir))
+    coordinator.token = token
+    try:
+        await coordinator.run(sock)
+    finally:
+        await local_log.close()
+
+
+def run_coordinator(
+    token: str,
+    data_dir: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    listen_fd: int | None = None,
+    fsync: bool = True,
+    announce: bool = True,
+) -> None:
+    """Entry point of ``lepton coordinator``: run until killed."""
+    from lepton_ai.node.netutil import bind_listener
+    from lepton_ai.node.process import watch_parent
+
+    watch_parent()
+    logging.basicConfig(level=os.environ.get("LEPTON_LOG_LEVEL", "WARNING"))
+    sock = socket.socket(fileno=listen_fd) if listen_fd is not None else bind_listener(host, port)
+    if announce:
+        h, p = sock.getsockname()[:2]
+        print(json.dumps({"address": f"{h}:{p}", "pid": os.getpid()}), flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve_coordinator(sock, token, data_dir, CoordinatorConfig(fsync=fsync)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from lepton_ai.node.cli import add_coordinator_args
+    from lepton_ai.wire import resolve_token
+
+    parser = argparse.ArgumentParser(prog="lepton coordinator")
+    add_coordinator_args(parser)
+    args = parser.parse_args(argv)
+    run_coordinator(
+        resolve_token(args.token),
+        args.data_dir,
+        host=args.host,
+        port=args.port,
+        listen_fd=args.listen_fd,
+        fsync=not args.no_fsync,
+        announce=not args.quiet,
+    )
+
+
+if __name__ == "__main__":
+    main()

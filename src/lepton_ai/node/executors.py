@@ -1,0 +1,230 @@
+"""The node agent's side of its executors: spawn, feed, watch, replace.
+
+One ``ExecutorSlot`` per slot keeps one executor process alive at all times (the
+"nanny" pattern of Dask's worker). The agent talks to it over a socketpair; the
+executor's death shows up at once as EOF on that pipe, the attempt it was
+running fails with ``ExecutorDied`` (an infrastructure failure) and a
+replacement is started straight away so the slot is warm for the next task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from lepton_ai.errors import LeptonError
+from lepton_ai.node import executor as exec_mod
+from lepton_ai.node.messages import (
+    ExecDone,
+    ExecFailed,
+    ExecForget,
+    ExecHello,
+    ExecMessage,
+    ExecPlan,
+    ExecRun,
+)
+from lepton_ai.node.process import PARENT_PID_ENV
+from lepton_ai.wire import Codec, ConnectionClosed, encode_frame, read_frame
+
+
+class ExecutorDied(LeptonError):
+    """The executor process ended while (or before) running an attempt."""
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    start_timeout_s: float = 30.0
+    frame_bytes_max: int = 256 << 20
+    restart_backoff_s: float = 0.05
+    restart_backoff_max_s: float = 2.0
+
+
+_CODEC = Codec[ExecMessage](ExecMessage)
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "executor pipe closed"
+    if code < 0:
+        try:
+            return f"executor killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"executor killed by signal {-code}"
+    return f"executor exited with status {code}"
+
+
+class ExecutorSlot:
+    """One slot: keeps an executor running and runs attempts on it one at a time."""
+
+    def __init__(
+        self,
+        slot: int,
+        worker: str,
+        store_dir: str,
+        config: ExecutorConfig,
+        on_event: Callable[[str, str], None],
+    ) -> None:
+        self.slot = slot
+        self.worker = worker
+        self.store_dir = store_dir
+        self.config = config
+        self.on_event = on_event  # (kind, detail) for the node's event feed
+        self.pid = 0
+        self.restarts = 0
+        self.running: ExecRun | None = None
+        self.cancelled = False
+        self._proc: asyncio.subprocess.Process | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._ready = asyncio.Event()
+        self._reply: asyncio.Future[ExecDone | ExecFailed] | None = None
+        self._plans_sent: set[str] = set()
+        self._closing = False
+
+    @property
+    def state(self) -> str:
+        if not self._ready.is_set():
+            return "starting"
+        return "busy" if self.running is not None else "idle"
+
+    async def supervise(self) -> None:
+        """Run forever: start an executor, serve it until it dies, start another."""
+        backoff = self.config.restart_backoff_s
+        while not self._closing:
+            try:
+                await self._start()
+            except (OSError, ExecutorDied, TimeoutError) as exc:
+                self.on_event("executor_start_failed", f"slot {self.slot}: {exc}")
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.config.restart_backoff_max_s)
+                continue
+            backoff = self.config.restart_backoff_s
+            reason = await self._read_until_death()
+            self._ready.clear()
+            self._plans_sent.clear()
+            if self._reply is not None and not self._reply.done():
+                self._reply.set_exception(ExecutorDied(reason))
+            if not self._closing:
+                self.restarts += 1
+                self.on_event("executor_died", f"slot {self.slot} pid {self.pid}: {reason}")
+
+    async def _start(self) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = dict(os.environ)
+        env[exec_mod.FD_ENV] = str(child.fileno())
+        env[exec_mod.WORKER_ENV] = self.worker
+        env[exec_mod.STORE_ENV] = self.store_dir
+        env[exec_mod.FRAME_BYTES_MAX_ENV] = str(self.config.frame_bytes_max)
+        env[PARENT_PID_ENV] = str(os.getpid())
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "lepton_ai.node.executor",
+                pass_fds=(child.fileno(),),
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+            )
+        finally:
+            child.close()
+        self.pid = self._proc.pid
+        self._reader, self._writer = await asyncio.open_connection(
+            sock=parent, limit=self.config.frame_bytes_max + 1024
+        )
+        try:
+            hello = await asyncio.wait_for(self._recv(), self.config.start_timeout_s)
+        except (ConnectionClosed, TimeoutError) as exc:
+            await self._reap(kill=True)
+            raise ExecutorDied(f"executor did not start: {exc}") from exc
+        if not isinstance(hello, ExecHello):
+            await self._reap(kill=True)
+            raise ExecutorDied(f"executor said {type(hello).__name__} instead of hello")
+        self._ready.set()
+
+    async def _recv(self) -> ExecMessage:
+        if self._reader is None:
+            raise AssertionError("executor pipe not open")
+        return _CODEC.decode(await read_frame(self._reader, self.config.frame_bytes_max))
+
+    async def _read_until_death(self) -> str:
+        while True:
+            try:
+                msg = await self._recv()
+            except (ConnectionClosed, ConnectionError, LeptonError):
+                break
+            if isinstance(msg, ExecDone | ExecFailed):
+                if self._reply is not None and not self._reply.done():
+                    self._reply.set_result(msg)
+                continue
+            break  # anything else from an executor is a bug there: replace it
+        code = await self._reap(kill=True)
+        return describe_exit(code)
+
+    async def _reap(self, kill: bool) -> int | None:
+        if self._writer is not None:
+            self._writer.close()
+        proc = self._proc
+        if proc is None:
+            return None
+        if kill and proc.returncode is None:
+            # EOF usually means it is dying already; give it a moment to report why.
+            try:
+                return await asyncio.wait_for(proc.wait(), 0.5)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+        return await proc.wait()
+
+    async def run(self, job_id: str, plan: bytes, msg: ExecRun) -> ExecDone | ExecFailed:
+        """Run one attempt; ``ExecutorDied`` if the executor dies first."""
+        await self._ready.wait()
+        if self._writer is None or self.running is not None:
+            raise AssertionError(f"slot {self.slot} is not free")
+        loop = asyncio.get_running_loop()
+        self._reply = loop.create_future()
+        self.running = msg
+        self.cancelled = False
+        try:
+            frames = []
+            if job_id not in self._plans_sent:
+                frames.append(_frame(ExecPlan(job_id, plan), self.config.frame_bytes_max))
+                self._plans_sent.add(job_id)
+            frames.append(_frame(msg, self.config.frame_bytes_max))
+            self._writer.writelines(frames)
+            with contextlib.suppress(ConnectionError):
+                await self._writer.drain()
+            return await self._reply
+        finally:
+            self.running = None
+            self._reply = None
+
+    def forget(self, job_ids: list[str]) -> None:
+        known = [j for j in job_ids if j in self._plans_sent]
+        if not known or self._writer is None or not self._ready.is_set():
+            return
+        self._plans_sent.difference_update(known)
+        self._writer.write(_frame(ExecForget(known), self.config.frame_bytes_max))
+
+    def signal(self, sig: int) -> bool:
+        if self._proc is None or self._proc.returncode is not None:
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            self._proc.send_signal(sig)
+            return True
+        return False
+
+    async def close(self) -> None:
+        self._closing = True
+        self.signal(signal.SIGKILL)
+        if self._proc is not None:
+            await self._proc.wait()
+
+
+def _frame(msg: ExecMessage, bound: int) -> bytes:
+    return encode_frame(_CODEC.encode(msg), bound)

@@ -1,0 +1,261 @@
+"""Messages between the node programs (msgspec tagged structs, see ``lepton_ai.wire``).
+
+Three conversations, three unions, so each port decodes only what belongs to it:
+
+* ``CoordinatorMessage`` - what workers and clients send the coordinator (and
+  its replies). A worker's first message is ``Register``; a client's is any
+  request, each answered by exactly one reply.
+* ``WorkerMessage`` - what the coordinator sends a registered worker.
+* ``ShuffleMessage`` - reducers pulling buckets from a node's shuffle server.
+* ``ExecMessage`` - the private pipe between a node agent and its executors.
+
+Task reports reuse the scheduler core's event structs (``TaskSucceeded`` and
+friends): the worker fills them in, the coordinator restamps ``now`` with its
+own clock and steps the scheduler with them unchanged.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from lepton_ai.compute.plan import JobOptions
+from lepton_ai.compute.scheduler_events import (
+    Dispatch,
+    FetchFailed,
+    RunningReport,
+    TaskAttempt,
+    TaskFailed,
+    TaskStarted,
+    TaskSucceeded,
+)
+from lepton_ai.compute.state import OutputRef
+
+# ------------------------------------------------------------ worker <-> coordinator
+
+
+class ExecutorInfo(msgspec.Struct, frozen=True):
+    slot: int
+    pid: int
+    state: str  # "starting" | "idle" | "busy"
+    restarts: int = 0
+
+
+class Register(msgspec.Struct, frozen=True, tag=True):
+    """A worker agent joins; ``worker`` is unique per agent incarnation."""
+
+    worker: str
+    name: str
+    address: str
+    slots: int
+    pid: int
+    running: list[RunningReport] = []
+
+
+class Registered(msgspec.Struct, frozen=True, tag=True):
+    """``accepted=False``: this worker id was declared lost; rejoin under a new one."""
+
+    coordinator: str
+    heartbeat_interval_s: float
+    accepted: bool = True
+
+
+class Heartbeat(msgspec.Struct, frozen=True, tag=True):
+    running: list[RunningReport]
+    executors: list[ExecutorInfo]
+
+
+TaskReport = TaskStarted | TaskSucceeded | TaskFailed | FetchFailed
+
+
+class Reports(msgspec.Struct, frozen=True, tag=True):
+    reports: list[TaskReport]
+
+
+class JobPlanBlob(msgspec.Struct, frozen=True):
+    job_id: str
+    plan: bytes
+
+
+class RunTasks(msgspec.Struct, frozen=True, tag=True):
+    """Plans the worker has not been sent yet, then the tasks to start."""
+
+    plans: list[JobPlanBlob]
+    tasks: list[Dispatch]
+
+
+class CancelTasks(msgspec.Struct, frozen=True, tag=True):
+    attempts: list[TaskAttempt]
+
+
+class DropJobs(msgspec.Struct, frozen=True, tag=True):
+    """These jobs are over: forget their plans and delete their shuffle files."""
+
+    job_ids: list[str]
+
+
+WorkerMessage = Registered | RunTasks | CancelTasks | DropJobs
+
+# ------------------------------------------------------------ client <-> coordinator
+
+
+class SubmitJob(msgspec.Struct, frozen=True, tag=True):
+    plan: bytes
+    options: JobOptions
+    job_id: str = ""
+
+
+class JobAccepted(msgspec.Struct, frozen=True, tag=True):
+    job_id: str
+
+
+class WaitJob(msgspec.Struct, frozen=True, tag=True):
+    """Answer when the job has ended or after ``timeout_s`` (0: at once)."""
+
+    job_id: str
+    timeout_s: float = 0.0
+
+
+class JobInfo(msgspec.Struct, frozen=True, tag=True):
+    job_id: str
+    status: str  # "running" | "finished" | "failed" | "unknown"
+    done: int
+    total: int
+    name: str = ""
+    submitted_at: float = 0.0
+    finished_at: float = 0.0
+    # msgspec-encoded ``JobRecord`` once the job has ended (plan + result parts or error).
+    record: bytes | None = None
+
+
+class ListJobs(msgspec.Struct, frozen=True, tag=True):
+    pass
+
+
+class JobList(msgspec.Struct, frozen=True, tag=True):
+    jobs: list[JobInfo]
+
+
+class MemberInfo(msgspec.Struct, frozen=True):
+    role: str  # "coordinator" | "worker" | "executor"
+    id: str
+    pid: int
+    address: str
+    health: str  # "alive" | "suspect" | "dead" | "starting" | "idle" | "busy"
+    node: str = ""  # the worker id an executor belongs to
+    phi: float = 0.0
+
+
+class GetStatus(msgspec.Struct, frozen=True, tag=True):
+    """Cluster status; with ``workers > 0`` wait (up to ``timeout_s``) until that many
+    workers are registered with every executor started."""
+
+    workers: int = 0
+    timeout_s: float = 0.0
+
+
+class ClusterInfo(msgspec.Struct, frozen=True, tag=True):
+    leader: str
+    members: list[MemberInfo]
+
+
+class Event(msgspec.Struct, frozen=True):
+    """One line of a timeline; ``t`` is wall-clock seconds (time.time())."""
+
+    t: float
+    kind: str
+    detail: str = ""
+    job_id: str = ""
+
+
+class GetEvents(msgspec.Struct, frozen=True, tag=True):
+    job_id: str = ""
+
+
+class EventList(msgspec.Struct, frozen=True, tag=True):
+    events: list[Event]
+
+
+class RecordEvent(msgspec.Struct, frozen=True, tag=True):
+    """A client reports something for the timeline (e.g. a fault it injected)."""
+
+    event: Event
+
+
+class Ok(msgspec.Struct, frozen=True, tag=True):
+    pass
+
+
+class ErrorReply(msgspec.Struct, frozen=True, tag=True):
+    kind: str  # "invalid" | "unavailable" | "not_found"
+    message: str
+
+
+CoordinatorMessage = (
+    Register
+    | Heartbeat
+    | Reports
+    | SubmitJob
+    | WaitJob
+    | ListJobs
+    | GetStatus
+    | GetEvents
+    | RecordEvent
+)
+ClientReply = JobAccepted | JobInfo | JobList | ClusterInfo | EventList | Ok | ErrorReply
+
+# ------------------------------------------------------------ shuffle server
+
+
+class FetchBlocks(msgspec.Struct, frozen=True, tag=True):
+    job_id: str
+    blocks: list[str]
+
+
+class BlockData(msgspec.Struct, frozen=True, tag=True):
+    """``status[i]`` is "ok", "missing" or "corrupt"; ``data[i]`` is b"" unless ok."""
+
+    status: list[str]
+    data: list[bytes]
+
+
+ShuffleMessage = FetchBlocks | BlockData
+
+# ------------------------------------------------------------ agent <-> executor
+
+
+class ExecHello(msgspec.Struct, frozen=True, tag=True):
+    pid: int
+
+
+class ExecPlan(msgspec.Struct, frozen=True, tag=True):
+    job_id: str
+    plan: bytes
+
+
+class ExecRun(msgspec.Struct, frozen=True, tag=True):
+    """Run one attempt; ``inputs`` are the shuffle buckets in map order (already fetched)."""
+
+    attempt: TaskAttempt
+    inputs: list[bytes] = []
+
+
+class ExecForget(msgspec.Struct, frozen=True, tag=True):
+    job_ids: list[str]
+
+
+class ExecDone(msgspec.Struct, frozen=True, tag=True):
+    attempt: TaskAttempt
+    outputs: list[OutputRef]
+    duration_s: float
+
+
+class ExecFailed(msgspec.Struct, frozen=True, tag=True):
+    attempt: TaskAttempt
+    kind: str  # "user" | "infra" | "corrupt_input"
+    message: str
+    exc_type: str = ""
+    traceback: str = ""
+    map_partition: int = -1
+
+
+ExecMessage = ExecHello | ExecPlan | ExecRun | ExecForget | ExecDone | ExecFailed

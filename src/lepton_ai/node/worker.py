@@ -1,0 +1,489 @@
+"""The worker node program: a long-lived agent that supervises executors.
+
+    lepton worker --join HOST:PORT --token T --slots N
+
+The agent never runs user code. It keeps one warm executor per slot
+(``executors.ExecutorSlot``), joins the coordinator (``Register``), heartbeats
+every ``heartbeat_interval_s`` with the attempts it runs, runs the tasks it is
+sent, reports their outcomes, and serves its block store to reducers on other
+nodes (``FetchBlocks``). Shuffle input is fetched by the agent, asynchronously
+and batched per source node, before the attempt is handed to the executor.
+
+When the coordinator connection drops the agent keeps its executors and its
+shuffle files and reconnects; on re-registering it reports what it is still
+running, so a new leader (issue 4) can rebuild its soft state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+from lepton_ai.compute.scheduler_events import (
+    Dispatch,
+    FailureKind,
+    FetchFailed,
+    RunningReport,
+    TaskAttempt,
+    TaskFailed,
+    TaskStarted,
+    TaskSucceeded,
+)
+from lepton_ai.errors import LeptonError
+from lepton_ai.node.executors import ExecutorConfig, ExecutorDied, ExecutorSlot
+from lepton_ai.node.messages import (
+    BlockData,
+    CancelTasks,
+    DropJobs,
+    ExecDone,
+    ExecFailed,
+    ExecRun,
+    ExecutorInfo,
+    FetchBlocks,
+    Heartbeat,
+    Register,
+    Registered,
+    Reports,
+    RunTasks,
+    ShuffleMessage,
+    TaskReport,
+    WorkerMessage,
+)
+from lepton_ai.node.netutil import parse_address
+from lepton_ai.node.process import watch_parent
+from lepton_ai.storage.blockstore import BlockCorrupt, BlockMissing, BlockStore
+from lepton_ai.wire import (
+    Codec,
+    Connection,
+    ConnectionClosed,
+    WireConfig,
+    bound_port,
+    connect,
+    serve,
+)
+
+log = logging.getLogger("lepton_ai.worker")
+
+_COORD_CODEC = Codec[WorkerMessage](WorkerMessage)
+_SHUFFLE_CODEC = Codec[ShuffleMessage](ShuffleMessage)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    slots: int = 1
+    heartbeat_interval_s: float = 0.1
+    reconnect_backoff_s: float = 0.05
+    reconnect_backoff_max_s: float = 1.0
+    plans_max: int = 256
+    # Scheduler slots per executor: with 2, the next task already waits at the
+    # agent while the current one runs, hiding the coordinator round trip.
+    pipeline_depth: int = 2
+    queued_tasks_max: int = 10_000  # per executor
+    outbox_reports_max: int = 100_000  # reports kept while the coordinator is away
+    fetch_connections_max: int = 64
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    wire: WireConfig = field(default_factory=WireConfig)
+
+
+class WorkerAgent:
+    def __init__(
+        self, join: str, token: str, data_dir: str, name: str, config: WorkerConfig
+    ) -> None:
+        if config.slots <= 0:
+            raise ValueError(f"slots must be > 0, got {config.slots}")
+        self.join = parse_address(join)
+        self.token = token
+        self.name = name
+        self.config = config
+        self.worker_id = f"{name}-{os.getpid()}-{os.urandom(2).hex()}"
+        self.store = BlockStore(os.path.join(data_dir, self.worker_id))
+        self.address = ""
+        self.slots = [
+            ExecutorSlot(i, self.worker_id, str(self.store.root), config.executor, self._event)
+            for i in range(config.slots)
+        ]
+        if config.pipeline_depth < 1:
+            raise ValueError(f"pipeline_depth must be >= 1, got {config.pipeline_depth}")
+        self.sched_slots = config.slots * config.pipeline_depth
+        # One lane per executor: scheduler slot s runs on executor s % executors.
+        self.lanes: list[deque[Dispatch]] = [deque() for _ in self.slots]
+        self._lane_ready = [asyncio.Event() for _ in self.slots]
+        self._executing: list[Dispatch | None] = [None for _ in self.slots]
+        self.plans: OrderedDict[str, bytes] = OrderedDict()
+        self.outbox: list[TaskReport] = []
+        self._outbox_ready = asyncio.Event()
+        self._conn: Connection[WorkerMessage] | None = None
+        self._fetch_conns: dict[str, Connection[ShuffleMessage]] = {}
+        self._fetch_locks: dict[str, asyncio.Lock] = {}
+        self._generation = 0
+
+    def _event(self, kind: str, detail: str) -> None:
+        log.info("%s: %s", kind, detail)
+
+    # -- main ------------------------------------------------------------------------
+    async def run(self) -> None:
+        server = await serve(
+            "127.0.0.1" if self.join[0] in ("127.0.0.1", "localhost") else "0.0.0.0",
+            0,
+            token=self.token,
+            codec=_SHUFFLE_CODEC,
+            handler=self._serve_blocks,
+            config=self.config.wire,
+        )
+        host = "127.0.0.1" if self.join[0] in ("127.0.0.1", "localhost") else _my_ip()
+        self.address = f"{host}:{bound_port(server)}"
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for slot in self.slots:
+                    tg.create_task(slot.supervise())
+                for i in range(len(self.slots)):
+                    tg.create_task(self._slot_loop(i))
+                tg.create_task(self._coordinator_loop())
+        finally:
+            server.close()
+            for slot in self.slots:
+                await slot.close()
+
+    async def _coordinator_loop(self) -> None:
+        backoff = self.config.reconnect_backoff_s
+        while True:
+            try:
+                conn: Connection[WorkerMessage] = await connect(
+                    *self.join, token=self.token, codec=_COORD_CODEC, config=self.config.wire
+                )
+            except (OSError, TimeoutError, LeptonError) as exc:
+                log.info("cannot reach coordinator %s:%s: %s", *self.join, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.config.reconnect_backoff_max_s)
+                continue
+            backoff = self.config.reconnect_backoff_s
+            try:
+                await self._session(conn)
+            except* (ConnectionClosed, OSError, LeptonError) as group:
+                # Expected: the coordinator died, restarted or declared us lost.
+                log.info("coordinator connection lost: %s", group.exceptions[0])
+            finally:
+                self._conn = None
+                with contextlib.suppress(OSError):
+                    await conn.close()
+
+    async def _session(self, conn: Connection[WorkerMessage]) -> None:
+        await conn.send(
+            Register(
+                self.worker_id,
+                self.name,
+                self.address,
+                self.sched_slots,
+                os.getpid(),
+                self._running(),
+            )
+        )
+        reply = await conn.recv()
+        if not isinstance(reply, Registered):
+            raise LeptonError(f"coordinator answered {type(reply).__name__} to Register")
+        if not reply.accepted:
+            self._reincarnate()
+            raise LeptonError("declared lost by the coordinator; rejoining under a new id")
+        self._conn = conn
+        self._outbox_ready.set()  # reports that waited for a coordinator go now
+        async with asyncio.TaskGroup() as tg:
+            hb = tg.create_task(self._heartbeat_loop(conn))
+            out = tg.create_task(self._send_loop(conn))
+            try:
+                async for msg in conn:
+                    self._on_message(msg)
+            finally:
+                hb.cancel()
+                out.cancel()
+
+    def _reincarnate(self) -> None:
+        """Become a new worker: everything done under the old id is void.
+
+        The coordinator already counted the old incarnation's attempts and
+        outputs as lost, so they are dropped here rather than reported.
+        """
+        old_root = self.store.root
+        self.worker_id = f"{self.name}-{os.getpid()}-{os.urandom(2).hex()}"
+        self._generation += 1
+        self.store = BlockStore(old_root.parent / self.worker_id)
+        import shutil
+
+        shutil.rmtree(old_root, ignore_errors=True)
+        self.outbox.clear()
+        self.plans.clear()
+        for lane in self.lanes:
+            lane.clear()
+        for slot in self.slots:
+            slot.worker = self.worker_id
+            slot.store_dir = str(self.store.root)
+            slot.cancelled = True
+            slot.signal(signal.SIGKILL)  # executors restart under the new id
+
+    def _running(self) -> list[RunningReport]:
+        out = [RunningReport(d.attempt, d.slot) for d in self._executing if d is not None]
+        out.extend(RunningReport(d.attempt, d.slot) for lane in self.lanes for d in lane)
+        return out
+
+    async def _heartbeat_loop(self, conn: Connection[WorkerMessage]) -> None:
+        while True:
+            execs = [ExecutorInfo(s.slot, s.pid, s.state, s.restarts) for s in self.slots]
+            await conn.send(Heartbeat(self._running(), execs))
+            await asyncio.sleep(self.config.heartbeat_interval_s)
+
+    async def _send_loop(self, conn: Connection[WorkerMessage]) -> None:
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            if not self.outbox:
+                continue
+            batch, self.outbox = self.outbox, []
+            try:
+                await conn.send(Reports(batch))
+            except BaseException:
+                self.outbox[:0] = batch  # not sent: keep them for the next coordinator
+                raise
+
+    def _report(self, report: TaskReport) -> None:
+        if len(self.outbox) >= self.config.outbox_reports_max:
+            # The coordinator has been away long enough that it will re-dispatch
+            # these anyway; dropping the oldest bounds memory.
+            del self.outbox[: len(self.outbox) // 2]
+        self.outbox.append(report)
+        self._outbox_ready.set()
+
+    # -- messages from the coordinator -----------------------------------------------
+    def _on_message(self, msg: WorkerMessage) -> None:
+        if isinstance(msg, RunTasks):
+            for blob in msg.plans:
+                self.plans[blob.job_id] = blob.plan
+                self.plans.move_to_end(blob.job_id)
+            while len(self.plans) > self.config.plans_max:
+                self.plans.popitem(last=False)
+            for d in msg.tasks:
+                self._enqueue(d)
+        elif isinstance(msg, CancelTasks):
+            for a in msg.attempts:
+                self._cancel(a)
+        elif isinstance(msg, DropJobs):
+            for job_id in msg.job_ids:
+                self.plans.pop(job_id, None)
+                self.store.delete_job(job_id)
+            for slot in self.slots:
+                slot.forget(msg.job_ids)
+
+    def _enqueue(self, d: Dispatch) -> None:
+        if not 0 <= d.slot < self.sched_slots or d.attempt.job_id not in self.plans:
+            why = "no such slot" if d.attempt.job_id in self.plans else "plan not sent"
+            self._report(TaskFailed(d.attempt, self.worker_id, "infra", 0.0, message=why))
+            return
+        index = d.slot % len(self.slots)
+        if len(self.lanes[index]) >= self.config.queued_tasks_max:
+            self._report(TaskFailed(d.attempt, self.worker_id, "infra", 0.0, message="queue full"))
+            return
+        self.lanes[index].append(d)
+        self._lane_ready[index].set()
+
+    def _cancel(self, a: TaskAttempt) -> None:
+        for lane in self.lanes:
+            for d in lane:
+                if d.attempt == a:
+                    lane.remove(d)
+                    self._report(TaskFailed(a, self.worker_id, "cancelled", 0.0))
+                    return
+        for slot, current in zip(self.slots, self._executing, strict=True):
+            if current is not None and current.attempt == a:
+                slot.cancelled = True
+                # The only way to stop arbitrary user code is to kill its process.
+                slot.signal(signal.SIGKILL)
+                return
+
+    # -- running tasks ---------------------------------------------------------------
+    async def _slot_loop(self, index: int) -> None:
+        slot, lane, ready = self.slots[index], self.lanes[index], self._lane_ready[index]
+        waited = False
+        while True:
+            if not lane:
+                ready.clear()
+                await ready.wait()
+                waited = False
+                continue
+            d = lane.popleft()
+            self._executing[index] = d
+            if waited:
+                # It sat in the lane behind another task: tell the scheduler when it
+                # really started, so queueing does not look like straggling.
+                self._report(TaskStarted(d.attempt, self.worker_id, 0.0))
+            generation = self._generation
+            try:
+                report = await self._run_one(slot, d)
+            finally:
+                self._executing[index] = None
+            if generation == self._generation:  # else dispatched to a former incarnation
+                self._report(report)
+            waited = True
+
+    async def _run_one(self, slot: ExecutorSlot, d: Dispatch) -> TaskReport:
+        a = d.attempt
+        plan = self.plans.get(a.job_id)
+        if plan is None:
+            return TaskFailed(a, self.worker_id, "infra", 0.0, message="plan forgotten")
+        inputs = await self._gather_inputs(d)
+        if isinstance(inputs, FetchFailed):
+            return inputs
+        try:
+            reply = await slot.run(a.job_id, plan, ExecRun(a, inputs))
+        except ExecutorDied as exc:
+            kind: FailureKind = "cancelled" if slot.cancelled else "infra"
+            return TaskFailed(a, self.worker_id, kind, 0.0, message=str(exc))
+        return self._translate(d, reply)
+
+    def _translate(self, d: Dispatch, reply: ExecDone | ExecFailed) -> TaskReport:
+        a, w = d.attempt, self.worker_id
+        if isinstance(reply, ExecDone):
+            return TaskSucceeded(a, w, reply.outputs, 0.0)
+        if reply.kind == "corrupt_input" and 0 <= reply.map_partition < len(d.inputs):
+            src = d.inputs[reply.map_partition].worker
+            return FetchFailed(a, w, a.stage - 1, reply.map_partition, src, 0.0)
+        kind: FailureKind = "user" if reply.kind == "user" else "infra"
+        return TaskFailed(
+            a,
+            w,
+            kind,
+            0.0,
+            message=reply.message,
+            exc_type=reply.exc_type,
+            traceback=reply.traceback,
+        )
+
+    async def _gather_inputs(self, d: Dispatch) -> list[bytes] | FetchFailed:
+        a = d.attempt
+        out: list[bytes] = [b""] * len(d.inputs)
+        remote: dict[str, list[int]] = {}
+        for m, ref in enumerate(d.inputs):
+            if ref.size_bytes == 0:
+                continue
+            if ref.worker == self.worker_id:
+                try:
+                    out[m] = self.store.read_block(a.job_id, ref.block)
+                except (BlockMissing, BlockCorrupt, ValueError):
+                    return FetchFailed(a, self.worker_id, a.stage - 1, m, ref.worker, 0.0)
+            else:
+                remote.setdefault(ref.worker, []).append(m)
+        for worker, maps in remote.items():
+            bad = await self._fetch_remote(d, worker, maps, out)
+            if bad is not None:
+                return FetchFailed(a, self.worker_id, a.stage - 1, bad, worker, 0.0)
+        return out
+
+    async def _fetch_remote(
+        self, d: Dispatch, worker: str, maps: list[int], out: list[bytes]
+    ) -> int | None:
+        """Fill ``out`` for ``maps`` from ``worker``; the first map that failed, or None."""
+        address = d.addresses.get(worker)
+        if address is None:
+            return maps[0]
+        lock = self._fetch_locks.setdefault(address, asyncio.Lock())
+        async with lock:
+            try:
+                conn = await self._fetch_conn(address)
+                await conn.send(FetchBlocks(d.attempt.job_id, [d.inputs[m].block for m in maps]))
+                reply = await conn.recv()
+            except (OSError, TimeoutError, LeptonError):
+                old = self._fetch_conns.pop(address, None)
+                if old is not None:
+                    await old.close()
+                return maps[0]
+        if not isinstance(reply, BlockData) or len(reply.status) != len(maps):
+            return maps[0]
+        for m, status, data in zip(maps, reply.status, reply.data, strict=True):
+            if status != "ok":
+                return m
+            out[m] = data
+        return None
+
+    async def _fetch_conn(self, address: str) -> Connection[ShuffleMessage]:
+        conn = self._fetch_conns.get(address)
+        if conn is not None and not conn.closed:
+            return conn
+        if len(self._fetch_conns) >= self.config.fetch_connections_max:
+            _, oldest = self._fetch_conns.popitem()
+            await oldest.close()
+        host, port = parse_address(address)
+        conn = await connect(
+            host, port, token=self.token, codec=_SHUFFLE_CODEC, config=self.config.wire
+        )
+        self._fetch_conns[address] = conn
+        return conn
+
+    # -- the shuffle server ----------------------------------------------------------
+    async def _serve_blocks(self, conn: Connection[ShuffleMessage]) -> None:
+        async for msg in conn:
+            if not isinstance(msg, FetchBlocks):
+                return
+            status: list[str] = []
+            data: list[bytes] = []
+            for block in msg.blocks:
+                try:
+                    data.append(self.store.read_block(msg.job_id, block))
+                    status.append("ok")
+                except BlockMissing:
+                    status.append("missing")
+                    data.append(b"")
+                except (BlockCorrupt, ValueError):
+                    status.append("corrupt")
+                    data.append(b"")
+            await conn.send(BlockData(status, data))
+
+
+def _my_ip() -> str:
+    import socket
+
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.1", 9))  # no packet is sent; this picks the outgoing interface
+        return str(s.getsockname()[0])
+    return "127.0.0.1"
+
+
+def run_worker(
+    join: str, token: str, slots: int, data_dir: str, name: str, *, announce: bool = True
+) -> None:
+    """Entry point of ``lepton worker``: run the agent until killed."""
+    watch_parent()
+    logging.basicConfig(level=os.environ.get("LEPTON_LOG_LEVEL", "WARNING"))
+    agent = WorkerAgent(join, token, data_dir, name, WorkerConfig(slots=slots))
+    if announce:
+        print(json.dumps({"worker": agent.worker_id, "pid": os.getpid()}), flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(agent.run())
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from lepton_ai.node.cli import add_worker_args
+
+    parser = argparse.ArgumentParser(prog="lepton worker")
+    add_worker_args(parser)
+    args = parser.parse_args(argv)
+    from lepton_ai.wire import resolve_token
+
+    run_worker(
+        args.join,
+        resolve_token(args.token),
+        args.slots,
+        args.data_dir,
+        args.name or f"w{os.getpid()}",
+        announce=not args.quiet,
+    )
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,454 @@
+"""``SimCluster``: N real ``Replica`` cores in one process, one seed, simulated time.
+
+Each node has a simulated disk (what its runtime fsynced), a clock that ticks at its own
+rate (drift), and a state machine (a hash chain checked by ``SafetyChecker``). The
+simulated runtime follows the Ready contract: persist, then send, then apply, then
+``advance``. A crash may tear the Ready being written: a random prefix of its records
+(ballot, entries in order, snapshot, commit hint) reaches the disk, nothing is sent —
+exactly what an un-fsynced tail plus a torn last record leaves behind.
+
+Every failure names its seed and the command that replays it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import msgspec
+
+from lepton_ai.consensus.core import Overloaded, PaxosConfig, ProposalId, Ready, Replica
+from lepton_ai.consensus.core_types import DurableState, NotLeader
+from lepton_ai.consensus.messages import ZERO_BALLOT, Ballot, Entry, PeerMessage, Snapshot, Value
+from lepton_ai.sim.checker import SafetyChecker, SmState
+from lepton_ai.sim.network import NetConfig, SimNetwork
+
+UNIT = 10
+"""Simulation units per nominal tick (message delays are fractions of a tick)."""
+DRAIN_ROUNDS_MAX = 1_000
+
+
+class LivenessViolation(AssertionError):
+    """Progress did not resume within the bound after faults stopped."""
+
+
+@dataclass(slots=True)
+class SimDisk:
+    """What one node's runtime has durably written."""
+
+    promised: Ballot = ZERO_BALLOT
+    entries: dict[int, Entry] = field(default_factory=dict)
+    snapshot: Snapshot | None = None
+    commit: int = 0
+
+    def durable_state(self) -> DurableState:
+        return DurableState(
+            promised=self.promised,
+            entries=[self.entries[s] for s in sorted(self.entries)],
+            snapshot=self.snapshot,
+            commit=self.commit,
+        )
+
+
+@dataclass(slots=True)
+class SimNode:
+    node_id: int
+    config: PaxosConfig
+    replica: Replica
+    tick_period: int
+    next_tick: int
+    disk: SimDisk = field(default_factory=SimDisk)
+    sm: SmState = field(default_factory=SmState)
+    alive: bool = True
+    restarts: int = 0
+
+
+@dataclass(slots=True)
+class Pending:
+    command: bytes
+    node: int
+    proposal: ProposalId
+
+
+class SimCluster:
+    """The simulator. ``seed`` decides everything; ``name`` goes into the replay hint."""
+
+    def __init__(
+        self,
+        n: int,
+        seed: int,
+        *,
+        name: str = "tests/sim",
+        net: NetConfig | None = None,
+        drift: float = 0.0,
+        paxos: dict[str, object] | None = None,
+    ) -> None:
+        if n < 1:
+            raise ValueError("need at least one node")
+        self.seed = seed
+        self.name = name
+        self.rng = random.Random(seed)
+        self.net_config = net or NetConfig()
+        self.net_config.validate()
+        self.net = SimNetwork(self.rng, self.net_config)
+        self.drift = drift
+        self.paxos = dict(paxos or {})
+        self.now = 0
+        self.members = tuple(range(1, n + 1))
+        self.checker = SafetyChecker(members=self.members, hint=self.hint())
+        self.nodes: dict[int, SimNode] = {}
+        for node_id in self.members:
+            self._make_node(node_id, self.members)
+        self.pending: dict[int, list[Pending]] = {}
+        self.retry: list[bytes] = []
+        self.committed: dict[bytes, int] = {}
+        self.reads: dict[int, tuple[int, int]] = {}
+        self.reads_done: dict[int, bool] = {}
+        self._read_id = 0
+        self._dirty: set[int] = set()
+        self._cmd_id = 0
+
+    # -- construction ----------------------------------------------------------------
+
+    def _make_node(self, node_id: int, members: tuple[int, ...]) -> SimNode:
+        config = PaxosConfig(node_id=node_id, members=members, **self.paxos)  # type: ignore[arg-type]
+        lo = max(1, round(UNIT * (1 - self.drift)))
+        hi = max(lo, round(UNIT * (1 + self.drift)))
+        period = self.rng.randint(lo, hi)
+        replica = Replica(config, None, random_fn=self._node_random(node_id, 0))
+        node = SimNode(node_id, config, replica, period, self.now + self.rng.randint(1, period))
+        self.nodes[node_id] = node
+        return node
+
+    def _node_random(self, node_id: int, incarnation: int) -> Callable[[], float]:
+        return random.Random(self.seed * 7919 + node_id * 104729 + incarnation).random
+
+    def hint(self) -> str:
+        return f"seed {self.seed}; replay: LEPTON_SIM_SEED={self.seed} pytest {self.name}"
+
+    def fail(self, exc: AssertionError) -> AssertionError:
+        return type(exc)(f"{exc} [t={self.now}; {self.hint()}]")
+
+    # -- running ---------------------------------------------------------------------
+
+    def run(self, ticks: float) -> None:
+        """Advance simulated time by ``ticks`` nominal ticks."""
+        self.run_until(self.now + round(ticks * UNIT))
+
+    def run_until(self, t_end: int) -> None:
+        while True:
+            self._drain_dirty()
+            t_msg = self.net.next_time()
+            tick_node = min(
+                (n for n in self.nodes.values() if n.alive),
+                key=lambda n: n.next_tick,
+                default=None,
+            )
+            t_tick = tick_node.next_tick if tick_node is not None else None
+            times = [t for t in (t_msg, t_tick) if t is not None]
+            if not times or min(times) > t_end:
+                break
+            if t_msg is not None and (t_tick is None or t_msg <= t_tick):
+                self._deliver()
+            elif tick_node is not None:
+                self.now = tick_node.next_tick
+                tick_node.next_tick += tick_node.tick_period
+                tick_node.replica.tick()
+                self._drain(tick_node)
+            self._resubmit()
+        self.now = max(self.now, t_end)
+
+    def _drain_dirty(self) -> None:
+        while self._dirty:
+            node = self.nodes.get(self._dirty.pop())
+            if node is not None and node.alive:
+                self._drain(node)
+
+    def _deliver(self) -> None:
+        t, src, dst, msg = self.net.pop()
+        self.now = max(self.now, t)
+        node = self.nodes.get(dst)
+        if node is None or not node.alive or not self.net.link_up(src, dst):
+            return
+        self.net.delivered += 1
+        node.replica.step(msg)
+        self._drain(node)
+
+    def _drain(self, node: SimNode) -> None:
+        """The simulated runtime: persist, send, apply, advance — until nothing is ready."""
+        rep = node.replica
+        for _ in range(DRAIN_ROUNDS_MAX):
+            if not rep.has_ready():
+                return
+            rd = rep.ready()
+            self._persist(node, rd, len(_records(rd)))
+            for to, msg in rd.messages:
+                self.net.send(self.now, node.node_id, to, msg)
+            self._apply(node, rd)
+            rep.advance(rd)
+            if rep.compaction_due():
+                rep.compact(msgspec.msgpack.encode(node.sm))
+        raise self.checker.violation(f"node {node.node_id} never stops producing Ready batches")
+
+    def _persist(self, node: SimNode, rd: Ready, count: int) -> None:
+        """Write the first ``count`` records of ``rd`` to the node's disk, in WAL order."""
+        disk = node.disk
+        for kind, item in _records(rd)[:count]:
+            if kind == "ballot" and isinstance(item, tuple):
+                disk.promised = item
+            elif kind == "entry" and isinstance(item, Entry):
+                disk.entries[item.slot] = item
+                self.checker.on_persist(node.node_id, item)
+            elif kind == "snapshot" and isinstance(item, Snapshot):
+                disk.snapshot = item
+                for s in [s for s in disk.entries if s <= item.slot]:
+                    del disk.entries[s]
+            elif kind == "commit" and isinstance(item, int):
+                disk.commit = item
+
+    def _apply(self, node: SimNode, rd: Ready) -> None:
+        if rd.snapshot_to_install is not None:
+            node.sm = msgspec.msgpack.decode(rd.snapshot_to_install.data, type=SmState)
+            if node.sm.slot != rd.snapshot_to_install.slot:
+                raise self.checker.violation("snapshot data and slot disagree")
+            self.checker.on_restore(node.node_id, node.sm)
+        for slot, value in rd.committed:
+            first = slot not in self.checker.chosen
+            self.checker.on_apply(node.node_id, node.sm, slot, value)
+            if first:
+                self._resolve(slot, value)
+        for rid in rd.reads_ready:
+            origin, need = self.reads.pop(rid)
+            if origin != node.node_id:
+                raise self.checker.violation(
+                    f"read {rid} released by {node.node_id}, asked {origin}"
+                )
+            if node.sm.slot < need:
+                raise self.checker.violation(
+                    f"stale read {rid} on node {node.node_id}: applied {node.sm.slot} < {need}"
+                )
+            self.reads_done[rid] = True
+        for rid in rd.reads_failed:
+            self.reads.pop(rid, None)
+            self.reads_done[rid] = False
+
+    # -- clients ---------------------------------------------------------------------
+
+    def new_command(self) -> bytes:
+        self._cmd_id += 1
+        return b"cmd-%d" % self._cmd_id
+
+    def submit(self, command: bytes | None = None, node: int | None = None) -> bytes:
+        """Propose ``command`` at ``node`` (default: a current leader). A command that
+        cannot be proposed now, or turns out lost, is retried on later leaders until
+        chosen, so every submitted command is eventually committed exactly once."""
+        cmd = command if command is not None else self.new_command()
+        if not self._propose(cmd, node):
+            self.retry.append(cmd)
+        return cmd
+
+    def _propose(self, cmd: bytes, node_id: int | None) -> bool:
+        target = self.nodes.get(node_id) if node_id is not None else self.leader_node()
+        if target is None or not target.alive:
+            return False
+        try:
+            pid = target.replica.propose(cmd)
+        except (NotLeader, Overloaded):
+            return False
+        self.pending.setdefault(pid.slot, []).append(Pending(cmd, target.node_id, pid))
+        self._dirty.add(target.node_id)  # drained before the next event: proposals batch
+        return True
+
+    def _resolve(self, slot: int, value: Value) -> None:
+        for p in self.pending.pop(slot, []):
+            if p.proposal.matches(value):
+                self.committed[p.command] = slot
+            else:
+                self.retry.append(p.command)
+
+    def _resubmit(self) -> None:
+        if not self.retry:
+            return
+        leader = self.leader_node()
+        if leader is None:
+            return
+        todo, self.retry = self.retry, []
+        for i, cmd in enumerate(todo):
+            if not self._propose(cmd, leader.node_id):
+                self.retry.extend(todo[i:])
+                return
+
+    def read(self, node: int | None = None) -> int | None:
+        """Start a read-index read at ``node`` (default: a leader); returns its id."""
+        target = self.nodes.get(node) if node is not None else self.leader_node()
+        if target is None or not target.alive:
+            return None
+        self._read_id += 1
+        rid = self._read_id
+        try:
+            target.replica.read_index(rid)
+        except (NotLeader, Overloaded):
+            return None
+        self.reads[rid] = (target.node_id, self.checker.max_chosen())
+        self._dirty.add(target.node_id)
+        return rid
+
+    def unresolved(self) -> int:
+        return sum(len(v) for v in self.pending.values()) + len(self.retry)
+
+    # -- faults ----------------------------------------------------------------------
+
+    def crash(self, node_id: int, torn: bool = True) -> None:
+        """Stop ``node_id``; with ``torn``, a random prefix of its next Ready hits the disk."""
+        node = self.nodes[node_id]
+        if not node.alive:
+            return
+        if torn and node.replica.has_ready():
+            rd = node.replica.ready()
+            self._persist(node, rd, self.rng.randint(0, len(_records(rd))))
+        node.alive = False
+
+    def restart(self, node_id: int) -> None:
+        """Start ``node_id`` again from its disk, with a fresh state machine."""
+        node = self.nodes[node_id]
+        if node.alive:
+            return
+        node.restarts += 1
+        rng = self._node_random(node_id, node.restarts)
+        node.replica = Replica(node.config, node.disk.durable_state(), random_fn=rng)
+        node.sm = SmState()
+        node.alive = True
+        node.next_tick = self.now + self.rng.randint(1, node.tick_period)
+        self._drain(node)
+
+    def disconnect(self, node_id: int) -> None:
+        self.net.isolate(node_id, list(self.nodes))
+
+    def connect(self, node_id: int) -> None:
+        self.net.rejoin(node_id)
+
+    # -- membership ------------------------------------------------------------------
+
+    def add_node(self, node_id: int) -> None:
+        """Start an empty node that knows the current members, then propose adding it."""
+        if node_id in self.nodes:
+            raise ValueError(f"node {node_id} exists")
+        self.checker.static_membership = False
+        leader = self.leader_node()
+        if leader is None:
+            raise LivenessViolation(self.hint() + ": no leader to add a member")
+        self._make_node(node_id, leader.replica.members)
+        leader.replica.add_member(node_id)
+        self._drain(leader)
+
+    def remove_node(self, node_id: int) -> None:
+        self.checker.static_membership = False
+        leader = self.leader_node()
+        if leader is None:
+            raise LivenessViolation(self.hint() + ": no leader to remove a member")
+        leader.replica.remove_member(node_id)
+        self._drain(leader)
+
+    # -- observation -----------------------------------------------------------------
+
+    def alive_nodes(self) -> list[SimNode]:
+        return [n for n in self.nodes.values() if n.alive]
+
+    def leader_node(self) -> SimNode | None:
+        """The live leader with the highest ballot (stale leaders may linger)."""
+        leaders = [n for n in self.alive_nodes() if n.replica.is_leader]
+        return max(leaders, key=lambda n: n.replica.promised, default=None)
+
+    def leaders(self) -> list[int]:
+        return [n.node_id for n in self.alive_nodes() if n.replica.is_leader]
+
+    def n_applied(self, slot: int) -> int:
+        return sum(1 for n in self.alive_nodes() if n.sm.slot >= slot)
+
+    def wait_leader(self, ticks_max: float = 200) -> int:
+        """Run until a leader that a majority of live nodes follows exists; return it."""
+        deadline = self.now + round(ticks_max * UNIT)
+        while self.now < deadline:
+            self.run(1)
+            leader = self.leader_node()
+            if leader is not None and self._followed(leader):
+                return leader.node_id
+        raise self.fail(LivenessViolation(f"no leader within {ticks_max} ticks"))
+
+    def _followed(self, leader: SimNode) -> bool:
+        """A majority of the leader's configuration is live, reachable both ways, and
+        follows the leader's ballot (the Raft lab's "one connected leader")."""
+        lid, ballot = leader.node_id, leader.replica.promised
+        count = 0
+        for n in self.alive_nodes():
+            linked = n.node_id == lid or (
+                self.net.link_up(lid, n.node_id) and self.net.link_up(n.node_id, lid)
+            )
+            if linked and n.replica.leader_id == lid and n.replica.promised == ballot:
+                count += 1
+        return count >= len(leader.replica.members) // 2 + 1
+
+    def followed_leader(self) -> int | None:
+        leader = self.leader_node()
+        return leader.node_id if leader is not None and self._followed(leader) else None
+
+    def one(self, command: bytes | None = None, expected: int = 0, ticks_max: float = 300) -> int:
+        """Submit a command and run until ``expected`` live nodes (default all) applied it.
+        Returns its slot (the Raft lab's ``one()``)."""
+        cmd = self.submit(command)
+        deadline = self.now + round(ticks_max * UNIT)
+        want = expected or len(self.alive_nodes())
+        while self.now < deadline:
+            self.run(1)
+            slot = self.committed.get(cmd)
+            if slot is not None and self.n_applied(slot) >= want:
+                return slot
+        raise self.fail(LivenessViolation(f"{cmd!r} not applied on {want} nodes in {ticks_max}"))
+
+    def settle(self, ticks_max: float = 2_000) -> None:
+        """After faults stop: heal, restart everyone, then require a leader, every
+        submitted command committed and every node caught up, within ``ticks_max``."""
+        self.net.heal()
+        self.net_config.loss = self.net_config.duplicate = self.net_config.long_delay = 0.0
+        for node_id, node in self.nodes.items():
+            if not node.alive:
+                self.restart(node_id)
+        deadline = self.now + round(ticks_max * UNIT)
+        self.wait_leader(ticks_max)
+        while self.now < deadline:
+            if self.pending and not self.retry:
+                self.submit()  # fills the log up to every pending slot
+            self.run(5)
+            top = self.checker.max_chosen()
+            leader = self.leader_node()
+            if self.unresolved() == 0 and leader is not None:
+                members = leader.replica.members
+                if all(self.nodes[m].sm.slot >= top for m in members if m in self.nodes):
+                    return
+        raise self.fail(
+            LivenessViolation(
+                f"not settled in {ticks_max} ticks: unresolved={self.unresolved()} "
+                f"top={self.checker.max_chosen()} "
+                f"applied={[(n.node_id, n.sm.slot) for n in self.alive_nodes()]} "
+                f"leaders={self.leaders()}"
+            )
+        )
+
+    def messages_sent(self) -> int:
+        return self.net.sent
+
+
+def _records(rd: Ready) -> list[tuple[str, object]]:
+    out: list[tuple[str, object]] = []
+    if rd.persist_ballot is not None:
+        out.append(("ballot", rd.persist_ballot))
+    out.extend(("entry", e) for e in rd.persist_entries)
+    if rd.persist_snapshot is not None:
+        out.append(("snapshot", rd.persist_snapshot))
+    if rd.persist_commit is not None:
+        out.append(("commit", rd.persist_commit))
+    return out
+
+
+__all__ = ["UNIT", "LivenessViolation", "NetConfig", "PeerMessage", "SimCluster", "SimNode"]

@@ -1,0 +1,149 @@
+"""Faults mid-job on a real LocalCluster: the answer stays exact and the timeline shows why.
+
+Each test starts its own two-worker cluster, submits a shuffle job whose map
+tasks take long enough to be interrupted, injects one fault through the
+cluster's own fault-injection API, and checks the result against a serial
+computation, the detection time and that no process is left running.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import cloudpickle
+import pytest
+
+import lepton_ai as lep
+from lepton_ai.node.cluster import LocalCluster
+from lepton_ai.node.process import pid_alive
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+MAPS, REDUCERS, ITEMS = 16, 4, 16_000
+DETECT_LIMIT_S = 2.5  # the target is 2 s; dev machines shared by many runs need a margin
+
+
+def expected() -> dict[int, int]:
+    out: dict[int, int] = {}
+    for x in range(ITEMS):
+        out[x % 97] = out.get(x % 97, 0) + x
+    return out
+
+
+def slow_pairs(chunk: range) -> Any:
+    time.sleep(0.15)  # long enough that the fault lands while maps run
+    return ((x % 97, x) for x in chunk)
+
+
+@pytest.fixture
+def cluster() -> Iterator[LocalCluster]:
+    c = LocalCluster(workers=2)
+    pids = set(c.pids()) | {m["pid"] for m in c.status()["members"]}
+    try:
+        yield c
+    finally:
+        for pid in c.pids():  # a paused process must not outlive the test
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGCONT)
+        with_new = pids | set(c.pids())
+        try:
+            with_new |= {m["pid"] for m in c.status()["members"]}
+        except lep.LeptonError:
+            pass
+        c.close()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(pid_alive(p) for p in with_new):
+            time.sleep(0.02)
+        left = [p for p in with_new if pid_alive(p)]
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        assert not left, f"processes left running: {left}"
+
+
+def submit(cluster: LocalCluster) -> lep.Job:
+    task = lep.DistributedTask(cluster, progress=False)
+    ds = task.parallelize(range(ITEMS), partitions=MAPS).map_partitions(slow_pairs)
+    return ds.reduce_by_key(operator.add, partitions=REDUCERS).submit()
+
+
+def wait_busy(cluster: LocalCluster, role: str, timeout_s: float = 10.0) -> str:
+    """Id of a member of ``role`` that is running a task right now."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        members = cluster.status()["members"]
+        busy = [m for m in members if m["role"] == "executor" and m["health"] == "busy"]
+        if busy:
+            if role == "executor":
+                return str(busy[0]["id"])
+            return str(busy[-1]["id"]).split(".")[0]
+        time.sleep(0.02)
+    raise AssertionError("no executor became busy")
+
+
+def first(events: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = [e for e in events if e["kind"] == kind]
+    assert found, f"no {kind} event in {[e['kind'] for e in events]}"
+    return found[0]
+
+
+@pytest.mark.timeout(90)
+def test_sigkill_executor_mid_job(cluster: LocalCluster) -> None:
+    job = submit(cluster)
+    time.sleep(0.3)
+    target = wait_busy(cluster, "executor")
+    pid = cluster.kill("executor", target)
+    assert dict(job.result(timeout=60)) == expected()
+    assert not pid_alive(pid)
+    events = cluster.events()
+    fault = first(events, "fault_injected")
+    failed = first(events, "task_failed")
+    assert "SIGKILL" in failed["detail"]
+    assert failed["t"] - fault["t"] < 1.0  # seen by the agent at once, not by a timeout
+    workers = [m for m in cluster.status()["members"] if m["role"] == "worker"]
+    assert len(workers) == 2  # the agent survived and replaced its executor
+
+
+@pytest.mark.timeout(90)
+def test_sigkill_worker_mid_job(cluster: LocalCluster) -> None:
+    job = submit(cluster)
+    time.sleep(0.5)
+    worker = wait_busy(cluster, "worker")
+    cluster.kill("worker", worker)
+    assert dict(job.result(timeout=60)) == expected()
+    events = cluster.events()
+    fault = first(events, "fault_injected")
+    lost = first(events, "worker_lost")
+    assert lost["t"] - fault["t"] < DETECT_LIMIT_S
+    assert any(e["kind"] in ("task_rescheduled", "output_lost") for e in events)
+    assert first(events, "job_finished")["t"] > lost["t"]
+
+
+@pytest.mark.timeout(90)
+def test_sigstop_worker_mid_job_is_detected_as_a_hang(cluster: LocalCluster) -> None:
+    job = submit(cluster)
+    time.sleep(0.5)
+    worker = wait_busy(cluster, "worker")
+    cluster.pause("worker", worker)
+    try:
+        assert dict(job.result(timeout=60)) == expected()
+    finally:
+        cluster.resume("worker", worker)
+    events = cluster.events()
+    fault = first(events, "fault_injected")
+    lost = first(events, "worker_lost")
+    assert "phi" in lost["detail"]  # the connection stayed open: heartbeats told
+    assert lost["t"] - fault["t"] < DETECT_LIMIT_S
+    # Resumed, the agent rejoins under a new incarnation id and takes work again.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        joined = [e for e in cluster.events() if e["kind"] == "worker_joined"]
+        if len(joined) >= 3:
+            break
+        time.sleep(0.05)
+    assert len(joined) >= 3

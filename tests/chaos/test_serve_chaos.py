@@ -1,0 +1,194 @@
+"""Serving under faults: real replica processes on 127.0.0.1, a bounded load, then
+SIGKILL (crash), SIGSTOP (a hang) and a gray failure (500s while /healthz is fine).
+
+Each test checks what a client sees (failed requests, worst latency) and what the
+deployment does (ejection, restart), and that no process outlives the test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+import lepton_ai as lep
+from lepton_ai.serve.config import BalancerConfig, ServeConfig
+from lepton_ai.serve.loadgen import LoadResult, run_load_sync
+from lepton_ai.serve.policy import RouterConfig
+
+MODEL = """
+import os, time
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+def predict(instances):
+    if os.path.exists(os.path.join(HERE, f"fail-{os.getpid()}")):
+        raise RuntimeError("gray failure injected by the test")
+    time.sleep(0.002)  # a little model time, so requests overlap
+    return [sum(row) for row in instances]
+"""
+
+BODY = b'{"instances": [[1, 2, 3], [4, 5, 6]]}'
+REQUEST_TIMEOUT_S = 3.0
+
+# Faster than the defaults so a hang costs 1 s, and long ejections so the
+# ejected replica stays out for the rest of the test.
+CONFIG = replace(
+    ServeConfig(),
+    balancer=BalancerConfig(
+        router=RouterConfig(ejection_base_s=60.0),
+        attempt_timeout_s=1.0,
+        request_timeout_s=REQUEST_TIMEOUT_S,
+    ),
+)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); it is dead for our purpose once reaped or defunct.
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as fh:
+        return fh.read().split(")")[-1].split()[0] != "Z"
+    return True
+
+
+@pytest.fixture
+def deployment(tmp_path: Path) -> Iterator[tuple[lep.Deployment, Path, list[int]]]:
+    (tmp_path / "model.py").write_text(MODEL)
+    seen: list[int] = []  # every replica PID the test saw, checked after shutdown
+    dep = lep.Deployment(f"{tmp_path}/model.py:predict", replicas=3, config=CONFIG)
+    try:
+        dep.start()
+        yield dep, tmp_path, seen
+    finally:
+        with contextlib.suppress(Exception):
+            seen.extend(dep.pids())
+        for pid in seen:  # a stopped process cannot exit; let it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        dep.stop()
+    deadline = time.monotonic() + 5
+    while any(_alive(p) for p in seen) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [p for p in seen if _alive(p)], "replica processes left running"
+
+
+class _Load:
+    """The load generator on its own thread, bounded in requests and time."""
+
+    def __init__(self, url: str, duration_s: float, concurrency: int = 8) -> None:
+        self.result: LoadResult | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(url, duration_s, concurrency), daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, url: str, duration_s: float, concurrency: int) -> None:
+        self.result = run_load_sync(
+            f"{url}/predict",
+            BODY,
+            concurrency=concurrency,
+            requests_max=200_000,
+            duration_s_max=duration_s,
+            timeout_s=REQUEST_TIMEOUT_S + 2.0,
+        )
+
+    def join(self) -> LoadResult:
+        self._thread.join(30)
+        assert self.result is not None, "load generator did not finish"
+        return self.result
+
+
+def _ready_count(dep: lep.Deployment) -> int:
+    return sum(1 for r in dep.status() if r["ready"])
+
+
+@pytest.mark.timeout(60)
+def test_sigkill_one_replica_under_load(deployment: tuple[lep.Deployment, Path, list[int]]) -> None:
+    dep, _, seen = deployment
+    seen.extend(dep.pids())
+    load = _Load(dep.url, duration_s=6.0)
+    time.sleep(1.5)
+    victim = dep.status()[1]
+    os.kill(victim["pid"], signal.SIGKILL)
+    killed_at = time.monotonic()
+    restored_s = None
+    while time.monotonic() - killed_at < 15:
+        status = dep.status()
+        if _ready_count(dep) == 3 and victim["pid"] not in [r["pid"] for r in status]:
+            restored_s = time.monotonic() - killed_at
+            break
+        time.sleep(0.02)
+    result = load.join()
+    seen.extend(dep.pids())
+    assert result.failed == 0, result.errors
+    assert result.ok > 200
+    assert restored_s is not None, dep.status()
+    assert restored_s < 10.0
+    status = dep.status()
+    assert [r["ready"] for r in status] == [True, True, True]
+    assert status[1]["restarts"] == 1
+    print(f"\nSIGKILL: {result.ok} ok, 0 failed, restored in {restored_s:.2f}s")
+
+
+@pytest.mark.timeout(60)
+def test_sigstop_hang_is_ejected(deployment: tuple[lep.Deployment, Path, list[int]]) -> None:
+    dep, _, seen = deployment
+    seen.extend(dep.pids())
+    load = _Load(dep.url, duration_s=6.0)
+    time.sleep(1.0)
+    victim = dep.status()[0]
+    os.kill(victim["pid"], signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    out_after_s = None
+    try:
+        while time.monotonic() - stopped_at < 10:
+            row = dep.status()[0]
+            if row["ejections"] > 0 or not row["ready"] or row["pid"] != victim["pid"]:
+                out_after_s = time.monotonic() - stopped_at
+                break
+            time.sleep(0.02)
+        result = load.join()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim["pid"], signal.SIGCONT)
+    seen.extend(dep.pids())
+    # ~1-2 s by request outcomes (1 s attempt timeouts), 3 s by probes; margin for busy hosts.
+    assert out_after_s is not None and out_after_s <= 4.0, (out_after_s, dep.status())
+    assert result.max_latency_s <= REQUEST_TIMEOUT_S + 0.5, result.max_latency_s
+    assert result.failed == 0, result.errors
+    # Liveness (3 failed probes) had it killed and replaced by a fresh process.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        row = dep.status()[0]
+        if row["pid"] != victim["pid"] and row["ready"]:
+            break
+        time.sleep(0.05)
+    assert row["restarts"] >= 1 and row["pid"] != victim["pid"] and row["ready"], row
+    seen.extend(dep.pids())
+    print(f"\nSIGSTOP: out of rotation after {out_after_s:.2f}s, worst {result.max_latency_s:.2f}s")
+
+
+@pytest.mark.timeout(60)
+def test_gray_failure_500s_is_ejected(deployment: tuple[lep.Deployment, Path, list[int]]) -> None:
+    dep, model_dir, seen = deployment
+    seen.extend(dep.pids())
+    bad = dep.status()[2]
+    (model_dir / f"fail-{bad['pid']}").write_text("")
+    first = _Load(dep.url, duration_s=2.0).join()
+    row = dep.status()[2]
+    assert row["ejections"] >= 1, row
+    assert row["pid"] == bad["pid"] and row["ready"], "health checks alone must not catch it"
+    # Only the few requests before the ejection saw the 500s.
+    assert 0 < first.failed <= 3 + 8, first.statuses
+    second = _Load(dep.url, duration_s=2.0).join()
+    assert second.failed == 0, second.errors
+    assert second.ok > 100

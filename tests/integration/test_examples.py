@@ -1,0 +1,63 @@
+"""examples/iris_forest.py on a real LocalCluster: merged forest, accuracy, under 30 s."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+MARKER = "LEPTON_TEST_EXAMPLE_MARKER"
+
+
+@pytest.mark.timeout(120)
+def test_iris_forest_trains_merges_and_scores() -> None:
+    marker = uuid.uuid4().hex
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "iris_forest.py"),
+            "--json",
+            "--trees",
+            "120",
+            "--shares",
+            "6",
+        ],
+        env=dict(os.environ, **{MARKER: marker}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=100)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+        leftovers = []
+        for p in psutil.process_iter(["pid"]):
+            try:
+                if p.environ().get(MARKER) == marker:
+                    leftovers.append(p.pid)
+                    p.kill()
+            except psutil.Error:
+                continue
+    wall = time.perf_counter() - t0
+    assert proc.returncode == 0, err[-3000:]
+    assert leftovers == []
+    res = json.loads(out)
+    assert res["trees"] == res["trees_fitted"] == 120
+    assert res["map_tasks"] == 6
+    assert res["matches_serial_forest"] is True
+    assert res["accuracy"] >= 0.9
+    assert wall < 60, f"took {wall:.1f} s (target: under 30 s on an idle machine)"

@@ -1,0 +1,404 @@
+"""Seeded simulation of the scheduler core with the job state machine and real task code.
+
+A discrete-event world drives ``Scheduler`` exactly as the coordinator does:
+proposals go through a "log" (applied to a ``JobStateMachine`` after a random
+delay, fed back as ``Applied``), dispatched attempts run the real ``run_task``
+on simulated workers with block stores, and faults are injected from the seed:
+executor deaths, worker-node deaths (detected later, replaced by a new worker),
+lost shuffle blocks, stragglers, and coordinator failovers (the scheduler is
+thrown away and rebuilt with ``Scheduler.from_state``; in-flight proposals may
+be lost).
+
+Checked for every seed: each job's result equals the serial reference
+(``run_local``), no task result is accepted twice (per output generation), a
+slot never runs two attempts, and a user exception fails the job with the
+right stage and partition. ``LEPTON_SIM_SEEDS=200`` (or ``=5000-5100``) runs more.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import operator
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from lepton_ai.compute.api import DistributedTask
+from lepton_ai.compute.plan import JobOptions, decode_plan
+from lepton_ai.compute.scheduler import Scheduler
+from lepton_ai.compute.scheduler_events import (
+    Applied,
+    Cancel,
+    Dispatch,
+    FetchFailed,
+    Propose,
+    RunningReport,
+    SchedulerConfig,
+    SchedulerEvent,
+    TaskAttempt,
+    TaskFailed,
+    TaskSucceeded,
+    Tick,
+    WorkerJoined,
+    WorkerLost,
+)
+from lepton_ai.compute.state import (
+    JobCommand,
+    JobStateMachine,
+    JobSubmitted,
+    OutputLost,
+    OutputRef,
+    TaskFinished,
+)
+from lepton_ai.compute.tasks import CorruptInput, UserCodeError, run_local, run_task
+
+
+def _seeds() -> list[int]:
+    spec = os.environ.get("LEPTON_SIM_SEEDS", "")
+    if not spec:
+        return list(range(24))
+    if "-" in spec:
+        lo, hi = spec.split("-", 1)
+        return list(range(int(lo), int(hi)))
+    return list(range(int(spec)))
+
+
+class _NoRunner:
+    def submit_plan(self, plan: bytes, options: JobOptions) -> str:
+        raise AssertionError("the simulation submits plans itself")
+
+
+def _explode_on_partition_3(x: int) -> int:
+    if 3000 <= x < 3010:
+        raise ZeroDivisionError("boom in user code")
+    return x
+
+
+def _plans() -> dict[str, bytes]:
+    task = DistributedTask(_NoRunner())
+    words = [f"w{(i * 7919) % 53}" for i in range(600)]
+    src = task.parallelize(words, partitions=6)
+    wordcount = src.map(lambda w: (w, 1)).reduce_by_key(operator.add, partitions=4)
+    two_shuffles = (
+        task.parallelize(range(500), partitions=5)
+        .map(lambda x: (x % 17, x))
+        .reduce_by_key(operator.add, partitions=3)
+        .map(lambda kv: (kv[1] % 4, kv[0]))
+        .group_by_key(partitions=3)
+        .map(lambda kv: (kv[0], sorted(kv[1])))
+    )
+    return {
+        "wordcount": wordcount.plan_bytes("collect"),
+        "two_shuffles": two_shuffles.plan_bytes("collect"),
+        "sum": task.parallelize(range(1000), partitions=8)
+        .map(lambda x: x * x)
+        .plan_bytes("reduce", None),
+        "count": src.filter(lambda w: w.endswith("1")).plan_bytes("count"),
+    }
+
+
+def _user_error_plan() -> bytes:
+    task = DistributedTask(_NoRunner())
+    ds = task.parallelize(range(8000), partitions=8).map(_explode_on_partition_3)
+    return ds.map(lambda x: (x % 3, 1)).reduce_by_key(operator.add).plan_bytes("collect")
+
+
+def _normalise(value: Any) -> Any:
+    return sorted(value) if isinstance(value, list) else value
+
+
+@dataclass
+class _Attempt:
+    attempt: TaskAttempt
+    slot: int
+    killed: bool = False
+
+
+@dataclass
+class _Worker:
+    wid: str
+    slots: int
+    alive: bool = True
+    store: dict[str, bytes] = field(default_factory=dict)
+    running: dict[TaskAttempt, _Attempt] = field(default_factory=dict)
+
+
+class World:
+    """The simulated cluster around one scheduler; everything random comes from ``rng``."""
+
+    def __init__(self, seed: int, plans: dict[str, bytes], options: JobOptions) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.now = 0.0
+        self.queue: list[tuple[float, int, Callable[[], None]]] = []
+        self.counter = itertools.count()
+        self.machine = JobStateMachine()
+        self.epoch = 1
+        self.sched = Scheduler(SchedulerConfig(failover_grace_s=0.3), epoch=self.epoch)
+        self.workers: dict[str, _Worker] = {}
+        self.worker_seq = itertools.count()
+        self.plans = {name: decode_plan(p) for name, p in plans.items()}
+        self.accepted: dict[tuple[str, int, int], int] = {}
+        self.trace: list[str] = []
+        self.stats = {"speculative": 0, "fetch_failed": 0, "output_lost": 0, "infra": 0}
+        for _ in range(3):
+            self.add_worker()
+        for i, (name, plan) in enumerate(plans.items()):
+            cmd = JobSubmitted(name, plan, options, submitted_at=0.0)
+            self.at(0.01 * i, lambda c=cmd: self.propose(c))
+        self.at(0.1, self.tick)
+
+    # -- plumbing
+    def at(self, delay: float, fn: Callable[[], None]) -> None:
+        heapq.heappush(self.queue, (self.now + delay, next(self.counter), fn))
+
+    def feed(self, event: SchedulerEvent) -> None:
+        for action in self.sched.step(event):
+            if isinstance(action, Dispatch):
+                self.dispatch(action)
+            elif isinstance(action, Propose):
+                self.propose(action.command)
+            elif isinstance(action, Cancel):
+                self.cancel(action.attempt, action.worker)
+
+    def propose(self, cmd: JobCommand) -> None:
+        epoch = self.epoch
+
+        def commit() -> None:
+            if epoch != self.epoch and self.rng.random() < 0.5:
+                return  # proposal of a deposed leader lost in the failover
+            result = self.machine.apply_command(cmd)
+            self.audit(cmd, result.accepted)
+            self.feed(Applied(cmd, result, self.now))
+
+        self.at(self.rng.uniform(0.001, 0.03), commit)
+
+    def audit(self, cmd: JobCommand, accepted: bool) -> None:
+        if not accepted:
+            return
+        if isinstance(cmd, TaskFinished):
+            key = (cmd.job_id, cmd.stage, cmd.partition)
+            self.accepted[key] = self.accepted.get(key, 0) + 1
+            if self.accepted[key] != 1:
+                raise AssertionError(f"result of {key} accepted twice")
+        elif isinstance(cmd, OutputLost):
+            self.stats["output_lost"] += 1
+            key = (cmd.job_id, cmd.stage, cmd.partition)
+            self.accepted[key] -= 1  # the next accepted result is a new generation
+
+    # -- workers
+    def add_worker(self) -> None:
+        w = _Worker(f"w{next(self.worker_seq)}", self.rng.choice([1, 2, 3]))
+        self.workers[w.wid] = w
+        self.feed(WorkerJoined(w.wid, f"addr-{w.wid}", w.slots, self.now))
+
+    def dispatch(self, d: Dispatch) -> None:
+        w = self.workers[d.worker]
+        if not w.alive:
+            return  # sent to a dead node: the failure detector will report it
+        if any(a.slot == d.slot for a in w.running.values()) or not 0 <= d.slot < w.slots:
+            raise AssertionError(f"slot {d.slot} of {w.wid} given twice or out of range")
+        self.stats["speculative"] += d.speculative
+        run = _Attempt(d.attempt, d.slot)
+        w.running[d.attempt] = run
+        r = self.rng.random()
+        duration = self.rng.uniform(0.02, 0.2) * (10 if r < 0.06 else 1)
+        if r > 0.94:  # the executor process dies mid-task
+            self.at(duration / 2, lambda: self.finish(w, run, d, crash=True))
+        else:
+            self.at(duration, lambda: self.finish(w, run, d, crash=False))
+
+    def cancel(self, attempt: TaskAttempt, worker: str) -> None:
+        w = self.workers[worker]
+        run = w.running.get(attempt)
+        if run is None or not w.alive:
+            return
+        run.killed = True
+        del w.running[attempt]
+        self.at(0.005, lambda: self.report(w, TaskFailed(attempt, w.wid, "cancelled", self.now)))
+
+    def report(self, w: _Worker, event: SchedulerEvent) -> None:
+        if w.alive:
+            self.feed(event)
+
+    def finish(self, w: _Worker, run: _Attempt, d: Dispatch, crash: bool) -> None:
+        if not w.alive or run.killed:
+            return
+        del w.running[run.attempt]
+        a = run.attempt
+        if crash:
+            self.stats["infra"] += 1
+            self.feed(TaskFailed(a, w.wid, "infra", self.now, "executor died"))
+            return
+        inputs: list[bytes] = []
+        for m, ref in enumerate(d.inputs):
+            src = self.workers.get(ref.worker)
+            if ref.size_bytes == 0:
+                inputs.append(b"")
+            elif src is None or not src.alive or ref.block not in src.store:
+                self.stats["fetch_failed"] += 1
+                self.feed(FetchFailed(a, w.wid, a.stage - 1, m, ref.worker, self.now))
+                return
+            else:
+                inputs.append(src.store[ref.block])
+        report = self.execute(w, a, inputs)
+        self.feed(report)
+        if self.rng.random() < 0.05:  # the network delivers the report twice
+            self.at(self.rng.uniform(0.0, 0.3), lambda: self.report(w, report))
+
+    def execute(self, w: _Worker, a: TaskAttempt, inputs: list[bytes]) -> SchedulerEvent:
+        try:
+            out = run_task(self.plans[a.job_id], a.stage, a.partition, inputs)
+        except UserCodeError as exc:
+            return TaskFailed(a, w.wid, "user", self.now, exc.message, exc.exc_type, exc.traceback)
+        except CorruptInput as exc:
+            return FetchFailed(a, w.wid, a.stage - 1, exc.map_partition, "?", self.now)
+        if out.result is not None:
+            return TaskSucceeded(
+                a, w.wid, [OutputRef(w.wid, "", len(out.result), out.result)], self.now
+            )
+        refs = []
+        for i, bucket in enumerate(out.buckets or []):
+            block = f"{a.job_id}/{a.stage}/{a.partition}/{a.epoch}.{a.attempt}/{i}"
+            if bucket:
+                w.store[block] = bucket
+            refs.append(OutputRef(w.wid, block if bucket else "", len(bucket)))
+        return TaskSucceeded(a, w.wid, refs, self.now)
+
+    # -- faults
+    def kill_worker(self) -> None:
+        alive = [w for w in self.workers.values() if w.alive]
+        if len(alive) < 2:
+            return
+        w = self.rng.choice(alive)
+        w.alive = False
+        w.running.clear()
+        self.trace.append(f"{self.now:.2f} kill {w.wid}")
+        self.at(self.rng.uniform(0.5, 1.5), lambda: self.feed(WorkerLost(w.wid, self.now)))
+        self.at(self.rng.uniform(0.2, 2.0), self.add_worker)
+
+    def lose_block(self) -> None:
+        stores = [w for w in self.workers.values() if w.alive and w.store]
+        if stores:
+            w = self.rng.choice(stores)
+            block = self.rng.choice(sorted(w.store))
+            del w.store[block]
+            self.trace.append(f"{self.now:.2f} lose {block}")
+
+    def failover(self) -> None:
+        self.epoch += 1
+        self.trace.append(f"{self.now:.2f} failover to epoch {self.epoch}")
+        state = self.machine.state
+        self.sched = Scheduler.from_state(
+            state, self.now, epoch=self.epoch, config=self.sched.config
+        )
+        for w in self.workers.values():
+            if w.alive:
+                self.at(self.rng.uniform(0.0, 0.2), lambda ww=w: self.rejoin(ww))
+
+    def rejoin(self, w: _Worker) -> None:
+        """A worker re-registers with the new leader, listing what it runs right now."""
+        running = [RunningReport(r.attempt, r.slot) for r in w.running.values()]
+        self.report(w, WorkerJoined(w.wid, f"addr-{w.wid}", w.slots, self.now, running))
+
+    def tick(self) -> None:
+        self.feed(Tick(self.now))
+        if not self.done():
+            self.at(0.1, self.tick)
+
+    def done(self) -> bool:
+        jobs = self.machine.state.jobs
+        return len(jobs) == len(self.plans) and all(j.status != "running" for j in jobs.values())
+
+    def run(self, faults: bool, horizon_s: float = 600.0) -> None:
+        if faults:
+            for _ in range(self.rng.randint(0, 2)):
+                self.at(self.rng.uniform(0.1, 3.0), self.kill_worker)
+            for _ in range(self.rng.randint(0, 3)):
+                self.at(self.rng.uniform(0.1, 3.0), self.lose_block)
+            if self.rng.random() < 0.5:
+                self.at(self.rng.uniform(0.1, 3.0), self.failover)
+        while self.queue and not self.done():
+            t, _, fn = heapq.heappop(self.queue)
+            if t > horizon_s:
+                break
+            self.now = t
+            fn()
+
+
+def _explain(world: World) -> str:
+    return f"seed={world.seed} (LEPTON_SIM_SEEDS) trace={world.trace}"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("seed", _seeds())
+def test_jobs_survive_faults_with_exact_results(seed: int) -> None:
+    plans = _plans()
+    world = World(seed, plans, JobOptions(max_retries=8))
+    world.run(faults=True)
+    assert world.done(), f"jobs did not finish; {_explain(world)}"
+    for name, plan in world.plans.items():
+        record = world.machine.job(name)
+        assert record is not None and record.status == "finished", (
+            f"{name}: {record.status if record else None} {record.error if record else ''}; "
+            f"{_explain(world)}"
+        )
+        got = _normalise(record.result())
+        want = _normalise(run_local(plan))
+        assert got == want, f"{name}: wrong result; {_explain(world)}"
+        for p in range(plan.result_stage.num_partitions):
+            assert world.accepted[(name, len(plan.stages) - 1, p)] == 1
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("seed", _seeds()[:8])
+def test_user_exception_fails_job_with_stage_and_partition(seed: int) -> None:
+    world = World(seed, {"bad": _user_error_plan()}, JobOptions())
+    world.run(faults=True)
+    record = world.machine.job("bad")
+    assert record is not None and record.status == "failed", _explain(world)
+    err = record.error
+    assert err is not None and err.kind == "user", _explain(world)
+    assert (err.stage, err.partition) == (0, 3)
+    assert "ZeroDivisionError" in err.traceback and "boom in user code" in err.message
+    exc = err.to_exception()
+    assert "partition 3" in str(exc) and "boom in user code" in str(exc)
+
+
+def test_retry_exceptions_exhausts_retries_then_fails() -> None:
+    world = World(7, {"bad": _user_error_plan()}, JobOptions(max_retries=2, retry_exceptions=True))
+    world.run(faults=False)
+    record = world.machine.job("bad")
+    assert record is not None and record.status == "failed"
+    assert record.error is not None and "max_retries=2" in record.error.message
+
+
+def test_fault_free_run_finishes_and_plans_are_deterministic() -> None:
+    plans = _plans()
+    a = World(1, plans, JobOptions())
+    a.run(faults=False)
+    b = World(1, plans, JobOptions())
+    b.run(faults=False)
+    assert a.done() and b.done() and a.now == b.now
+    for name in plans:
+        ra, rb = a.machine.job(name), b.machine.job(name)
+        assert ra is not None and rb is not None
+        assert ra.result() == rb.result()
+
+
+def test_the_simulation_exercises_every_fault() -> None:
+    totals: dict[str, int] = {}
+    failovers = 0
+    for seed in range(12):
+        world = World(seed, _plans(), JobOptions(max_retries=8))
+        world.run(faults=True)
+        assert world.done(), _explain(world)
+        failovers += any("failover" in t for t in world.trace)
+        for k, v in world.stats.items():
+            totals[k] = totals.get(k, 0) + v
+    assert failovers > 0 and all(v > 0 for v in totals.values()), (failovers, totals)

@@ -1,0 +1,324 @@
+"""The balancer in-process: its ASGI app (httpx ASGI transport) over small upstream
+servers on 127.0.0.1 that misbehave in exactly one way each (refuse, reset, hang,
+answer half a response, 500, slow).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import socket
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import httpx
+
+from lepton_ai.serve.balancer import Balancer
+from lepton_ai.serve.config import BalancerConfig
+from lepton_ai.serve.policy import RouterConfig
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def _read_request(reader: asyncio.StreamReader) -> bytes | None:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    await reader.readexactly(length)
+    return head.split(b" ")[1]  # the path
+
+
+def _http(status: int, body: bytes) -> bytes:
+    return b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n\r\n%s" % (status, len(body), body)
+
+
+def answering(status: int = 200, body: bytes = b'{"predictions": [1]}', delay_s: float = 0.0):  # type: ignore[no-untyped-def]
+    """A keep-alive server: /readyz is 200, everything else ``status`` after ``delay_s``."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while (path := await _read_request(reader)) is not None:
+                if path == b"/readyz":
+                    writer.write(_http(200, b"{}"))
+                else:
+                    await asyncio.sleep(delay_s)
+                    writer.write(_http(status, body))
+                await writer.drain()
+        writer.close()
+
+    return handle
+
+
+async def resetting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await _read_request(reader)
+    writer.transport.abort()  # RST, no response byte
+
+
+async def hanging(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await _read_request(reader)
+    await asyncio.sleep(30)
+
+
+async def half_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await _read_request(reader)
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+    await writer.drain()
+    writer.transport.abort()
+
+
+@contextlib.asynccontextmanager
+async def upstreams(*handlers: Handler) -> AsyncIterator[list[int]]:
+    servers = [await asyncio.start_server(h, "127.0.0.1", 0) for h in handlers]
+    try:
+        yield [s.sockets[0].getsockname()[1] for s in servers]
+    finally:
+        for s in servers:
+            s.close()
+        # Python 3.11's wait_closed can block on handlers stuck in a sleep: bounded.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await asyncio.gather(*(s.wait_closed() for s in servers))
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # nothing listens here once closed
+
+
+def _balancer(ports: list[int], **config: Any) -> Balancer:
+    router = config.pop("router", RouterConfig())
+    lb = Balancer(BalancerConfig(router=router, **config), rng=random.Random(7))
+    for i, port in enumerate(ports):
+        lb.add_replica(i, port)
+        lb.set_ready(i)
+    return lb
+
+
+def _client(lb: Balancer) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=lb), base_url="http://lb")
+
+
+BODY = {"instances": [[1, 2]]}
+
+
+def test_spreads_requests_over_ready_replicas() -> None:
+    async def scenario() -> None:
+        async with upstreams(answering(), answering(), answering()) as ports:
+            lb = _balancer(ports)
+            async with _client(lb) as client:
+                for _ in range(30):
+                    assert (await client.post("/predict", json=BODY)).status_code == 200
+            counts = Counter({v.replica_id: v.requests for v in lb.router.views()})
+            assert len(counts) == 3 and min(counts.values()) >= 3
+
+    asyncio.run(scenario())
+
+
+def test_refused_replica_is_retried_elsewhere_and_ejected() -> None:
+    async def scenario() -> None:
+        async with upstreams(answering()) as ports:
+            lb = _balancer([_closed_port(), *ports, _closed_port()])
+            async with _client(lb) as client:
+                statuses = [
+                    (await client.post("/predict", json=BODY)).status_code for _ in range(20)
+                ]
+            assert statuses == [200] * 20
+            ejected = [v.replica_id for v in lb.router.views() if v.ejections]
+            assert ejected == [0, 2]
+
+    asyncio.run(scenario())
+
+
+def test_reset_before_any_byte_is_retried_once() -> None:
+    async def scenario() -> None:
+        async with upstreams(resetting, answering()) as ports:
+            lb = _balancer(ports)
+            async with _client(lb) as client:
+                for _ in range(10):
+                    resp = await client.post("/predict", json=BODY)
+                    assert resp.status_code == 200 and resp.json() == {"predictions": [1]}
+            assert "lepton_lb_retries_total" in (await _metrics(lb))
+
+    asyncio.run(scenario())
+
+
+def test_failure_after_response_bytes_is_not_retried() -> None:
+    async def scenario() -> None:
+        async with upstreams(half_answer, answering()) as ports:
+            lb = _balancer(ports)
+            lb.router.drain(1)  # only the half-answering replica gets the first attempt
+            async with _client(lb) as client:
+                resp = await client.post("/predict", json=BODY)
+            assert resp.status_code == 502 and "after response bytes" in resp.json()["error"]
+            view = lb.router.view(1)
+            assert view is not None and view.requests == 0
+
+    asyncio.run(scenario())
+
+
+def test_hang_costs_one_attempt_timeout_then_the_retry_answers() -> None:
+    async def scenario() -> None:
+        async with upstreams(hanging, answering()) as ports:
+            lb = _balancer(ports, attempt_timeout_s=0.3, request_timeout_s=2.0)
+            lb.router.drain(1)
+            async with _client(lb) as client:
+                lb.router.view(1).draining = False  # type: ignore[union-attr]
+                lb.router.begin(1)  # make the hanging replica the least loaded
+                t0 = time.monotonic()
+                resp = await client.post("/predict", json=BODY)
+                elapsed = time.monotonic() - t0
+            assert resp.status_code == 200
+            assert 0.25 < elapsed < 1.5
+
+    asyncio.run(scenario())
+
+
+def test_request_deadline_bounds_every_attempt() -> None:
+    async def scenario() -> None:
+        async with upstreams(hanging, hanging) as ports:
+            lb = _balancer(ports, attempt_timeout_s=0.4, request_timeout_s=0.6)
+            async with _client(lb) as client:
+                t0 = time.monotonic()
+                resp = await client.post("/predict", json=BODY)
+                elapsed = time.monotonic() - t0
+            assert resp.status_code == 504
+            assert elapsed < 0.9  # 0.4 s, then only the 0.2 s left for the retry
+
+    asyncio.run(scenario())
+
+
+def test_5xx_is_returned_not_retried_and_consecutive_ones_eject() -> None:
+    async def scenario() -> None:
+        async with upstreams(answering(500, b'{"error": "x"}'), answering(), answering()) as ports:
+            lb = _balancer(ports, router=RouterConfig(consecutive_failures_max=3))
+            lb.router.drain(1)
+            lb.router.drain(2)
+            async with _client(lb) as client:
+                codes = [(await client.post("/predict", json=BODY)).status_code for _ in range(3)]
+                assert codes == [500, 500, 500]
+                view = lb.router.view(0)
+                assert view is not None and view.ejections == 1
+                lb.router.view(1).draining = False  # type: ignore[union-attr]
+                assert (await client.post("/predict", json=BODY)).status_code == 200
+
+    asyncio.run(scenario())
+
+
+def test_all_queues_full_is_503_with_retry_after() -> None:
+    async def scenario() -> None:
+        async with upstreams(answering(delay_s=0.3)) as ports:
+            lb = _balancer(ports, router=RouterConfig(outstanding_max=1))
+            async with _client(lb) as client:
+                first = asyncio.create_task(client.post("/predict", json=BODY))
+                await asyncio.sleep(0.1)
+                second = await client.post("/predict", json=BODY)
+                assert second.status_code == 503 and second.headers["retry-after"] == "1"
+                assert (await first).status_code == 200
+
+    asyncio.run(scenario())
+
+
+def test_no_ready_replica_is_503_and_oversized_body_413() -> None:
+    async def scenario() -> None:
+        lb = Balancer(BalancerConfig(body_bytes_max=50))
+        lb.add_replica(0, _closed_port())  # not ready yet
+        async with _client(lb) as client:
+            resp = await client.post("/predict", json=BODY)
+            assert resp.status_code == 503 and "no ready replica" in resp.json()["error"]
+            assert (await client.get("/readyz")).status_code == 503
+            assert (await client.post("/predict", content=b"x" * 51)).status_code == 413
+            assert (await client.get("/healthz")).status_code == 200
+            assert (await client.get("/status")).json() == {"replicas": []}
+
+    asyncio.run(scenario())
+
+
+def test_active_health_marks_a_dead_replica_after_three_failed_probes() -> None:
+    async def scenario() -> None:
+        async with upstreams(answering(), hanging) as ports:
+            lb = _balancer(
+                ports,
+                health_period_s=0.1,
+                health_timeout_s=0.05,
+                router=RouterConfig(health_failures_max=3),
+            )
+            dead: list[int] = []
+            task = asyncio.create_task(lb.health_loop(dead.append))
+            try:
+                async with asyncio.timeout(3):
+                    while not dead:
+                        await asyncio.sleep(0.02)
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            assert dead == [1]
+            assert {v.replica_id for v in lb.router.routable(time.monotonic())} == {0}
+
+    asyncio.run(scenario())
+
+
+async def _metrics(lb: Balancer) -> str:
+    async with _client(lb) as client:
+        return (await client.get("/metrics")).text
+
+
+# -- the upstream client on its own ----------------------------------------------------------
+
+
+def test_upstream_reads_chunked_bodies_and_honours_connection_close() -> None:
+    from lepton_ai.serve.upstream import UpstreamPool
+
+    async def chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\n"
+        )
+        await writer.drain()
+        writer.close()
+
+    async def scenario() -> None:
+        async with upstreams(chunked) as ports:
+            pool = UpstreamPool("127.0.0.1", ports[0])
+            resp = await pool.request("GET", "/", [], b"")
+            assert (resp.status, resp.body) == (200, b"hello world")
+            assert all(k != b"transfer-encoding" for k, _ in resp.headers)
+            assert len(pool._idle) == 0  # Connection: close is not pooled
+            pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_upstream_reuses_keep_alive_and_replaces_a_stale_connection() -> None:
+    from lepton_ai.serve.upstream import UpstreamPool
+
+    connections = 0
+
+    async def one_shot(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await _read_request(reader)
+        writer.write(_http(200, b"ok"))  # claims keep-alive, then closes: a stale connection
+        await writer.drain()
+        writer.close()
+
+    async def scenario() -> None:
+        async with upstreams(one_shot) as ports:
+            pool = UpstreamPool("127.0.0.1", ports[0])
+            for _ in range(3):
+                assert (await pool.request("GET", "/", [], b"")).body == b"ok"
+                await asyncio.sleep(0.05)
+            pool.close()
+        assert connections == 3  # each stale connection was noticed and replaced
+
+    asyncio.run(scenario())
