@@ -24,6 +24,8 @@ import bench_common as bc
 import psutil
 
 WORKERS = 2
+KILL_TIMEOUT_MIN_S = 30.0  # a killed run that gives no answer in this long has hung
+KILL_TIMEOUT_FACTOR = 5.0  # ... or in this many times the fault-free run
 
 
 class Peer:
@@ -208,9 +210,11 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 
 def _wordcount_with_kill(
-    peer: Peer, paths: list[str], delay_s: float, variant: str
+    peer: Peer, paths: list[str], delay_s: float, variant: str, timeout_s: float
 ) -> dict[str, Any]:
+    """Word count with a SIGKILL after ``delay_s``; no answer in ``timeout_s`` means hung."""
     killed: dict[str, Any] = {}
+    box: dict[str, Any] = {}
 
     def killer() -> None:
         try:
@@ -219,20 +223,28 @@ def _wordcount_with_kill(
         except Exception as exc:
             killed["error"] = repr(exc)
 
+    def work() -> None:
+        try:
+            box["counts"] = peer.wordcount(paths)
+        except Exception as exc:
+            box["error"] = f"{type(exc).__name__}: {exc}"[:300]
+
     timer = threading.Timer(delay_s, killer)
+    worker = threading.Thread(target=work, name="wordcount", daemon=True)
     t0 = time.perf_counter()
     timer.start()
-    out: dict[str, Any] = {"kill_delay_s": delay_s}
-    try:
-        counts = peer.wordcount(paths)
-        out["completed"] = True
-        out["digest"] = bc.digest(counts)
-    except Exception as exc:
-        out["completed"] = False
-        out["error"] = f"{type(exc).__name__}: {exc}"[:300]
-    out["wall_s"] = time.perf_counter() - t0
+    worker.start()
+    worker.join(timeout_s)
+    out: dict[str, Any] = {"kill_delay_s": delay_s, "wall_s": time.perf_counter() - t0}
     timer.cancel()
     timer.join()
+    if worker.is_alive():
+        # e.g. a ProcessPoolExecutor that never notices its dead process: it hangs forever.
+        out.update(completed=False, hung=True, error=f"hung: no result after {timeout_s:.0f} s")
+    elif "counts" in box:
+        out.update(completed=True, digest=bc.digest(box["counts"]))
+    else:
+        out.update(completed=False, error=box.get("error", "no result"))
     out["killed"] = killed.get("what") or killed.get("error", "timer did not fire")
     out["kill_at_s"] = killed.get("at_s")
     return out
@@ -248,6 +260,7 @@ def measure(name: str, spec: dict[str, Any]) -> dict[str, Any]:
     paths: list[str] = spec["paths"]
     size_mb = _corpus_bytes(paths) / 1e6
     peer = PEERS[name]()
+    hung = False
     with bc.PeakSampler() as sampler:
         _, res["startup_s"] = _timed(peer.start)
         res["startup_peak_mb"] = sampler.peak_mb()
@@ -267,10 +280,15 @@ def measure(name: str, spec: dict[str, Any]) -> dict[str, Any]:
             res["wordcount_mb_per_s"] = size_mb / wall
             res["wordcount_digest"] = bc.digest(counts)
             res["wordcount_distinct"] = len(counts)
+            timeout_s = max(KILL_TIMEOUT_MIN_S, KILL_TIMEOUT_FACTOR * wall)
             for variant in peer.kill_variants:  # "node" last: it leaves the cluster smaller
                 key = "kill" if variant == "worker" else f"kill_{variant}"
-                res[key] = _wordcount_with_kill(peer, paths, spec["kill_fraction"] * wall, variant)
+                delay_s = spec["kill_fraction"] * wall
+                res[key] = _wordcount_with_kill(peer, paths, delay_s, variant, timeout_s)
                 res[key]["partition_s"] = wall * WORKERS / len(paths)
+                if res[key].get("hung"):
+                    hung = True
+                    break
         except Exception as exc:
             # Keep what was measured before the failure; the report shows the error.
             res["error"] = f"{type(exc).__name__}: {exc}"[:500]
@@ -278,7 +296,8 @@ def measure(name: str, spec: dict[str, Any]) -> dict[str, Any]:
         finally:
             res["run_peak_mb"] = sampler.overall_mb()
             try:
-                peer.stop()
+                if not hung:  # stopping a hung framework hangs too; main() exits hard instead
+                    peer.stop()
             except Exception as exc:
                 res["stop_error"] = repr(exc)[:200]
     return res
@@ -312,7 +331,10 @@ def main() -> int:
         res = {"peer": args.peer, "error": f"{type(exc).__name__}: {exc}"[:500]}
         traceback.print_exc()
     print("RESULT " + json.dumps(res), flush=True)
-    return 0
+    sys.stderr.flush()
+    # Exit without interpreter shutdown: a hung framework's threads would block it forever.
+    # The parent kills this process group afterwards, so nothing is left behind.
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def scenario(name: str, tasks: int, corpus: str | None) -> None:
         print(f"{name} {time.perf_counter() - t0:.3f} s", flush=True)
 
 
-_KIND = re.compile(r"lepton_ai\.node\.(coordinator|worker|executor)|profile_lepton")
+_KIND = re.compile(r"lepton_ai\.node\.(coordinator|worker|executor)")
 
 
 def summarize(raw: Path, top: int) -> None:
@@ -63,11 +63,16 @@ def summarize(raw: Path, top: int) -> None:
         if not n.isdigit():
             continue
         frames = stack.split(";")
-        m = _KIND.search(frames[0])
-        kind = (m.group(1) or "driver") if m else frames[0][:40]
+        procs = [f for f in frames if f.startswith("process ")]
+        m = _KIND.search(procs[-1]) if procs else None  # nested: the innermost process
+        kind = m.group(1) if m else "driver"
         count = int(n)
         totals[kind] += count
-        funcs = [f.split(" (")[0] + " " + f.split("/")[-1].rstrip(")") for f in frames[1:]]
+        funcs = [
+            f.split(" (")[0] + " " + f.split("/")[-1].rstrip(")")
+            for f in frames
+            if not f.startswith(("process ", "thread "))
+        ]
         if funcs:
             self_t[kind][funcs[-1]] += count
             for f in set(funcs):
@@ -96,9 +101,25 @@ def main() -> int:
     pyspy = Path(sys.executable).parent / "py-spy"
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "profile.txt"
-        cmd = [str(pyspy), "record", "--subprocesses", "--format", "raw", "--rate", "200",
-               "--nonblocking", "-o", str(raw), "--", sys.executable, __file__, args.scenario,
-               "--tasks", str(args.tasks), "--child"]
+        cmd = [
+            str(pyspy),
+            "record",
+            "--subprocesses",
+            "--format",
+            "raw",
+            "--rate",
+            "200",
+            "--nonblocking",
+            "-o",
+            str(raw),
+            "--",
+            sys.executable,
+            __file__,
+            args.scenario,
+            "--tasks",
+            str(args.tasks),
+            "--child",
+        ]
         if args.corpus:
             cmd += ["--corpus", args.corpus]
         subprocess.run(cmd, check=True, env=dict(os.environ, PYTHONPATH=str(HERE)))

@@ -5,9 +5,10 @@
         http://127.0.0.1:8080/predict
     # -> {"predictions": ["setosa", "virginica"]}
 
-Each replica calls ``setup()`` once: it loads ``iris_forest.joblib`` next to this
-file if present, else trains the forest (150 rows, well under a second). The
-fitted estimator itself can be served too:
+Each replica calls ``setup()`` once: it trains the random forest of the iris
+example (examples/iris_forest.py: 200 trees in 8 shares, merged; here trained
+serially, which that example shows gives the same forest) or loads it from a
+cache file in the temp directory. The fitted estimator itself can be served too:
 
     python examples/iris_serve.py --save /tmp/iris.joblib
     lepton serve /tmp/iris.joblib --replicas 3      # predict() of the estimator
@@ -21,35 +22,48 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-MODEL_FILE = Path(__file__).with_name("iris_forest.joblib")
+CACHE = Path(tempfile.gettempdir()) / "lepton-iris-forest-200x8-seed0.joblib"
 _state: dict[str, Any] = {}
 
 
 def train() -> Any:
-    """The iris random forest (fixed seed, so every replica serves the same model)."""
-    from sklearn.datasets import load_iris
-    from sklearn.ensemble import RandomForestClassifier
+    """The forest of examples/iris_forest.py: same split, shares and merge, trained serially.
 
-    iris = load_iris()
-    forest = RandomForestClassifier(n_estimators=50, random_state=0)
-    forest.fit(iris.data, iris.target)
-    forest.class_names_ = list(iris.target_names)
+    iris_forest.py checks that its distributed forest equals exactly this serial one.
+    """
+    from iris_forest import make_trainer, merge_forests, shares_of  # the iris example
+    from sklearn.datasets import load_iris
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_iris(return_X_y=True)
+    x_train, _, y_train, _ = train_test_split(x, y, test_size=0.3, random_state=0, stratify=y)
+    fit = make_trainer(x_train, y_train)
+    shares = shares_of(200, 8, 0)
+    forest = fit(shares[0])
+    for share in shares[1:]:
+        forest = merge_forests(forest, fit(share))
+    forest.class_names_ = [str(name) for name in load_iris().target_names]
     return forest
 
 
 def setup() -> None:
-    """Called once per replica before it reports ready: load or train the model."""
-    if MODEL_FILE.exists():
-        import joblib
+    """Called once per replica before it reports ready: load the cached forest or train it."""
+    import joblib
 
-        _state["model"] = joblib.load(MODEL_FILE)
-    else:
-        _state["model"] = train()
+    if CACHE.exists():
+        _state["model"] = joblib.load(CACHE)
+        return
+    _state["model"] = train()
+    # Cached so a restarted replica is ready sooner; written whole, then renamed (atomic).
+    partial = CACHE.with_suffix(f".{os.getpid()}.tmp")
+    joblib.dump(_state["model"], partial)
+    os.replace(partial, CACHE)
 
 
 def predict(instances: list[list[float]]) -> list[str]:
@@ -85,6 +99,13 @@ def _demo() -> None:
         victim = dep.status()[0]["pid"]
         os.kill(victim, signal.SIGKILL)
         print(f"SIGKILLed replica pid {victim}")
+        killed = time.monotonic()
+        while time.monotonic() - killed < 60:
+            rows = dep.status()
+            if sum(r["ready"] for r in rows) == 3 and victim not in [r["pid"] for r in rows]:
+                break
+            time.sleep(0.05)
+        print(f"3 replicas ready again {time.monotonic() - killed:.2f} s after the kill")
         load.join()
         r = results[0]
         print(f"{r.ok} requests ok, {r.failed} failed, p50 {r.percentile_ms(50):.2f} ms")
@@ -102,7 +123,7 @@ def main() -> None:
     if args.save:
         import joblib
 
-        joblib.dump(train(), args.save)
+        joblib.dump(train(), args.save)  # a plain fitted estimator: lepton serve calls predict
         print("saved", args.save)
         return
     _demo()

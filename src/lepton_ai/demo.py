@@ -232,21 +232,21 @@ class FaultDriver:
             return
         m = _find(view, fault.role, fault.member_id)
         if fault.detected_s is None and (m is None or _is_down(m) or m["pid"] != fault.pid):
-            state = "gone from status" if m is None else f"health {m['health']!r}"
+            if m is None:
+                state = "gone from status"
+            elif m["pid"] != fault.pid:
+                state = f"pid {fault.pid} gone from status, slot now pid {m['pid']}"
+            else:
+                state = f"health {m['health']!r}"
             fault.detected_s = self.tl.add(
                 "detected", f"{fault.role} {fault.member_id}: {state}"
             ).t_s
-        if fault.role == "executor":
-            # The agent replaces a dead executor in the same slot, under a new pid.
-            if m is not None and not _is_down(m) and m["pid"] != fault.pid:
-                fault.replacement_pid = m["pid"]
-                fault.replaced_s = self.tl.add(
-                    "replaced", f"executor {fault.member_id} restarted as pid {m['pid']}"
-                ).t_s
-        elif m is not None and not _is_down(m) and m["pid"] != fault.pid:
+        if m is not None and not _is_down(m) and m["pid"] != fault.pid:
+            # An executor's agent restarts it in the same slot at once, under a new
+            # pid; a worker node comes back only if something restarts it.
             fault.replacement_pid = m["pid"]
             fault.replaced_s = self.tl.add(
-                "replaced", f"worker {fault.member_id} back as pid {m['pid']}"
+                "replaced", f"{fault.role} {fault.member_id} running again as pid {m['pid']}"
             ).t_s
 
     def step(self, progress: float | None, elapsed_fraction: float) -> None:

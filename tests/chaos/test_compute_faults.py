@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import cloudpickle
@@ -147,3 +148,34 @@ def test_sigstop_worker_mid_job_is_detected_as_a_hang(cluster: LocalCluster) -> 
             break
         time.sleep(0.05)
     assert len(joined) >= 3
+
+
+def pairs_last_slow(chunk: range) -> Any:
+    if chunk[0] == 0:
+        time.sleep(1.0)  # hold the reduce stage back while the other outputs are damaged
+    return ((x % 13, x) for x in chunk)
+
+
+@pytest.mark.timeout(90)
+def test_corrupt_and_missing_shuffle_files_rerun_their_map_tasks(cluster: LocalCluster) -> None:
+    task = lep.DistributedTask(cluster, progress=False)
+    ds = task.parallelize(range(2000), partitions=8).map_partitions(pairs_last_slow)
+    job = ds.reduce_by_key(operator.add, partitions=3).submit()
+    root = Path(cluster.data_dir) / "workers"
+    deadline = time.monotonic() + 10
+    files: list[Path] = []
+    while time.monotonic() < deadline and len(files) < 6:
+        files = sorted(root.glob(f"*/{job.id}/*.shf"))
+        time.sleep(0.02)
+    assert len(files) >= 6, "map outputs did not appear"
+    files[0].unlink()  # lost
+    for f in files[1:4]:  # bit rot in the middle of the file
+        raw = bytearray(f.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        f.write_bytes(bytes(raw))
+    want: dict[int, int] = {}
+    for x in range(2000):
+        want[x % 13] = want.get(x % 13, 0) + x
+    assert dict(job.result(timeout=60)) == want
+    kinds = [e["kind"] for e in cluster.events(job.id)]
+    assert "fetch_failed" in kinds and "output_lost" in kinds

@@ -192,3 +192,51 @@ def test_gray_failure_500s_is_ejected(deployment: tuple[lep.Deployment, Path, li
     second = _Load(dep.url, duration_s=2.0).join()
     assert second.failed == 0, second.errors
     assert second.ok > 100
+
+
+SLOW_MODEL = """
+import time
+def setup():
+    time.sleep(2.0)  # a model that takes seconds to load
+def predict(instances):
+    return [sum(row) for row in instances]
+"""
+
+
+@pytest.mark.timeout(60)
+def test_warm_spare_takes_over_at_once_when_a_slow_replica_dies(tmp_path: Path) -> None:
+    (tmp_path / "slow_model.py").write_text(SLOW_MODEL)
+    seen: list[int] = []
+    with lep.Deployment(f"{tmp_path}/slow_model.py:predict", replicas=2, spares=1) as dep:
+        rows = dep.status()
+        seen.extend(dep.pids())
+        assert [r["role"] for r in rows] == ["serving", "serving", "spare"]
+        load = _Load(dep.url, duration_s=4.0)
+        time.sleep(1.0)
+        victim = rows[0]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        while True:
+            rows = dep.status()
+            serving = [r for r in rows if r["role"] == "serving" and r["ready"]]
+            if len(serving) == 2 and victim not in [r["pid"] for r in serving]:
+                break
+            assert time.monotonic() - killed_at < 1.5, rows  # a restart alone takes > 2 s
+            time.sleep(0.01)
+        taken_over_s = time.monotonic() - killed_at
+        result = load.join()
+        assert result.failed == 0, result.errors
+        # The dead slot restarts (2 s of setup) and becomes the new spare.
+        while not any(r["role"] == "spare" and r["ready"] for r in dep.status()):
+            assert time.monotonic() - killed_at < 20, dep.status()
+            time.sleep(0.05)
+        seen.extend(dep.pids())
+    assert _wait_gone_all(seen) == []
+    print(f"\nspare took over {taken_over_s:.2f}s after the SIGKILL")
+
+
+def _wait_gone_all(pids: list[int]) -> list[int]:
+    deadline = time.monotonic() + 5
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [p for p in pids if _alive(p)]

@@ -215,3 +215,33 @@ def test_no_quorum_raises_unavailable_then_recovers(tmp_path: Path) -> None:
         c.restart(followers[0])
         c.kv.put("q", "after")
         assert c.kv.get("q") == "after"
+
+
+@pytest.mark.timeout(120)
+def test_add_and_remove_a_replica(tmp_path: Path) -> None:
+    """Replace a dead replica: add a fresh one, remove the dead one, keep every value."""
+    with KvCluster(3, data_dir=str(tmp_path), config=LauncherConfig(tick_s=0.02)) as c:
+        c.leader()
+        for i in range(20):
+            c.kv.put(f"m{i}", i)
+        dead = next(n for n in c.replicas if n != c.leader())
+        c.kill(dead)
+        new = c.add_replica()
+        c.remove_replica(dead)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            st = c.status().get(new)
+            if (
+                st is not None
+                and st.applied_index >= 20
+                and sorted(st.members) == sorted(c.replicas)
+            ):
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"new replica did not catch up: {c.status().get(new)}")
+        # The group is now {others, new}: it survives losing one more original replica.
+        c.kill(next(n for n in c.replicas if n not in (new, c.leader())))
+        c.kv.put("after", "change")
+        assert c.kv.get("after") == "change"
+        assert c.kv.get("m19") == 19

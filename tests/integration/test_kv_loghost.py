@@ -66,13 +66,19 @@ def test_replica_host_is_a_log_host(tmp_path: Path) -> None:
         peers = {i + 1: f"127.0.0.1:{s.getsockname()[1]}" for i, s in enumerate(socks)}
         machines = {n: Counter() for n in peers}
         options = ReplicaOptions(fsync=False, tick_s=0.01, snapshot_entries=50)
-        hosts = {
-            n: ReplicaHost(
-                n, peers, tmp_path / f"r{n}", token="t", state_machine=machines[n],
-                options=options, listen_sock=socks[n - 1],
-            )  # fmt: skip
-            for n in peers
-        }
+
+        def make_host(n: int, machine: Counter, sock: socket.socket) -> ReplicaHost:
+            return ReplicaHost(
+                n,
+                peers,
+                tmp_path / f"r{n}",
+                token="t",
+                state_machine=machine,
+                options=options,
+                listen_sock=sock,
+            )
+
+        hosts = {n: make_host(n, machines[n], socks[n - 1]) for n in peers}
         changes: list[tuple[int, bool]] = []
         try:
             for n, host in hosts.items():
@@ -101,10 +107,7 @@ def test_replica_host_is_a_log_host(tmp_path: Path) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(("127.0.0.1", int(follower.address.rpartition(":")[2])))
             sock.listen(64)
-            hosts[follower.node_id] = ReplicaHost(
-                follower.node_id, peers, tmp_path / f"r{follower.node_id}", token="t",
-                state_machine=fresh, options=options, listen_sock=sock,
-            )  # fmt: skip
+            hosts[follower.node_id] = make_host(follower.node_id, fresh, sock)
             await hosts[follower.node_id].start()
             await log.submit(b"3")
             deadline = asyncio.get_running_loop().time() + 10
@@ -112,6 +115,66 @@ def test_replica_host_is_a_log_host(tmp_path: Path) -> None:
                 await asyncio.sleep(0.02)
             assert fresh.total == 523
             assert fresh.applied == machines[leader.node_id].applied
+        finally:
+            for host in hosts.values():
+                await host.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(60)
+def test_lagging_replica_catches_up_by_snapshot_install(tmp_path: Path) -> None:
+    """A replica down while the others compact past it receives InstallSnapshot."""
+
+    async def scenario() -> None:
+        socks = _ports(3)
+        peers = {i + 1: f"127.0.0.1:{s.getsockname()[1]}" for i, s in enumerate(socks)}
+        machines = {n: Counter() for n in peers}
+        options = ReplicaOptions(
+            fsync=False, tick_s=0.01, snapshot_entries=20, log_retain_entries=5
+        )
+        hosts = {
+            n: ReplicaHost(
+                n,
+                peers,
+                tmp_path / f"r{n}",
+                token="t",
+                state_machine=machines[n],
+                options=options,
+                listen_sock=socks[n - 1],
+            )
+            for n in peers
+        }
+        try:
+            for host in hosts.values():
+                await host.start()
+            leader = await _leader(hosts)
+            lagging = next(h for h in hosts.values() if h is not leader)
+            await lagging.close()
+            for _ in range(100):
+                await leader.log.submit(b"1")
+            assert leader.log.core.log.snapshot.slot >= 60  # compacted well past the gap
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", int(lagging.address.rpartition(":")[2])))
+            sock.listen(64)
+            fresh = Counter()
+            hosts[lagging.node_id] = ReplicaHost(
+                lagging.node_id,
+                peers,
+                tmp_path / f"r{lagging.node_id}",
+                token="t",
+                state_machine=fresh,
+                options=options,
+                listen_sock=sock,
+            )
+            await hosts[lagging.node_id].start()
+            await leader.log.submit(b"1")
+            deadline = asyncio.get_running_loop().time() + 10
+            while fresh.total != 101 and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.02)
+            assert fresh.total == 101
+            assert hosts[lagging.node_id].log.storage.snapshot_slot >= 60
         finally:
             for host in hosts.values():
                 await host.close()

@@ -5,9 +5,9 @@ proposals go through a "log" (applied to a ``JobStateMachine`` after a random
 delay, fed back as ``Applied``), dispatched attempts run the real ``run_task``
 on simulated workers with block stores, and faults are injected from the seed:
 executor deaths, worker-node deaths (detected later, replaced by a new worker),
-lost shuffle blocks, stragglers, and coordinator failovers (the scheduler is
-thrown away and rebuilt with ``Scheduler.from_state``; in-flight proposals may
-be lost).
+lost or corrupt shuffle blocks, duplicated reports, stragglers, and coordinator
+failovers (the scheduler is thrown away and rebuilt with ``Scheduler.from_state``;
+in-flight proposals may be lost).
 
 Checked for every seed: each job's result equals the serial reference
 (``run_local``), no task result is accepted twice (per output generation), a
@@ -56,12 +56,13 @@ from lepton_ai.compute.state import (
     TaskFinished,
 )
 from lepton_ai.compute.tasks import CorruptInput, UserCodeError, run_local, run_task
+from lepton_ai.monitor.phi import PhiAccrualDetector
 
 
 def _seeds() -> list[int]:
     spec = os.environ.get("LEPTON_SIM_SEEDS", "")
     if not spec:
-        return list(range(24))
+        return list(range(64))
     if "-" in spec:
         lo, hi = spec.split("-", 1)
         return list(range(int(lo), int(hi)))
@@ -124,6 +125,8 @@ class _Worker:
     wid: str
     slots: int
     alive: bool = True
+    paused_until: float = 0.0  # SIGSTOPped (whole node) until then
+    declared_lost: bool = False  # by the phi detector; a paused one may still report
     store: dict[str, bytes] = field(default_factory=dict)
     running: dict[TaskAttempt, _Attempt] = field(default_factory=dict)
 
@@ -145,7 +148,16 @@ class World:
         self.plans = {name: decode_plan(p) for name, p in plans.items()}
         self.accepted: dict[tuple[str, int, int], int] = {}
         self.trace: list[str] = []
-        self.stats = {"speculative": 0, "fetch_failed": 0, "output_lost": 0, "infra": 0}
+        self.phi = PhiAccrualDetector()
+        self.killed_at: dict[str, float] = {}
+        self.detection_s: list[float] = []
+        self.stats = {
+            "speculative": 0,
+            "fetch_failed": 0,
+            "output_lost": 0,
+            "infra": 0,
+            "paused_node_declared_lost": 0,
+        }
         for _ in range(3):
             self.add_worker()
         for i, (name, plan) in enumerate(plans.items()):
@@ -170,13 +182,15 @@ class World:
         epoch = self.epoch
 
         def commit() -> None:
-            if epoch != self.epoch and self.rng.random() < 0.5:
-                return  # proposal of a deposed leader lost in the failover
+            deposed = epoch != self.epoch and not isinstance(cmd, JobSubmitted)
+            if deposed and self.rng.random() < 0.5:
+                return  # proposal of a deposed leader lost (a client re-submits its own)
             result = self.machine.apply_command(cmd)
             self.audit(cmd, result.accepted)
             self.feed(Applied(cmd, result, self.now))
 
-        self.at(self.rng.uniform(0.001, 0.03), commit)
+        slow = self.rng.random() < 0.05  # a slow quorum round now and then
+        self.at(self.rng.uniform(0.001, 0.03) + (0.3 if slow else 0.0), commit)
 
     def audit(self, cmd: JobCommand, accepted: bool) -> None:
         if not accepted:
@@ -196,6 +210,29 @@ class World:
         w = _Worker(f"w{next(self.worker_seq)}", self.rng.choice([1, 2, 3]))
         self.workers[w.wid] = w
         self.feed(WorkerJoined(w.wid, f"addr-{w.wid}", w.slots, self.now))
+        self.beat(w)
+
+    def beat(self, w: _Worker) -> None:
+        """The agent's heartbeat every ~100 ms; none while paused, dead or declared lost."""
+        if not w.alive or w.declared_lost:
+            return
+        if self.now >= w.paused_until:
+            self.phi.heartbeat(w.wid, self.now)
+        self.at(0.1 + self.rng.uniform(-0.02, 0.02), lambda: self.beat(w))
+
+    def detect(self) -> None:
+        """The coordinator's failure detector, as on every tick."""
+        for wid in self.phi.suspects(self.now):
+            w = self.workers[wid]
+            self.phi.remove(wid)
+            w.declared_lost = True
+            if wid in self.killed_at:
+                self.detection_s.append(self.now - self.killed_at[wid])
+            self.trace.append(f"{self.now:.2f} detect {wid}")
+            self.feed(WorkerLost(wid, self.now))
+            if w.alive:  # a paused node: replaced; its late reports still arrive
+                self.stats["paused_node_declared_lost"] += 1
+                self.at(0.1, self.add_worker)
 
     def dispatch(self, d: Dispatch) -> None:
         w = self.workers[d.worker]
@@ -223,17 +260,24 @@ class World:
         self.at(0.005, lambda: self.report(w, TaskFailed(attempt, w.wid, "cancelled", self.now)))
 
     def report(self, w: _Worker, event: SchedulerEvent) -> None:
-        if w.alive:
-            self.feed(event)
+        if not w.alive:
+            return
+        if self.now < w.paused_until:  # frozen: the report leaves when the node resumes
+            self.at(w.paused_until - self.now, lambda: self.report(w, event))
+            return
+        self.feed(event)
 
     def finish(self, w: _Worker, run: _Attempt, d: Dispatch, crash: bool) -> None:
         if not w.alive or run.killed:
+            return
+        if self.now < w.paused_until:
+            self.at(w.paused_until - self.now, lambda: self.finish(w, run, d, crash))
             return
         del w.running[run.attempt]
         a = run.attempt
         if crash:
             self.stats["infra"] += 1
-            self.feed(TaskFailed(a, w.wid, "infra", self.now, "executor died"))
+            self.report(w, TaskFailed(a, w.wid, "infra", self.now, "executor died"))
             return
         inputs: list[bytes] = []
         for m, ref in enumerate(d.inputs):
@@ -242,22 +286,25 @@ class World:
                 inputs.append(b"")
             elif src is None or not src.alive or ref.block not in src.store:
                 self.stats["fetch_failed"] += 1
-                self.feed(FetchFailed(a, w.wid, a.stage - 1, m, ref.worker, self.now))
+                self.report(w, FetchFailed(a, w.wid, a.stage - 1, m, ref.worker, self.now))
                 return
             else:
                 inputs.append(src.store[ref.block])
-        report = self.execute(w, a, inputs)
-        self.feed(report)
+        report = self.execute(w, a, inputs, d.inputs)
+        self.report(w, report)
         if self.rng.random() < 0.05:  # the network delivers the report twice
             self.at(self.rng.uniform(0.0, 0.3), lambda: self.report(w, report))
 
-    def execute(self, w: _Worker, a: TaskAttempt, inputs: list[bytes]) -> SchedulerEvent:
+    def execute(
+        self, w: _Worker, a: TaskAttempt, inputs: list[bytes], refs: list[OutputRef]
+    ) -> SchedulerEvent:
         try:
             out = run_task(self.plans[a.job_id], a.stage, a.partition, inputs)
         except UserCodeError as exc:
             return TaskFailed(a, w.wid, "user", self.now, exc.message, exc.exc_type, exc.traceback)
         except CorruptInput as exc:
-            return FetchFailed(a, w.wid, a.stage - 1, exc.map_partition, "?", self.now)
+            src = refs[exc.map_partition].worker
+            return FetchFailed(a, w.wid, a.stage - 1, exc.map_partition, src, self.now)
         if out.result is not None:
             return TaskSucceeded(
                 a, w.wid, [OutputRef(w.wid, "", len(out.result), out.result)], self.now
@@ -278,17 +325,30 @@ class World:
         w = self.rng.choice(alive)
         w.alive = False
         w.running.clear()
+        self.killed_at[w.wid] = self.now
         self.trace.append(f"{self.now:.2f} kill {w.wid}")
-        self.at(self.rng.uniform(0.5, 1.5), lambda: self.feed(WorkerLost(w.wid, self.now)))
         self.at(self.rng.uniform(0.2, 2.0), self.add_worker)
+
+    def pause_worker(self) -> None:
+        """SIGSTOP a whole node for a while: a hang, not a crash."""
+        alive = [w for w in self.workers.values() if w.alive and not w.declared_lost]
+        if len(alive) < 2:
+            return
+        w = self.rng.choice(alive)
+        w.paused_until = self.now + self.rng.uniform(0.3, 4.0)
+        self.trace.append(f"{self.now:.2f} pause {w.wid} until {w.paused_until:.2f}")
 
     def lose_block(self) -> None:
         stores = [w for w in self.workers.values() if w.alive and w.store]
         if stores:
             w = self.rng.choice(stores)
             block = self.rng.choice(sorted(w.store))
-            del w.store[block]
-            self.trace.append(f"{self.now:.2f} lose {block}")
+            if self.rng.random() < 0.5:
+                del w.store[block]
+                self.trace.append(f"{self.now:.2f} lose {block}")
+            else:  # bit rot that got past the checksum: the reader cannot decode it
+                w.store[block] = b"M\xc1garbage"
+                self.trace.append(f"{self.now:.2f} corrupt {block}")
 
     def failover(self) -> None:
         self.epoch += 1
@@ -303,10 +363,16 @@ class World:
 
     def rejoin(self, w: _Worker) -> None:
         """A worker re-registers with the new leader, listing what it runs right now."""
+        if w.declared_lost:
+            return  # the real coordinator refuses a lost incarnation
+        if self.now < w.paused_until:
+            self.at(w.paused_until - self.now, lambda: self.rejoin(w))
+            return
         running = [RunningReport(r.attempt, r.slot) for r in w.running.values()]
         self.report(w, WorkerJoined(w.wid, f"addr-{w.wid}", w.slots, self.now, running))
 
     def tick(self) -> None:
+        self.detect()
         self.feed(Tick(self.now))
         if not self.done():
             self.at(0.1, self.tick)
@@ -321,7 +387,9 @@ class World:
                 self.at(self.rng.uniform(0.1, 3.0), self.kill_worker)
             for _ in range(self.rng.randint(0, 3)):
                 self.at(self.rng.uniform(0.1, 3.0), self.lose_block)
-            if self.rng.random() < 0.5:
+            for _ in range(self.rng.choice([0, 0, 1])):
+                self.at(self.rng.uniform(0.1, 3.0), self.pause_worker)
+            for _ in range(self.rng.choice([0, 0, 1, 2])):
                 self.at(self.rng.uniform(0.1, 3.0), self.failover)
         while self.queue and not self.done():
             t, _, fn = heapq.heappop(self.queue)
@@ -353,6 +421,8 @@ def test_jobs_survive_faults_with_exact_results(seed: int) -> None:
         assert got == want, f"{name}: wrong result; {_explain(world)}"
         for p in range(plan.result_stage.num_partitions):
             assert world.accepted[(name, len(plan.stages) - 1, p)] == 1
+    # phi accrual with default settings at a 100 ms heartbeat: a dead node within 2 s
+    assert all(d <= 2.0 for d in world.detection_s), (world.detection_s, _explain(world))
 
 
 @pytest.mark.timeout(60)
@@ -394,7 +464,7 @@ def test_fault_free_run_finishes_and_plans_are_deterministic() -> None:
 def test_the_simulation_exercises_every_fault() -> None:
     totals: dict[str, int] = {}
     failovers = 0
-    for seed in range(12):
+    for seed in range(24):
         world = World(seed, _plans(), JobOptions(max_retries=8))
         world.run(faults=True)
         assert world.done(), _explain(world)

@@ -193,3 +193,22 @@ def test_failover_rebuilds_waits_for_reports_and_adopts_running_attempts() -> No
         isinstance(c, TaskFinished) and c.epoch == 1 and c.partition == survivor.attempt.partition
         for c in new.proposed
     )
+
+
+def test_grace_ends_early_once_expected_workers_rejoin_and_bad_events_are_refused() -> None:
+    import pytest
+
+    sm = JobStateMachine()
+    cmd = JobSubmitted("j", MAP_ONLY, JobOptions())
+    sm.apply_command(cmd)
+    sched = Scheduler.from_state(sm.state, 0.0, epoch=3, expected_workers=["w1", "w2"])
+    drv = Driver(sched, sm)
+    drv.step(WorkerJoined("w1", "a1", 2, 0.1))
+    assert drv.dispatched == []  # w2 still expected
+    drv.step(WorkerJoined("w2", "a2", 2, 0.2))
+    assert len(drv.dispatched) == 4 and all(d.attempt.epoch == 3 for d in drv.dispatched)
+    with pytest.raises(TypeError):
+        sched.step("tick")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        sched.step(WorkerJoined("w3", "a3", -1, 0.3))
+    assert sched.free_slots() == 0 and len(sched.running()) == 4 and sched.jobs() == ["j"]

@@ -54,6 +54,7 @@ def test_runner_protocol_and_bad_cluster() -> None:
         (lambda t: t.parallelize([1], partitions=0), ValueError),
         (lambda t: t.parallelize([1], partitions=-2), ValueError),
         (lambda t: t.parallelize([1], partitions=2.5), TypeError),
+        (lambda t: t.parallelize(range(10), partitions=10**7), ValueError),
         (lambda t: t.parallelize(np.float64(3.0)), TypeError),
         (lambda t: t.parallelize([1]).map(3), TypeError),
         (lambda t: t.parallelize([1]).filter(None), TypeError),
@@ -70,6 +71,9 @@ def test_runner_protocol_and_bad_cluster() -> None:
         (lambda t: t.reduce(), ValueError),
         (lambda t: t.parallelize([1]).collect(bogus=1), TypeError),
         (lambda t: t.parallelize([1]).count(progress="x"), TypeError),
+        (lambda t: t.parallelize([1]).submit("sum"), ValueError),
+        (lambda t: t.parallelize([1]).submit("count", max), ValueError),
+        (lambda t: t.parallelize([1]).submit("reduce", 3), TypeError),
     ],
 )
 def test_bad_input_fails_at_the_call(call: Any, exc: type[Exception]) -> None:
@@ -83,6 +87,8 @@ def test_actions_submit_plans_with_merged_options() -> None:
     task, runner = _task(max_retries=5, speculation=False)
     ds = task.parallelize(range(10))
     assert ds.num_partitions == 3  # the cluster's default_parallelism
+    shuffled = ds.map(abs).map(lambda x: (x, 1)).reduce_by_key(operator.add, 2)
+    assert repr(shuffled) == "Dataset(partitions=2, ops=[map, map, reduce_by_key[2]])"
     with pytest.raises(_Submitted):
         ds.count(retry_exceptions=True, name="counting")
     plan, options = runner.plans[-1]
@@ -93,6 +99,10 @@ def test_actions_submit_plans_with_merged_options() -> None:
     with pytest.raises(_Submitted):
         ds.submit()
     assert decode_plan(runner.plans[-1][0]).result_stage.result.kind == "collect"  # type: ignore[union-attr]
+    with pytest.raises(_Submitted):
+        ds.submit("reduce", max, max_retries=1)
+    plan, options = runner.plans[-1]
+    assert run_local(decode_plan(plan)) == 9 and options.max_retries == 1
 
 
 def test_seed_convenience_map_then_reduce() -> None:

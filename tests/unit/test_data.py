@@ -193,3 +193,18 @@ def test_inline_limit_is_enforced() -> None:
 
     with pytest.raises(ValueError, match="inline_bytes_max"):
         inline_sources([list(range(1000))], SourceLimits(inline_bytes_max=100))
+
+
+def test_compressed_files_are_one_split_each(tmp_path: Path) -> None:
+    import gzip
+
+    with gzip.open(tmp_path / "a.log.gz", "wt") as f:
+        f.write("".join(f"line {j}\n" for j in range(1000)))
+    (tmp_path / "b.log").write_text("".join(f"plain {j}\n" for j in range(1000)))
+    srcs = text_sources(str(tmp_path / "*.log*"), 8)
+    gz = [s for s in srcs if isinstance(s, TextSource) and s.compression == "gzip"]
+    assert len(gz) == 1 and len(srcs) > 2
+    lines = [line for s in srcs for line in read_source(s)]
+    assert sorted(lines) == sorted(
+        [f"line {j}" for j in range(1000)] + [f"plain {j}" for j in range(1000)]
+    )

@@ -125,3 +125,13 @@ def test_snapshot_restore_round_trip_keeps_sessions() -> None:
     _do(m, s, 1, Cas("k", None, "v"), ack_below=1)
     assert _open(m2) == _open(m)  # same next session id on both
     assert m2.snapshot() == m.snapshot()
+
+
+def test_out_of_order_acknowledged_results_are_swept_when_cache_is_full() -> None:
+    m = KvMachine(KvConfig(results_per_session_max=3))
+    s = _open(m)
+    _do(m, s, 2, Put("a", 2), ack_below=1)  # seq 2 overtook seq 1 (a retry)
+    _do(m, s, 1, Put("b", 1), ack_below=1)
+    _do(m, s, 3, Put("a", 3), ack_below=2)  # client saw seq 1: its result can go
+    assert _do(m, s, 4, Put("a", 4), ack_below=2).error is None
+    assert m.read(Get("a")).value == 4

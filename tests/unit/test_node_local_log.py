@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lepton_ai.errors import Unavailable
-from lepton_ai.node.local_log import LocalLog, LocalLogConfig, LogCorrupt
+from lepton_ai.node.local_log import LocalLog, LocalLogConfig, LogCorrupt, LogInUse
 
 
 class Counter:
@@ -55,6 +55,8 @@ def test_submit_applies_in_order_and_replays(tmp_path: Path) -> None:
     assert sorted(int(r) for r in results) == [int(r) for r in results]
     again = Counter()
     log2 = LocalLog(tmp_path, again)
+    with pytest.raises(LogInUse):
+        LocalLog(tmp_path, Counter())  # a second owner of the same log
     assert (again.total, again.applied, log2.replayed) == (5050, 100, 100)
     asyncio.run(log2.close())
 

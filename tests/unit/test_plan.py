@@ -117,13 +117,28 @@ def test_finalize_semantics() -> None:
     count = decode_plan(t.parallelize(range(4), 2).plan_bytes("count"))
     assert finalize(count, [pickle.dumps(3), pickle.dumps(4)]) == 7
     red = decode_plan(t.parallelize(range(4), 2).plan_bytes("reduce", None))
-    assert finalize(red, [pickle.dumps(()), pickle.dumps(())]) == 0
-    assert finalize(red, [pickle.dumps((None,)), pickle.dumps(())]) is None
+    assert finalize(red, [pickle.dumps(())]) == 0
+    assert finalize(red, [pickle.dumps((None,))]) is None
     mx = decode_plan(t.parallelize(range(4), 2).plan_bytes("reduce", max))
     with pytest.raises(ValueError, match="empty"):
-        finalize(mx, [pickle.dumps(()), pickle.dumps(())])
-    with pytest.raises(ValueError):
         finalize(mx, [pickle.dumps(())])
+    with pytest.raises(ValueError):
+        finalize(mx, [pickle.dumps(()), pickle.dumps(())])
+
+
+def test_reduce_merges_partials_in_one_final_task_in_partition_order() -> None:
+    t = _task()
+    ds = t.parallelize([str(i) for i in range(30)], 7)
+    plan = decode_plan(ds.plan_bytes("reduce", operator.concat))  # associative, not commutative
+    assert [s.num_partitions for s in plan.stages] == [7, 1]
+    assert plan.stages[0].shuffle_write is not None
+    assert plan.stages[0].shuffle_write.mode == "partial"
+    assert run_local(plan) == "".join(str(i) for i in range(30))
+    single = decode_plan(t.parallelize(range(5), 1).plan_bytes("reduce", None))
+    assert len(single.stages) == 1  # one partition: nothing to merge
+    assert run_local(single) == 10
+    empty = decode_plan(t.parallelize([], 3).plan_bytes("reduce", None))
+    assert run_local(empty) == 0
 
 
 # --- property: any chain of operations plans into (shuffles + 1) stages and computes

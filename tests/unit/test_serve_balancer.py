@@ -15,10 +15,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
+import pytest
 
 from lepton_ai.serve.balancer import Balancer
 from lepton_ai.serve.config import BalancerConfig
+from lepton_ai.serve.loadgen import run_load
 from lepton_ai.serve.policy import RouterConfig
+from lepton_ai.serve.upstream import UpstreamPool
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -276,8 +279,6 @@ async def _metrics(lb: Balancer) -> str:
 
 
 def test_upstream_reads_chunked_bodies_and_honours_connection_close() -> None:
-    from lepton_ai.serve.upstream import UpstreamPool
-
     async def chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _read_request(reader)
         writer.write(
@@ -300,8 +301,6 @@ def test_upstream_reads_chunked_bodies_and_honours_connection_close() -> None:
 
 
 def test_upstream_reuses_keep_alive_and_replaces_a_stale_connection() -> None:
-    from lepton_ai.serve.upstream import UpstreamPool
-
     connections = 0
 
     async def one_shot(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -320,5 +319,24 @@ def test_upstream_reuses_keep_alive_and_replaces_a_stale_connection() -> None:
                 await asyncio.sleep(0.05)
             pool.close()
         assert connections == 3  # each stale connection was noticed and replaced
+
+    asyncio.run(scenario())
+
+
+def test_load_generator_is_bounded_and_loopback_only() -> None:
+
+    for url in ("http://10.0.0.1:80/predict", "https://127.0.0.1:443/", "http://localhost:80/"):
+        with pytest.raises(ValueError):
+            asyncio.run(run_load(url, b"", concurrency=1, requests_max=1, duration_s_max=1))
+
+    async def scenario() -> None:
+        async with upstreams(answering()) as ports:
+            url = f"http://127.0.0.1:{ports[0]}/predict"
+            result = await run_load(url, b"{}", concurrency=4, requests_max=50, duration_s_max=5)
+            assert result.ok == 50 and result.failed == 0  # stops at the count bound
+            result = await run_load(
+                url, b"{}", concurrency=2, requests_max=10**9, duration_s_max=0.3
+            )
+            assert 0.3 <= result.duration_s < 1.0  # and at the time bound
 
     asyncio.run(scenario())

@@ -133,6 +133,16 @@ def test_answered_but_not_ready_leaves_rotation_without_being_dead() -> None:
     assert {router.pick(0.0, random.Random(i)) for i in range(10)} == {1}
 
 
+def test_a_standby_gets_no_traffic_until_promoted() -> None:
+    router = _router(2)
+    router.set_standby(1, True)
+    assert {router.pick(0.0, random.Random(i)) for i in range(20)} == {0}
+    router.remove(0)
+    assert router.pick(0.0, random.Random(0)) is None and not router.any_ready(0.0)
+    router.set_standby(1, False)
+    assert router.pick(0.0, random.Random(0)) == 1
+
+
 def test_draining_and_removed_replicas_get_no_new_requests() -> None:
     router = _router(3)
     router.drain(0)

@@ -58,6 +58,9 @@ class JobRunner(Protocol):
     log, and returns the job id once it is committed. It raises
     ``lepton_ai.errors.Unavailable`` if no leader answers in time. The caller
     then waits with ``Job(cluster, job_id).result(timeout=)``.
+
+    Optional extras, used when present: ``default_parallelism: int`` (partitions
+    when none are given; else 8) and ``put_blob(data) -> key`` (see ``_blob_storer``).
     """
 
     def submit_plan(self, plan: bytes, options: JobOptions) -> str: ...
@@ -209,6 +212,14 @@ class Dataset:
         self._task = task
         self._ops = ops
 
+    def __repr__(self) -> str:
+        steps = [
+            f"{op.kind}" if isinstance(op, NarrowOp) else f"{op.mode}_by_key[{op.partitions}]"
+            for op in self._ops[1:]
+            if isinstance(op, (NarrowOp, ShuffleOp))
+        ]
+        return f"Dataset(partitions={self.num_partitions}, ops=[{', '.join(steps)}])"
+
     def _narrow(self, kind: NarrowKind, fn: Callable[..., Any]) -> Dataset:
         _check_callable(fn, f"{kind} function")
         return Dataset(self._task, (*self._ops, NarrowOp(kind, fn)))
@@ -260,9 +271,25 @@ class Dataset:
 
     # ------------------------------------------------------------- actions
 
-    def submit(self, **options: Any) -> Job:
-        """Start a ``collect`` job and return at once (detached); see ``Job``."""
-        return self._start("collect", None, options)
+    def submit(
+        self,
+        action: ActionKind = "collect",
+        op: Callable[[Any, Any], Any] | None = None,
+        **options: Any,
+    ) -> Job:
+        """Start a job and return at once (detached); ``job.result()`` waits for it.
+
+        ``action`` is ``"collect"`` (default), ``"count"`` or ``"reduce"`` (with
+        ``op``, None = sum). Options as for ``DistributedTask`` (``max_retries``,
+        ``retry_exceptions``, ``speculation``, ``progress``, plus ``name``).
+        """
+        if action not in ("collect", "count", "reduce"):
+            raise ValueError(f"action must be collect, count or reduce, got {action!r}")
+        if op is not None:
+            if action != "reduce":
+                raise ValueError("op is only used by the reduce action")
+            _check_callable(op, "reduce op")
+        return self._start(action, op, options)
 
     def collect(self, *, timeout: float | None = None, **options: Any) -> list[Any]:
         """All items, in partition order."""

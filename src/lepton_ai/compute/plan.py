@@ -29,13 +29,15 @@ from typing import Any, Literal
 
 import msgspec
 
+from lepton_ai.data.partition import PARTITIONS_MAX
 from lepton_ai.data.sources import Source
 
 NarrowKind = Literal["map", "filter", "flat_map", "map_partitions"]
-ShuffleMode = Literal["reduce", "group"]
+ShuffleMode = Literal["reduce", "group", "partial"]
 ActionKind = Literal["collect", "count", "reduce"]
 
 PLAN_VERSION = 1
+STAGES_MAX = 64  # shuffles per job + 1
 
 
 class JobOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -64,7 +66,8 @@ class ShuffleWrite(msgspec.Struct, frozen=True):
     """The stage ends by hash-partitioning (key, value) pairs into ``num_buckets`` buckets.
 
     ``mode == "reduce"``: values of a key are combined map-side with the op in
-    ``op`` (cloudpickled); ``"group"``: gathered into lists.
+    ``op`` (cloudpickled); ``"group"``: gathered into lists; ``"partial"``: the
+    whole partition is folded with ``op`` into one partial (``reduce`` action).
     """
 
     num_buckets: int
@@ -156,8 +159,10 @@ def validate_plan(plan: JobPlan) -> None:
         raise ValueError(f"unsupported plan version {plan.version}")
     if not plan.stages:
         raise ValueError("a plan needs at least one stage")
+    if len(plan.stages) > STAGES_MAX:
+        raise ValueError(f"a plan has at most {STAGES_MAX} stages, got {len(plan.stages)}")
     for i, s in enumerate(plan.stages):
-        if s.stage_id != i or s.num_partitions <= 0:
+        if s.stage_id != i or not 0 < s.num_partitions <= PARTITIONS_MAX:
             raise ValueError(f"stage {i}: bad id {s.stage_id} or partitions {s.num_partitions}")
         last = i == len(plan.stages) - 1
         if (s.result is not None) != last or (s.shuffle_write is not None) == last:
@@ -259,9 +264,36 @@ def build_plan(
                 result=result,
             )
         )
+    if action == "reduce" and stages[-1].num_partitions > 1:
+        stages = _final_merge_stage(stages)
     plan = JobPlan(stages)
     validate_plan(plan)
     return plan
+
+
+def _final_merge_stage(stages: list[StageSpec]) -> list[StageSpec]:
+    """``reduce``: partials go through a one-bucket shuffle to a single merging task.
+
+    Each task of the last stage folds its partition into one partial and writes
+    it as a ``"partial"`` bucket; one final task folds the partials in partition
+    order. Only the final value then travels in the log (``TaskFinished``) instead
+    of one partial per partition - with partials like word-count Counters, that is
+    the difference between one and N large log entries.
+    """
+    last = stages[-1]
+    spec = last.result
+    if spec is None:
+        raise AssertionError("the last stage carries the action")
+    write = ShuffleWrite(1, "partial", spec.op)
+    final = StageSpec(
+        stage_id=last.stage_id + 1,
+        num_partitions=1,
+        ops=dumps_function([], "final merge"),
+        op_names=[],
+        shuffle_read=ShuffleRead(last.stage_id, last.num_partitions, "partial", spec.op),
+        result=spec,
+    )
+    return [*stages[:-1], msgspec.structs.replace(last, shuffle_write=write, result=None), final]
 
 
 # ------------------------------------------------------------ result merging

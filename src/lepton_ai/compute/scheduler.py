@@ -429,14 +429,16 @@ class Scheduler:
             self._count_failure(job, reader, "fetch failure names a bad input", ev.now)
             return
         producer = job.tasks[ev.map_stage][ev.map_partition]
-        if (
-            producer.done
-            and producer.outcome is not None
-            and producer.outcome.worker == ev.source_worker
-        ):
+        outcome = producer.outcome
+        if producer.done and outcome is not None and outcome.worker == ev.source_worker:
             self._invalidate(job, producer, ev.now)
-        if self._runnable(job, reader):
-            self._enqueue(job, reader)
+            if self._runnable(job, reader):
+                self._enqueue(job, reader)
+        else:
+            # Stale (the output was already re-made) or naming the wrong worker: count it
+            # against the reader, so a fetch that keeps failing cannot loop for ever.
+            what = f"fetch of stage {ev.map_stage} map {ev.map_partition} failed"
+            self._count_failure(job, reader, f"{what} from {ev.source_worker}", ev.now)
 
     def _invalidate(self, job: _Job, task: _Task, now: float) -> None:
         """The task's recorded output is gone: propose OutputLost and stop counting it done."""

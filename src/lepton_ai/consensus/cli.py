@@ -65,13 +65,36 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def register_cluster_commands(
     cluster_subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+    *,
+    status_name: str | None = "status",
 ) -> None:
-    """Add ``status`` to the node layer's ``lepton cluster`` parser."""
-    status = cluster_subparsers.add_parser(
-        "status", help="replicas: leader, ballot, commit index, lag and health"
+    """Add the replica commands to the node layer's ``lepton cluster`` parser.
+
+    ``status_name``: the name of the replica-status command (``None`` to leave it out
+    when the node layer has its own ``status`` and calls ``collect_status`` itself).
+    """
+    if status_name is not None:
+        status = cluster_subparsers.add_parser(
+            status_name, help="replicas: leader, ballot, commit index, lag and health"
+        )
+        _add_common(status)
+        status.set_defaults(func=cmd_cluster_status)
+
+    add = cluster_subparsers.add_parser(
+        "add-coordinator",
+        help="add a replica (start it first with `lepton coordinator --join ...`)",
     )
-    _add_common(status)
-    status.set_defaults(func=cmd_cluster_status)
+    add.add_argument("--id", type=int, required=True, help="the new replica's node id")
+    add.add_argument("--address", required=True, help="the new replica's host:port")
+    _add_common(add)
+    add.set_defaults(func=cmd_change_members, add=True)
+
+    remove = cluster_subparsers.add_parser(
+        "remove-coordinator", help="remove a replica from the group (then stop it)"
+    )
+    remove.add_argument("--id", type=int, required=True, help="the node id to remove")
+    _add_common(remove)
+    remove.set_defaults(func=cmd_change_members, add=False, address="")
 
 
 def _value(raw: str, as_json: bool) -> Any:
@@ -161,6 +184,7 @@ async def collect_status(
                 "applied_index": res.applied_index,
                 "snapshot_index": res.snapshot_index,
                 "wal_bytes": res.wal_bytes,
+                "members": res.members,
             }
         )
     leaders = [r for r in replicas if r.get("role") == "leader"]
@@ -176,6 +200,22 @@ async def collect_status(
         "commit_index": top,
         "replicas": replicas,
     }
+
+
+def cmd_change_members(args: argparse.Namespace) -> int:
+    """One membership change, acknowledged once the new configuration is committed."""
+
+    async def change() -> None:
+        async with _client(args) as client:
+            await client.change_members(add=args.add, node=args.id, address=args.address)
+
+    asyncio.run(change())
+    verb = "added" if args.add else "removed"
+    if args.json:
+        print(json.dumps({"node": args.id, verb: True}))
+    else:
+        print(f"replica {args.id} {verb}")
+    return 0
 
 
 def cmd_cluster_status(args: argparse.Namespace) -> int:

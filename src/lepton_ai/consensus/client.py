@@ -122,6 +122,7 @@ class KvClient:
         self._session_lock: asyncio.Lock | None = None
         self._seqs = itertools.count(1)
         self._inflight_seqs: set[int] = set()
+        self._low_seq = 1
         self._slots: asyncio.Semaphore | None = None
         self._closed = False
 
@@ -218,8 +219,11 @@ class KvClient:
                 session = await self._open_session()
                 seq = next(self._seqs)
                 self._inflight_seqs.add(seq)
+                # ack_below: every seq below the lowest one in flight has its answer.
+                while self._low_seq < seq and self._low_seq not in self._inflight_seqs:
+                    self._low_seq += 1
                 try:
-                    command = encode_command(Request(session, seq, min(self._inflight_seqs), op))
+                    command = encode_command(Request(session, seq, self._low_seq, op))
                     reply = await self._request(_submitter(command))
                 finally:
                     self._inflight_seqs.discard(seq)
@@ -246,6 +250,7 @@ class KvClient:
         deadline = loop.time() + self.config.deadline_s
         backoff = self.config.backoff_s
         last = "no replica tried"
+        redirects = 0
         while not self._closed:
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -253,7 +258,9 @@ class KvClient:
             address = self._target()
             timeout = min(remaining, self.config.attempt_timeout_s)
             try:
-                link = await asyncio.wait_for(self._link(address), timeout)
+                link = self._links.get(address)
+                if link is None or link.conn.closed:  # connect only when needed (a task)
+                    link = await asyncio.wait_for(self._link(address), timeout)
                 rid = next(self._rids)
                 reply = await self._exchange(link, make(rid), rid, timeout)
             except AuthError:
@@ -266,8 +273,11 @@ class KvClient:
                     last = f"{address} redirected to {reply.leader}"
                     if reply.leader is not None and reply.leader != address:
                         self._leader = reply.leader
-                        continue  # a named leader: go there at once
-                    self._forget(address)
+                        redirects += 1
+                        if redirects <= len(self.addresses):
+                            continue  # a named leader: go there at once (unless ping-pong)
+                    else:
+                        self._forget(address)
                 elif isinstance(reply, Failed):
                     if reply.reason.startswith(("ValueError", "TypeError")):
                         raise ValueError(reply.reason)  # our request is wrong: no retry
@@ -296,7 +306,8 @@ class KvClient:
         link.rids.add(rid)
         try:
             link.conn.send_nowait(msg)
-            await link.conn.drain()
+            if link.conn.writer.transport.get_write_buffer_size():
+                await link.conn.drain()  # only when the socket pushes back
             return await asyncio.wait_for(fut, timeout)
         except (ConnectionClosed, OSError):
             await self._drop(link)

@@ -13,6 +13,7 @@ its data directory and is serving. Every child is stopped by PID on ``stop``, on
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import os
@@ -27,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lepton_ai.consensus.client import KV, ClientConfig
+from lepton_ai.consensus.client import KV, ClientConfig, KvClient
 from lepton_ai.consensus.protocol import Status
 from lepton_ai.errors import LeptonError
 from lepton_ai.wire import generate_token
@@ -52,7 +53,7 @@ class LauncherConfig:
     stop_timeout_s: float = 5.0
     poll_interval_s: float = 0.02
     fsync: bool = True
-    tick_s: float = 0.01  # the replica's tick; election timeouts are a number of ticks
+    tick_s: float = 0.02  # the replica's tick: elections time out after 10-20 ticks
 
 
 class ReplicaProcess:
@@ -119,6 +120,7 @@ class KvCluster:
         self._client_config = client_config
         self._extra_args = list(extra_args)
         self._kv: KV | None = None
+        self._joining: set[int] = set()
         self.replicas: dict[int, ReplicaProcess] = {}
         sockets: dict[int, socket.socket] = {}
         try:
@@ -210,6 +212,37 @@ class KvCluster:
         if wait:
             self.wait_ready(node)
 
+    # -- membership --------------------------------------------------------------------
+    def add_replica(self) -> int:
+        """Start a new replica (``--join``) and commit its addition; returns its node id."""
+        node = max(self.replicas) + 1
+        sock = _bind(0)
+        port = sock.getsockname()[1]
+        sock.close()
+        self.replicas[node] = ReplicaProcess(node, port, self.root / f"replica-{node}")
+        self._joining.add(node)
+        self._spawn(node)
+        self.wait_ready(node)
+        asyncio.run(self._change(add=True, node=node, address=self.replicas[node].address))
+        return node
+
+    def remove_replica(self, node: int) -> None:
+        """Commit the removal of ``node``, then stop its process."""
+        asyncio.run(self._change(add=False, node=node, address=""))
+        self._terminate(node)
+        del self.replicas[node]
+        if self._kv is not None:  # its address list changed
+            self._kv.close()
+            self._kv = None
+
+    async def _change(self, *, add: bool, node: int, address: str) -> None:
+        async with KvClient(
+            [r.address for n, r in self.replicas.items() if n != node or not add],
+            token=self.token,
+            config=self._client_config,
+        ) as client:
+            await client.change_members(add=add, node=node, address=address)
+
     # -- observation ----------------------------------------------------------------
     def status(self, timeout_s: float = 2.0) -> dict[int, Status | None]:
         out: dict[int, Status | None] = {}
@@ -262,6 +295,8 @@ class KvCluster:
         ]
         if listen_fd is not None:
             cmd += ["--listen-fd", str(listen_fd)]
+        if node in self._joining:
+            cmd.append("--join")
         return cmd + self._extra_args
 
     def _spawn(self, node: int) -> None:

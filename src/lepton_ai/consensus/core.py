@@ -59,6 +59,7 @@ from lepton_ai.consensus.core_leader import (
     merge_promises,
     noop,
     quorum_slot,
+    replicate,
 )
 from lepton_ai.consensus.core_log import Log
 from lepton_ai.consensus.core_types import (
@@ -319,6 +320,7 @@ class Replica:
         if self._ready_out:
             raise ValueError("ready() called twice without advance()")
         ldr = self._ldr
+        self._pending_self_through = 0
         if ldr is not None:
             self._seal_batch(ldr)
             if ldr.read_seq > ldr.read_seq_sent:
@@ -355,13 +357,14 @@ class Replica:
             raise ValueError("advance() without a ready()")
         self._ready_out = False
         ldr = self._ldr
-        if ldr is not None and rd.ballot == ldr.ballot:
+        if ldr is not None and rd.is_leader and rd.ballot == ldr.ballot:
             ldr.self_match = max(ldr.self_match, self._pending_self_through)
             self._leader_commit(ldr)
 
     # -- acceptor side ---------------------------------------------------------------
 
     def _on_prepare(self, m: Prepare) -> None:
+        cfg = self.config
         if m.ballot[1] != m.src:
             self.dropped_messages += 1
             return
@@ -375,7 +378,9 @@ class Replica:
         )
         if sticky and m.ballot > self.promised and self.leader_id != m.src:
             return
-        if m.commit < self.log.first - 1:
+        if m.commit < self.log.first - 1 or m.commit < self.log.commit - cfg.catchup_entries_max:
+            # The promise would have to carry a compacted or oversized chosen prefix: a
+            # replica this far behind must be caught up by a leader, not become one.
             self._nack(m.src, m.ballot, NACK_BEHIND)
             return
         if m.ballot > self.promised:
@@ -510,10 +515,19 @@ class Replica:
         peer = ldr.peers.get(m.src)
         if peer is None:
             return
+        fresh = m.through >= peer.match
         self._note_through(ldr, peer, m.through)
-        if m.gap or m.through + 1 < self.log.first:
+        behind = m.through + 1 < self.log.first
+        # Resend from the follower's first missing slot (or a snapshot), one message at a
+        # time; a stale or duplicated report, or a snapshot already on its way, changes nothing.
+        if (
+            fresh
+            and (m.gap or behind)
+            and peer.next > m.through + 1
+            and not (behind and peer.snapshot_sent)
+        ):
             peer.next = m.through + 1
-            peer.snapshot_sent = False
+            peer.probing = True
         self._leader_commit(ldr)
 
     def _on_heartbeat_ack(self, m: HeartbeatAck) -> None:
@@ -531,6 +545,9 @@ class Replica:
         if through > self.log.last:
             raise InvariantError(f"peer holds slot {through} beyond leader's last {self.log.last}")
         peer.heard_tick = self.ticks
+        if through > peer.match:
+            peer.probing = False
+            peer.snapshot_sent = False
         peer.match = max(peer.match, through)
         peer.next = max(peer.next, peer.match + 1)
 
@@ -545,9 +562,12 @@ class Replica:
         slot = min(quorum_slot(ldr.match_map(self.node_id), configs), self.log.last)
         if slot > self.log.commit:
             self.log.advance_commit(slot)
-            if self.node_id not in self._known_members_with_self():
-                self._step_down(None)
+            known = self._known_members_with_self()
+            if self.node_id not in known:
+                self._step_down(None)  # a committed change removed this leader
                 return
+            for gone in [p for p in ldr.peers if p not in known]:
+                del ldr.peers[gone]
 
     def _active_configs(self) -> list[tuple[int, ...]]:
         configs = [self.log.committed_config()]
@@ -593,37 +613,12 @@ class Replica:
         return ProposalId(slot=slot, origin=ldr.ballot, index=0)
 
     def _send_entries(self, ldr: LeaderState, peer_id: int) -> None:
-        peer = ldr.peers[peer_id]
-        cfg = self.config
-        while peer.next <= self.log.last and peer.next - peer.match - 1 < cfg.inflight_max:
-            if peer.next < self.log.first:
-                if not peer.snapshot_sent:
-                    snap = self.log.snapshot
-                    msg = InstallSnapshot(
-                        src=self.node_id, ballot=ldr.ballot, snapshot=snap, commit=self.log.commit
-                    )
-                    self._send(peer_id, msg)
-                    peer.snapshot_sent = True
-                peer.next = max(peer.next, self.log.snapshot.slot + 1)
-                return
-            values = self.log.entries_from(peer.next, cfg.catchup_entries_max, cfg.batch_bytes_max)
-            if not values:
-                raise InvariantError(f"leader log has a hole at slot {peer.next}")
-            accept = Accept(
-                src=self.node_id,
-                ballot=ldr.ballot,
-                first_slot=peer.next,
-                values=values,
-                commit=self.log.commit,
-            )
-            self._send(peer_id, accept)
-            peer.next += len(values)
+        for msg in replicate(self.log, ldr, ldr.peers[peer_id], self.node_id, self.config):
+            self._send(peer_id, msg)
 
     def _unsent(self, ldr: LeaderState) -> bool:
         window = self.config.inflight_max
-        return any(
-            p.next <= self.log.last and p.next - p.match - 1 < window for p in ldr.peers.values()
-        )
+        return any(p.wants_send(self.log.last, window) for p in ldr.peers.values())
 
     def _tick_leader(self) -> None:
         ldr = self._ldr
@@ -633,15 +628,7 @@ class Replica:
         if self._heartbeat_elapsed >= self.config.heartbeat_ticks:
             self._broadcast_heartbeat(ldr)
         for peer in ldr.peers.values():
-            if peer.match >= self.log.last or peer.match != peer.stall_match:
-                peer.stall_match = peer.match
-                peer.stall_ticks = 0
-                continue
-            peer.stall_ticks += 1
-            if peer.stall_ticks >= self.config.retransmit_ticks:
-                peer.next = peer.match + 1
-                peer.snapshot_sent = False
-                peer.stall_ticks = 0
+            peer.tick_stall(self.log.last, self.config.retransmit_ticks)
         window = self.config.election_ticks_max
         if self.config.check_quorum and self.ticks - ldr.quorum_check_tick >= window:
             ldr.quorum_check_tick = self.ticks

@@ -8,8 +8,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lepton_ai.consensus.core_types import InvariantError
-from lepton_ai.consensus.messages import KIND_CONFIG, KIND_NOOP, Ballot, Entry, Promise, Value
+from lepton_ai.consensus.core_log import Log
+from lepton_ai.consensus.core_types import InvariantError, PaxosConfig
+from lepton_ai.consensus.messages import (
+    KIND_CONFIG,
+    KIND_NOOP,
+    Accept,
+    Ballot,
+    Entry,
+    InstallSnapshot,
+    PeerMessage,
+    Promise,
+    Value,
+)
 
 
 def majority(members: tuple[int, ...] | frozenset[int]) -> int:
@@ -42,6 +53,29 @@ class Peer:
     stall_ticks: int = 0
     read_seq: int = 0
     snapshot_sent: bool = False
+    probing: bool = False
+    """After a loss or gap, send one message and wait for its answer before pipelining
+    again (Raft's probe state), so a lossy link is not flooded with whole windows."""
+
+    def wants_send(self, last: int, window: int) -> bool:
+        """Slots up to ``last`` remain to be sent and the window and probe state allow it."""
+        if self.next > last or self.next - self.match - 1 >= window:
+            return False
+        return not (self.probing and self.next > self.match + 1)
+
+    def tick_stall(self, last: int, retransmit_ticks: int) -> None:
+        """No acknowledged progress for ``retransmit_ticks``: resend from the first slot
+        the peer lacks (the messages in flight were probably lost)."""
+        if self.match >= last or self.match != self.stall_match:
+            self.stall_match = self.match
+            self.stall_ticks = 0
+            return
+        self.stall_ticks += 1
+        if self.stall_ticks >= retransmit_ticks:
+            self.next = self.match + 1
+            self.snapshot_sent = False
+            self.probing = True
+            self.stall_ticks = 0
 
 
 @dataclass(slots=True)
@@ -118,6 +152,40 @@ def merge_promises(
         if cfg not in configs:
             configs.append(cfg)
     return Merged(chosen_through=chosen_through, values=values, configs=configs)
+
+
+def replicate(
+    log: Log, ldr: LeaderState, peer: Peer, node_id: int, cfg: PaxosConfig
+) -> list[PeerMessage]:
+    """The Accept (or InstallSnapshot) messages that bring ``peer`` up to the leader's last
+    slot, within the peer's window; advances ``peer.next`` past what they carry."""
+    out: list[PeerMessage] = []
+    while peer.wants_send(log.last, cfg.inflight_max):
+        if peer.next < log.first:
+            if not peer.snapshot_sent:
+                snap = log.snapshot
+                out.append(
+                    InstallSnapshot(
+                        src=node_id, ballot=ldr.ballot, snapshot=snap, commit=log.commit
+                    )
+                )
+                peer.snapshot_sent = True
+            peer.next = max(peer.next, log.snapshot.slot + 1)
+            break
+        values = log.entries_from(peer.next, cfg.catchup_entries_max, cfg.batch_bytes_max)
+        if not values:
+            raise InvariantError(f"leader log has a hole at slot {peer.next}")
+        out.append(
+            Accept(
+                src=node_id,
+                ballot=ldr.ballot,
+                first_slot=peer.next,
+                values=values,
+                commit=log.commit,
+            )
+        )
+        peer.next += len(values)
+    return out
 
 
 def noop(origin: Ballot) -> Value:

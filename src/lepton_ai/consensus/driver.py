@@ -30,7 +30,6 @@ from lepton_ai.consensus.api import NotLeader, StateMachine
 from lepton_ai.consensus.core import Replica
 from lepton_ai.consensus.core_types import (
     DurableState,
-    InvariantError,
     Overloaded,
     PaxosConfig,
     ProposalId,
@@ -413,10 +412,6 @@ class ReplicaDriver:
         log.info("node %s %s leadership", self.node_id, "gained" if leading else "lost")
         for callback in self._callbacks:
             callback(leading)
-
-    def check_invariants(self) -> None:  # pragma: no cover - debugging aid
-        if self._waiting_count < 0:
-            raise InvariantError("negative waiting count")
 
     async def close(self) -> None:
         for task in list(self._extra_tasks):

@@ -208,14 +208,15 @@ class KvMachine:
         self._sessions.move_to_end(req.session)
         if req.ack_below > session.ack_below:
             session.ack_below = req.ack_below
-            for seq in [s for s in session.results if s < req.ack_below]:
-                del session.results[seq]
+            _drop_acknowledged(session.results, req.ack_below, full=False)
         cached = session.results.get(req.seq)
         if cached is not None:
             return cached
         if req.seq < session.ack_below:
             # The client already saw this result and moved on; nobody waits for it.
             return encode_result(KvResult(ok=False, error="stale"))
+        if len(session.results) >= self.config.results_per_session_max:
+            _drop_acknowledged(session.results, session.ack_below, full=True)
         if len(session.results) >= self.config.results_per_session_max:
             return encode_result(KvResult(ok=False, error="too_many_in_flight"))
         result = encode_result(self._apply_op(req.op))
@@ -249,3 +250,17 @@ class KvMachine:
             else:
                 self._data[op.key] = op.new
         return KvResult(ok=swapped, found=found, value=before)
+
+
+def _drop_acknowledged(results: dict[int, bytes], ack_below: int, *, full: bool) -> None:
+    """Forget results the client has seen. Results are inserted in (nearly) increasing
+    sequence order, so popping from the front is O(dropped); ``full`` also sweeps
+    stragglers that a retry inserted out of order (only when the cache is full)."""
+    while results:
+        first = next(iter(results))
+        if first >= ack_below:
+            break
+        del results[first]
+    if full:
+        for seq in [s for s in results if s < ack_below]:
+            del results[seq]

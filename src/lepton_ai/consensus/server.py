@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
 import signal
@@ -337,6 +338,7 @@ class ReplicaOptions:
     fsync: bool = True
     tick_s: float = 0.02
     snapshot_entries: int = 10_000
+    log_retain_entries: int = 1_000  # slots kept below a snapshot for lagging peers
     join: bool = False  # a new replica: not a member until a committed change adds it
     wire: WireConfig = field(default_factory=WireConfig)
 
@@ -401,6 +403,7 @@ class ReplicaHost:
             node_id=self.node_id,
             members=tuple(members),
             snapshot_entries=self.options.snapshot_entries,
+            log_retain_entries=self.options.log_retain_entries,
         )
         self._driver = ReplicaDriver.create(
             paxos,
@@ -487,7 +490,8 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     if os.environ.get("LEPTON_UVLOOP", "1") == "0":
         return None
     try:
-        import uvloop
+        # Optional dependency: imported by name so type checking does not require it.
+        uvloop = importlib.import_module("uvloop")
     except ImportError:
         return None
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop

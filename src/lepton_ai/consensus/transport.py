@@ -28,7 +28,6 @@ from lepton_ai.wire.frames import HEADER as _HEADER
 log = logging.getLogger("lepton_ai.consensus.transport")
 
 
-
 class PeerHello(msgspec.Struct, tag=True, frozen=True):
     """First message on a peer connection: who is talking."""
 

@@ -84,12 +84,19 @@ def bucket_of(key: Any, num_buckets: int) -> int:
     return stable_hash(key) % num_buckets
 
 
+# Every partition is a task the coordinator tracks and a slot in the job's log
+# record, so a plan cannot ask for more than this per stage.
+PARTITIONS_MAX = 100_000
+
+
 def check_partitions(partitions: object, *, name: str = "partitions") -> int:
-    """Validate a user-given partition count: a positive int, else TypeError/ValueError."""
+    """A user-given partition count: an int in 1..PARTITIONS_MAX, else TypeError/ValueError."""
     if isinstance(partitions, bool) or not isinstance(partitions, int):
         raise TypeError(f"{name} must be a positive int, got {type(partitions).__name__}")
     if partitions <= 0:
         raise ValueError(f"{name} must be > 0, got {partitions}")
+    if partitions > PARTITIONS_MAX:
+        raise ValueError(f"{name} must be <= {PARTITIONS_MAX}, got {partitions}")
     return partitions
 
 

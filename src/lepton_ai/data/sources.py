@@ -66,13 +66,18 @@ class BlobSource(msgspec.Struct, frozen=True, tag="blob"):
 
 
 class TextSource(msgspec.Struct, frozen=True, tag="text"):
-    """Lines of ``url`` whose first byte lies in ``[start, end)``."""
+    """Lines of ``url`` whose first byte lies in ``[start, end)``.
+
+    A compressed file (``compression``, e.g. ``"gzip"``, inferred from the suffix)
+    cannot be split: it is one source covering the whole file.
+    """
 
     url: str
     start: int
     end: int
     fmt: TextFormat = "text"
     csv_header: bool = True
+    compression: str | None = None
 
 
 Source = RangeSource | InlineSource | BlobSource | TextSource
@@ -174,8 +179,15 @@ def text_sources(
         partitions = max(1, math.ceil(total / limits.text_split_bytes_default))
     split_bytes = max(1, math.ceil(total / partitions))
     out: list[Source] = []
+    from fsspec.utils import infer_compression
+
     for p, size in files:
         url = p if _is_local(fs) else fs.unstrip_protocol(p)
+        compression = infer_compression(p)
+        if compression is not None:
+            if size:
+                out.append(TextSource(url, 0, size, fmt, csv_header, compression))
+            continue
         for start in range(0, size, split_bytes):
             end = min(size, start + split_bytes)
             out.append(TextSource(url, start, end, fmt, csv_header))
@@ -216,13 +228,22 @@ def read_source(
 
 
 def read_text_source(source: TextSource, limits: SourceLimits) -> list[Any]:
+    header: list[str] | None = None
+    if source.compression is not None:
+        import fsspec
+
+        with fsspec.open(source.url, "rb", compression=source.compression) as zf:
+            body = zf.read()
+        return _parse(source, decode_lines(body), header)
     with _open(source.url) as f:
         body = read_line_range(f, source.start, source.end, limits.read_chunk_bytes)
-        header: list[str] | None = None
         if source.fmt == "csv" and source.csv_header and source.start > 0:
             f.seek(0)
             header = next(csv.reader([f.readline().decode("utf-8").rstrip("\r\n")]), [])
-    lines = decode_lines(body)
+    return _parse(source, decode_lines(body), header)
+
+
+def _parse(source: TextSource, lines: list[str], header: list[str] | None) -> list[Any]:
     if source.fmt == "text":
         return lines
     if source.fmt == "jsonl":

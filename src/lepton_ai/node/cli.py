@@ -128,9 +128,44 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _spawn_background(
+    args: argparse.Namespace, data_dir: Path, token: str
+) -> tuple[str, list[int]]:
+    """Start the coordinator and workers detached (own session, logs to a file)."""
+    from lepton_ai.node.netutil import bind_listener
+
+    sock = bind_listener(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    address = f"{host}:{port}"
+    log = open(data_dir / "cluster.log", "ab")  # noqa: SIM115 - handed to the children
+    common: dict[str, Any] = {
+        "env": dict(os.environ, LEPTON_TOKEN=token),
+        "stdin": subprocess.DEVNULL,
+        "stdout": log,
+        "stderr": log,
+        "start_new_session": True,
+    }
+    py = [sys.executable, "-m"]
+    fd = str(sock.fileno())
+    coord_dir = str(data_dir / "coordinator")
+    coord = subprocess.Popen(
+        [*py, "lepton_ai.node.coordinator", "--listen-fd", fd, "--quiet", "--data-dir", coord_dir],
+        pass_fds=(sock.fileno(),),
+        **common,
+    )
+    sock.close()
+    worker_args = ["--join", address, "--slots", str(args.slots), "--quiet"]
+    worker_args += ["--data-dir", str(data_dir / "workers")]
+    workers = [
+        subprocess.Popen([*py, "lepton_ai.node.worker", *worker_args, "--name", str(i)], **common)
+        for i in range(args.workers)
+    ]
+    log.close()
+    return address, [coord.pid] + [w.pid for w in workers]
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     from lepton_ai.node.cluster import Cluster
-    from lepton_ai.node.netutil import bind_listener
     from lepton_ai.wire import generate_token
 
     path = Path(args.state_file) if args.state_file else default_state_file()
@@ -145,53 +180,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir or path.parent / "cluster-data")
     data_dir.mkdir(parents=True, exist_ok=True)
     token = args.token or generate_token()
-    sock = bind_listener(args.host, args.port)
-    host, port = sock.getsockname()[:2]
-    address = f"{host}:{port}"
-    env = dict(os.environ, LEPTON_TOKEN=token)
-    log = open(data_dir / "cluster.log", "ab")  # noqa: SIM115 - handed to the children
-    common: dict[str, Any] = {
-        "env": env,
-        "stdin": subprocess.DEVNULL,
-        "stdout": log,
-        "stderr": log,
-        "start_new_session": True,
-    }
-    py = [sys.executable, "-m"]
-    coord = subprocess.Popen(
-        [
-            *py,
-            "lepton_ai.node.coordinator",
-            "--listen-fd",
-            str(sock.fileno()),
-            "--quiet",
-            "--data-dir",
-            str(data_dir / "coordinator"),
-        ],
-        pass_fds=(sock.fileno(),),
-        **common,
-    )
-    sock.close()
-    workers = [
-        subprocess.Popen(
-            [
-                *py,
-                "lepton_ai.node.worker",
-                "--join",
-                address,
-                "--slots",
-                str(args.slots),
-                "--name",
-                str(i),
-                "--quiet",
-                "--data-dir",
-                str(data_dir / "workers"),
-            ],
-            **common,
-        )
-        for i in range(args.workers)
-    ]
-    pids = [coord.pid] + [w.pid for w in workers]
+    address, pids = _spawn_background(args, data_dir, token)
     state = {"address": address, "token": token, "pids": pids, "data_dir": str(data_dir)}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(state))
@@ -205,7 +194,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
     if ready < args.workers:
         _stop_pids(pids)
         path.unlink(missing_ok=True)
-        raise RuntimeError(f"only {ready} of {args.workers} workers joined; see {log.name}")
+        raise RuntimeError(
+            f"only {ready} of {args.workers} workers joined; see {data_dir / 'cluster.log'}"
+        )
     _print(args, state, f"cluster up at {address} (state in {path}; token in the file)")
     return 0
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from lepton_ai.errors import LeptonError, Unavailable
 from lepton_ai.node.messages import ClientReply, CoordinatorMessage, ErrorReply
-from lepton_ai.node.netutil import parse_address
+from lepton_ai.node.netutil import node_wire_config, parse_address
 from lepton_ai.wire import Codec, Connection, ConnectionClosed, WireConfig, connect
 
 _CODEC = Codec[ClientReply](ClientReply)
@@ -27,7 +27,7 @@ class ClientConfig:
     idle_connections_max: int = 8
     retries_max: int = 3
     retry_backoff_s: float = 0.1
-    wire: WireConfig = field(default_factory=lambda: WireConfig(connect_timeout_s=2.0))
+    wire: WireConfig = field(default_factory=lambda: node_wire_config(connect_timeout_s=2.0))
 
 
 class CoordinatorClient:

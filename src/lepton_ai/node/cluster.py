@@ -216,8 +216,7 @@ class _Proc:
         self.lifeline.cut()
         if self.popen.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                # SIGCONT first: a paused process would not act on anything else.
-                os.kill(self.popen.pid, signal.SIGKILL)
+                os.kill(self.popen.pid, signal.SIGKILL)  # works on a paused process too
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(5.0)
 
@@ -355,8 +354,6 @@ class LocalCluster(Cluster):
             return super()._signal(role, id, sig, verb)  # executors: pid from the coordinator
         if not proc.alive():
             raise LookupError(f"{role} {id} (pid {proc.pid}) is not running")
-        if role in ("coordinator", "leader") and sig != signal.SIGKILL:
-            pass  # pause/resume of the coordinator are fine; nothing else to do
         self.record_event(
             "fault_injected", f"{verb} {role} {id} pid {proc.pid} ({signal.Signals(sig).name})"
         )

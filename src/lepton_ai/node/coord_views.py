@@ -52,9 +52,9 @@ class WorkerView:
 
     @property
     def ready(self) -> bool:
-        return len(self.executors) == self.slots and all(
-            e.state != "starting" for e in self.executors
-        )
+        # ``slots`` counts scheduler slots (executors x pipeline depth), so
+        # readiness is judged from the executors the heartbeat lists.
+        return bool(self.executors) and all(e.state != "starting" for e in self.executors)
 
 
 def job_info(rec: JobRecord, with_record: bytes | None) -> JobInfo:
@@ -107,7 +107,8 @@ class ClientApi:
             JobSubmitted(job_id, msg.plan, msg.options, time.time())
         )
         if not result.accepted and result.reason != "duplicate job id":
-            return ErrorReply("invalid", result.reason)
+            unavailable = result.reason.startswith(("not the leader", "log unavailable"))
+            return ErrorReply("unavailable" if unavailable else "invalid", result.reason)
         return JobAccepted(job_id)
 
     async def _wait_job(self, msg: WaitJob) -> ClientReply:
@@ -145,6 +146,10 @@ class ClientApi:
             health = "suspect" if phi >= self.c.config.phi.threshold / 2 else "alive"
             members.append(MemberInfo("worker", v.name, v.pid, v.address, health, v.worker_id, phi))
             for e in v.executors:
+                if e.state == "spare":  # a warm replacement, not a slot: its own role
+                    spare_id = f"{v.name}.spare{-1 - e.slot}"
+                    members.append(MemberInfo("spare", spare_id, e.pid, "", "idle", v.worker_id))
+                    continue
                 members.append(
                     MemberInfo("executor", f"{v.name}.{e.slot}", e.pid, "", e.state, v.worker_id)
                 )

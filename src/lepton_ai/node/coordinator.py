@@ -84,6 +84,7 @@ from lepton_ai.node.messages import (
     Reports,
     RunTasks,
 )
+from lepton_ai.node.netutil import node_wire_config
 from lepton_ai.wire import Codec, Connection, WireConfig
 
 log = logging.getLogger("lepton_ai.coordinator")
@@ -103,7 +104,7 @@ class CoordinatorConfig:
     fsync: bool = True
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     phi: PhiConfig = field(default_factory=PhiConfig)
-    wire: WireConfig = field(default_factory=WireConfig)
+    wire: WireConfig = field(default_factory=node_wire_config)
 
 
 class JobsMachine:
@@ -138,16 +139,23 @@ class Coordinator:
         machine: JobsMachine,
         address: str,
         config: CoordinatorConfig,
+        *,
         epoch: int,
+        token: str,
     ) -> None:
+        self.token = token
         self.log = log_host
         self.machine = machine
         self.address = address
         self.config = config
         self.epoch = epoch
-        self.scheduler = Scheduler.from_state(
-            machine.jobs.state, time.monotonic(), epoch=epoch, config=config.scheduler
-        )
+        if machine.jobs.state.jobs:
+            # Recovering: wait the failover grace for workers to report what runs.
+            self.scheduler = Scheduler.from_state(
+                machine.jobs.state, time.monotonic(), epoch=epoch, config=config.scheduler
+            )
+        else:  # nothing to recover: no grace period before the first dispatch
+            self.scheduler = Scheduler(config.scheduler, epoch=epoch)
         self.phi = PhiAccrualDetector(config.phi)
         self.workers: dict[str, WorkerView] = {}
         self.lost: deque[str] = deque(maxlen=config.lost_workers_max)
@@ -185,8 +193,6 @@ class Coordinator:
             finally:
                 server.close()
 
-    token = ""
-
     async def _tick_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.tick_interval_s)
@@ -202,8 +208,12 @@ class Coordinator:
     def step(self, event: SchedulerEvent) -> None:
         try:
             actions = self.scheduler.step(event)
-        except NotLeader:
-            raise
+        except AssertionError as exc:
+            # A broken invariant of the core: state can no longer be trusted. Stop
+            # the process (the log survives; a restart rebuilds from it).
+            log.critical("scheduler invariant broken on %s: %s", type(event).__name__, exc)
+            logging.shutdown()
+            os._exit(70)
         for action in actions:
             self._carry_out(action)
         if self._outgoing and not self._flush_scheduled:
@@ -274,6 +284,11 @@ class Coordinator:
             except Unavailable:
                 self.step(ProposeFailed(cmd, time.monotonic()))
                 return ApplyResult(False, "log unavailable")
+            except NotLeader as exc:
+                # Only with a replicated log: another replica orders commands now.
+                # The scheduler of this term must stop (issue 4 drops it here).
+                self.event("not_leader", str(exc))
+                return ApplyResult(False, str(exc))
         return decode_apply_result(raw)
 
     async def submit_command(self, cmd: JobCommand) -> ApplyResult:
@@ -419,8 +434,9 @@ async def serve_coordinator(
     local_log = LocalLog(
         os.path.join(data_dir, "log"), machine, LocalLogConfig(fsync=config.fsync), address
     )
-    coordinator = Coordinator(local_log, machine, address, config, next_epoch(data_dir))
-    coordinator.token = token
+    coordinator = Coordinator(
+        local_log, machine, address, config, epoch=next_epoch(data_dir), token=token
+    )
     try:
         await coordinator.run(sock)
     finally:

@@ -46,6 +46,7 @@ FD_ENV = "LEPTON_EXEC_FD"
 WORKER_ENV = "LEPTON_EXEC_WORKER"
 STORE_ENV = "LEPTON_EXEC_STORE"
 FRAME_BYTES_MAX_ENV = "LEPTON_EXEC_FRAME_BYTES_MAX"
+RESULT_BYTES_MAX_ENV = "LEPTON_EXEC_RESULT_BYTES_MAX"
 PLANS_MAX = 32  # decoded plans kept per executor (jobs running at once rarely exceed it)
 
 _HEADER = struct.Struct(">I")
@@ -95,9 +96,17 @@ class Executor:
         self.worker = worker
         self.store = store
         self.plans: OrderedDict[str, JobPlan] = OrderedDict()
+        self.result_bytes_max = int(os.environ.get(RESULT_BYTES_MAX_ENV, str(128 << 20)))
 
     def serve(self) -> None:
         self.pipe.send(ExecHello(os.getpid()))
+        # Warm up after the hello, so the cluster counts us ready sooner: the
+        # task machinery and cloudpickle (needed to load any user function)
+        # are imported while the first task is still on its way.
+        import cloudpickle  # noqa: F401
+
+        import lepton_ai.compute.tasks  # noqa: F401
+
         while True:
             msg = self.pipe.recv()
             if isinstance(msg, ExecRun):
@@ -136,6 +145,13 @@ class Executor:
                 refs = [OutputRef(self.worker, key.block(i), n) for i, n in enumerate(sizes)]
             else:
                 result = out.result if out.result is not None else b""
+                if len(result) > self.result_bytes_max:
+                    why = (
+                        f"the result of partition {a.partition} is {len(result)} bytes; "
+                        f"results over {self.result_bytes_max} bytes cannot travel inline "
+                        "(reduce or aggregate it further, or write it to storage)"
+                    )
+                    return ExecFailed(a, "user", why, "ValueError")
                 refs = [OutputRef(self.worker, "result", len(result), result)]
         except UserCodeError as exc:
             return ExecFailed(a, "user", exc.message, exc.exc_type, exc.traceback)
@@ -155,9 +171,6 @@ def main() -> None:
     sock = socket.socket(fileno=fd)
     frame_max = int(os.environ.get(FRAME_BYTES_MAX_ENV, str(256 << 20)))
     pipe = FramedPipe(sock, frame_max)
-    # Warm up: pay for the task machinery's imports before the first task arrives.
-    import lepton_ai.compute.tasks  # noqa: F401
-
     executor = Executor(pipe, os.environ[WORKER_ENV], BlockStore(os.environ[STORE_ENV]))
     try:
         executor.serve()

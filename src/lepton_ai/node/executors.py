@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -41,11 +42,15 @@ class ExecutorDied(LeptonError):
 class ExecutorConfig:
     start_timeout_s: float = 30.0
     frame_bytes_max: int = 256 << 20
+    # One task's inline result (it goes through the log); past it the task fails.
+    result_bytes_max: int = 128 << 20
     restart_backoff_s: float = 0.05
     restart_backoff_max_s: float = 2.0
+    spares: int = 1  # warm executors per node kept aside for instant replacement
 
 
 _CODEC = Codec[ExecMessage](ExecMessage)
+log = logging.getLogger("lepton_ai.worker")
 
 
 def describe_exit(code: int | None) -> str:
@@ -86,6 +91,7 @@ class ExecutorSlot:
         self._reply: asyncio.Future[ExecDone | ExecFailed] | None = None
         self._plans_sent: set[str] = set()
         self._closing = False
+        self.spares: SparePool | None = None
 
     @property
     def state(self) -> str:
@@ -115,36 +121,11 @@ class ExecutorSlot:
                 self.on_event("executor_died", f"slot {self.slot} pid {self.pid}: {reason}")
 
     async def _start(self) -> None:
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        env = dict(os.environ)
-        env[exec_mod.FD_ENV] = str(child.fileno())
-        env[exec_mod.WORKER_ENV] = self.worker
-        env[exec_mod.STORE_ENV] = self.store_dir
-        env[exec_mod.FRAME_BYTES_MAX_ENV] = str(self.config.frame_bytes_max)
-        env[PARENT_PID_ENV] = str(os.getpid())
-        try:
-            self._proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "lepton_ai.node.executor",
-                pass_fds=(child.fileno(),),
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-            )
-        finally:
-            child.close()
-        self.pid = self._proc.pid
-        self._reader, self._writer = await asyncio.open_connection(
-            sock=parent, limit=self.config.frame_bytes_max + 1024
-        )
-        try:
-            hello = await asyncio.wait_for(self._recv(), self.config.start_timeout_s)
-        except (ConnectionClosed, TimeoutError) as exc:
-            await self._reap(kill=True)
-            raise ExecutorDied(f"executor did not start: {exc}") from exc
-        if not isinstance(hello, ExecHello):
-            await self._reap(kill=True)
-            raise ExecutorDied(f"executor said {type(hello).__name__} instead of hello")
+        started = self.spares.take() if self.spares is not None else None
+        if started is None:
+            started = await spawn_executor(self.worker, self.store_dir, self.config)
+        self._proc, self._reader, self._writer = started.proc, started.reader, started.writer
+        self.pid = started.proc.pid
         self._ready.set()
 
     async def _recv(self) -> ExecMessage:
@@ -224,6 +205,120 @@ class ExecutorSlot:
         self.signal(signal.SIGKILL)
         if self._proc is not None:
             await self._proc.wait()
+
+
+class Started:
+    """An executor process that has said hello and waits for work."""
+
+    def __init__(
+        self,
+        proc: asyncio.subprocess.Process,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        self.proc, self.reader, self.writer = proc, reader, writer
+
+    async def kill(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        await self.proc.wait()
+
+
+async def spawn_executor(worker: str, store_dir: str, config: ExecutorConfig) -> Started:
+    """Start an executor and wait for its hello; ``ExecutorDied`` if it never says it."""
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    env = dict(os.environ)
+    env[exec_mod.FD_ENV] = str(child.fileno())
+    env[exec_mod.WORKER_ENV] = worker
+    env[exec_mod.STORE_ENV] = store_dir
+    env[exec_mod.FRAME_BYTES_MAX_ENV] = str(config.frame_bytes_max)
+    env[exec_mod.RESULT_BYTES_MAX_ENV] = str(config.result_bytes_max)
+    env[PARENT_PID_ENV] = str(os.getpid())
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "lepton_ai.node.executor",
+            pass_fds=(child.fileno(),),
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+        )
+    finally:
+        child.close()
+    reader, writer = await asyncio.open_connection(sock=parent, limit=config.frame_bytes_max + 1024)
+    started = Started(proc, reader, writer)
+    try:
+        raw = await asyncio.wait_for(
+            read_frame(reader, config.frame_bytes_max), config.start_timeout_s
+        )
+        hello = _CODEC.decode(raw)
+    except (ConnectionClosed, TimeoutError, LeptonError) as exc:
+        await started.kill()
+        raise ExecutorDied(f"executor did not start: {exc}") from exc
+    if not isinstance(hello, ExecHello):
+        await started.kill()
+        raise ExecutorDied(f"executor said {type(hello).__name__} instead of hello")
+    return started
+
+
+class SparePool:
+    """Warm executors kept aside, so a dead executor is replaced in microseconds.
+
+    Like a pre-forked server: the replacement has already paid for interpreter
+    start-up and imports; the pool then starts the next spare in the background.
+    """
+
+    def __init__(self, size: int, identity: Callable[[], tuple[str, str]], config: ExecutorConfig):
+        self.size = size
+        self.identity = identity  # -> (worker id, block store dir) for new spares
+        self.config = config
+        self._spares: list[Started] = []
+        self._need = asyncio.Event()
+        self._need.set()
+
+    def pids(self) -> list[int]:
+        return [s.proc.pid for s in self._spares]
+
+    def take(self) -> Started | None:
+        self._need.set()
+        while self._spares:
+            started = self._spares.pop()
+            if started.proc.returncode is None:
+                return started
+        return None
+
+    async def discard_all(self) -> None:
+        """Spares started under an identity that is no longer ours."""
+        spares, self._spares = self._spares, []
+        for started in spares:
+            await started.kill()
+        self._need.set()
+
+    async def run(self, wait_for: list[ExecutorSlot]) -> None:
+        for slot in wait_for:  # never compete with the first executors' start-up
+            await slot._ready.wait()
+        backoff = self.config.restart_backoff_s
+        while True:
+            await self._need.wait()
+            self._need.clear()
+            while len(self._spares) < self.size:
+                identity = self.identity()
+                try:
+                    started = await spawn_executor(*identity, self.config)
+                except (OSError, ExecutorDied) as exc:
+                    log.info("spare executor failed to start: %s", exc)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, self.config.restart_backoff_max_s)
+                    continue
+                backoff = self.config.restart_backoff_s
+                if identity != self.identity():
+                    await started.kill()  # the worker re-incarnated meanwhile
+                    continue
+                self._spares.append(started)
+
+    async def close(self) -> None:
+        await self.discard_all()
 
 
 def _frame(msg: ExecMessage, bound: int) -> bytes:

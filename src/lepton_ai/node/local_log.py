@@ -26,11 +26,11 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import crc32c
+from typing import BinaryIO
 
 from lepton_ai.consensus.api import StateMachine
 from lepton_ai.errors import LeptonError, Unavailable
+from lepton_ai.storage import checksum as crc32c
 
 _REC = struct.Struct("<II")
 
@@ -46,6 +46,27 @@ class LocalLogConfig:
     batch_records_max: int = 4096
     pending_records_max: int = 100_000
     log_bytes_max: int = 256 << 20
+
+
+class LogInUse(LeptonError):
+    """Another process already owns this log directory."""
+
+
+def _lock_dir(directory: Path) -> BinaryIO:
+    """Hold an exclusive lock on ``directory`` for as long as the process lives.
+
+    Two coordinators appending to one log would interleave records; the lock
+    (released by the kernel when the holder dies, however it dies) forbids it.
+    """
+    import fcntl
+
+    f = open(directory / "LOCK", "ab")  # noqa: SIM115 - held until close()
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise LogInUse(f"{directory} is in use by another coordinator") from None
+    return f
 
 
 class LocalLog:
@@ -64,6 +85,7 @@ class LocalLog:
         self._log_path = self._dir / "commands.log"
         self._snap_path = self._dir / "snapshot.bin"
         self._sm = state_machine
+        self._lock = _lock_dir(self._dir)
         self._address = address
         self._pending: list[tuple[bytes, asyncio.Future[bytes]]] = []
         self._wake: asyncio.Event | None = None
@@ -219,5 +241,6 @@ class LocalLog:
                 fut.set_exception(Unavailable("the local log closed"))
         self._pending.clear()
         self._file.close()
+        self._lock.close()
         for cb in self._callbacks:
             cb(False)

@@ -15,6 +15,16 @@ from lepton_ai.wire.handshake import server_handshake
 T = TypeVar("T")
 log = logging.getLogger("lepton_ai.node")
 
+# Job results travel inline (task results in the log, the finished job's record to
+# the client), so node connections allow bigger frames than the wire default.
+NODE_FRAME_BYTES_MAX = 256 << 20
+# Reports are sent in batches of at most this many payload bytes.
+REPORT_BATCH_BYTES_MAX = 32 << 20
+
+
+def node_wire_config(connect_timeout_s: float = 5.0) -> WireConfig:
+    return WireConfig(frame_bytes_max=NODE_FRAME_BYTES_MAX, connect_timeout_s=connect_timeout_s)
+
 
 def parse_address(address: str) -> tuple[str, int]:
     """``"host:port"`` -> (host, port); ValueError on anything else."""

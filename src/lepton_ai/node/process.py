@@ -82,7 +82,13 @@ class Lifeline:
         os.set_inheritable(self.read_fd, True)
 
     def child_env(self) -> dict[str, str]:
-        return {PARENT_PID_ENV: str(os.getpid()), LIFELINE_FD_ENV: str(self.read_fd)}
+        env = {LIFELINE_FD_ENV: str(self.read_fd)}
+        # PDEATHSIG fires when the *thread* that forked exits: only arm it when
+        # spawning from the main thread, else a finished helper thread would
+        # take the whole cluster down. The lifeline covers the other case.
+        if threading.current_thread() is threading.main_thread():
+            env[PARENT_PID_ENV] = str(os.getpid())
+        return env
 
     def after_spawn(self) -> None:
         """Close the child's end in the parent so only the child holds it."""

@@ -37,7 +37,7 @@ from lepton_ai.compute.scheduler_events import (
     TaskSucceeded,
 )
 from lepton_ai.errors import LeptonError
-from lepton_ai.node.executors import ExecutorConfig, ExecutorDied, ExecutorSlot
+from lepton_ai.node.executors import ExecutorConfig, ExecutorDied, ExecutorSlot, SparePool
 from lepton_ai.node.messages import (
     BlockData,
     CancelTasks,
@@ -56,7 +56,7 @@ from lepton_ai.node.messages import (
     TaskReport,
     WorkerMessage,
 )
-from lepton_ai.node.netutil import parse_address
+from lepton_ai.node.netutil import REPORT_BATCH_BYTES_MAX, node_wire_config, parse_address
 from lepton_ai.node.process import watch_parent
 from lepton_ai.storage.blockstore import BlockCorrupt, BlockMissing, BlockStore
 from lepton_ai.wire import (
@@ -89,7 +89,7 @@ class WorkerConfig:
     outbox_reports_max: int = 100_000  # reports kept while the coordinator is away
     fetch_connections_max: int = 64
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
-    wire: WireConfig = field(default_factory=WireConfig)
+    wire: WireConfig = field(default_factory=node_wire_config)
 
 
 class WorkerAgent:
@@ -109,6 +109,11 @@ class WorkerAgent:
             ExecutorSlot(i, self.worker_id, str(self.store.root), config.executor, self._event)
             for i in range(config.slots)
         ]
+        self.spares = SparePool(
+            config.executor.spares, lambda: (self.worker_id, str(self.store.root)), config.executor
+        )
+        for slot in self.slots:
+            slot.spares = self.spares
         if config.pipeline_depth < 1:
             raise ValueError(f"pipeline_depth must be >= 1, got {config.pipeline_depth}")
         self.sched_slots = config.slots * config.pipeline_depth
@@ -145,11 +150,14 @@ class WorkerAgent:
                     tg.create_task(slot.supervise())
                 for i in range(len(self.slots)):
                     tg.create_task(self._slot_loop(i))
+                if self.config.executor.spares > 0:
+                    tg.create_task(self.spares.run(self.slots))
                 tg.create_task(self._coordinator_loop())
         finally:
             server.close()
             for slot in self.slots:
                 await slot.close()
+            await self.spares.close()
 
     async def _coordinator_loop(self) -> None:
         backoff = self.config.reconnect_backoff_s
@@ -190,6 +198,7 @@ class WorkerAgent:
             raise LeptonError(f"coordinator answered {type(reply).__name__} to Register")
         if not reply.accepted:
             self._reincarnate()
+            await self.spares.discard_all()
             raise LeptonError("declared lost by the coordinator; rejoining under a new id")
         self._conn = conn
         self._outbox_ready.set()  # reports that waited for a coordinator go now
@@ -234,6 +243,9 @@ class WorkerAgent:
     async def _heartbeat_loop(self, conn: Connection[WorkerMessage]) -> None:
         while True:
             execs = [ExecutorInfo(s.slot, s.pid, s.state, s.restarts) for s in self.slots]
+            execs += [
+                ExecutorInfo(-1 - i, pid, "spare") for i, pid in enumerate(self.spares.pids())
+            ]
             await conn.send(Heartbeat(self._running(), execs))
             await asyncio.sleep(self.config.heartbeat_interval_s)
 
@@ -243,12 +255,28 @@ class WorkerAgent:
             self._outbox_ready.clear()
             if not self.outbox:
                 continue
-            batch, self.outbox = self.outbox, []
+            batch = self._take_batch()
             try:
                 await conn.send(Reports(batch))
             except BaseException:
                 self.outbox[:0] = batch  # not sent: keep them for the next coordinator
                 raise
+            if self.outbox:
+                self._outbox_ready.set()
+
+    def _take_batch(self) -> list[TaskReport]:
+        """The oldest reports whose inline results fit one frame comfortably."""
+        size = 0
+        n = 0
+        for rep in self.outbox:
+            if isinstance(rep, TaskSucceeded):
+                size += sum(len(o.data or b"") for o in rep.outputs)
+            if n and size > REPORT_BATCH_BYTES_MAX:
+                break
+            n += 1
+        batch = self.outbox[:n]
+        del self.outbox[:n]
+        return batch
 
     def _report(self, report: TaskReport) -> None:
         if len(self.outbox) >= self.config.outbox_reports_max:
@@ -327,6 +355,10 @@ class WorkerAgent:
                 self._executing[index] = None
             if generation == self._generation:  # else dispatched to a former incarnation
                 self._report(report)
+            if d.attempt.job_id not in self.plans:
+                # The job ended (DropJobs) while this attempt ran: what it just
+                # wrote would otherwise outlive the job.
+                self.store.delete_job(d.attempt.job_id)
             waited = True
 
     async def _run_one(self, slot: ExecutorSlot, d: Dispatch) -> TaskReport:

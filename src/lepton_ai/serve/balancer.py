@@ -66,6 +66,23 @@ class _Metrics:
         self.shed = Counter("lepton_lb_shed", "requests answered 503 (no room)", registry=r)
         self.latency = Histogram("lepton_lb_request_seconds", "client request latency", registry=r)
         self.ready = Gauge("lepton_lb_ready_replicas", "replicas ready and not ejected", registry=r)
+        self._by_status: dict[int, Any] = {}  # labels() per request is measurable CPU
+        self._by_outcome: dict[Outcome, Any] = {}
+
+    def attempt(self, outcome: Outcome) -> None:
+        child = self._by_outcome.get(outcome)
+        if child is None:
+            child = self._by_outcome[outcome] = self.attempts.labels(outcome.value)
+        child.inc()
+
+    def count(self, status: int) -> None:
+        child = self._by_status.get(status)
+        if child is None:
+            if len(self._by_status) >= 64:  # bounded: status codes are few
+                self.requests.labels(str(status)).inc()
+                return
+            child = self._by_status[status] = self.requests.labels(str(status))
+        child.inc()
 
 
 class Balancer:
@@ -157,7 +174,7 @@ class Balancer:
             status = await self._local(scope["path"], send)
         else:
             status = await self._proxy(scope, receive, send)
-        self.metrics.requests.labels(str(status)).inc()
+        self.metrics.count(status)
         self.metrics.latency.observe(time.perf_counter() - t0)
 
     async def _local(self, path: str, send: Send) -> int:
@@ -225,7 +242,7 @@ class Balancer:
             resp, outcome, retryable, message = await self._attempt(
                 replica_id, (method, path, headers, body), deadline - now
             )
-            self.metrics.attempts.labels(outcome.value).inc()
+            self.metrics.attempt(outcome)
             if self.router.finish(replica_id, outcome, self._clock()):
                 self.metrics.ejections.inc()
             if resp is not None:

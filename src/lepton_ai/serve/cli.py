@@ -28,6 +28,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("target", help="module:callable, path/file.py:callable, or model.pkl/.joblib")
     p.add_argument("--replicas", type=int, default=1, help="replica processes (default 1)")
     p.add_argument("--port", type=int, default=8080, help="balancer port; 0 = ephemeral")
+    p.add_argument(
+        "--spares", type=int, default=0, help="warm standby replicas (take over on a crash)"
+    )
     p.add_argument("--max-batch-size", type=int, default=0, help="micro-batch size (0 = off)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="micro-batch wait")
     p.add_argument(
@@ -72,7 +75,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace, config: ServeConfig) -> int:
-    runtime = ServeRuntime(args.target, args.replicas, args.port, config)
+    runtime = ServeRuntime(args.target, args.replicas, args.port, config, spares=args.spares)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, runtime.request_stop)

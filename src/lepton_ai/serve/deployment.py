@@ -31,7 +31,12 @@ _CALL_TIMEOUT_S = 30.0
 
 
 class Deployment:
-    """A model served by ``replicas`` processes behind a load balancer on ``port``."""
+    """A model served by ``replicas`` processes behind a load balancer on ``port``.
+
+    ``spares`` warm standbys are started too: loaded and probed but given no
+    traffic, one takes over the moment a serving replica dies (for models that
+    take seconds to load). ``max_batch_size`` > 0 turns on micro-batching.
+    """
 
     def __init__(
         self,
@@ -39,6 +44,7 @@ class Deployment:
         replicas: int = 1,
         port: int = 0,
         *,
+        spares: int = 0,
         max_batch_size: int = 0,
         max_wait_ms: float = 5.0,
         config: ServeConfig | None = None,
@@ -58,7 +64,7 @@ class Deployment:
                 }
             )
             config = replace(config, replica=batching)
-        self._runtime = ServeRuntime(target, replicas, port, config)
+        self._runtime = ServeRuntime(target, replicas, port, config, spares=spares)
         self._start_timeout_s = start_timeout_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -149,7 +155,7 @@ class Deployment:
         self._call(self._runtime.scale(replicas), timeout_s)
 
     def status(self) -> list[dict[str, Any]]:
-        """Each replica: id, pid, url, ready, restarts (and state, outstanding, ejections)."""
+        """Each replica: id, pid, url, ready, restarts (and role, state, outstanding, ejections)."""
 
         async def snapshot() -> list[dict[str, Any]]:
             return self._runtime.status()

@@ -7,8 +7,8 @@ these classes directly and replay any sequence exactly.
 Rules (after Envoy's outlier detection and Kubernetes probes):
 
 * A replica is *routable* when it passed its last readiness probe, is not
-  draining, not ejected, and has fewer than ``outstanding_max`` requests in
-  flight (the bounded per-replica queue).
+  draining, not a standby (a warm spare), not ejected, and has fewer than
+  ``outstanding_max`` requests in flight (the bounded per-replica queue).
 * Passive ejection: a refused connection ejects at once; timeouts, resets and
   5xx answers eject after ``consecutive_failures_max`` in a row. An ejection
   lasts ``ejection_base_s * 2**k`` (k = earlier ejections, capped). Ejections
@@ -72,6 +72,7 @@ class ReplicaView:
     replica_id: int
     ready: bool = False
     draining: bool = False
+    standby: bool = False  # a warm spare: started and probed, but no traffic until promoted
     outstanding: int = 0
     consecutive_failures: int = 0
     health_failures: int = 0
@@ -105,6 +106,11 @@ class Router:
         view = self._replicas.get(replica_id)
         if view is not None:
             view.draining = True
+
+    def set_standby(self, replica_id: int, standby: bool) -> None:
+        view = self._replicas.get(replica_id)
+        if view is not None:
+            view.standby = standby
 
     def __contains__(self, replica_id: int) -> bool:
         return replica_id in self._replicas
@@ -145,6 +151,7 @@ class Router:
             for v in self._replicas.values()
             if v.ready
             and not v.draining
+            and not v.standby
             and not v.ejected(now)
             and v.outstanding < limit
             and v.replica_id not in exclude
@@ -152,7 +159,8 @@ class Router:
 
     def any_ready(self, now: float) -> bool:
         return any(
-            v.ready and not v.draining and not v.ejected(now) for v in self._replicas.values()
+            v.ready and not v.draining and not v.standby and not v.ejected(now)
+            for v in self._replicas.values()
         )
 
     def pick(self, now: float, rng: Rng, exclude: frozenset[int] = frozenset()) -> int | None:

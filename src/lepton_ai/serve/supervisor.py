@@ -47,6 +47,7 @@ class _Slot:
     ready: bool = False
     restarts: int = 0
     state: str = "starting"
+    spare: bool = False  # a warm standby: ready, probed, no traffic until promoted
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     first_ready: asyncio.Future[None] | None = None
     task: asyncio.Task[None] | None = None
@@ -64,11 +65,20 @@ class ServeRuntime:
     """A deployment's processes and balancer, inside one event loop."""
 
     def __init__(
-        self, target: str, replicas: int, port: int = 0, config: ServeConfig | None = None
+        self,
+        target: str,
+        replicas: int,
+        port: int = 0,
+        config: ServeConfig | None = None,
+        *,
+        spares: int = 0,
     ) -> None:
         self.config = config or ServeConfig()
         if not 0 < replicas <= self.config.supervisor.replicas_max:
             raise ValueError(f"replicas must be in 1..{self.config.supervisor.replicas_max}")
+        if not 0 <= spares <= self.config.supervisor.replicas_max - replicas:
+            raise ValueError("spares must be >= 0 and replicas + spares <= replicas_max")
+        self._spares = spares
         if not 0 <= port <= 65535:
             raise ValueError("port must be in 0..65535")
         self.target = target
@@ -104,6 +114,7 @@ class ServeRuntime:
                     "pid": None if slot.proc is None else slot.proc.pid,
                     "url": None if slot.port is None else f"http://{HOST}:{slot.port}",
                     "ready": slot.ready,
+                    "role": "spare" if slot.spare else "serving",
                     "restarts": slot.restarts,
                     "state": slot.state,
                     "outstanding": 0 if view is None else view.outstanding,
@@ -120,7 +131,7 @@ class ServeRuntime:
         """Add slots (returns once they are ready) or drain and stop the newest ones."""
         if not 0 < replicas <= self.config.supervisor.replicas_max:
             raise ValueError(f"replicas must be in 1..{self.config.supervisor.replicas_max}")
-        live = [s for s in self._slots.values() if not s.stopping.is_set()]
+        live = [s for s in self._slots.values() if not s.stopping.is_set() and not s.spare]
         if replicas > len(live):
             added = [self._add_slot() for _ in range(replicas - len(live))]
             await self._wait_ready(added)
@@ -151,6 +162,7 @@ class ServeRuntime:
     # -- internals -----------------------------------------------------------------------
     async def _serve(self, tg: asyncio.TaskGroup, on_ready: Callable[[str], None]) -> None:
         slots = [self._add_slot() for _ in range(self._initial)]
+        slots += [self._add_slot(spare=True) for _ in range(self._spares)]
         # A stop request (Ctrl-C) during start-up must not wait for slow models to load.
         ready = asyncio.ensure_future(self._wait_ready(slots))
         stop = asyncio.ensure_future(self._stop.wait())
@@ -207,10 +219,10 @@ class ServeRuntime:
                 raise exc
         await asyncio.gather(*waits)
 
-    def _add_slot(self) -> _Slot:
+    def _add_slot(self, *, spare: bool = False) -> _Slot:
         if self._tg is None:
             raise AssertionError("_add_slot outside run()")
-        slot = _Slot(self._next_slot, Backoff(self._backoff_config))
+        slot = _Slot(self._next_slot, Backoff(self._backoff_config), spare=spare)
         slot.first_ready = asyncio.get_running_loop().create_future()
         # Only the first failure is raised to the caller; the rest are seen here, not logged.
         slot.first_ready.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -277,11 +289,13 @@ class ServeRuntime:
         try:
             line = await asyncio.wait_for(proc.stdout.readline(), sup.start_timeout_s)
         except TimeoutError:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await _reap(proc)
             raise StartupError(f"no port reported within {sup.start_timeout_s}s") from None
         doc = _parse_hello(line)
         if "port" not in doc:
-            code = await proc.wait()
+            code = await _reap(proc)
             reason = doc.get("error") or f"exited with code {code} before reporting its port"
             raise StartupError(str(reason))
         slot.port = int(doc["port"])
@@ -289,6 +303,8 @@ class ServeRuntime:
         self._next_incarnation += 1
         slot.replica_id = replica_id
         self.balancer.add_replica(replica_id, slot.port, HOST)
+        if slot.spare:
+            self.balancer.router.set_standby(replica_id, True)
 
     async def _supervise(self, slot: _Slot) -> None:
         """From port reported to process exit (or a stop request)."""
@@ -303,7 +319,7 @@ class ServeRuntime:
             if ready in done and ready.exception() is None:
                 self.balancer.set_ready(replica_id)
                 slot.ready = True
-                slot.state = "ready"
+                slot.state = "spare" if slot.spare else "ready"
                 slot.backoff.healthy(asyncio.get_running_loop().time())
                 if slot.first_ready is not None and not slot.first_ready.done():
                     slot.first_ready.set_result(None)
@@ -318,11 +334,25 @@ class ServeRuntime:
             for fut in (exited, stopping, ready):
                 fut.cancel()
         slot.ready = False
-        if proc.returncode is not None and proc.stdin is not None:
-            proc.stdin.close()
+        if proc.returncode is not None:
+            await _reap(proc)
         if not slot.stopping.is_set():
             self.balancer.remove_replica(replica_id)
             slot.state = "exited"
+            if not slot.spare and self._promote_spare():
+                slot.spare = True  # the restart becomes the new spare
+
+    def _promote_spare(self) -> bool:
+        """A serving replica died: a ready spare takes its place at once."""
+        for spare in sorted(self._slots.values(), key=lambda s: s.slot_id):
+            if spare.spare and spare.ready and not spare.stopping.is_set():
+                if spare.replica_id is None:
+                    raise AssertionError("a ready spare without a replica")
+                spare.spare = False
+                spare.state = "ready"
+                self.balancer.router.set_standby(spare.replica_id, False)
+                return True
+        return False
 
     async def _until_ready(self, slot: _Slot, replica_id: int) -> None:
         sup = self.config.supervisor
@@ -352,8 +382,8 @@ class ServeRuntime:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()
-        if proc is not None and proc.stdin is not None:
-            proc.stdin.close()
+        if proc is not None:
+            await _reap(proc)
         slot.state = "stopped"
 
     async def _shutdown(self) -> None:
@@ -378,3 +408,11 @@ def _parse_hello(line: bytes) -> dict[str, Any]:
     except ValueError:
         return {}
     return doc if isinstance(doc, dict) else {}
+
+
+async def _reap(proc: asyncio.subprocess.Process) -> int:
+    """Wait for an exiting child and close our end of its stdin pipe (no fd leak)."""
+    code = await proc.wait()
+    if proc.stdin is not None:
+        proc.stdin.close()
+    return code

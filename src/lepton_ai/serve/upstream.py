@@ -29,6 +29,7 @@ _HOP_BY_HOP = frozenset(
         b"upgrade",
         b"content-length",
         b"host",
+        b"expect",  # the balancer already holds the whole body
     }
 )
 
@@ -58,8 +59,11 @@ class PoolLimits:
 
 
 def end_to_end(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """Drop hop-by-hop headers (and the ones the proxy sets itself)."""
-    return [(k, v) for k, v in headers if k.lower() not in _HOP_BY_HOP]
+    """Drop hop-by-hop headers (and the ones the proxy sets itself).
+
+    Names must be lower-case already, as ASGI servers and ``_read_response`` give them.
+    """
+    return [(k, v) for k, v in headers if k not in _HOP_BY_HOP]
 
 
 class _Conn:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from lepton_ai.consensus.core import Overloaded, PaxosConfig, ProposalId, Ready, Replica
-from lepton_ai.consensus.core_types import DurableState, NotLeader
+from lepton_ai.consensus.core_types import DurableState, InvariantError, NotLeader
 from lepton_ai.consensus.messages import ZERO_BALLOT, Ballot, Entry, PeerMessage, Snapshot, Value
 from lepton_ai.sim.checker import SafetyChecker, SmState
 from lepton_ai.sim.network import NetConfig, SimNetwork
@@ -137,6 +137,12 @@ class SimCluster:
         self.run_until(self.now + round(ticks * UNIT))
 
     def run_until(self, t_end: int) -> None:
+        try:
+            self._run_until(t_end)
+        except InvariantError as exc:
+            raise self.checker.violation(f"core invariant broke: {exc}") from exc
+
+    def _run_until(self, t_end: int) -> None:
         while True:
             self._drain_dirty()
             t_msg = self.net.next_time()
@@ -257,6 +263,9 @@ class SimCluster:
         except (NotLeader, Overloaded):
             return False
         self.pending.setdefault(pid.slot, []).append(Pending(cmd, target.node_id, pid))
+        chosen = self.checker.chosen.get(pid.slot)
+        if chosen is not None:  # a stale leader proposed into an already chosen slot
+            self._resolve(pid.slot, chosen)
         self._dirty.add(target.node_id)  # drained before the next event: proposals batch
         return True
 
@@ -406,16 +415,20 @@ class SimCluster:
                 return slot
         raise self.fail(LivenessViolation(f"{cmd!r} not applied on {want} nodes in {ticks_max}"))
 
-    def settle(self, ticks_max: float = 2_000) -> None:
+    def settle(self, ticks_max: float = 2_000) -> float:
         """After faults stop: heal, restart everyone, then require a leader, every
-        submitted command committed and every node caught up, within ``ticks_max``."""
+        submitted command committed and every node caught up, within ``ticks_max``.
+        Returns the ticks it took to have a leader followed by a majority."""
         self.net.heal()
-        self.net_config.loss = self.net_config.duplicate = self.net_config.long_delay = 0.0
+        cfg = self.net_config
+        cfg.loss = cfg.duplicate = cfg.long_delay = cfg.replay = 0.0
         for node_id, node in self.nodes.items():
             if not node.alive:
                 self.restart(node_id)
+        start = self.now
         deadline = self.now + round(ticks_max * UNIT)
         self.wait_leader(ticks_max)
+        recovery = (self.now - start) / UNIT
         while self.now < deadline:
             if self.pending and not self.retry:
                 self.submit()  # fills the log up to every pending slot
@@ -425,7 +438,7 @@ class SimCluster:
             if self.unresolved() == 0 and leader is not None:
                 members = leader.replica.members
                 if all(self.nodes[m].sm.slot >= top for m in members if m in self.nodes):
-                    return
+                    return recovery
         raise self.fail(
             LivenessViolation(
                 f"not settled in {ticks_max} ticks: unresolved={self.unresolved()} "

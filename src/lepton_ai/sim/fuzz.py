@@ -47,6 +47,8 @@ class FuzzReport:
     messages: int
     snapshots_installed: int
     membership_changes: int
+    recovery_ticks: float
+    """From the end of the faults to a leader followed by a majority."""
 
 
 def make_cluster(seed: int, name: str) -> tuple[SimCluster, random.Random]:
@@ -59,6 +61,7 @@ def make_cluster(seed: int, name: str) -> tuple[SimCluster, random.Random]:
         duplicate=plan.choice((0.0, 0.02, 0.1)),
         long_delay=plan.choice((0.0, 0.01, 0.05)),
         long_delay_max=plan.choice((50, 200, 600)),
+        replay=plan.choice((0.0, 0.0, 0.01, 0.05)),
     )
     paxos: dict[str, object] = {
         "inflight_max": plan.choice((2, 8, 64)),
@@ -75,9 +78,18 @@ def make_cluster(seed: int, name: str) -> tuple[SimCluster, random.Random]:
     return cluster, plan
 
 
-def run_seed(seed: int, *, fault_ticks: int = 1000, name: str = "tests/sim") -> FuzzReport:
+def run_seed(
+    seed: int,
+    *,
+    fault_ticks: int = 600,
+    name: str = "tests/sim",
+    membership: bool | None = None,
+) -> FuzzReport:
+    """Run one seed's schedule; ``membership`` forces membership changes on or off
+    (default: a quarter of the seeds)."""
     cluster, plan = make_cluster(seed, name)
-    membership = plan.random() < 0.25 and len(cluster.nodes) >= 3
+    draw = plan.random() < 0.25
+    membership = (draw if membership is None else membership) and len(cluster.nodes) >= 3
     crashes = changes = 0
     next_id = max(cluster.nodes) + 1
     for _ in range(fault_ticks):
@@ -104,11 +116,11 @@ def run_seed(seed: int, *, fault_ticks: int = 1000, name: str = "tests/sim") -> 
             cluster.net.partition([shuffled[:cut], shuffled[cut:]])
         elif r < 0.60:
             cluster.net.heal()
-        elif r < 0.62 and membership:
+        elif r < 0.65 and membership:
             changes += _change_membership(cluster, plan, next_id)
             next_id += 1
         cluster.run(1)
-    cluster.settle()
+    recovery_ticks = cluster.settle()
     installed = sum(1 for n in cluster.nodes.values() if n.replica.log.snapshot.slot > 0)
     return FuzzReport(
         seed=seed,
@@ -119,6 +131,7 @@ def run_seed(seed: int, *, fault_ticks: int = 1000, name: str = "tests/sim") -> 
         messages=cluster.messages_sent(),
         snapshots_installed=installed,
         membership_changes=changes,
+        recovery_ticks=recovery_ticks,
     )
 
 

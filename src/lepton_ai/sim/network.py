@@ -31,13 +31,17 @@ class NetConfig:
     long_delay: float = 0.0
     """Probability that a message is held back for up to ``long_delay_max`` units."""
     long_delay_max: int = 200
+    replay: float = 0.0
+    """Probability, per send, of also re-delivering a random old message (a confused or
+    lagging peer repeating itself long after the fact: stale ballots, old commits)."""
+    replay_history_max: int = 512
     encode: bool = True
     """Round-trip every message through msgpack (catches aliasing and wire-type bugs)."""
     queue_max: int = 200_000
     """Messages in flight; beyond it the network drops (a bounded buffer, like a socket)."""
 
     def validate(self) -> None:
-        for name in ("loss", "duplicate", "long_delay"):
+        for name in ("loss", "duplicate", "long_delay", "replay"):
             p = getattr(self, name)
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} must be a probability, got {p}")
@@ -56,6 +60,7 @@ class SimNetwork:
     sent: int = 0
     delivered: int = 0
     sent_by_type: dict[str, int] = field(default_factory=dict)
+    history: list[tuple[int, int, bytes | PeerMessage]] = field(default_factory=list)
 
     def send(self, now: int, src: int, dst: int, msg: PeerMessage) -> None:
         self.sent += 1
@@ -66,6 +71,8 @@ class SimNetwork:
             return
         copies = 2 if self.rng.random() < cfg.duplicate else 1
         payload: bytes | PeerMessage = _encoder.encode(msg) if cfg.encode else msg
+        if cfg.replay:
+            self._replay(now, (src, dst, payload))
         for _ in range(copies):
             if len(self.queue) >= cfg.queue_max:
                 return
@@ -74,6 +81,17 @@ class SimNetwork:
                 delay += self.rng.randint(0, cfg.long_delay_max)
             self.seq += 1
             heapq.heappush(self.queue, (now + delay, self.seq, src, dst, payload))
+
+    def _replay(self, now: int, item: tuple[int, int, bytes | PeerMessage]) -> None:
+        history = self.history
+        if len(history) < self.config.replay_history_max:
+            history.append(item)
+        else:
+            history[self.rng.randrange(len(history))] = item
+        if self.rng.random() < self.config.replay:
+            src, dst, payload = history[self.rng.randrange(len(history))]
+            self.seq += 1
+            heapq.heappush(self.queue, (now + self.config.delay_max, self.seq, src, dst, payload))
 
     def next_time(self) -> int | None:
         return self.queue[0][0] if self.queue else None

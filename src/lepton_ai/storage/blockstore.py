@@ -27,9 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-import crc32c
-
 from lepton_ai.errors import LeptonError
+from lepton_ai.storage import checksum as crc32c
 
 _MAGIC = b"LSHF"
 _VERSION = 1
