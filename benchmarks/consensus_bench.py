@@ -412,6 +412,7 @@ def pysyncobj_throughput(args: argparse.Namespace) -> dict[str, Any]:
 
 def pysyncobj_failover(args: argparse.Namespace) -> dict[str, Any]:
     times = []
+    timeouts = 0
     for _ in range(args.failover_trials):
         with tempfile.TemporaryDirectory() as d:
             out = Path(d)
@@ -439,13 +440,15 @@ def pysyncobj_failover(args: argparse.Namespace) -> dict[str, Any]:
                         if f.name != f"first-{leader.replace(':', '_')}"
                     ]
                     time.sleep(0.01)
-                if not firsts:
-                    raise RuntimeError("PySyncObj never committed after the leader's death")
+                if not firsts:  # counted at the bound, and reported, rather than dropped
+                    print("PySyncObj: no commit within 30 s of the kill", file=sys.stderr)
+                    timeouts += 1
+                    firsts = [30.0]
                 times.append(min(firsts))
             finally:
                 _stop(procs)
     return {"median_ms": statistics.median(times) * 1e3, "max_ms": max(times) * 1e3,
-            "trials_ms": [t * 1e3 for t in times]}  # fmt: skip
+            "trials_ms": [t * 1e3 for t in times], "timeouts_30s": timeouts}  # fmt: skip
 
 
 # -- report -------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -134,7 +135,7 @@ def test_crash_loop_restarts_with_growing_back_off(tmp_path: Path) -> None:
             pids.extend(dep.pids())
         assert dep.status()[0]["restarts"] == 3
         # 0 s, then 1 s, then 2 s of back-off (plus the start-up time of each).
-        assert waits[1] >= 0.9 and waits[2] >= 1.9 and waits[2] > waits[0] + 1.5, waits
+        assert waits[1] >= 0.9 and waits[2] >= 1.9 and waits[2] > waits[0] + 1.0, waits
         ok = httpx.post(f"{dep.url}/predict", json={"instances": ["fine"]}, timeout=10)
         assert ok.json() == {"predictions": ["fine"]}
     assert _wait_gone(pids) == []
@@ -211,3 +212,18 @@ def test_lepton_serve_unimportable_target_exits_nonzero_with_reason() -> None:
     assert "No module named 'no_such_module_abc'" in err
     assert "127.0.0.1" not in out  # no URL: nothing was bound
     assert time.monotonic() - t0 < 20
+
+
+def test_port_in_use_fails_clearly_and_leaves_nothing_running(tmp_path: Path) -> None:
+    import psutil
+
+    (tmp_path / "m.py").write_text("def predict(xs):\n    return xs\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        with pytest.raises(OSError, match=f"127.0.0.1:{port}"):
+            lep.Deployment(f"{tmp_path}/m.py:predict", replicas=2, port=port).start()
+    started = [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    assert _wait_gone(started, timeout_s=5) == []

@@ -32,6 +32,7 @@ from lepton_ai.consensus.client import KV, ClientConfig, KvClient
 from lepton_ai.consensus.protocol import Status
 from lepton_ai.errors import LeptonError
 from lepton_ai.wire import generate_token
+from lepton_ai.wire.handshake import TOKEN_ENV
 
 _LIVE: dict[int, subprocess.Popen[bytes]] = {}
 
@@ -285,8 +286,6 @@ class KvCluster:
             self.peers,
             "--data-dir",
             str(replica.data_dir),
-            "--token",
-            self.token,
             "--ready-file",
             str(replica.ready_file),
             "--tick-s",
@@ -309,6 +308,8 @@ class KvCluster:
             with open(replica.log_file, "ab") as log:
                 replica.proc = subprocess.Popen(
                     self.command(node, fd),
+                    # The token goes in the environment, not argv (argv is public in ps).
+                    env={**os.environ, TOKEN_ENV: self.token},
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,

@@ -43,6 +43,21 @@ Runtime loop (etcd-raft style)::
             replica.advance(rd)
             if replica.compaction_due():
                 replica.compact(state_machine.snapshot())
+
+Notes for the runtime
+---------------------
+* Node ids are ints; ``NotLeader.leader`` is ``str(leader id)`` or None.
+* A pending (uncommitted) configuration may need its new member for a quorum, so the
+  leader sends to it before the change commits: open a link to any peer a message is
+  addressed to (or when a KIND_CONFIG value appears in ``persist_entries``).
+* A replica joining later is started with ``members`` = the current members, without
+  itself; it is caught up (snapshot, then log) and campaigns only once a configuration
+  that includes it is in its log.
+* Message sizes: an Accept carries at most ``catchup_entries_max`` slots and about
+  ``batch_bytes_max`` bytes; a Promise at most ``catchup_entries_max + inflight_max``
+  slots (a candidate further behind is refused); an InstallSnapshot carries the whole
+  snapshot (no chunking), so the frame limit must exceed the largest snapshot.
+* ``persist_commit`` needs no fsync, but must be written after the entries it covers.
 """
 
 from __future__ import annotations
@@ -138,6 +153,7 @@ class Replica:
         self._through_ballot: Ballot | None = None
         self._ldr: LeaderState | None = None
         self._promises: dict[int, Promise] = {}
+        self._prepared: set[int] = set()
         self._applied = 0
         self._pending_self_through = 0
         self._ready_out = False
@@ -205,6 +221,7 @@ class Replica:
         self._election_elapsed = 0
         self._election_timeout = self._random_timeout()
         self._promises = {self.node_id: self._promise_for(ballot, self.log.commit)}
+        self._prepared = set(self._known_members())
         for peer in self._known_members():
             self._send(peer, Prepare(src=self.node_id, ballot=ballot, commit=self.log.commit))
         self._check_promises()
@@ -253,6 +270,8 @@ class Replica:
     def read_index(self, request_id: int) -> None:
         """Start a linearizable read; ``request_id`` comes back in ``Ready.reads_ready``
         (safe to read local state after that Ready is applied) or ``reads_failed``."""
+        if not isinstance(request_id, int):
+            raise TypeError("request_id must be an int")
         ldr = self._leader_state()
         if len(ldr.reads) >= self.config.reads_pending_max:
             raise Overloaded("too many pending reads")
@@ -262,6 +281,9 @@ class Replica:
         ldr.reads.append((request_id, ldr.read_seq, index))
 
     def compaction_due(self) -> bool:
+        """True when the runtime should call ``compact(state_machine.snapshot())`` now."""
+        if self._ready_out or self._out_install is not None:
+            return False  # the state machine is not at ``applied`` right now
         return self._applied - self.log.snapshot.slot >= self.config.snapshot_entries
 
     def compact(self, data: bytes) -> None:
@@ -269,8 +291,8 @@ class Replica:
         and drop older log entries; the snapshot is in the next Ready's persist_snapshot."""
         if not isinstance(data, bytes):
             raise TypeError("snapshot data must be bytes")
-        if self._ready_out:
-            raise ValueError("compact() between ready() and advance()")
+        if self._ready_out or self._out_install is not None:
+            raise ValueError("compact() only after advance(), with no snapshot install pending")
         slot = self._applied
         snap = Snapshot(slot=slot, members=self.log.config_at(slot), data=data)
         self.log.compact(snap, self.config.log_retain_entries)
@@ -475,11 +497,11 @@ class Replica:
 
     def _check_promises(self) -> None:
         merged = merge_promises(self.log.commit, self.log.committed_config(), self._promises)
-        known = set(self._known_members())
+        known = self._prepared
         for config in merged.configs:
             for peer in config:
                 if peer != self.node_id and peer not in known:
-                    known.add(peer)
+                    known.add(peer)  # a configuration learnt from a promise: ask it too
                     prepare = Prepare(
                         src=self.node_id, ballot=self.promised, commit=self.log.commit
                     )
@@ -598,6 +620,10 @@ class Replica:
         return slot
 
     def _propose_config(self, members: tuple[int, ...], payload: bytes) -> ProposalId:
+        if any(not isinstance(m, int) or m < 0 for m in members):
+            raise TypeError("node ids are non-negative ints")
+        if not isinstance(payload, bytes):
+            raise TypeError("payload must be bytes")
         ldr = self._leader_state()
         if self.log.pending_config() is not None:
             raise Overloaded("a membership change is already pending")

@@ -49,7 +49,9 @@ from lepton_ai.compute.scheduler_events import (
     SchedulerAction,
     SchedulerConfig,
     SchedulerEvent,
+    TaskAttempt,
     TaskFailed,
+    TaskStarted,
     Tick,
     WorkerJoined,
     WorkerLost,
@@ -63,6 +65,7 @@ from lepton_ai.compute.state import (
     JobStateMachine,
     JobSubmitted,
     OutputLost,
+    OutputRef,
     decode_apply_result,
     decode_command,
     encode_command,
@@ -164,6 +167,10 @@ class Coordinator:
         self.dispatch_counts: dict[tuple[str, int, int], int] = {}
         self.members_changed = asyncio.Event()
         self._outgoing: dict[str, RunTasks] = {}
+        # Shuffle inputs of dispatched readers (until their report) and outputs
+        # already reported bad, to tell a stale fetch failure from a new one.
+        self._reader_inputs: dict[TaskAttempt, list[OutputRef]] = {}
+        self._bad_outputs: set[tuple[str, str, str]] = set()
         self._flush_scheduled = False
         self._proposals = asyncio.Semaphore(config.inflight_proposals_max)
         self._tg: asyncio.TaskGroup | None = None
@@ -259,6 +266,8 @@ class Coordinator:
                 batch.plans.append(JobPlanBlob(a.job_id, rec.plan))
                 view.plans_sent.add(a.job_id)
         batch.tasks.append(d)
+        if d.inputs:
+            self._reader_inputs[d.attempt] = d.inputs
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -315,6 +324,9 @@ class Coordinator:
             done.set()
         for key in [k for k in self.dispatch_counts if k[0] == job_id]:
             del self.dispatch_counts[key]
+        self._bad_outputs = {k for k in self._bad_outputs if k[0] != job_id}
+        for attempt in [a for a in self._reader_inputs if a.job_id == job_id]:
+            del self._reader_inputs[attempt]
         for view in self.workers.values():
             view.plans_sent.discard(job_id)
             view.conn.send_nowait(DropJobs([job_id]))
@@ -375,6 +387,11 @@ class Coordinator:
         elif isinstance(msg, Reports):
             for rep in msg.reports:
                 ev = msgspec.structs.replace(rep, now=now)
+                inputs = (
+                    self._reader_inputs.pop(ev.attempt, None)
+                    if not isinstance(ev, TaskStarted)
+                    else None
+                )
                 if isinstance(ev, TaskFailed) and ev.kind == "infra":
                     self.event(
                         "task_failed",
@@ -383,14 +400,38 @@ class Coordinator:
                         ev.attempt.job_id,
                     )
                 elif isinstance(ev, FetchFailed):
-                    self.event(
-                        "fetch_failed",
-                        f"stage {ev.map_stage} map {ev.map_partition} from {ev.source_worker}",
-                        ev.attempt.job_id,
-                    )
+                    self.step(self._fetch_failure(ev, inputs))
+                    continue
                 self.step(ev)
         else:
             raise ValueError(f"worker sent {type(msg).__name__}")
+
+    def _fetch_failure(
+        self, ev: FetchFailed, inputs: list[OutputRef] | None
+    ) -> FetchFailed | TaskFailed:
+        """Pass a fetch failure on, unless it is stale.
+
+        A reader dispatched before an output was found bad still holds the old
+        ref; when it fails on it too, the producer is already being re-made, and
+        counting that against the reader's retries could fail a healthy job. The
+        core cannot tell (the report names the map task, not the output), so the
+        shell, which saw the dispatch, turns a second failure on the same output,
+        or one on a worker already declared lost, into a plain re-queue.
+        """
+        job_id = ev.attempt.job_id
+        block = None
+        if inputs is not None and 0 <= ev.map_partition < len(inputs):
+            block = inputs[ev.map_partition].block
+        key = (job_id, ev.source_worker, block or "")
+        stale = ev.source_worker in self.lost or (block is not None and key in self._bad_outputs)
+        detail = f"stage {ev.map_stage} map {ev.map_partition} from {ev.source_worker}"
+        if stale:
+            self.event("fetch_failed", detail + " (already being re-made)", job_id)
+            return TaskFailed(ev.attempt, ev.worker, "cancelled", ev.now, "stale fetch failure")
+        if block is not None:
+            self._bad_outputs.add(key)
+        self.event("fetch_failed", detail, job_id)
+        return ev
 
     def _lose_worker(self, view: WorkerView, why: str) -> None:
         if self.workers.pop(view.worker_id, None) is None:

@@ -39,6 +39,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=Policy.LEAST_OUTSTANDING.value,
         help="routing policy",
     )
+    p.add_argument(
+        "--request-timeout-s", type=float, default=10.0, help="per client request, all attempts"
+    )
+    p.add_argument(
+        "--attempt-timeout-s", type=float, default=5.0, help="per attempt on one replica"
+    )
     p.add_argument("--json", action="store_true", help="print the URL line as JSON")
     p.set_defaults(func=_run)
 
@@ -53,7 +59,13 @@ def _config(args: argparse.Namespace) -> ServeConfig:
         }
     )
     router = replace(base.balancer.router, policy=Policy(args.policy))
-    return replace(base, replica=replica, balancer=replace(base.balancer, router=router))
+    balancer = replace(
+        base.balancer,
+        router=router,
+        request_timeout_s=args.request_timeout_s,
+        attempt_timeout_s=min(args.attempt_timeout_s, args.request_timeout_s),
+    )
+    return replace(base, replica=replica, balancer=balancer)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -179,7 +179,13 @@ class ServeRuntime:
         # without it uvicorn's two writes per response meet Nagle + delayed ACK (40 ms).
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((HOST, self.port))
+        try:
+            sock.bind((HOST, self.port))
+        except OSError as exc:
+            sock.close()
+            raise OSError(
+                exc.errno, f"cannot listen on {HOST}:{self.port}: {exc.strerror}"
+            ) from None
         sock.listen(2048)
         self.port = sock.getsockname()[1]
         self.url = f"http://{HOST}:{self.port}"

@@ -435,7 +435,10 @@ class SimCluster:
             self.run(5)
             top = self.checker.max_chosen()
             leader = self.leader_node()
-            if self.unresolved() == 0 and leader is not None:
+            # A value a majority accepted is chosen even if nobody learned it yet: it must
+            # end up learned (and equal, which on_apply checks), never lost.
+            quorum_top = max(self.checker.quorum_chosen, default=0)
+            if self.unresolved() == 0 and leader is not None and top >= quorum_top:
                 members = leader.replica.members
                 if all(self.nodes[m].sm.slot >= top for m in members if m in self.nodes):
                     return recovery

@@ -15,11 +15,15 @@ import random
 from dataclasses import dataclass
 
 from lepton_ai.consensus.core_types import NotLeader, Overloaded
-from lepton_ai.sim.cluster import SimCluster
+from lepton_ai.sim.cluster import UNIT, LivenessViolation, SimCluster
 from lepton_ai.sim.network import NetConfig
 
 SEEDS_ENV = "LEPTON_SIM_SEEDS"
 SEED_ENV = "LEPTON_SIM_SEED"
+MESSAGES_PER_NODE_TICK_MAX = 20.0
+RECOVERY_TICKS_MAX = 200.0
+"""Once faults stop, a leader followed by a majority within this many ticks (about ten
+election timeouts; measured: median 6, p99 25, max 49 over 400 seeds)."""
 
 
 def seeds_from_env(default: range) -> list[int]:
@@ -121,6 +125,13 @@ def run_seed(
             next_id += 1
         cluster.run(1)
     recovery_ticks = cluster.settle()
+    ticks = cluster.now / UNIT
+    rate = cluster.messages_sent() / ticks / len(cluster.nodes)
+    if rate > MESSAGES_PER_NODE_TICK_MAX:
+        # Typical schedules send ~0.5 and at most ~4: more is an amplification bug.
+        raise cluster.fail(LivenessViolation(f"message storm: {rate:.1f} messages/node/tick"))
+    if recovery_ticks > RECOVERY_TICKS_MAX:
+        raise cluster.fail(LivenessViolation(f"leader only after {recovery_ticks} ticks"))
     installed = sum(1 for n in cluster.nodes.values() if n.replica.log.snapshot.slot > 0)
     return FuzzReport(
         seed=seed,
