@@ -166,18 +166,22 @@ def _median(values: list[float]) -> float | None:
 
 
 def _kill_summary(runs: list[dict[str, Any]], reference: str, key: str) -> dict[str, Any]:
-    kills = [r[key] for r in runs if key in r]
+    # A run whose kill timer never fired (the job ended first) says nothing about faults.
+    kills = [r[key] for r in runs if key in r and r[key].get("kill_at_s") is not None]
     slowdowns, budgets = [], []
     for r in runs:
         k = r.get(key)
-        if k and k.get("completed"):
+        if k and k.get("kill_at_s") is not None and k.get("completed"):
             slowdowns.append(k["wall_s"] - r["wordcount_s"])
             budgets.append(k["partition_s"] + 1.0)
     return {
         "runs": len(kills),
+        "not_killed": sum(1 for r in runs if key in r and r[key].get("kill_at_s") is None),
         "completed": sum(bool(k.get("completed")) for k in kills),
         "correct": sum(k.get("digest") == reference for k in kills),
+        "hung": sum(bool(k.get("hung")) for k in kills),
         "slowdown_s": _median(slowdowns),
+        "slowdowns_s": [round(x, 2) for x in slowdowns],
         "budget_s": _median(budgets),
         "killed": kills[0].get("killed") if kills else None,
         "errors": sorted({k["error"][:160] for k in kills if k.get("error")}),
@@ -307,7 +311,12 @@ def _kill_cell(s: dict[str, Any], p: str, key: str = "kill") -> str:
     if not k:
         return "—"
     slow = "—" if k["slowdown_s"] is None else f"{k['slowdown_s']:+.2f} s"
-    return f"{k['completed']}/{k['runs']} done, {k['correct']} correct, {slow}"
+    text = f"{k['completed']}/{k['runs']} done, {k['correct']} correct, {slow}"
+    if k.get("hung"):
+        text += f", {k['hung']} hung"
+    if k.get("not_killed"):
+        text += f" ({k['not_killed']} run ended before the kill)"
+    return text
 
 
 def _table(doc: dict[str, Any]) -> list[str]:
@@ -408,6 +417,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
     errors = [f"- {p}: {e}" for p in PEER_ORDER for e in s.get(p, {}).get("errors", [])]
     if errors:
         lines += ["", "Errors:", *errors]
+    if doc.get("notes"):
+        lines += ["", "Notes on this run:", *(f"- {n}" for n in doc["notes"])]
     return "\n".join(lines) + "\n"
 
 
@@ -428,7 +439,13 @@ def main() -> int:
     )
     args = ap.parse_args()
     if args.render:
+        # Re-derive everything from the raw measurements with the current aggregation.
         doc = json.loads(RESULTS_JSON.read_text())
+        reference = doc["raw"]["serial"][0].get("wordcount_digest", "")
+        doc["summary"] = aggregate(doc["raw"], reference)
+        doc["ratios_lepton_over_peer"] = _ratios(doc["summary"])
+        doc["targets"] = check_targets(doc["summary"])
+        RESULTS_JSON.write_text(json.dumps(doc, indent=1) + "\n")
         RESULTS_MD.write_text(render_markdown(doc))
         print(RESULTS_MD.read_text())
         return 0

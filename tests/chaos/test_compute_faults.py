@@ -169,10 +169,9 @@ def test_corrupt_and_missing_shuffle_files_rerun_their_map_tasks(cluster: LocalC
         time.sleep(0.02)
     assert len(files) >= 6, "map outputs did not appear"
     files[0].unlink()  # lost
-    # Bit rot in the middle of another file. (Only two damaged outputs: a reader
-    # that fails on an output already being re-made counts that failure against
-    # its own retries, see the report on FetchFailed staleness.)
-    for f in files[1:2]:
+    # Bit rot in the middle of three more. Every reader trips over each damaged
+    # output in turn; only the first report per output may count as a failure.
+    for f in files[1:4]:
         raw = bytearray(f.read_bytes())
         raw[len(raw) // 2] ^= 0xFF
         f.write_bytes(bytes(raw))

@@ -250,7 +250,7 @@ def test_parent_death_takes_the_cluster_down(tmp_path: Path) -> None:
 
         assert owner.stdout is not None
         pids = json.loads(owner.stdout.readline())
-        assert len(pids) == 3
+        assert len(pids) >= 3  # coordinator, worker, executor (and maybe a spare)
         owner.kill()
         owner.wait(10)
         left = wait_all_dead(pids, 10.0)

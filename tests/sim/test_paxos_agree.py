@@ -10,7 +10,7 @@ from lepton_ai.sim.cluster import SimCluster
 from lepton_ai.sim.fuzz import seeds_from_env
 from lepton_ai.sim.network import NetConfig
 
-SEEDS = seeds_from_env(range(3))
+SEEDS = seeds_from_env(range(5))
 
 
 def make(n: int, seed: int, request: pytest.FixtureRequest, **kw: object) -> SimCluster:

@@ -11,7 +11,7 @@ from lepton_ai.consensus.core import Overloaded
 from lepton_ai.sim.cluster import SimCluster
 from lepton_ai.sim.fuzz import seeds_from_env
 
-SEEDS = seeds_from_env(range(3))
+SEEDS = seeds_from_env(range(5))
 
 
 def make(n: int, seed: int, request: pytest.FixtureRequest, **kw: object) -> SimCluster:
@@ -85,8 +85,9 @@ def test_replace_dead_member(seed: int, request: pytest.FixtureRequest) -> None:
 @pytest.mark.parametrize("seed", SEEDS)
 def test_one_change_at_a_time(seed: int, request: pytest.FixtureRequest) -> None:
     c = make(3, seed, request)
-    leader = c.wait_leader()
+    c.wait_leader()
     c.one()
+    leader = c.wait_leader()
     c.nodes[leader].replica.add_member(4)
     with pytest.raises(Overloaded):
         c.nodes[leader].replica.add_member(5)

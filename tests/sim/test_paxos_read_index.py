@@ -12,7 +12,7 @@ from lepton_ai.sim.cluster import SimCluster
 from lepton_ai.sim.fuzz import seeds_from_env
 from lepton_ai.sim.network import NetConfig
 
-SEEDS = seeds_from_env(range(3))
+SEEDS = seeds_from_env(range(5))
 
 
 def make(n: int, seed: int, request: pytest.FixtureRequest, **kw: object) -> SimCluster:
@@ -36,6 +36,8 @@ def test_read_after_write(seed: int, request: pytest.FixtureRequest) -> None:
 @pytest.mark.parametrize("seed", SEEDS)
 def test_read_on_follower_is_refused(seed: int, request: pytest.FixtureRequest) -> None:
     c = make(3, seed, request)
+    c.wait_leader()
+    c.run(10)  # every follower has heard a heartbeat by now
     leader = c.wait_leader()
     follower = next(n for n in c.nodes if n != leader)
     with pytest.raises(NotLeader) as exc:

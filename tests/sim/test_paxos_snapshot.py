@@ -11,7 +11,7 @@ from lepton_ai.sim.cluster import SimCluster
 from lepton_ai.sim.fuzz import seeds_from_env
 from lepton_ai.sim.network import NetConfig
 
-SEEDS = seeds_from_env(range(3))
+SEEDS = seeds_from_env(range(5))
 SNAP = {"snapshot_entries": 10, "log_retain_entries": 3, "batch_commands_max": 1}
 """One command per slot, a snapshot every 10 applied slots, 3 slots kept below it."""
 

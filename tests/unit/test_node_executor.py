@@ -86,3 +86,16 @@ def test_framed_pipe_round_trip_and_bounds() -> None:
         b2.recv()
     except PipeClosed:
         pass
+
+
+def test_hand_encoded_hello_is_what_msgspec_would_send() -> None:
+    import msgspec
+
+    from lepton_ai.node.exec_boot import hello_frame
+
+    for pid in (0, 1, 127, 128, 255, 65_536, 4_194_304, 2**32 - 1):
+        frame = hello_frame(pid)
+        body = msgspec.msgpack.encode(ExecHello(pid))
+        assert msgspec.msgpack.decode(frame[4:], type=ExecHello) == ExecHello(pid)
+        assert int.from_bytes(frame[:4], "big") == len(frame) - 4
+        assert msgspec.msgpack.decode(body, type=ExecHello) == ExecHello(pid)

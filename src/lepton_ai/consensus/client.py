@@ -224,7 +224,8 @@ class KvClient:
                     self._low_seq += 1
                 try:
                     command = encode_command(Request(session, seq, self._low_seq, op))
-                    reply = await self._request(_submitter(command))
+                    sends = [0]
+                    reply = await self._request(_submitter(command, sends))
                 finally:
                     self._inflight_seqs.discard(seq)
                 if not isinstance(reply, Reply):
@@ -232,6 +233,10 @@ class KvClient:
                 result = decode_result(reply.result)
                 if result.error != "session_expired":
                     return _checked(result)
+                if sends[0] > 1:
+                    # An earlier send may have been applied before the session was evicted;
+                    # re-running it under a new session could apply it twice.
+                    raise KvError("outcome unknown: the session expired while retrying")
                 # The machine applied nothing for this command: a fresh session may retry it.
                 if self._session == session:
                     self._session = 0
@@ -355,8 +360,11 @@ class KvClient:
                 await link.reader
 
 
-def _submitter(command: bytes) -> Callable[[int], ClientMessage]:
+def _submitter(command: bytes, sends: list[int]) -> Callable[[int], ClientMessage]:
+    """Build the Submit for each try, counting the tries in ``sends[0]``."""
+
     def make(rid: int) -> ClientMessage:
+        sends[0] += 1
         return Submit(rid, command)
 
     return make

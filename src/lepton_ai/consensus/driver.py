@@ -26,6 +26,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import msgspec
+
 from lepton_ai.consensus.api import NotLeader, StateMachine
 from lepton_ai.consensus.core import Replica
 from lepton_ai.consensus.core_types import (
@@ -46,6 +48,20 @@ log = logging.getLogger("lepton_ai.consensus.driver")
 
 Done = Callable[[bytes | None, BaseException | None], None]
 """Called once with (result, None) or (None, error)."""
+
+
+class _SnapshotEnvelope(msgspec.Struct, array_like=True):
+    """What the driver stores as a core snapshot: the state machine's own snapshot plus
+    the replica address book, so members added at run time survive compaction."""
+
+    state: bytes
+    addresses: dict[int, str]
+
+
+_envelope_encoder = msgspec.msgpack.Encoder()
+_envelope_decoder: msgspec.msgpack.Decoder[_SnapshotEnvelope] = msgspec.msgpack.Decoder(
+    _SnapshotEnvelope
+)
 
 
 class ProposalLost(LeptonError):
@@ -291,7 +307,8 @@ class ReplicaDriver:
             self._handle(rd)
             self.core.advance(rd)
             if self.core.compaction_due():
-                self.core.compact(self.state_machine.snapshot())
+                envelope = _SnapshotEnvelope(self.state_machine.snapshot(), self.addresses)
+                self.core.compact(_envelope_encoder.encode(envelope))
             if rd.is_empty():
                 # has_ready() stays true while reads wait for heartbeat acks; those
                 # arrive as messages, in a later pass.
@@ -340,7 +357,7 @@ class ReplicaDriver:
                 if link is not None:
                     link.send_many(msgs)
         if rd.snapshot_to_install is not None:
-            self.state_machine.restore(rd.snapshot_to_install.data)
+            self._install(rd.snapshot_to_install.data, rd.snapshot_to_install.members)
             self._fail_waiting_through(rd.snapshot_to_install.slot)
         for slot, value in rd.committed:
             self._apply(slot, value)
@@ -352,6 +369,22 @@ class ReplicaDriver:
             done = self._reads.pop(rid, None)
             if done is not None:
                 done(None, NotLeader(self.leader_address))
+
+    def _install(self, data: bytes, members: tuple[int, ...]) -> None:
+        """Restore the state machine from a snapshot, and the address book saved with it
+        (members added at run time are not in ``--peers``)."""
+        envelope = _envelope_decoder.decode(data)
+        self.state_machine.restore(envelope.state)
+        for node, address in envelope.addresses.items():
+            self.addresses.setdefault(node, address)
+        self._link_members(members)
+
+    def _link_members(self, members: tuple[int, ...]) -> None:
+        for peer in members:
+            if peer != self.node_id and peer not in self.links and peer in self.addresses:
+                link = self._new_link(peer, self.addresses[peer])
+                self.links[peer] = link
+                self._spawn_link(link)
 
     def _apply(self, slot: int, value: Value) -> None:
         results: list[bytes] = []
@@ -378,11 +411,7 @@ class ReplicaDriver:
             node_text, _, address = payload.decode().partition("=")
             if node_text.isdigit():
                 self.addresses.setdefault(int(node_text), address)
-        for peer in value.members:
-            if peer != self.node_id and peer not in self.links and peer in self.addresses:
-                link = self._new_link(peer, self.addresses[peer])
-                self.links[peer] = link
-                self._spawn_link(link)
+        self._link_members(value.members)
         log.info("node %s: members are now %s", self.node_id, list(value.members))
 
     def _spawn_link(self, link: PeerLink) -> None:

@@ -387,6 +387,14 @@ class ReplicaHost:
     def address(self) -> str:
         return self.peers[self.node_id]
 
+    @property
+    def running(self) -> asyncio.Task[None]:
+        """The driver's task: it ends only on ``close`` or when an invariant breaks (then
+        its exception says why); an embedding program should stop when it ends."""
+        if self._task is None:
+            raise ValueError("replica not started")
+        return self._task
+
     async def __aenter__(self) -> ReplicaHost:
         await self.start()
         return self
@@ -506,7 +514,15 @@ async def _serve(host: ReplicaHost, ready_file: str | None) -> None:
     async with host:
         if ready_file:
             _write_ready(Path(ready_file), host.address)
-        await stop.wait()
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({stopper, host.running}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+        if host.running.done() and not host.running.cancelled():
+            # The driver died (a broken invariant): stop the process, do not limp on.
+            host.running.result()
+            raise InvariantError("the replica's driver stopped unexpectedly")
 
 
 def _write_ready(path: Path, address: str) -> None:

@@ -1,8 +1,9 @@
 """``lepton coordinator``, ``lepton worker``, ``lepton cluster up|down|status``, ``lepton chaos``.
 
-Other layers add ``lepton cluster ...`` subcommands through ``cluster_subparsers()``
-(the consensus layer's ``lepton cluster events`` and friends): this module is
-registered first, so by the time theirs runs the group exists.
+The consensus layer's ``lepton cluster`` commands (``add-coordinator``,
+``remove-coordinator``, ``replicas``) are added here through its
+``register_cluster_commands``; any other layer adds more through
+``cluster_subparsers()`` (this module is registered first, so the group exists).
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--join", required=True, metavar="HOST:PORT", help="the coordinator")
     p.add_argument("--token", default=None, help="cluster token (default: $LEPTON_TOKEN)")
     p.add_argument("--slots", type=int, default=1, help="executor processes (default 1)")
+    p.add_argument(
+        "--spares", type=int, default=1, help="warm executors kept for instant replacement"
+    )
     p.add_argument("--name", default=None, help="member id shown in status (default: pid)")
     p.add_argument(
         "--data-dir",
@@ -112,19 +116,9 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from lepton_ai.node.worker import run_worker
-    from lepton_ai.wire import resolve_token
+    from lepton_ai.node.worker import run_from_args
 
-    if args.slots < 1:
-        raise ValueError(f"--slots must be >= 1, got {args.slots}")
-    run_worker(
-        args.join,
-        resolve_token(args.token),
-        args.slots,
-        args.data_dir,
-        args.name or f"w{os.getpid()}",
-        announce=not args.quiet,
-    )
+    run_from_args(args)
     return 0
 
 
@@ -268,6 +262,18 @@ def _cmd_chaos(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_consensus_commands(sub: Any) -> None:
+    """The replicated log's ``lepton cluster`` commands (add/remove-coordinator, replicas).
+
+    Its replica status is named ``replicas`` because ``status`` here lists every member.
+    """
+    try:
+        from lepton_ai.consensus.cli import register_cluster_commands
+    except ImportError:  # the consensus layer is optional for the node layer
+        return
+    register_cluster_commands(sub, status_name="replicas")
+
+
 def register(subparsers: Any) -> None:
     global _cluster_subparsers
     p = subparsers.add_parser("coordinator", help="run a coordinator")
@@ -299,6 +305,8 @@ def register(subparsers: Any) -> None:
     add_connect_args(st)
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_cmd_status)
+
+    _add_consensus_commands(sub)
 
     chaos = subparsers.add_parser("chaos", help="inject a fault into a running cluster")
     chaos.add_argument("action", choices=["kill", "pause", "resume"])

@@ -96,6 +96,9 @@ class ClientApi:
         return ErrorReply("invalid", f"{type(msg).__name__} is not a client request")
 
     async def _submit(self, msg: SubmitJob) -> ClientReply:
+        if not self.c.leading:
+            leader = self.c.log.leader_address or "another coordinator"
+            return ErrorReply("unavailable", f"not the leader; try {leader}")
         try:
             self.c.validate_plan(msg.plan)
         except ValueError as exc:
@@ -136,11 +139,13 @@ class ClientApi:
             self.c.members_changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.c.members_changed.wait(), left)
-        return ClusterInfo(self.c.address, self._members())
+        leader = self.c.address if self.c.leading else (self.c.log.leader_address or "")
+        return ClusterInfo(leader, self._members())
 
     def _members(self) -> list[MemberInfo]:
         now = time.monotonic()
-        members = [MemberInfo("coordinator", "0", os.getpid(), self.c.address, "leader")]
+        role = "leader" if self.c.leading else "follower"
+        members = [MemberInfo("coordinator", "0", os.getpid(), self.c.address, role)]
         for v in sorted(self.c.workers.values(), key=lambda v: v.name):
             phi = self.c.phi.phi(v.worker_id, now)
             health = "suspect" if phi >= self.c.config.phi.threshold / 2 else "alive"

@@ -143,7 +143,6 @@ class Coordinator:
         address: str,
         config: CoordinatorConfig,
         *,
-        epoch: int,
         token: str,
     ) -> None:
         self.token = token
@@ -151,14 +150,10 @@ class Coordinator:
         self.machine = machine
         self.address = address
         self.config = config
-        self.epoch = epoch
-        if machine.jobs.state.jobs:
-            # Recovering: wait the failover grace for workers to report what runs.
-            self.scheduler = Scheduler.from_state(
-                machine.jobs.state, time.monotonic(), epoch=epoch, config=config.scheduler
-            )
-        else:  # nothing to recover: no grace period before the first dispatch
-            self.scheduler = Scheduler(config.scheduler, epoch=epoch)
+        self.epoch = -1
+        # Leader-only: the scheduler and the failure detector exist while this
+        # replica leads (``become_leader``/``step_down``, driven by the LogHost).
+        self.scheduler: Scheduler | None = None
         self.phi = PhiAccrualDetector(config.phi)
         self.workers: dict[str, WorkerView] = {}
         self.lost: deque[str] = deque(maxlen=config.lost_workers_max)
@@ -177,6 +172,52 @@ class Coordinator:
         self.api = ClientApi(self)
         machine.listener = self._on_applied
 
+    # -- leadership ------------------------------------------------------------------
+    @property
+    def leading(self) -> bool:
+        return self.scheduler is not None
+
+    def become_leader(self, epoch: int) -> None:
+        """Start the controllers for leadership term ``epoch`` (unique per term).
+
+        Soft state starts empty: the scheduler is rebuilt from the applied state
+        and the workers' ``Register`` reports, and failure detection starts afresh.
+        """
+        if self.scheduler is not None:
+            return
+        self.epoch = epoch
+        self.phi = PhiAccrualDetector(self.config.phi)
+        if self.machine.jobs.state.jobs:
+            # Recovering: wait the failover grace for workers to report what runs.
+            self.scheduler = Scheduler.from_state(
+                self.machine.jobs.state,
+                time.monotonic(),
+                epoch=epoch,
+                config=self.config.scheduler,
+            )
+        else:  # nothing to recover: no grace period before the first dispatch
+            self.scheduler = Scheduler(self.config.scheduler, epoch=epoch)
+        self.event("leader", f"{self.address} epoch {epoch}")
+
+    def step_down(self) -> None:
+        """Stop the controllers at once: another replica orders commands now."""
+        if self.scheduler is None:
+            return
+        self.scheduler = None
+        self.event("step_down", f"{self.address} epoch {self.epoch}")
+        for view in list(self.workers.values()):
+            view.conn.writer.close()  # they re-register with the new leader
+        self.workers.clear()
+        self._outgoing.clear()
+        self._reader_inputs.clear()
+        self.members_changed.set()
+
+    def on_leadership(self, leading: bool, epoch: int) -> None:
+        if leading:
+            self.become_leader(epoch)
+        else:
+            self.step_down()
+
     # -- events for the timeline -----------------------------------------------------
     def event(self, kind: str, detail: str = "", job_id: str = "") -> None:
         self.events.append(Event(time.time(), kind, detail, job_id))
@@ -185,7 +226,7 @@ class Coordinator:
     async def run(self, server_sock: socket.socket) -> None:
         from lepton_ai.node.netutil import serve_socket
 
-        self.event("coordinator_started", f"{self.address} epoch {self.epoch}")
+        self.event("coordinator_started", f"{self.address} pid {os.getpid()}")
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             server = await serve_socket(
@@ -210,9 +251,12 @@ class Coordinator:
                     phi = self.phi.phi(worker_id, now)
                     last = self.phi.last_heartbeat(worker_id) or now
                     self._lose_worker(view, f"phi {phi:.1f}, silent {now - last:.2f} s")
-            self.step(Tick(now))
+            if self.scheduler is not None:
+                self.step(Tick(now))
 
     def step(self, event: SchedulerEvent) -> None:
+        if self.scheduler is None:
+            return  # not leading: applied commands only update the state machine
         try:
             actions = self.scheduler.step(event)
         except AssertionError as exc:
@@ -356,6 +400,8 @@ class Coordinator:
             await conn.send(await self.api.handle(msg))
 
     async def _worker_session(self, conn: Connection[CoordinatorMessage], reg: Register) -> None:
+        if not self.leading:
+            return  # closing the connection: the worker retries (a leader, later)
         if reg.worker in self.lost or reg.worker in self.workers or reg.slots <= 0:
             # A lost incarnation may hold stale attempts: it must rejoin as a new one.
             await conn.send(Registered(self.address, self.config.heartbeat_interval_s, False))
@@ -421,7 +467,9 @@ class Coordinator:
         job_id = ev.attempt.job_id
         block = None
         if inputs is not None and 0 <= ev.map_partition < len(inputs):
-            block = inputs[ev.map_partition].block
+            # One map output serves every reader, each its own bucket: key on the
+            # output (the block name without its ":bucket" suffix).
+            block = inputs[ev.map_partition].block.rsplit(":", 1)[0]
         key = (job_id, ev.source_worker, block or "")
         stale = ev.source_worker in self.lost or (block is not None and key in self._bad_outputs)
         detail = f"stage {ev.map_stage} map {ev.map_partition} from {ev.source_worker}"
@@ -475,9 +523,11 @@ async def serve_coordinator(
     local_log = LocalLog(
         os.path.join(data_dir, "log"), machine, LocalLogConfig(fsync=config.fsync), address
     )
-    coordinator = Coordinator(
-        local_log, machine, address, config, epoch=next_epoch(data_dir), token=token
-    )
+    coordinator = Coordinator(local_log, machine, address, config, token=token)
+    # A local log is always its own leader; a replicated one calls this on every
+    # election won or lost, with its ballot as the epoch.
+    epoch = next_epoch(data_dir)
+    local_log.on_leadership(lambda leading: coordinator.on_leadership(leading, epoch))
     try:
         await coordinator.run(sock)
     finally:

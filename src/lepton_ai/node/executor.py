@@ -11,8 +11,8 @@ executor competes with user code for the CPU. Map output goes straight into the
 node's block store directory (the same disk the agent serves from); shuffle
 input arrives already fetched by the agent.
 
-Run as ``python -m lepton_ai.node.executor`` by the agent only; the arguments
-come from the environment (``LEPTON_EXEC_FD``, ``LEPTON_EXEC_WORKER``,
+Started as ``python -m lepton_ai.node.exec_boot`` by the agent only; the
+arguments come from the environment (``LEPTON_EXEC_FD``, ``LEPTON_EXEC_WORKER``,
 ``LEPTON_EXEC_STORE``).
 """
 
@@ -32,7 +32,6 @@ from lepton_ai.node.messages import (
     ExecDone,
     ExecFailed,
     ExecForget,
-    ExecHello,
     ExecMessage,
     ExecPlan,
     ExecRun,
@@ -42,7 +41,7 @@ if TYPE_CHECKING:
     from lepton_ai.compute.plan import JobPlan
     from lepton_ai.storage.blockstore import BlockStore
 
-FD_ENV = "LEPTON_EXEC_FD"
+FD_ENV = "LEPTON_EXEC_FD"  # read by exec_boot
 WORKER_ENV = "LEPTON_EXEC_WORKER"
 STORE_ENV = "LEPTON_EXEC_STORE"
 FRAME_BYTES_MAX_ENV = "LEPTON_EXEC_FRAME_BYTES_MAX"
@@ -99,10 +98,9 @@ class Executor:
         self.result_bytes_max = int(os.environ.get(RESULT_BYTES_MAX_ENV, str(128 << 20)))
 
     def serve(self) -> None:
-        self.pipe.send(ExecHello(os.getpid()))
-        # Warm up after the hello, so the cluster counts us ready sooner: the
-        # task machinery and cloudpickle (needed to load any user function)
-        # are imported while the first task is still on its way.
+        """The task loop. ``exec_boot`` has said hello already; warm up now, while
+        the first task is on its way: the task machinery and cloudpickle (which
+        loading any user function needs)."""
         import cloudpickle  # noqa: F401
 
         import lepton_ai.compute.tasks  # noqa: F401
@@ -162,13 +160,10 @@ class Executor:
         return ExecDone(a, refs, time.perf_counter() - started)
 
 
-def main() -> None:
-    from lepton_ai.node.process import watch_parent
+def run_executor(sock: socket.socket) -> None:
+    """Serve the agent over ``sock`` until it goes away (hello already sent)."""
     from lepton_ai.storage.blockstore import BlockStore
 
-    watch_parent()
-    fd = int(os.environ[FD_ENV])
-    sock = socket.socket(fileno=fd)
     frame_max = int(os.environ.get(FRAME_BYTES_MAX_ENV, str(256 << 20)))
     pipe = FramedPipe(sock, frame_max)
     executor = Executor(pipe, os.environ[WORKER_ENV], BlockStore(os.environ[STORE_ENV]))
@@ -182,4 +177,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from lepton_ai.node.exec_boot import main
+
     main()

@@ -239,7 +239,7 @@ async def spawn_executor(worker: str, store_dir: str, config: ExecutorConfig) ->
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "lepton_ai.node.executor",
+            "lepton_ai.node.exec_boot",
             pass_fds=(child.fileno(),),
             env=env,
             stdin=asyncio.subprocess.DEVNULL,

@@ -25,6 +25,7 @@ import signal
 import sys
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from lepton_ai.compute.scheduler_events import (
     Dispatch,
@@ -484,12 +485,18 @@ def _my_ip() -> str:
 
 
 def run_worker(
-    join: str, token: str, slots: int, data_dir: str, name: str, *, announce: bool = True
+    join: str,
+    token: str,
+    data_dir: str,
+    name: str,
+    config: WorkerConfig,
+    *,
+    announce: bool = True,
 ) -> None:
     """Entry point of ``lepton worker``: run the agent until killed."""
     watch_parent()
     logging.basicConfig(level=os.environ.get("LEPTON_LOG_LEVEL", "WARNING"))
-    agent = WorkerAgent(join, token, data_dir, name, WorkerConfig(slots=slots))
+    agent = WorkerAgent(join, token, data_dir, name, config)
     if announce:
         print(json.dumps({"worker": agent.worker_id, "pid": os.getpid()}), flush=True)
     with contextlib.suppress(KeyboardInterrupt):
@@ -503,18 +510,22 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="lepton worker")
     add_worker_args(parser)
-    args = parser.parse_args(argv)
+    run_from_args(parser.parse_args(argv))
+    sys.exit(0)
+
+
+def run_from_args(args: Any) -> None:
+    """``lepton worker`` and ``python -m lepton_ai.node.worker`` (argparse namespace)."""
     from lepton_ai.wire import resolve_token
 
-    run_worker(
-        args.join,
-        resolve_token(args.token),
-        args.slots,
-        args.data_dir,
-        args.name or f"w{os.getpid()}",
-        announce=not args.quiet,
-    )
-    sys.exit(0)
+    if args.slots < 1 or args.spares < 0:
+        raise ValueError(
+            f"--slots must be >= 1 and --spares >= 0 (got {args.slots}, {args.spares})"
+        )
+    config = WorkerConfig(slots=args.slots, executor=ExecutorConfig(spares=args.spares))
+    name = args.name or f"w{os.getpid()}"
+    token = resolve_token(args.token)
+    run_worker(args.join, token, args.data_dir, name, config, announce=not args.quiet)
 
 
 if __name__ == "__main__":

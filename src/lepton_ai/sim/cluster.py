@@ -27,6 +27,7 @@ from lepton_ai.sim.network import NetConfig, SimNetwork
 UNIT = 10
 """Simulation units per nominal tick (message delays are fractions of a tick)."""
 DRAIN_ROUNDS_MAX = 1_000
+FILLER_TICKS = 30
 
 
 class LivenessViolation(AssertionError):
@@ -339,25 +340,41 @@ class SimCluster:
 
     # -- membership ------------------------------------------------------------------
 
-    def add_node(self, node_id: int) -> None:
-        """Start an empty node that knows the current members, then propose adding it."""
+    def add_node(self, node_id: int, ticks_max: float = 200) -> None:
+        """Start an empty node that knows the current members, then have a leader propose
+        adding it (retrying while leaders change, for up to ``ticks_max``)."""
         if node_id in self.nodes:
             raise ValueError(f"node {node_id} exists")
-        self.checker.static_membership = False
         leader = self.leader_node()
         if leader is None:
-            raise LivenessViolation(self.hint() + ": no leader to add a member")
+            raise NotLeader(None)
+        self.checker.static_membership = False
         self._make_node(node_id, leader.replica.members)
-        leader.replica.add_member(node_id)
-        self._drain(leader)
+        try:
+            self._reconfigure(lambda r: r.add_member(node_id), ticks_max)
+        except (NotLeader, Overloaded):
+            del self.nodes[node_id]
+            raise
 
-    def remove_node(self, node_id: int) -> None:
+    def remove_node(self, node_id: int, ticks_max: float = 200) -> None:
+        """Have a leader propose removing ``node_id`` (retrying as ``add_node`` does)."""
         self.checker.static_membership = False
-        leader = self.leader_node()
-        if leader is None:
-            raise LivenessViolation(self.hint() + ": no leader to remove a member")
-        leader.replica.remove_member(node_id)
-        self._drain(leader)
+        self._reconfigure(lambda r: r.remove_member(node_id), ticks_max)
+
+    def _reconfigure(self, change: Callable[[Replica], object], ticks_max: float) -> None:
+        deadline = self.now + round(ticks_max * UNIT)
+        while True:
+            leader = self.leader_node()
+            try:
+                if leader is None:
+                    raise NotLeader(None)
+                change(leader.replica)
+                self._drain(leader)
+                return
+            except (NotLeader, Overloaded):
+                if self.now >= deadline:
+                    raise
+            self.run(1)
 
     # -- observation -----------------------------------------------------------------
 
@@ -387,13 +404,17 @@ class SimCluster:
 
     def _followed(self, leader: SimNode) -> bool:
         """A majority of the leader's configuration is live, reachable both ways, and
-        follows the leader's ballot (the Raft lab's "one connected leader")."""
+        follows the leader's ballot, and no member it can reach holds a higher ballot (which
+        would depose it): the Raft lab's "one connected leader"."""
         lid, ballot = leader.node_id, leader.replica.promised
+        members = leader.replica.members
         count = 0
         for n in self.alive_nodes():
             linked = n.node_id == lid or (
                 self.net.link_up(lid, n.node_id) and self.net.link_up(n.node_id, lid)
             )
+            if linked and n.node_id in members and n.replica.promised > ballot:
+                return False  # (a removed replica may campaign forever; nobody listens)
             if linked and n.replica.leader_id == lid and n.replica.promised == ballot:
                 count += 1
         return count >= len(leader.replica.members) // 2 + 1
@@ -408,11 +429,18 @@ class SimCluster:
         cmd = self.submit(command)
         deadline = self.now + round(ticks_max * UNIT)
         want = expected or len(self.alive_nodes())
+        waited = 0
         while self.now < deadline:
             self.run(1)
+            waited += 1
             slot = self.committed.get(cmd)
             if slot is not None and self.n_applied(slot) >= want:
                 return slot
+            if slot is None and waited % FILLER_TICKS == 0 and cmd not in self.retry:
+                # Proposed into a slot beyond the current leader's log (its proposer lost
+                # the leadership): the slot is decided only once the log grows that far,
+                # as a real client's retry would make it.
+                self.submit()
         raise self.fail(LivenessViolation(f"{cmd!r} not applied on {want} nodes in {ticks_max}"))
 
     def settle(self, ticks_max: float = 2_000) -> float:

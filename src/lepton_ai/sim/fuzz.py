@@ -90,8 +90,24 @@ def run_seed(
     membership: bool | None = None,
 ) -> FuzzReport:
     """Run one seed's schedule; ``membership`` forces membership changes on or off
-    (default: a quarter of the seeds)."""
+    (default: a quarter of the seeds). Any failure names the seed that replays it."""
     cluster, plan = make_cluster(seed, name)
+    try:
+        return _run(cluster, plan, fault_ticks, membership)
+    except Exception as exc:
+        if "replay:" in str(exc):
+            raise
+        raise SimCrash(f"{type(exc).__name__}: {exc} [{cluster.hint()}]") from exc
+
+
+class SimCrash(AssertionError):
+    """The code under simulation raised an unexpected exception."""
+
+
+def _run(
+    cluster: SimCluster, plan: random.Random, fault_ticks: int, membership: bool | None
+) -> FuzzReport:
+    seed = cluster.seed
     draw = plan.random() < 0.25
     membership = (draw if membership is None else membership) and len(cluster.nodes) >= 3
     crashes = changes = 0
@@ -153,11 +169,10 @@ def _change_membership(cluster: SimCluster, plan: random.Random, next_id: int) -
     members = leader.replica.members
     try:
         if len(members) <= 3 or plan.random() < 0.5:
-            cluster.add_node(next_id)
+            cluster.add_node(next_id, ticks_max=0)
         else:
             victim = plan.choice([m for m in members if m != leader.node_id])
-            cluster.remove_node(victim)
+            cluster.remove_node(victim, ticks_max=0)
     except (NotLeader, Overloaded):
-        cluster.nodes.pop(next_id, None)
         return 0
     return 1
