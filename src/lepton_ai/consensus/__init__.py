@@ -1,1 +1,1 @@
-"""Fault-tolerance layer: the Multi-Paxos replicated log, the replicated state machine and the KV store."""
+"""Fault-tolerance layer: the Multi-Paxos replicated log, the replicated state machine and KV."""

@@ -58,12 +58,11 @@ from lepton_ai.errors import LeptonError, ProtocolError
 from lepton_ai.wire import (
     Codec,
     Connection,
-    ConnectionClosed,
     WireConfig,
     encode_frame,
     resolve_token,
+    serve,
 )
-from lepton_ai.wire.handshake import server_handshake
 
 log = logging.getLogger("lepton_ai.consensus.server")
 
@@ -121,6 +120,13 @@ class KvServer:
             await conn.close()
 
     async def handle(self, conn: Connection[object]) -> None:
+        self.connections.add(conn)
+        try:
+            await self._route(conn)
+        finally:
+            self.connections.discard(conn)
+
+    async def _route(self, conn: Connection[object]) -> None:
         first = await conn.recv()
         if isinstance(first, PeerHello):
             await self._serve_peer(conn, first.node)
@@ -266,39 +272,6 @@ class _ClientConn:
             self.conn.writer.writelines(frames)
 
 
-async def serve_socket(
-    sock: socket.socket, token: str, handler: KvServer, config: WireConfig
-) -> asyncio.Server:
-    """``lepton_ai.wire.serve`` on an already-bound socket (handed over by the launcher)."""
-
-    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        raw = writer.get_extra_info("socket")
-        if raw is not None:
-            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn: Connection[object] = Connection(reader, writer, SERVER_CODEC, config)
-        try:
-            await asyncio.wait_for(
-                server_handshake(reader, writer, token, config.handshake_bytes_max),
-                config.handshake_timeout_s,
-            )
-        except (LeptonError, TimeoutError, ConnectionError) as exc:
-            log.warning("closing %s: handshake failed: %s", conn.peer, exc)
-            await conn.close()
-            return
-        handler.connections.add(conn)
-        try:
-            await handler.handle(conn)
-        except ProtocolError as exc:
-            log.warning("closing %s: %s", conn.peer, exc)
-        except (ConnectionClosed, ConnectionError):
-            pass
-        finally:
-            handler.connections.discard(conn)
-            await conn.close()
-
-    return await asyncio.start_server(on_connect, sock=sock, limit=config.read_buffer_bytes_max)
-
-
 def add_replica_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--id", type=int, required=True, help="this replica's node id")
     parser.add_argument("--peers", required=True, help="every replica: id=host:port,...")
@@ -427,7 +400,15 @@ class ReplicaHost:
         self._handler = KvServer(self._driver, kv, os.getpid())
         sock = self._sock or _bind(self.address)
         sock.setblocking(False)
-        self._server = await serve_socket(sock, self._token, self._handler, self.options.wire)
+        self._server = await serve(
+            None,
+            None,
+            token=self._token,
+            codec=SERVER_CODEC,
+            handler=self._handler.handle,
+            config=self.options.wire,
+            sock=sock,
+        )
         self._task = asyncio.get_running_loop().create_task(self._driver.run(), name="driver")
 
     async def close(self) -> None:

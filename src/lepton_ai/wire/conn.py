@@ -133,15 +133,21 @@ Handler = Callable[[Connection[T]], Awaitable[None]]
 
 
 async def serve(
-    host: str,
-    port: int,
+    host: str | None,
+    port: int | None,
     *,
     token: str,
     codec: Codec[T],
     handler: Handler[T],
     config: WireConfig | None = None,
+    sock: socket.socket | None = None,
 ) -> asyncio.Server:
-    """Listen on ``host:port`` (0 = ephemeral; read it from ``server.sockets``)."""
+    """Listen on ``host:port`` (0 = ephemeral; read it from ``server.sockets``).
+
+    Or serve on ``sock``, a socket already bound and listening (host and port
+    None): a launcher binds it and hands it to a child, so the address is known
+    before the child starts.
+    """
     cfg = config or WireConfig()
 
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -165,6 +171,8 @@ async def serve(
         finally:
             await conn.close()
 
+    if sock is not None:
+        return await asyncio.start_server(on_connect, sock=sock, limit=cfg.read_buffer_bytes_max)
     return await asyncio.start_server(on_connect, host, port, limit=cfg.read_buffer_bytes_max)
 
 
