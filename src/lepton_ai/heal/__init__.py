@@ -1,1 +1,4 @@
-"""Self-healing layer: reconcilers that drive observed state towards desired state (restart, reschedule, re-replicate)."""
+"""Self-healing layer: reconcilers that drive observed state to desired state.
+
+They restart, reschedule and re-replicate.
+"""
