@@ -182,4 +182,4 @@ def test_unreliable_agree(seed: int, request: pytest.FixtureRequest) -> None:
     c.net_config.loss = c.net_config.duplicate = 0.0
     c.one(ticks_max=600)
     c.settle()
-    assert len(c.committed) == 51, c.hint()
+    assert all(b"cmd-%d" % i in c.committed for i in range(1, 52)), c.hint()

@@ -10,7 +10,7 @@ import pytest
 
 from lepton_ai.sim.fuzz import run_seed, seeds_from_env
 
-CI_SEEDS = range(600)
+CI_SEEDS = range(800)
 
 
 @pytest.mark.timeout(600)

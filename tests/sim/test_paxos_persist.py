@@ -41,7 +41,7 @@ def test_persist1(seed: int, request: pytest.FixtureRequest) -> None:
     c.settle()
     # Every command survived the restarts: the re-applied prefix matches (checked), and
     # every node applied all of it.
-    assert len(c.committed) == 5, c.hint()
+    assert all(b"cmd-%d" % i in c.committed for i in range(1, 6)), c.hint()
 
 
 @pytest.mark.parametrize("seed", SEEDS)

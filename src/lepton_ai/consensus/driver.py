@@ -348,6 +348,11 @@ class ReplicaDriver:
 
     def _handle(self, rd: Ready) -> None:
         self.storage.persist(rd)  # fdatasync here when rd.must_sync ...
+        for entry in rd.persist_entries:
+            # A pending membership change needs links before it commits: if this replica
+            # becomes leader mid-change, the new configuration's quorum includes the newcomer.
+            if entry.value.kind == KIND_CONFIG:
+                self._learn_config(entry.value)
         if rd.messages:  # ... and only then do messages leave, one write per peer
             by_peer: dict[int, list[PeerMessage]] = {}
             for to, msg in rd.messages:
@@ -406,13 +411,17 @@ class ReplicaDriver:
 
     def _apply_config(self, value: Value) -> None:
         """A committed membership change: learn a new member's address and link to it."""
+        self._learn_config(value)
+        log.info("node %s: members are now %s", self.node_id, list(value.members))
+
+    def _learn_config(self, value: Value) -> None:
+        """Learn the address a membership change carries and link to every member in it."""
         payload = value.commands[0] if value.commands else b""
         if payload:
             node_text, _, address = payload.decode().partition("=")
             if node_text.isdigit():
                 self.addresses.setdefault(int(node_text), address)
         self._link_members(value.members)
-        log.info("node %s: members are now %s", self.node_id, list(value.members))
 
     def _spawn_link(self, link: PeerLink) -> None:
         task = asyncio.get_running_loop().create_task(link.run(), name=f"peer-link-{link.peer_id}")
