@@ -129,7 +129,10 @@ class Ready:
 
     1. persist ``persist_ballot``, ``persist_entries`` (in order), ``persist_snapshot`` and
        then ``persist_commit``; fsync if ``must_sync``;
-    2. send ``messages`` (only after step 1: a promise or acceptance must be durable);
+    2. send ``messages`` (only after step 1: a promise or acceptance must be durable;
+       a leader's ``Accept``/``Heartbeat`` carry no vote of the sender and may go before
+       step 1, as the driver does to overlap the leader's and followers' fdatasyncs: the
+       leader's own acceptance counts only in a later Ready, after this one is durable);
     3. restore ``snapshot_to_install`` into the state machine, if set;
     4. apply ``committed`` in order (skip KIND_NOOP, apply KIND_COMMANDS' commands in
        order, note KIND_CONFIG), answer ``reads_ready`` / ``reads_failed``;

@@ -11,6 +11,11 @@ peer never hears of a ballot or a value this replica could forget in a crash.
 Everything that arrives while the loop is busy (fsync included) is handled in the
 next pass, so one fdatasync covers every request that queued up (group commit).
 
+Latency path: a leader's Accept and Heartbeat leave *before* its own fdatasync
+(they carry no vote of the leader, see ``_handle``), so the leader's and the
+followers' fdatasyncs overlap instead of adding up; and the server writes a pass's
+replies from an ``on_pass_end`` hook, in the pass, not one event-loop turn later.
+
 ``ReplicaDriver`` implements ``lepton_ai.consensus.api.LogHost`` for whatever
 ``StateMachine`` it is given; the KV server and (later) the coordinator run on it.
 """
@@ -23,7 +28,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -37,7 +42,14 @@ from lepton_ai.consensus.core_types import (
     ProposalId,
     Ready,
 )
-from lepton_ai.consensus.messages import KIND_COMMANDS, KIND_CONFIG, PeerMessage, Value
+from lepton_ai.consensus.messages import (
+    KIND_COMMANDS,
+    KIND_CONFIG,
+    Accept,
+    Heartbeat,
+    PeerMessage,
+    Value,
+)
 from lepton_ai.consensus.storage import ReplicaStorage
 from lepton_ai.consensus.transport import PeerLink, TransportConfig
 from lepton_ai.errors import LeptonError, Unavailable
@@ -45,6 +57,9 @@ from lepton_ai.wire import Codec
 
 log = logging.getLogger("lepton_ai.consensus.driver")
 
+
+# Leader-role messages that carry no vote of the sender (see ReplicaDriver._handle).
+_PROPOSALS = (Accept, Heartbeat)
 
 Done = Callable[[bytes | None, BaseException | None], None]
 """Called once with (result, None) or (None, error)."""
@@ -127,6 +142,8 @@ class ReplicaDriver:
         self._was_leader = False
         self._last_tick = time.monotonic()
         self._extra_tasks: set[asyncio.Task[None]] = set()
+        self._pass_end: list[Callable[[], None]] = []
+        self._in_pass = False
         self.dropped_inbox = 0
         self.passes = 0
 
@@ -182,6 +199,16 @@ class ReplicaDriver:
 
     def on_leadership(self, callback: Callable[[bool], None]) -> None:
         self._callbacks.append(callback)
+
+    def on_pass_end(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` at the end of every loop pass, after that pass resolved its
+        waiting callers: a server flushes the pass's replies there, in the same turn."""
+        self._pass_end.append(callback)
+
+    @property
+    def in_pass(self) -> bool:
+        """True while a loop pass runs (callers resolved now are flushed at its end)."""
+        return self._in_pass
 
     async def submit(self, command: bytes) -> bytes:
         try:
@@ -289,6 +316,15 @@ class ReplicaDriver:
             await asyncio.sleep(0)
 
     def _pass(self) -> None:
+        self._in_pass = True
+        try:
+            self._pass_body()
+        finally:
+            self._in_pass = False
+        for callback in self._pass_end:
+            callback()
+
+    def _pass_body(self) -> None:
         self.passes += 1
         # Messages before ticks: after this process was starved of CPU, the leader's
         # heartbeats waiting in the inbox must count before the time that passed does.
@@ -347,20 +383,25 @@ class ReplicaDriver:
             self._reads[self._read_ids] = done
 
     def _handle(self, rd: Ready) -> None:
+        late = rd.messages
+        if rd.must_sync and rd.messages and _commit_is_durable(rd):
+            # A leader's Accept/Heartbeat is a proposal, not a vote: it goes out before
+            # this replica's own fdatasync, so the followers' fdatasyncs overlap it
+            # (Ongaro's thesis, 10.2.1). Safe because this replica's own acceptance is
+            # counted only in a later pass (peers' Accepted arrive after this pass, whose
+            # fdatasync has then completed), and a promise or an acceptance (Promise,
+            # Accepted, HeartbeatAck, Nack) still leaves only after the fdatasync.
+            early = [(to, m) for to, m in rd.messages if isinstance(m, _PROPOSALS)]
+            if early:
+                late = [(to, m) for to, m in rd.messages if not isinstance(m, _PROPOSALS)]
+                self._send(early)
         self.storage.persist(rd)  # fdatasync here when rd.must_sync ...
         for entry in rd.persist_entries:
             # A pending membership change needs links before it commits: if this replica
             # becomes leader mid-change, the new configuration's quorum includes the newcomer.
             if entry.value.kind == KIND_CONFIG:
                 self._learn_config(entry.value)
-        if rd.messages:  # ... and only then do messages leave, one write per peer
-            by_peer: dict[int, list[PeerMessage]] = {}
-            for to, msg in rd.messages:
-                by_peer.setdefault(to, []).append(msg)
-            for to, msgs in by_peer.items():
-                link = self.links.get(to)
-                if link is not None:
-                    link.send_many(msgs)
+        self._send(late)  # ... and only then do votes leave
         if rd.snapshot_to_install is not None:
             self._install(rd.snapshot_to_install.data, rd.snapshot_to_install.members)
             self._fail_waiting_through(rd.snapshot_to_install.slot)
@@ -374,6 +415,18 @@ class ReplicaDriver:
             done = self._reads.pop(rid, None)
             if done is not None:
                 done(None, NotLeader(self.leader_address))
+
+    def _send(self, messages: Sequence[tuple[int, PeerMessage]]) -> None:
+        """One write per peer."""
+        if not messages:
+            return
+        by_peer: dict[int, list[PeerMessage]] = {}
+        for to, msg in messages:
+            by_peer.setdefault(to, []).append(msg)
+        for to, msgs in by_peer.items():
+            link = self.links.get(to)
+            if link is not None:
+                link.send_many(msgs)
 
     def _install(self, data: bytes, members: tuple[int, ...]) -> None:
         """Restore the state machine from a snapshot, and the address book saved with it
@@ -457,6 +510,15 @@ class ReplicaDriver:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self.storage.close()
+
+
+def _commit_is_durable(rd: Ready) -> bool:
+    """True unless ``rd`` commits a slot it also persists: a quorum that counted this
+    replica's not yet synced vote (a single-voter group) must not be announced (the
+    commit point rides on Accept/Heartbeat) before that vote is durable."""
+    if not rd.committed or not rd.persist_entries:
+        return True
+    return rd.committed[-1][0] < min(entry.slot for entry in rd.persist_entries)
 
 
 def _check_address(address: str) -> None:

@@ -113,6 +113,22 @@ class KvServer:
         self.kv = kv
         self.pid = pid
         self.connections: set[Connection[object]] = set()
+        # Client connections with replies produced during the current driver pass.
+        self._dirty: list[_ClientConn] = []
+        driver.on_pass_end(self._flush_dirty)
+
+    def schedule_flush(self, client: _ClientConn) -> None:
+        """Write ``client``'s queued replies at the end of the running pass, or (a reply
+        produced outside a pass) on the next loop turn."""
+        if self.driver.in_pass:
+            self._dirty.append(client)
+        else:
+            asyncio.get_running_loop().call_soon(client.flush)
+
+    def _flush_dirty(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        for client in dirty:
+            client.flush()
 
     async def close_connections(self) -> None:
         """Close every open connection so their handlers end normally at shutdown."""
@@ -150,7 +166,7 @@ class KvServer:
                 self.driver.deliver(msg)
 
     async def _serve_client(self, conn: Connection[object], first: object) -> None:
-        client = _ClientConn(conn)
+        client = _ClientConn(conn, self)
         splitter = FrameSplitter(conn.config.frame_bytes_max)
         decode = conn.codec.decode
         self._dispatch(client, first)
@@ -247,10 +263,11 @@ class KvServer:
 
 
 class _ClientConn:
-    """One client connection: replies are buffered and written once per loop turn."""
+    """One client connection: the replies of one driver pass are written with one call."""
 
-    def __init__(self, conn: Connection[object]) -> None:
+    def __init__(self, conn: Connection[object], server: KvServer) -> None:
         self.conn = conn
+        self._server = server
         self.inflight = 0
         self.room = asyncio.Event()
         self.room.set()
@@ -263,12 +280,12 @@ class _ClientConn:
         if self.inflight < CLIENT_INFLIGHT_MAX:
             self.room.set()
         if not self._outbox:
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._server.schedule_flush(self)
         self._outbox.append(encode_frame(self._encode(msg), self._limit))
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
         frames, self._outbox = self._outbox, []
-        if not self.conn.closed:
+        if frames and not self.conn.closed:
             self.conn.writer.writelines(frames)
 
 

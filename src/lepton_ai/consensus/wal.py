@@ -20,11 +20,23 @@ Recovery distinguishes two kinds of damage:
 
 Group commit: ``append`` takes many payloads and issues one ``write`` and one
 ``fdatasync`` for all of them.
+
+Preallocation (``WalConfig.preallocate_bytes``): the file is extended ahead of the
+log with explicitly written (and synced) zero bytes, so a record append overwrites
+blocks that already exist inside the file size. Its ``fdatasync`` then has only the
+data block and the disk-cache flush to do; an append that grows the file also has to
+write the inode (new size) first, one more dependent device round trip on every
+promise and acceptance (measured: 3 block requests per fdatasync instead of 2). The
+zeros are real writes, not ``fallocate``: an unwritten extent would turn back into a
+metadata update on first write. Recovery reads a run of zero bytes after the last
+valid record as the end of the log (a record's length field is never zero), and
+truncates it away before preallocating afresh.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -40,6 +52,7 @@ _FILE_HEADER_BYTES = len(_MAGIC) + _SALT_BYTES
 _RECORD_HEADER = struct.Struct("<II")  # length, crc
 _SNAP_MAGIC = b"LPSNAP\x00\x01"
 _SNAP_HEADER = struct.Struct("<QQI")  # index, length, crc
+_NONZERO_BYTE = re.compile(rb"[^\x00]")
 _SNAP_PREFIX = "snapshot-"
 _SNAP_SUFFIX = ".snap"
 
@@ -66,10 +79,15 @@ class WalConfig:
 
     fsync: bool = True
     record_bytes_max: int = 64 * 1024 * 1024
+    # Zero-filled room kept ahead of the log, grown in steps of this size (0: plain
+    # appends). Worth it only when appends are fdatasync'ed; see the module docstring.
+    preallocate_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.record_bytes_max <= 0:
             raise ValueError(f"record_bytes_max must be positive, got {self.record_bytes_max}")
+        if self.preallocate_bytes < 0:
+            raise ValueError(f"preallocate_bytes must be >= 0, got {self.preallocate_bytes}")
 
 
 def _record_crc(salt: bytes, payload: bytes) -> int:
@@ -138,11 +156,25 @@ def scan_records(path: Path, buf: bytes, bytes_max: int) -> tuple[list[bytes], i
         offset = end
     if offset == len(buf):
         return payloads, offset, None
+    # Past the last record: only zero bytes (preallocated room) is a clean end.
+    # A record header starts with a non-zero length, so no record can start at or
+    # after the last non-zero byte: the probe below stops there, not at the end of
+    # a (possibly megabytes long) preallocated zero tail.
+    data_end = len(buf.rstrip(b"\0")) if buf[-1:] == b"\0" else len(buf)
+    if data_end <= offset:
+        return payloads, offset, None
     # Something is wrong at `offset`. It is a torn tail only if no valid record
     # starts anywhere after it (the salted CRC makes a false match ~2^-32 per byte).
-    for probe in range(offset + 1, len(buf) - _RECORD_HEADER.size + 1):
-        if _valid_record_at(buf, salt, probe, bytes_max) is not None:
-            raise WalCorruption(path, offset, f"valid record found later at offset {probe}")
+    # A record's little-endian length is non-zero, so a record starting at `probe` has
+    # a non-zero byte in probe..probe+3: only those starts are tried (zero runs, e.g.
+    # preallocated room around a stray byte, are skipped at C speed).
+    next_probe = offset + 1
+    for match in _NONZERO_BYTE.finditer(buf, offset + 1, data_end):
+        hit = match.start()
+        for probe in range(max(next_probe, hit - 3), hit + 1):
+            if _valid_record_at(buf, salt, probe, bytes_max) is not None:
+                raise WalCorruption(path, offset, f"valid record found later at offset {probe}")
+        next_probe = hit + 1
     return payloads, offset, f"torn or corrupt tail at offset {offset}"
 
 
@@ -158,10 +190,12 @@ class WriteAheadLog:
         self._path = path
         self._fd: int | None = fd
         self._salt = salt
-        self._size = size
+        self._size = size  # end of the last record: where the next append goes
+        self._allocated = size  # file size: _size plus preallocated zero bytes
         self._config = config
         self.records_written = 0
         self.syncs = 0
+        self.grows = 0
 
     @classmethod
     def open(cls, path: Path, config: WalConfig | None = None) -> tuple[WriteAheadLog, list[bytes]]:
@@ -175,9 +209,9 @@ class WriteAheadLog:
             return cls._create(path, config), []
         fd = os.open(path, os.O_RDWR)
         if end < len(buf):
+            # A torn tail, or a preallocated zero tail: cut it; appends preallocate anew.
             os.ftruncate(fd, end)
             os.fsync(fd)
-        os.lseek(fd, end, os.SEEK_SET)
         salt = buf[len(_MAGIC) : _FILE_HEADER_BYTES]
         return cls(path, fd, salt, end, config), payloads
 
@@ -186,7 +220,6 @@ class WriteAheadLog:
         salt = os.urandom(_SALT_BYTES)
         _write_file_atomically(path, _MAGIC + salt, fsync=config.fsync)
         fd = os.open(path, os.O_RDWR)
-        os.lseek(fd, 0, os.SEEK_END)
         return cls(path, fd, salt, _FILE_HEADER_BYTES, config)
 
     @property
@@ -208,11 +241,11 @@ class WriteAheadLog:
             return
         fd = self._require_open()
         data = _encode_records(self._salt, payloads, self._config.record_bytes_max)
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
+        if self._size + len(data) > self._allocated and self._config.preallocate_bytes:
+            self._grow(fd, self._size + len(data) + self._config.preallocate_bytes)
+        _pwrite_all(fd, data, self._size)
         self._size += len(data)
+        self._allocated = max(self._allocated, self._size)
         self.records_written += len(payloads)
         if sync and self._config.fsync:
             os.fdatasync(fd)
@@ -230,9 +263,22 @@ class WriteAheadLog:
         _write_file_atomically(self._path, data, fsync=self._config.fsync)
         self.close()
         self._fd = os.open(self._path, os.O_RDWR)
-        os.lseek(self._fd, 0, os.SEEK_END)
         self._salt = salt
         self._size = len(data)
+        self._allocated = len(data)
+
+    def _grow(self, fd: int, target: int) -> None:
+        """Extend the file to ``target`` bytes with written zeros, synced once here so the
+        appends that follow find the file size (inode) already durable."""
+        zeros = bytes(min(target - self._allocated, 1 << 20))
+        offset = self._allocated
+        while offset < target:
+            _pwrite_all(fd, memoryview(zeros)[: target - offset], offset)
+            offset += min(len(zeros), target - offset)
+        if self._config.fsync:
+            os.fdatasync(fd)
+        self._allocated = target
+        self.grows += 1
 
     def close(self) -> None:
         if self._fd is not None:
@@ -243,6 +289,14 @@ class WriteAheadLog:
         if self._fd is None:
             raise ValueError(f"WAL {self._path} is closed")
         return self._fd
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
 
 
 def _write_file_atomically(path: Path, data: bytes, *, fsync: bool) -> None:
