@@ -12,6 +12,8 @@ What it does, in order:
 4. runs it again and, while it runs, SIGKILLs one executor and then one whole
    worker node at chosen progress points (``cluster.kill``), watching
    ``cluster.status()`` to see each fault detected and the lost process replaced;
+   with ``--coordinators 3`` it also SIGKILLs the leading coordinator mid-job and
+   the timeline shows the election and the job going on under the new leader;
 5. prints the timeline, the result, the check against the serial reference and
    both run times (``--json``: the same as one JSON object).
 
@@ -44,6 +46,7 @@ PARTITIONS_DEFAULT = 32
 REDUCE_PARTITIONS = 4
 EXECUTOR_KILL_AT = 0.25  # fraction of the job's progress
 WORKER_KILL_AT = 0.55
+LEADER_KILL_AT = 0.4  # with --coordinators 3: the leading coordinator is SIGKILLed here
 POLL_INTERVAL_S = 0.02  # how often the fault driver looks at job and cluster status
 JOB_TIMEOUT_S = 600.0
 WATCH_TIMEOUT_S = 30.0  # how long to keep watching for detection/replacement after the job
@@ -61,9 +64,13 @@ class DemoConfig:
     faults: bool = True
     executor_kill_at: float = EXECUTOR_KILL_AT
     worker_kill_at: float = WORKER_KILL_AT
+    coordinators: int = 1
+    leader_kill_at: float = LEADER_KILL_AT
 
     def __post_init__(self) -> None:
-        for name in ("executor_kill_at", "worker_kill_at"):
+        if self.coordinators not in (1, 3, 5):
+            raise ValueError(f"--coordinators must be 1, 3 or 5, got {self.coordinators}")
+        for name in ("executor_kill_at", "worker_kill_at", "leader_kill_at"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 flag = "--" + name.replace("_", "-")
@@ -123,7 +130,7 @@ class Timeline:
 
 @dataclass(slots=True)
 class Fault:
-    role: str  # "executor" or "worker"
+    role: str  # "executor", "worker" or "leader" (the leading coordinator)
     at_progress: float
     member_id: Any = None
     pid: int | None = None
@@ -212,12 +219,19 @@ class FaultDriver:
         # down, so that the two faults hit different machines.
         workers = [m for m in view if m["role"] == "worker" and not _is_down(m)]
         doomed = max(workers, key=lambda m: str(m["id"]), default=None)
-        victim = _victim(view, fault.role, None if doomed is None else doomed["node"])
+        if fault.role == "leader":
+            leaders = [m for m in view if m["role"] == "coordinator" and m["health"] == "leader"]
+            victim = leaders[0] if leaders else None
+        else:
+            victim = _victim(view, fault.role, None if doomed is None else doomed["node"])
         if victim is None:
             self.tl.add("skipped", f"no live {fault.role} to kill")
             fault.injected_s = -1.0
             return
-        self.cluster.kill(fault.role, victim["id"])
+        if fault.role == "leader":
+            self.cluster.kill("coordinator", victim["id"])
+        else:
+            self.cluster.kill(fault.role, victim["id"])
         fault.member_id, fault.pid, fault.progress_seen = victim["id"], victim["pid"], progress
         where = f" on worker {victim['node']}" if fault.role == "executor" else ""
         ev = self.tl.add(
@@ -230,7 +244,16 @@ class FaultDriver:
     def _watch(self, fault: Fault, view: list[dict[str, Any]]) -> None:
         if fault.injected_s is None or fault.injected_s < 0 or fault.replaced_s is not None:
             return
-        m = _find(view, fault.role, fault.member_id)
+        role = "coordinator" if fault.role == "leader" else fault.role
+        m = _find(view, role, fault.member_id)
+        if fault.role == "leader" and fault.detected_s is not None:
+            new = [c for c in view if c["role"] == "coordinator" and c["health"] == "leader"]
+            if new and new[0]["id"] != fault.member_id:
+                fault.replacement_pid = new[0]["pid"]
+                fault.replaced_s = self.tl.add(
+                    "elected", f"coordinator {new[0]['id']} leads now (pid {new[0]['pid']})"
+                ).t_s
+            return
         if fault.detected_s is None and (m is None or _is_down(m) or m["pid"] != fault.pid):
             if m is None:
                 state = "gone from status"
@@ -374,9 +397,9 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None]) -> dict[str, Any]:
         )
         say("computing the reference answer serially ...")
         reference, t_serial = _timed(lambda: loganalysis.serial_report(spec.paths))
-        say(f"starting LocalCluster(workers={cfg.workers}) ...")
+        say(f"starting LocalCluster(workers={cfg.workers}, coordinators={cfg.coordinators}) ...")
         t0 = time.perf_counter()
-        with lep.LocalCluster(workers=cfg.workers) as cluster:
+        with lep.LocalCluster(workers=cfg.workers, coordinators=cfg.coordinators) as cluster:
             t_start = time.perf_counter() - t0
             task = lep.DistributedTask(cluster, progress=False)
             ds = build_job(task, str(tmp / "*.log"), cfg.partitions)
@@ -387,6 +410,8 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None]) -> dict[str, Any]:
                 if cfg.faults
                 else []
             )
+            if cfg.faults and cfg.coordinators > 1:
+                faults.append(Fault("leader", cfg.leader_kill_at))
             say("running it again, killing an executor and a worker node on the way ...")
             pairs, t_faulted, tl = run_faulted(cluster, ds, faults, t_clean)
             final_members = members(cluster)
@@ -512,6 +537,8 @@ def _cmd(args: argparse.Namespace) -> int:
         faults=not args.no_faults,
         executor_kill_at=args.executor_kill_at,
         worker_kill_at=args.worker_kill_at,
+        coordinators=args.coordinators,
+        leader_kill_at=args.leader_kill_at,
     )
 
     def say(msg: str) -> None:
@@ -550,6 +577,18 @@ def register(subparsers: Any) -> None:
         type=float,
         default=WORKER_KILL_AT,
         help="fraction of the job's tasks done when a worker node is killed",
+    )
+    p.add_argument(
+        "--coordinators",
+        type=int,
+        default=1,
+        help="coordinator replicas (3: the leading one is also SIGKILLed mid-job)",
+    )
+    p.add_argument(
+        "--leader-kill-at",
+        type=float,
+        default=LEADER_KILL_AT,
+        help="fraction of the job's tasks done when the leading coordinator is killed",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd)

@@ -76,6 +76,10 @@ def _cmd_job(args: argparse.Namespace) -> int:
                 "total": info.total,
             }
             text = f"{info.job_id}: {info.status} ({info.done}/{info.total} tasks)"
+        elif args.job_command == "rm":
+            cluster.delete_job(args.job_id)
+            obj = {"job_id": args.job_id, "deleted": True}
+            text = f"{args.job_id}: deleted"
         elif args.job_command == "events":
             events = job.events()
             obj = {"job_id": args.job_id, "events": events}
@@ -103,12 +107,13 @@ def register(subparsers: Any) -> None:
     add_connect_args(p)
     p.set_defaults(func=_cmd_submit)
 
-    job = subparsers.add_parser("job", help="status, result or events of a job")
+    job = subparsers.add_parser("job", help="status, result, events or rm of a job")
     sub = job.add_subparsers(dest="job_command", metavar="SUBCOMMAND", required=True)
     for name, text in (
         ("status", "running/finished/failed and progress"),
         ("result", "wait for the result and print it"),
         ("events", "the job's timeline"),
+        ("rm", "forget a finished or failed job and its result"),
     ):
         q = sub.add_parser(name, help=text)
         q.add_argument("job_id")

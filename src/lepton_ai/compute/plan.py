@@ -38,6 +38,7 @@ ActionKind = Literal["collect", "count", "reduce"]
 
 PLAN_VERSION = 1
 STAGES_MAX = 64  # shuffles per job + 1
+REDUCE_FAN_IN = 16  # partials one task of a reduce's merge tree folds
 
 
 class JobOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -272,28 +273,49 @@ def build_plan(
 
 
 def _final_merge_stage(stages: list[StageSpec]) -> list[StageSpec]:
-    """``reduce``: partials go through a one-bucket shuffle to a single merging task.
+    """``reduce``: partials go through one-bucket shuffles to a single merging task.
 
     Each task of the last stage folds its partition into one partial and writes
     it as a ``"partial"`` bucket; one final task folds the partials in partition
     order. Only the final value then travels in the log (``TaskFinished``) instead
     of one partial per partition - with partials like word-count Counters, that is
     the difference between one and N large log entries.
+
+    With more than ``REDUCE_FAN_IN`` partitions the partials are merged as a tree:
+    an intermediate stage of ``ceil(n / REDUCE_FAN_IN)`` tasks, each folding a
+    contiguous run of partitions (so the order, and a non-commutative op, is kept),
+    spreads the merge over the executors instead of one task doing it all.
     """
     last = stages[-1]
     spec = last.result
     if spec is None:
         raise AssertionError("the last stage carries the action")
-    write = ShuffleWrite(1, "partial", spec.op)
-    final = StageSpec(
-        stage_id=last.stage_id + 1,
-        num_partitions=1,
-        ops=dumps_function([], "final merge"),
-        op_names=[],
-        shuffle_read=ShuffleRead(last.stage_id, last.num_partitions, "partial", spec.op),
-        result=spec,
-    )
-    return [*stages[:-1], msgspec.structs.replace(last, shuffle_write=write, result=None), final]
+    out = list(stages[:-1])
+    producer = last
+    while True:
+        n = producer.num_partitions
+        groups = 1 if n <= REDUCE_FAN_IN else -(-n // REDUCE_FAN_IN)
+        out.append(
+            msgspec.structs.replace(
+                producer, shuffle_write=ShuffleWrite(groups, "partial", spec.op), result=None
+            )
+        )
+        merge = StageSpec(
+            stage_id=producer.stage_id + 1,
+            num_partitions=groups,
+            ops=dumps_function([], "partial merge"),
+            op_names=[],
+            shuffle_read=ShuffleRead(producer.stage_id, n, "partial", spec.op),
+        )
+        if groups == 1:
+            out.append(msgspec.structs.replace(merge, result=spec))
+            return out
+        producer = merge
+
+
+def partial_bucket(partition: int, num_partitions: int, num_buckets: int) -> int:
+    """The merge task (bucket) that folds ``partition``'s partial: contiguous runs."""
+    return partition * num_buckets // num_partitions
 
 
 # ------------------------------------------------------------ result merging

@@ -153,6 +153,10 @@ def decode_command(data: bytes) -> JobCommand:
     return cmd
 
 
+def encode_apply_result(result: ApplyResult) -> bytes:
+    return _cmd_encoder.encode(result)
+
+
 def decode_apply_result(data: bytes) -> ApplyResult:
     return _result_decoder.decode(data)
 

@@ -17,7 +17,8 @@ Bucket format (one ``bytes`` per reducer, streamable one bucket at a time):
 MessagePack of a dict (used when every key is a str/int and every value a
 str/int/float/bytes/bool/None - word count's case, ~8x faster to encode than
 pickle), ``P`` = pickle protocol 5 (cloudpickle when plain pickle refuses, e.g.
-instances of classes defined in ``__main__``).
+instances of classes defined in ``__main__``), ``C`` = a reduce partial that is a
+``Counter`` of str/int keys and int counts, as a MessagePack map.
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ import itertools
 import operator
 import pickle
 import traceback
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from typing import Any
 
 import msgspec
 
-from lepton_ai.compute.plan import JobPlan, ShuffleRead, ShuffleWrite, StageSpec
+from lepton_ai.compute.plan import JobPlan, ShuffleRead, ShuffleWrite, StageSpec, partial_bucket
 from lepton_ai.data.partition import bucket_of
 from lepton_ai.data.sources import BlobFetcher, read_source
 
@@ -110,7 +111,19 @@ def encode_bucket(d: dict[Any, Any]) -> bytes:
 
 
 def encode_partial(partial: tuple[Any, ...]) -> bytes:
-    """A ``"partial"`` bucket: ``()`` for an empty partition, else ``(value,)``."""
+    """A ``"partial"`` bucket: ``()`` for an empty partition, else ``(value,)``.
+
+    A ``Counter`` of simple keys (word count's partial) goes as ``C`` + MessagePack
+    of its items, ~2.5x faster to encode than pickle; ``Counter(dict)`` rebuilds it
+    at C speed.
+    """
+    if partial and type(partial[0]) is Counter:
+        counts = partial[0]
+        if set(map(type, counts)) <= _SIMPLE_KEYS and set(map(type, counts.values())) <= {int}:
+            try:
+                return b"C" + _msgpack_encoder.encode(counts)
+            except (OverflowError, msgspec.EncodeError):
+                pass  # e.g. a count beyond 64 bits: pickle handles it
     return b"P" + dumps_data(partial)
 
 
@@ -123,6 +136,11 @@ def decode_bucket(data: bytes) -> Any:
         out: dict[Any, Any] = _msgpack_decoder.decode(body)
     elif tag == b"P":
         out = pickle.loads(body)
+    elif tag == b"C":
+        counts = _msgpack_decoder.decode(body)
+        if not isinstance(counts, dict):
+            raise ValueError("a Counter bucket holds a map")
+        return (Counter(counts),)
     else:
         raise ValueError(f"unknown bucket tag {tag!r}")
     if not isinstance(out, (dict, tuple)):
@@ -200,14 +218,14 @@ def run_task(
         raise ValueError(f"stage {stage_id} has no partition {partition}")
     if stage.sources is not None:
         items: Iterable[Any] = read_source(stage.sources[partition], fetch_blob=fetch_blob)
-        return _run_user(stage, lambda: items)
+        return _run_user(stage, partition, lambda: items)
     read = stage.shuffle_read
     if read is None:
         raise ValueError(f"stage {stage_id} has neither sources nor a shuffle read")
     if isinstance(inputs, Sized) and len(inputs) != read.num_maps:
         raise BadTaskInput(f"expected {read.num_maps} shuffle inputs, got {len(inputs)}")
     decoded = _decode_inputs(inputs, read.num_maps)
-    return _run_user(stage, lambda: _merge_buckets(read, decoded))
+    return _run_user(stage, partition, lambda: _merge_buckets(read, decoded))
 
 
 def _decode_inputs(inputs: Iterable[bytes], num_maps: int) -> Iterator[dict[Any, Any]]:
@@ -223,7 +241,9 @@ def _decode_inputs(inputs: Iterable[bytes], num_maps: int) -> Iterator[dict[Any,
         raise BadTaskInput(f"expected {num_maps} shuffle inputs, got {count}")
 
 
-def _run_user(stage: StageSpec, make_items: Callable[[], Iterable[Any]]) -> TaskOutput:
+def _run_user(
+    stage: StageSpec, partition: int, make_items: Callable[[], Iterable[Any]]
+) -> TaskOutput:
     try:
         ops = _cached(_stage_cache, stage.ops)
     except Exception as exc:  # a function that cannot load here never will: user error
@@ -231,7 +251,8 @@ def _run_user(stage: StageSpec, make_items: Callable[[], Iterable[Any]]) -> Task
     try:
         items = apply_ops(ops, make_items())
         if stage.shuffle_write is not None:
-            return TaskOutput(buckets=_write_shuffle(stage.shuffle_write, items))
+            buckets = _write_shuffle(stage.shuffle_write, items, partition, stage.num_partitions)
+            return TaskOutput(buckets=buckets)
         return TaskOutput(result=_result(stage, items))
     except (CorruptInput, UserCodeError, BadTaskInput):
         raise
@@ -280,6 +301,8 @@ def _fold_partials(read: ShuffleRead, buckets: Iterator[Any]) -> list[Any]:
     missing = object()
     acc: Any = missing
     for partial in buckets:
+        if isinstance(partial, dict) and not partial:
+            continue  # an empty bucket: that map task's partial went to another merge task
         if not isinstance(partial, tuple) or len(partial) > 1:
             raise ValueError("a partial bucket holds () or (value,)")
         if partial:
@@ -297,9 +320,15 @@ def _partial(op_blob: bytes | None, items: Iterable[Any]) -> tuple[Any, ...]:
     return (functools.reduce(op, it, first),)
 
 
-def _write_shuffle(write: ShuffleWrite, items: Iterable[Any]) -> list[bytes]:
+def _write_shuffle(
+    write: ShuffleWrite, items: Iterable[Any], partition: int, num_partitions: int
+) -> list[bytes]:
     if write.mode == "partial":
-        return [encode_partial(_partial(write.op, items))]
+        out = [b""] * write.num_buckets
+        out[partial_bucket(partition, num_partitions, write.num_buckets)] = encode_partial(
+            _partial(write.op, items)
+        )
+        return out
     combined: dict[Any, Any] = {}
     if write.mode == "reduce":
         op = _load_op(write.op)

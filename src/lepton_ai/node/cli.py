@@ -46,10 +46,36 @@ def add_coordinator_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-fsync", action="store_true", help="do not fsync the command log")
     p.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--quiet", action="store_true", help="do not print the bound address")
+    p.add_argument("--id", type=int, default=None, help="this replica's id in --peers")
+    p.add_argument(
+        "--peers",
+        default=None,
+        metavar="ID=HOST:PORT,...",
+        help="Paxos addresses of every coordinator replica (omit: one coordinator, local log)",
+    )
+    p.add_argument("--paxos-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--finished-jobs-max",
+        type=int,
+        default=256,
+        help="retention: finished jobs whose results are kept (oldest dropped first; "
+        "`lepton job rm` drops one now). Same value on every coordinator.",
+    )
+    p.add_argument(
+        "--job-retention-s",
+        type=float,
+        default=0.0,
+        help="retention: the leader deletes finished jobs older than this (0: keep)",
+    )
 
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--join", required=True, metavar="HOST:PORT", help="the coordinator")
+    p.add_argument(
+        "--join",
+        required=True,
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="the coordinator, or every coordinator replica (the agent follows the leader)",
+    )
     p.add_argument("--token", default=None, help="cluster token (default: $LEPTON_TOKEN)")
     p.add_argument("--slots", type=int, default=1, help="executor processes (default 1)")
     p.add_argument(
@@ -100,22 +126,19 @@ def _print(args: argparse.Namespace, obj: Any, text: str) -> None:
 
 
 def _cmd_coordinator(args: argparse.Namespace) -> int:
-    from lepton_ai.node.coordinator import run_coordinator
-    from lepton_ai.wire import resolve_token
+    from lepton_ai.node.coordinator import run_from_args
 
-    run_coordinator(
-        resolve_token(args.token),
-        args.data_dir,
-        host=args.host,
-        port=args.port,
-        listen_fd=args.listen_fd,
-        fsync=not args.no_fsync,
-        announce=not args.quiet,
-    )
+    run_from_args(args)
     return 0
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
+    if "," in str(args.join):
+        # Several coordinators: the agent that follows the leader among them.
+        from lepton_ai.node.worker_ha import run_from_args as run_ha
+
+        run_ha(args)
+        return 0
     from lepton_ai.node.worker import run_from_args
 
     run_from_args(args)
@@ -125,12 +148,25 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 def _spawn_background(
     args: argparse.Namespace, data_dir: Path, token: str
 ) -> tuple[str, list[int]]:
-    """Start the coordinator and workers detached (own session, logs to a file)."""
+    """Start the coordinator(s) and workers detached (own session, logs to a file).
+
+    With ``--coordinators 3`` each coordinator gets a client port and a Paxos
+    port; the returned address lists every client port (comma-separated).
+    """
     from lepton_ai.node.netutil import bind_listener
 
-    sock = bind_listener(args.host, args.port)
-    host, port = sock.getsockname()[:2]
-    address = f"{host}:{port}"
+    n = getattr(args, "coordinators", 1)
+    if n < 1 or n % 2 == 0:
+        raise ValueError(f"--coordinators must be odd and >= 1, got {n}")
+    socks = [bind_listener(args.host, args.port if i == 0 else 0) for i in range(n)]
+    paxos = [bind_listener(args.host, 0) for _ in range(n if n > 1 else 0)]
+
+    def addr(sock: Any) -> str:
+        host, port = sock.getsockname()[:2]
+        return f"{host}:{port}"
+
+    address = ",".join(addr(sock) for sock in socks)
+    peers = ",".join(f"{i}={addr(sock)}" for i, sock in enumerate(paxos))
     log = open(data_dir / "cluster.log", "ab")  # noqa: SIM115 - handed to the children
     common: dict[str, Any] = {
         "env": dict(os.environ, LEPTON_TOKEN=token),
@@ -140,22 +176,27 @@ def _spawn_background(
         "start_new_session": True,
     }
     py = [sys.executable, "-m"]
-    fd = str(sock.fileno())
-    coord_dir = str(data_dir / "coordinator")
-    coord = subprocess.Popen(
-        [*py, "lepton_ai.node.coordinator", "--listen-fd", fd, "--quiet", "--data-dir", coord_dir],
-        pass_fds=(sock.fileno(),),
-        **common,
-    )
-    sock.close()
+    pids: list[int] = []
+    for i, sock in enumerate(socks):
+        cmd = [*py, "lepton_ai.node.coordinator", "--listen-fd", str(sock.fileno()), "--quiet"]
+        fds = [sock.fileno()]
+        if n > 1:
+            fds.append(paxos[i].fileno())
+            cmd += ["--paxos-fd", str(paxos[i].fileno()), "--id", str(i), "--peers", peers]
+            cmd += ["--data-dir", str(data_dir / f"coordinator-{i}")]
+        else:
+            cmd += ["--data-dir", str(data_dir / "coordinator")]
+        pids.append(subprocess.Popen(cmd, pass_fds=tuple(fds), **common).pid)
+    for sock in [*socks, *paxos]:
+        sock.close()
+    module = "lepton_ai.node.worker_ha" if n > 1 else "lepton_ai.node.worker"
     worker_args = ["--join", address, "--slots", str(args.slots), "--quiet"]
     worker_args += ["--data-dir", str(data_dir / "workers")]
-    workers = [
-        subprocess.Popen([*py, "lepton_ai.node.worker", *worker_args, "--name", str(i)], **common)
-        for i in range(args.workers)
-    ]
+    for i in range(args.workers):
+        w = subprocess.Popen([*py, module, *worker_args, "--name", str(i)], **common)
+        pids.append(w.pid)
     log.close()
-    return address, [coord.pid] + [w.pid for w in workers]
+    return address, pids
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -246,6 +287,23 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_events(args: argparse.Namespace) -> int:
+    cluster = connect_from_args(args)
+    try:
+        events = cluster.events(args.job or None)
+    finally:
+        cluster.close()
+    if args.last > 0:
+        events = events[-args.last :]
+    text = "\n".join(
+        f"{time.strftime('%H:%M:%S', time.localtime(e['t']))}.{int(e['t'] % 1 * 1000):03d} "
+        f"{e['kind']:<18} {e['detail']}" + (f" [{e['job_id']}]" if e["job_id"] else "")
+        for e in events
+    )
+    _print(args, {"events": events}, text or "(no events)")
+    return 0
+
+
 def _cmd_chaos(args: argparse.Namespace) -> int:
     cluster = connect_from_args(args)
     try:
@@ -290,6 +348,7 @@ def register(subparsers: Any) -> None:
     up = sub.add_parser("up", help="start a coordinator and workers in the background")
     up.add_argument("--workers", type=int, default=2)
     up.add_argument("--slots", type=int, default=1, help="executors per worker")
+    up.add_argument("--coordinators", type=int, default=1, help="coordinator replicas (1, 3 or 5)")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=0)
     up.add_argument("--token", default=None, help="cluster token (default: generated)")
@@ -305,6 +364,17 @@ def register(subparsers: Any) -> None:
     add_connect_args(st)
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_cmd_status)
+
+    ev = sub.add_parser(
+        "events",
+        help="the cluster's event log: leader elected, node lost, task retried, backup launched, "
+        "job finished (replicated with 3 coordinators)",
+    )
+    add_connect_args(ev)
+    ev.add_argument("--job", default="", help="only this job's events (and cluster-wide ones)")
+    ev.add_argument("--last", type=int, default=0, help="only the last N events")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=_cmd_events)
 
     _add_consensus_commands(sub)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from lepton_ai.errors import LeptonError, Unavailable
 from lepton_ai.node.messages import ClientReply, CoordinatorMessage, ErrorReply
 from lepton_ai.node.netutil import node_wire_config, parse_address
-from lepton_ai.wire import Codec, Connection, ConnectionClosed, WireConfig, connect
+from lepton_ai.wire import Codec, Connection, WireConfig, connect
 
 _CODEC = Codec[ClientReply](ClientReply)
 
@@ -24,13 +24,17 @@ _CODEC = Codec[ClientReply](ClientReply)
 @dataclass(frozen=True)
 class ClientConfig:
     request_timeout_s: float = 30.0
-    idle_connections_max: int = 8
-    retries_max: int = 3
+    idle_connections_max: int = 8  # per coordinator address
+    retries_max: int = 3  # connection failures per address, per request, before giving up
     retry_backoff_s: float = 0.1
-    wire: WireConfig = field(default_factory=lambda: node_wire_config(connect_timeout_s=2.0))
+    retry_backoff_max_s: float = 0.5
+    redirects_max: int = 10_000  # bounded by the request's deadline in practice
+    wire: WireConfig = field(default_factory=lambda: node_wire_config(connect_timeout_s=1.0))
 
 
 class CoordinatorClient:
+    """Talks to whichever coordinator leads; follows redirects; ``Unavailable`` at the deadline."""
+
     def __init__(self, addresses: str, token: str, config: ClientConfig | None = None) -> None:
         self.addresses = [parse_address(a.strip()) for a in addresses.split(",") if a.strip()]
         if not self.addresses:
@@ -39,7 +43,8 @@ class CoordinatorClient:
             raise ValueError("a cluster token is required")
         self.token = token
         self.config = config or ClientConfig()
-        self._idle: list[Connection[ClientReply]] = []
+        self._idle: dict[tuple[str, int], list[Connection[ClientReply]]] = {}
+        self._target = 0  # index into addresses: the leader as far as we know
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, daemon=True, name="lepton-client"
@@ -48,7 +53,11 @@ class CoordinatorClient:
         self._closed = False
 
     def request(self, msg: CoordinatorMessage, timeout_s: float | None = None) -> ClientReply:
-        """Send one request and wait for its reply; ``Unavailable`` if nobody answers."""
+        """Send one request to the leader and wait for its reply.
+
+        ``timeout_s`` bounds the whole call, redirects and reconnections included;
+        ``Unavailable`` when no leader answered in time.
+        """
         if self._closed:
             raise Unavailable("client is closed")
         limit = timeout_s if timeout_s is not None else self.config.request_timeout_s
@@ -57,50 +66,76 @@ class CoordinatorClient:
             return fut.result(limit + 5.0)
         except concurrent.futures.TimeoutError:
             fut.cancel()
-            raise Unavailable(f"no answer from the coordinator within {limit:.1f} s") from None
+            raise Unavailable(f"no answer from a coordinator within {limit:.1f} s") from None
+
+    def _redirect(self, leader: str) -> None:
+        if leader:
+            with contextlib.suppress(ValueError):
+                addr = parse_address(leader)
+                if addr not in self.addresses:
+                    self.addresses.append(addr)  # a coordinator we were not told about
+                self._target = self.addresses.index(addr)
+                return
+        self._target = (self._target + 1) % len(self.addresses)
 
     async def _request(self, msg: CoordinatorMessage, timeout_s: float) -> ClientReply:
-        last: Exception | None = None
-        for attempt in range(self.config.retries_max):
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        last: Exception | str | None = None
+        backoff = self.config.retry_backoff_s
+        for _ in range(self.config.redirects_max):
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                break
+            address = self.addresses[self._target]
+            conn: Connection[ClientReply] | None = None
             try:
-                conn = await self._take()
+                conn = await asyncio.wait_for(self._take(address), left)
+                await conn.send(msg)
+                reply = await asyncio.wait_for(conn.recv(), left)
             except (OSError, TimeoutError, LeptonError) as exc:
                 last = exc
-                await asyncio.sleep(self.config.retry_backoff_s * (attempt + 1))
-                continue
-            try:
-                await conn.send(msg)
-                reply = await asyncio.wait_for(conn.recv(), timeout_s)
-            except (ConnectionClosed, ConnectionError, OSError) as exc:
-                await conn.close()
-                last = exc
+                if conn is not None:
+                    conn.writer.close()
+                self._drop_idle(address)
+                self._redirect("")
+                await asyncio.sleep(min(backoff, max(0.0, left)))
+                backoff = min(backoff * 2, self.config.retry_backoff_max_s)
                 continue
             except BaseException:
-                await conn.close()
+                if conn is not None:
+                    conn.writer.close()
                 raise
-            self._give_back(conn)
+            self._give_back(address, conn)
+            if isinstance(reply, ErrorReply) and _retryable(reply):
+                last = reply.message or "no leader known"
+                self._redirect(reply.message if reply.kind == "redirect" else "")
+                if reply.kind != "redirect" or not reply.message:
+                    await asyncio.sleep(min(backoff, max(0.0, left)))
+                    backoff = min(backoff * 2, self.config.retry_backoff_max_s)
+                continue
             return reply
-        host, port = self.addresses[0]
-        raise Unavailable(f"coordinator {host}:{port} unreachable: {last}")
+        names = ",".join(f"{h}:{p}" for h, p in self.addresses)
+        raise Unavailable(
+            f"no coordinator leader answered within {timeout_s:.1f} s ({names}): {last}"
+        )
 
-    async def _take(self) -> Connection[ClientReply]:
-        while self._idle:
-            conn = self._idle.pop()
+    async def _take(self, address: tuple[str, int]) -> Connection[ClientReply]:
+        idle = self._idle.get(address, [])
+        while idle:
+            conn = idle.pop()
             if not conn.closed:
                 return conn
-        error: Exception | None = None
-        for host, port in self.addresses:
-            try:
-                return await connect(
-                    host, port, token=self.token, codec=_CODEC, config=self.config.wire
-                )
-            except (OSError, TimeoutError, LeptonError) as exc:
-                error = exc
-        raise error if error is not None else Unavailable("no address")
+        host, port = address
+        return await connect(host, port, token=self.token, codec=_CODEC, config=self.config.wire)
 
-    def _give_back(self, conn: Connection[ClientReply]) -> None:
-        if len(self._idle) < self.config.idle_connections_max:
-            self._idle.append(conn)
+    def _drop_idle(self, address: tuple[str, int]) -> None:
+        for conn in self._idle.pop(address, []):
+            conn.writer.close()
+
+    def _give_back(self, address: tuple[str, int], conn: Connection[ClientReply]) -> None:
+        idle = self._idle.setdefault(address, [])
+        if len(idle) < self.config.idle_connections_max:
+            idle.append(conn)
         else:
             conn.writer.close()
 
@@ -110,8 +145,9 @@ class CoordinatorClient:
         self._closed = True
 
         async def shutdown() -> None:
-            for conn in self._idle:
-                await conn.close()
+            for conns in self._idle.values():
+                for conn in conns:
+                    await conn.close()
             self._idle.clear()
 
         with contextlib.suppress(Exception):
@@ -120,6 +156,15 @@ class CoordinatorClient:
         self._thread.join(2.0)
         if not self._thread.is_alive():
             self._loop.close()
+
+
+def _retryable(reply: ErrorReply) -> bool:
+    """Replies that mean "ask the leader" (or "the log was briefly unavailable")."""
+    if reply.kind == "redirect":
+        return True
+    return reply.kind == "unavailable" and reply.message.startswith(
+        ("not the leader", "log unavailable")
+    )
 
 
 def check_reply(reply: ClientReply) -> ClientReply:

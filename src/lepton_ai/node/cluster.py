@@ -6,16 +6,19 @@
         cluster.pause("worker", 0)    # SIGSTOP (a hang); resume() sends SIGCONT
         cluster.restart("worker", 1)  # start it again
 
-``LocalCluster`` starts a coordinator and ``workers`` worker agents as
-subprocesses on 127.0.0.1 with a fresh token. The coordinator's listening
-socket is bound here and inherited by the child, so the workers start at the
-same time as the coordinator (they know its address already) and a restarted
-coordinator comes back on the same port. Every child holds a lifeline pipe and
-has ``PR_SET_PDEATHSIG``; ``close()`` (also on ``with`` exit, Ctrl-C and at
-interpreter exit) kills every process it started, by PID, and waits for it.
+``LocalCluster`` starts a coordinator (or ``coordinators=3``: three replicas
+of the Multi-Paxos log, ``cluster.kill("leader")`` kills the current leader)
+and ``workers`` worker agents as subprocesses on 127.0.0.1 with a fresh token.
+The coordinators' listening sockets are bound here and inherited by the
+children, so the workers start at the same time (they know every address
+already) and a restarted coordinator comes back on the same ports. Every
+child holds a lifeline pipe and has ``PR_SET_PDEATHSIG``; ``close()`` (also
+on ``with`` exit, Ctrl-C and at interpreter exit) kills every process it
+started, by PID, and waits for it.
 
-The consensus layer's KV client attaches as ``cluster.kv`` (``Cluster.kv`` is
-``None`` until then; see ``attach_kv``).
+With replicated coordinators ``cluster.kv`` is the consensus layer's KV client
+on the same log as the jobs (``lep.connect`` attaches it from the Paxos
+addresses the leader reports); with one coordinator it stays ``None``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 import weakref
 from typing import Any
 
@@ -37,6 +41,7 @@ from lepton_ai.errors import LeptonError, Unavailable
 from lepton_ai.node.client import CoordinatorClient, check_reply
 from lepton_ai.node.messages import (
     ClusterInfo,
+    DeleteJob,
     Event,
     EventList,
     GetEvents,
@@ -50,6 +55,8 @@ from lepton_ai.node.messages import (
 )
 from lepton_ai.node.process import Lifeline, kill_pid
 
+LONG_POLL_MAX_S = 2.0  # one WaitJob slice
+LONG_POLL_MARGIN_S = 3.0  # beyond the slice: the coordinator is taken as hung
 _SIGNALS = {"kill": signal.SIGKILL, "pause": signal.SIGSTOP, "resume": signal.SIGCONT}
 _ROLES = ("coordinator", "leader", "worker", "executor")
 
@@ -79,14 +86,23 @@ class Cluster:
         return max(2 * self.slots_total, 2)
 
     def submit_plan(self, plan: bytes, options: JobOptions) -> str:
-        reply = check_reply(self.client.request(SubmitJob(plan, options)))
+        # The id is chosen here so a retry after a failover (the first attempt may
+        # have committed) finds the same job instead of starting a second one.
+        job_id = "j" + uuid.uuid4().hex[:12]
+        reply = check_reply(self.client.request(SubmitJob(plan, options, job_id)))
         if not isinstance(reply, JobAccepted):
             raise LeptonError(f"unexpected reply {type(reply).__name__} to SubmitJob")
         return reply.job_id
 
     def job_info(self, job_id: str, wait_s: float = 0.0) -> JobInfo:
         """The job's status; waits up to ``wait_s`` for it to end. KeyError if unknown."""
-        reply = check_reply(self.client.request(WaitJob(job_id, wait_s), wait_s + 30.0))
+        # Long polls are cut into slices of at most LONG_POLL_MAX_S: a slice answers
+        # within it, so silence past it (plus a margin) means the coordinator hangs
+        # or died, and the caller (Job.result) asks again, possibly a new leader.
+        wait_s = min(max(wait_s, 0.0), LONG_POLL_MAX_S)
+        reply = check_reply(
+            self.client.request(WaitJob(job_id, wait_s), wait_s + LONG_POLL_MARGIN_S)
+        )
         if not isinstance(reply, JobInfo):
             raise LeptonError(f"unexpected reply {type(reply).__name__} to WaitJob")
         return reply
@@ -118,6 +134,10 @@ class Cluster:
             for e in merged
             if not job_id or e.job_id in ("", job_id)
         ]
+
+    def delete_job(self, job_id: str) -> None:
+        """Forget a finished or failed job and its result (KeyError if unknown)."""
+        check_reply(self.client.request(DeleteJob(job_id), 10.0))
 
     def record_event(self, kind: str, detail: str) -> None:
         ev = Event(time.time(), kind, detail)
@@ -155,6 +175,9 @@ class Cluster:
         raise LeptonError("restart needs the process owner: use the LocalCluster that started it")
 
     def close(self) -> None:
+        if self.kv is not None and hasattr(self.kv, "close"):
+            with contextlib.suppress(Exception):
+                self.kv.close()
         self.client.close()
 
     def __enter__(self) -> Cluster:
@@ -172,6 +195,7 @@ def _member_dict(m: MemberInfo) -> dict[str, Any]:
         "address": m.address,
         "health": m.health,
         "node": m.node,
+        **({"paxos": m.paxos} if m.paxos else {}),
     }
 
 
@@ -231,33 +255,49 @@ def _close_all() -> None:
 
 
 class LocalCluster(Cluster):
-    """A coordinator and ``workers`` worker agents as subprocesses of this process."""
+    """Coordinator(s) and ``workers`` worker agents as subprocesses of this process.
+
+    ``coordinators``: 1 (a local log; the default, or ``$LEPTON_COORDINATORS``)
+    or an odd number of Multi-Paxos replicas (3 survives any one death).
+    """
 
     def __init__(
         self,
         workers: int = 2,
-        coordinators: int = 1,
+        coordinators: int | None = None,
         slots_per_worker: int = 1,
         *,
         data_dir: str | None = None,
         fsync: bool = False,
         spares_per_worker: int = 1,
         start_timeout_s: float = 60.0,
+        job_retention_s: float = 0.0,
     ) -> None:
         """``spares_per_worker``: warm executors each agent keeps to replace a dead one
         at once (0 saves ~20 MB per worker). ``fsync``: fsync the coordinator's log
-        (off by default: a LocalCluster's state dies with it anyway)."""
-        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-            raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+        (off by default: a LocalCluster's state dies with it anyway).
+        ``job_retention_s``: finished jobs older than this are deleted (0: kept
+        until ``lepton job rm`` or the count limit)."""
+        if job_retention_s < 0:
+            raise ValueError(f"job_retention_s must be >= 0, got {job_retention_s!r}")
+        self.job_retention_s = float(job_retention_s)
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
+            raise ValueError(f"workers must be an int >= 0, got {workers!r}")
+        if coordinators is None:
+            # The default: one coordinator on a local log (fastest start, see the
+            # HA report); LEPTON_COORDINATORS=3 makes every LocalCluster replicated.
+            coordinators = int(os.environ.get("LEPTON_COORDINATORS", "1"))
+        if (
+            not isinstance(coordinators, int)
+            or isinstance(coordinators, bool)
+            or coordinators < 1
+            or coordinators % 2 == 0
+        ):
+            raise ValueError(f"coordinators must be an odd int >= 1, got {coordinators!r}")
         if not isinstance(slots_per_worker, int) or slots_per_worker < 1:
             raise ValueError(f"slots_per_worker must be an int >= 1, got {slots_per_worker!r}")
         if not isinstance(spares_per_worker, int) or spares_per_worker < 0:
             raise ValueError(f"spares_per_worker must be an int >= 0, got {spares_per_worker!r}")
-        if coordinators != 1:
-            raise ValueError(
-                f"coordinators={coordinators}: this build runs one coordinator on a local log; "
-                "replicated coordinators come with the consensus layer"
-            )
         from lepton_ai.node.netutil import bind_listener
         from lepton_ai.wire import generate_token
 
@@ -267,16 +307,29 @@ class LocalCluster(Cluster):
         self.fsync = fsync
         self._own_dir = data_dir is None
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="lepton-cluster-")
-        self._listener = bind_listener("127.0.0.1", 0)
-        host, port = self._listener.getsockname()[:2]
+        self.coordinators = coordinators
+        # Bound here and inherited: every address is known before any child starts,
+        # and a restarted coordinator comes back on the same ports.
+        self._listeners = [bind_listener("127.0.0.1", 0) for _ in range(coordinators)]
+        self._paxos = [
+            bind_listener("127.0.0.1", 0) for _ in range(coordinators if coordinators > 1 else 0)
+        ]
+        self._listener = self._listeners[0]
+        self.coordinator_addresses = [_sock_address(s) for s in self._listeners]
+        self.paxos_addresses = [_sock_address(s) for s in self._paxos]
         self.procs: dict[tuple[str, str], _Proc] = {}
         self._closed = False
         token = generate_token()
-        super().__init__(f"{host}:{port}", token)
+        super().__init__(",".join(self.coordinator_addresses), token)
         self.slots_total = workers * slots_per_worker
         _live_clusters.add(self)
         try:
-            self._spawn("coordinator", "0")
+            for i in range(coordinators):
+                self._spawn("coordinator", str(i))
+            if self.paxos_addresses:
+                from lepton_ai.consensus.client import KV
+
+                self.attach_kv(KV(",".join(self.paxos_addresses), token=token))
             for i in range(workers):
                 self._spawn("worker", str(i))
             self.wait_ready(workers, start_timeout_s)
@@ -288,20 +341,26 @@ class LocalCluster(Cluster):
     def _command(self, role: str, id: str) -> tuple[list[str], tuple[int, ...]]:
         py = [sys.executable, "-m"]
         if role == "coordinator":
-            fd = self._listener.fileno()
-            args = [
-                "lepton_ai.node.coordinator",
-                "--listen-fd",
-                str(fd),
-                "--quiet",
-                "--data-dir",
-                os.path.join(self.data_dir, "coordinator"),
-            ]
+            index = int(id)
+            fd = self._listeners[index].fileno()
+            fds: tuple[int, ...] = (fd,)
+            args = ["lepton_ai.node.coordinator", "--listen-fd", str(fd), "--quiet"]
+            if self.paxos_addresses:
+                pfd = self._paxos[index].fileno()
+                fds = (fd, pfd)
+                peers = ",".join(f"{i}={a}" for i, a in enumerate(self.paxos_addresses))
+                args += ["--paxos-fd", str(pfd), "--id", id, "--peers", peers]
+                args += ["--data-dir", os.path.join(self.data_dir, f"coordinator-{id}")]
+            else:
+                args += ["--data-dir", os.path.join(self.data_dir, "coordinator")]
             if not self.fsync:
                 args.append("--no-fsync")
-            return py + args, (fd,)
+            if self.job_retention_s > 0:
+                args += ["--job-retention-s", repr(self.job_retention_s)]
+            return py + args, fds
+        module = "lepton_ai.node.worker_ha" if self.coordinators > 1 else "lepton_ai.node.worker"
         args = [
-            "lepton_ai.node.worker",
+            module,
             "--join",
             self.address,
             "--slots",
@@ -317,6 +376,32 @@ class LocalCluster(Cluster):
         return py + args, ()
 
     def _spawn(self, role: str, id: str) -> _Proc:
+        replicated = role == "coordinator" and self.coordinators > 1
+        if replicated:
+            self._rebind(int(id))
+        try:
+            return self._spawn_proc(role, id)
+        finally:
+            if replicated:
+                # Only the child may hold a replicated coordinator's sockets: a dead
+                # one must refuse connections at once (a socket held here would
+                # accept them into its backlog and stall clients and workers until
+                # their timeouts), so that they move on to the new leader.
+                self._listeners[int(id)].close()
+                self._paxos[int(id)].close()
+
+    def _rebind(self, index: int) -> None:
+        from lepton_ai.node.netutil import bind_listener
+
+        for socks, addresses in (
+            (self._listeners, self.coordinator_addresses),
+            (self._paxos, self.paxos_addresses),
+        ):
+            if socks[index].fileno() == -1:  # closed after the previous start
+                port = int(addresses[index].rpartition(":")[2])
+                socks[index] = bind_listener("127.0.0.1", port)
+
+    def _spawn_proc(self, role: str, id: str) -> _Proc:
         cmd, fds = self._command(role, id)
         line = Lifeline()
         env = dict(os.environ)
@@ -352,8 +437,22 @@ class LocalCluster(Cluster):
                 raise Unavailable(f"only {ready} of {want} workers ready after {timeout_s} s")
 
     def _proc_for(self, role: str, id: int | str) -> _Proc | None:
-        want = "coordinator" if role == "leader" else role
-        return self.procs.get((want, "0" if role == "leader" else str(id)))
+        if role == "leader":
+            return self.procs.get(("coordinator", self.leader_id()))
+        return self.procs.get((role, str(id)))
+
+    def leader_id(self, timeout_s: float = 10.0) -> str:
+        """The id of the leading coordinator ("0" with one); Unavailable if none in time."""
+        if self.coordinators == 1:
+            return "0"
+        info = self._cluster_info(0, 0.0) if timeout_s > 0 else None
+        if info is not None:
+            for i, address in enumerate(self.coordinator_addresses):
+                if address == info.leader:
+                    return str(i)
+        raise Unavailable(
+            f"no coordinator leads (leader reported: {info.leader if info else None})"
+        )
 
     def _signal(self, role: str, id: int | str, sig: int, verb: str) -> int:
         if role not in _ROLES:
@@ -386,16 +485,27 @@ class LocalCluster(Cluster):
             out = super().status()
         except Unavailable:
             out = {"leader": None, "members": []}
+        for m in out["members"]:
+            proc = self.procs.get((m["role"], m["id"])) if m["role"] == "coordinator" else None
+            if proc is not None and m["pid"] == 0:
+                m["pid"] = proc.pid
+                m["address"] = self.coordinator_addresses[int(m["id"])]
+                if not proc.alive():
+                    m["health"] = "down"
         listed = {(m["role"], m["id"]) for m in out["members"]}
         for (role, id), proc in sorted(self.procs.items()):
             if (role, id) not in listed:
                 health = "down" if not proc.alive() else "unregistered"
+                if role == "coordinator" and proc.alive() and self.coordinators > 1:
+                    health = "follower"
                 out["members"].append(
                     {
                         "role": role,
                         "id": id,
                         "pid": proc.pid,
-                        "address": self.address if role == "coordinator" else "",
+                        "address": self.coordinator_addresses[int(id)]
+                        if role == "coordinator"
+                        else "",
                         "health": health,
                         "node": "",
                     }
@@ -419,13 +529,19 @@ class LocalCluster(Cluster):
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.popen.wait(5.0)
         super().close()
-        self._listener.close()
+        for sock in [*self._listeners, *self._paxos]:
+            sock.close()
         if self._own_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
         _live_clusters.discard(self)
 
     def __enter__(self) -> LocalCluster:
         return self
+
+
+def _sock_address(sock: Any) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"{host}:{port}"
 
 
 def _ready_workers(members: list[MemberInfo]) -> int:
@@ -440,5 +556,10 @@ def connect(address: str, token: str | None = None) -> Cluster:
     from lepton_ai.wire import resolve_token
 
     cluster = Cluster(address, resolve_token(token))
-    cluster.status()  # fail here, with a clear error, if nobody answers
+    status = cluster.status()  # fail here, with a clear error, if nobody answers
+    paxos = [m["paxos"] for m in status["members"] if m.get("paxos")]
+    if paxos:  # replicated coordinators: KV commands go through the same Paxos log
+        from lepton_ai.consensus.client import KV
+
+        cluster.attach_kv(KV(",".join(paxos), token=cluster.token))
     return cluster

@@ -9,11 +9,13 @@ import time
 from typing import TYPE_CHECKING
 
 from lepton_ai.compute.scheduler_events import RunningReport
-from lepton_ai.compute.state import JobRecord, JobSubmitted
+from lepton_ai.compute.state import JobDeleted, JobRecord, JobSubmitted
+from lepton_ai.errors import LeptonError
 from lepton_ai.node.messages import (
     ClientReply,
     ClusterInfo,
     CoordinatorMessage,
+    DeleteJob,
     ErrorReply,
     EventList,
     ExecutorInfo,
@@ -78,6 +80,12 @@ class ClientApi:
         self.c = coordinator
 
     async def handle(self, msg: CoordinatorMessage) -> ClientReply:
+        if not self.c.leading and not isinstance(msg, GetEvents):
+            # A follower's state may lag and it cannot order commands: send the
+            # client to the leader ("" when unknown: the client tries the others).
+            return ErrorReply("redirect", self.c.leader_hint() or "")
+        if isinstance(msg, DeleteJob):
+            return await self._delete(msg)
         if isinstance(msg, SubmitJob):
             return await self._submit(msg)
         if isinstance(msg, WaitJob):
@@ -88,7 +96,9 @@ class ClientApi:
         if isinstance(msg, GetStatus):
             return await self._status(msg)
         if isinstance(msg, GetEvents):
-            events = [e for e in self.c.events if not msg.job_id or e.job_id in ("", msg.job_id)]
+            events = [
+                e for e in self.c.all_events() if not msg.job_id or e.job_id in ("", msg.job_id)
+            ]
             return EventList(events)
         if isinstance(msg, RecordEvent):
             self.c.events.append(msg.event)
@@ -114,7 +124,27 @@ class ClientApi:
             return ErrorReply("unavailable" if unavailable else "invalid", result.reason)
         return JobAccepted(job_id)
 
+    async def _delete(self, msg: DeleteJob) -> ClientReply:
+        rec = self.c.job_record(msg.job_id)
+        if rec is None:
+            return ErrorReply("not_found", f"no job {msg.job_id!r}")
+        if rec.status == "running":
+            return ErrorReply(
+                "invalid", f"job {msg.job_id} is running; it can be removed once over"
+            )
+        result = await self.c.submit_command(JobDeleted(msg.job_id))
+        if not result.accepted:
+            kind = "not_found" if result.reason == "unknown job" else "unavailable"
+            return ErrorReply(kind, result.reason)
+        return Ok()
+
     async def _wait_job(self, msg: WaitJob) -> ClientReply:
+        try:
+            # Confirm leadership first: a leader cut off from its quorum must not
+            # answer from state that a new leader may have moved past.
+            await self.c.log.read_barrier()
+        except LeptonError as exc:  # NotLeader, Unavailable
+            return ErrorReply("unavailable", f"log unavailable: {exc}")
         rec = self.c.job_record(msg.job_id)
         if rec is None:
             return ErrorReply("not_found", f"no job {msg.job_id!r}")
@@ -139,13 +169,12 @@ class ClientApi:
             self.c.members_changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.c.members_changed.wait(), left)
-        leader = self.c.address if self.c.leading else (self.c.log.leader_address or "")
+        leader = self.c.leader_hint() or ""
         return ClusterInfo(leader, self._members())
 
     def _members(self) -> list[MemberInfo]:
         now = time.monotonic()
-        role = "leader" if self.c.leading else "follower"
-        members = [MemberInfo("coordinator", "0", os.getpid(), self.c.address, role)]
+        members = self.c.coordinator_members(os.getpid())
         for v in sorted(self.c.workers.values(), key=lambda v: v.name):
             phi = self.c.phi.phi(v.worker_id, now)
             health = "suspect" if phi >= self.c.config.phi.threshold / 2 else "alive"

@@ -2,11 +2,12 @@
 
     lepton coordinator --port 0 --data-dir D --token T
 
-Durable state is ``compute.state.JobStateMachine`` behind a ``LogHost``
-(``LocalLog`` here; the Paxos log of issue 4 plugs in through the same
-protocol). The scheduler core (``compute.scheduler.Scheduler``) decides; this
-shell only turns messages and time into events, steps the core and carries out
-its actions:
+Durable state is ``compute.state.JobStateMachine`` behind a ``LogHost``:
+``LocalLog`` for one coordinator, or - with ``--id``/``--peers`` - the
+Multi-Paxos replicated log (``node.replicated``: jobs and KV on one log, the
+controllers run only on the confirmed leader). The scheduler core
+(``compute.scheduler.Scheduler``) decides; this shell only turns messages and
+time into events, steps the core and carries out its actions:
 
 * ``Propose`` -> ``LogHost.submit``; the state machine's apply hook (not the
   submit's return) feeds ``Applied`` back, so commands ordered by any replica
@@ -34,6 +35,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import msgspec
 
@@ -59,19 +61,22 @@ from lepton_ai.compute.scheduler_events import (
 from lepton_ai.compute.state import (
     ApplyResult,
     JobCommand,
+    JobDeleted,
     JobFailedCmd,
     JobFinished,
     JobRecord,
+    JobStateConfig,
     JobStateMachine,
     JobSubmitted,
     OutputLost,
     OutputRef,
     decode_apply_result,
     decode_command,
+    encode_apply_result,
     encode_command,
 )
 from lepton_ai.consensus.api import LogHost, NotLeader
-from lepton_ai.errors import Unavailable
+from lepton_ai.errors import LeptonError, Unavailable
 from lepton_ai.monitor.phi import PhiAccrualDetector, PhiConfig
 from lepton_ai.node.coord_views import ClientApi, WorkerView
 from lepton_ai.node.messages import (
@@ -82,6 +87,7 @@ from lepton_ai.node.messages import (
     ExecutorInfo,
     Heartbeat,
     JobPlanBlob,
+    MemberInfo,
     Register,
     Registered,
     Reports,
@@ -105,9 +111,25 @@ class CoordinatorConfig:
     lost_workers_max: int = 10_000  # ids remembered so a lost incarnation cannot rejoin
     wait_timeout_max_s: float = 60.0
     fsync: bool = True
+    # Retention: finished/failed jobs kept for their result (oldest evicted first);
+    # part of the replicated state machine, so every replica must use the same value.
+    finished_jobs_max: int = 256
+    job_retention_s: float = 0.0  # finished jobs older than this are deleted (0: kept)
+    expiry_interval_s: float = 1.0
+    expiries_per_round_max: int = 1000
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     phi: PhiConfig = field(default_factory=PhiConfig)
     wire: WireConfig = field(default_factory=node_wire_config)
+
+
+class HostedMachine(Protocol):
+    """What the coordinator needs of its state machine (``JobsMachine`` or the
+    replicated ``node.replicated.CoordinatorMachine``)."""
+
+    jobs: JobStateMachine
+    listener: Callable[[JobCommand, ApplyResult], None] | None
+
+    def apply(self, command: bytes) -> bytes: ...
 
 
 class JobsMachine:
@@ -117,16 +139,20 @@ class JobsMachine:
     after recovery, so replaying the log at start does not re-drive anything.
     """
 
-    def __init__(self) -> None:
-        self.jobs = JobStateMachine()
+    def __init__(self, config: JobStateConfig | None = None) -> None:
+        self.jobs = JobStateMachine(config)
         self.listener: Callable[[JobCommand, ApplyResult], None] | None = None
 
     def apply(self, command: bytes) -> bytes:
-        result = self.jobs.apply(command)
+        # As ``JobStateMachine.apply``, decoding once for the machine and the hook.
+        try:
+            cmd = decode_command(command)
+        except ValueError as exc:
+            return encode_apply_result(ApplyResult(False, str(exc)))
+        result = self.jobs.apply_command(cmd)
         if self.listener is not None:
-            with contextlib.suppress(ValueError):  # undecodable: the machine rejected it
-                self.listener(decode_command(command), decode_apply_result(result))
-        return result
+            self.listener(cmd, result)
+        return encode_apply_result(result)
 
     def snapshot(self) -> bytes:
         return self.jobs.snapshot()
@@ -139,7 +165,7 @@ class Coordinator:
     def __init__(
         self,
         log_host: LogHost,
-        machine: JobsMachine,
+        machine: HostedMachine,
         address: str,
         config: CoordinatorConfig,
         *,
@@ -151,6 +177,7 @@ class Coordinator:
         self.address = address
         self.config = config
         self.epoch = -1
+        self.member_id = "0"  # its id in cluster.status() (the Paxos node id when replicated)
         # Leader-only: the scheduler and the failure detector exist while this
         # replica leads (``become_leader``/``step_down``, driven by the LogHost).
         self.scheduler: Scheduler | None = None
@@ -167,6 +194,8 @@ class Coordinator:
         self._reader_inputs: dict[TaskAttempt, list[OutputRef]] = {}
         self._bad_outputs: set[tuple[str, str, str]] = set()
         self._flush_scheduled = False
+        self._last_expiry = 0.0
+        self._expiring: set[str] = set()  # JobDeleted proposed, not yet applied
         self._proposals = asyncio.Semaphore(config.inflight_proposals_max)
         self._tg: asyncio.TaskGroup | None = None
         self.api = ClientApi(self)
@@ -187,6 +216,10 @@ class Coordinator:
             return
         self.epoch = epoch
         self.phi = PhiAccrualDetector(self.config.phi)
+        # Each term's failure detector judges afresh: a worker an earlier leader (or
+        # this one, in an earlier term) declared lost re-registers, and its outputs
+        # are judged from the log (OutputLost) plus what it reports now.
+        self.lost.clear()
         if self.machine.jobs.state.jobs:
             # Recovering: wait the failover grace for workers to report what runs.
             self.scheduler = Scheduler.from_state(
@@ -253,6 +286,30 @@ class Coordinator:
                     self._lose_worker(view, f"phi {phi:.1f}, silent {now - last:.2f} s")
             if self.scheduler is not None:
                 self.step(Tick(now))
+                self._expire_jobs()
+
+    def _expire_jobs(self) -> None:
+        """Leader only: delete finished jobs older than ``job_retention_s`` (0: keep).
+
+        Through the log (``JobDeleted``), so every replica forgets the same jobs;
+        the age is judged from the wall clock against the job's recorded times.
+        """
+        retention = self.config.job_retention_s
+        wall = time.time()
+        if retention <= 0 or wall - self._last_expiry < self.config.expiry_interval_s:
+            return
+        self._last_expiry = wall
+        expired = [
+            rec.job_id
+            for rec in self.machine.jobs.state.jobs.values()
+            if rec.status != "running"
+            and wall - (rec.finished_at or rec.submitted_at) > retention
+            and rec.job_id not in self._expiring
+        ][: self.config.expiries_per_round_max]
+        for job_id in expired:
+            self._expiring.add(job_id)
+            self.event("job_expired", f"older than {retention:g} s", job_id)
+            self.propose_soon(JobDeleted(job_id))
 
     def step(self, event: SchedulerEvent) -> None:
         if self.scheduler is None:
@@ -338,10 +395,16 @@ class Coordinator:
                 self.step(ProposeFailed(cmd, time.monotonic()))
                 return ApplyResult(False, "log unavailable")
             except NotLeader as exc:
-                # Only with a replicated log: another replica orders commands now.
-                # The scheduler of this term must stop (issue 4 drops it here).
+                # Only with a replicated log: another replica orders commands now
+                # (the leadership callback stops this term's scheduler).
                 self.event("not_leader", str(exc))
                 return ApplyResult(False, str(exc))
+            except LeptonError as exc:
+                # Replicated log: leadership lost while in flight (the command may
+                # still commit: the first TaskFinished wins, so a retry is safe) or
+                # the slot chose another value.
+                self.step(ProposeFailed(cmd, time.monotonic()))
+                return ApplyResult(False, f"log unavailable: {exc}")
         return decode_apply_result(raw)
 
     async def submit_command(self, cmd: JobCommand) -> ApplyResult:
@@ -349,6 +412,8 @@ class Coordinator:
         return await self._propose(cmd)
 
     def _on_applied(self, cmd: JobCommand, result: ApplyResult) -> None:
+        if isinstance(cmd, JobDeleted):
+            self._expiring.discard(cmd.job_id)
         self.step(Applied(cmd, result, time.monotonic()))
         if not result.accepted:
             return
@@ -374,6 +439,17 @@ class Coordinator:
         for view in self.workers.values():
             view.plans_sent.discard(job_id)
             view.conn.send_nowait(DropJobs([job_id]))
+
+    def leader_hint(self) -> str | None:
+        """The client address of the leader, as far as this replica knows."""
+        return self.address if self.leading else self.log.leader_address
+
+    def all_events(self) -> list[Event]:
+        return list(self.events)
+
+    def coordinator_members(self, pid: int) -> list[MemberInfo]:
+        role = "leader" if self.leading else "follower"
+        return [MemberInfo("coordinator", self.member_id, pid, self.address, role)]
 
     def job_record(self, job_id: str) -> JobRecord | None:
         return self.machine.jobs.job(job_id)
@@ -519,7 +595,7 @@ async def serve_coordinator(
     host, port = sock.getsockname()[:2]
     address = f"{host}:{port}"
     os.makedirs(data_dir, exist_ok=True)
-    machine = JobsMachine()
+    machine = JobsMachine(JobStateConfig(finished_jobs_max=config.finished_jobs_max))
     local_log = LocalLog(
         os.path.join(data_dir, "log"), machine, LocalLogConfig(fsync=config.fsync), address
     )
@@ -543,39 +619,86 @@ def run_coordinator(
     listen_fd: int | None = None,
     fsync: bool = True,
     announce: bool = True,
+    node_id: int | None = None,
+    peers: dict[int, str] | None = None,
+    paxos_fd: int | None = None,
+    finished_jobs_max: int = 256,
+    job_retention_s: float = 0.0,
 ) -> None:
-    """Entry point of ``lepton coordinator``: run until killed."""
+    """Entry point of ``lepton coordinator``: run until killed.
+
+    With ``peers`` (and ``node_id``) the coordinator is one replica of the
+    Multi-Paxos log (``node.replicated``); without, it runs on a local log.
+    """
     from lepton_ai.node.netutil import bind_listener
     from lepton_ai.node.process import watch_parent
 
+    if (peers is None) != (node_id is None):
+        raise ValueError("--id and --peers go together")
+    if peers is not None and node_id not in peers:
+        raise ValueError(f"--id {node_id} is not in --peers ({', '.join(map(str, peers))})")
     watch_parent()
     logging.basicConfig(level=os.environ.get("LEPTON_LOG_LEVEL", "WARNING"))
     sock = socket.socket(fileno=listen_fd) if listen_fd is not None else bind_listener(host, port)
     if announce:
         h, p = sock.getsockname()[:2]
         print(json.dumps({"address": f"{h}:{p}", "pid": os.getpid()}), flush=True)
+    if finished_jobs_max < 1:
+        raise ValueError(f"--finished-jobs-max must be >= 1, got {finished_jobs_max}")
+    if job_retention_s < 0:
+        raise ValueError(f"--job-retention-s must be >= 0, got {job_retention_s}")
+    config = CoordinatorConfig(
+        fsync=fsync, finished_jobs_max=finished_jobs_max, job_retention_s=job_retention_s
+    )
+    if peers is None or node_id is None:
+        main_coro = serve_coordinator(sock, token, data_dir, config)
+    else:
+        from lepton_ai.node.replicated import serve_replicated
+
+        paxos_sock = socket.socket(fileno=paxos_fd) if paxos_fd is not None else None
+        main_coro = serve_replicated(
+            sock,
+            paxos_sock,
+            node_id=node_id,
+            peers=peers,
+            token=token,
+            data_dir=data_dir,
+            config=config,
+        )
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve_coordinator(sock, token, data_dir, CoordinatorConfig(fsync=fsync)))
+        asyncio.run(main_coro)
+
+
+def run_from_args(args: object) -> None:
+    """``lepton coordinator`` and ``python -m lepton_ai.node.coordinator``."""
+    from lepton_ai.consensus.server import parse_peers
+    from lepton_ai.wire import resolve_token
+
+    peers_text = getattr(args, "peers", None)
+    run_coordinator(
+        resolve_token(getattr(args, "token", None)),
+        str(getattr(args, "data_dir", "")),
+        host=str(getattr(args, "host", "127.0.0.1")),
+        port=int(getattr(args, "port", 0)),
+        listen_fd=getattr(args, "listen_fd", None),
+        fsync=not getattr(args, "no_fsync", False),
+        announce=not getattr(args, "quiet", False),
+        node_id=getattr(args, "id", None),
+        peers=parse_peers(peers_text) if peers_text else None,
+        paxos_fd=getattr(args, "paxos_fd", None),
+        finished_jobs_max=int(getattr(args, "finished_jobs_max", 256)),
+        job_retention_s=float(getattr(args, "job_retention_s", 0.0)),
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
     from lepton_ai.node.cli import add_coordinator_args
-    from lepton_ai.wire import resolve_token
 
     parser = argparse.ArgumentParser(prog="lepton coordinator")
     add_coordinator_args(parser)
-    args = parser.parse_args(argv)
-    run_coordinator(
-        resolve_token(args.token),
-        args.data_dir,
-        host=args.host,
-        port=args.port,
-        listen_fd=args.listen_fd,
-        fsync=not args.no_fsync,
-        announce=not args.quiet,
-    )
+    run_from_args(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ agent. User code that crashes the interpreter (``os._exit``, a segfault) ends
 only this process: the agent sees EOF on the pipe at once, reports the attempt
 as an infrastructure failure and starts a replacement.
 
-Deliberately synchronous: one task at a time, no event loop, so nothing in the
+Deliberately synchronous: one task at a time (the agent may queue a few more
+here to hide its round trip), no event loop, so nothing in the
 executor competes with user code for the CPU. Map output goes straight into the
 node's block store directory (the same disk the agent serves from); shuffle
 input arrives already fetched by the agent.
@@ -23,12 +24,13 @@ import socket
 import struct
 import sys
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import TYPE_CHECKING
 
 import msgspec
 
 from lepton_ai.node.messages import (
+    ExecCancel,
     ExecDone,
     ExecFailed,
     ExecForget,
@@ -47,6 +49,11 @@ STORE_ENV = "LEPTON_EXEC_STORE"
 FRAME_BYTES_MAX_ENV = "LEPTON_EXEC_FRAME_BYTES_MAX"
 RESULT_BYTES_MAX_ENV = "LEPTON_EXEC_RESULT_BYTES_MAX"
 PLANS_MAX = 32  # decoded plans kept per executor (jobs running at once rarely exceed it)
+RECV_BYTES = 256 * 1024  # one read from the agent's pipe
+QUEUED_MAX = 1024  # tasks queued here; the agent's window (ExecutorConfig.window) is far below
+REPLIES_BATCH_MAX = 64  # replies of back-to-back tasks sent in one write ...
+REPLY_DELAY_MAX_S = 0.002  # ... holding none longer than this
+REPLY_HOLD_QUEUED_MIN = 2  # ... and only while this many more tasks wait here
 
 _HEADER = struct.Struct(">I")
 
@@ -56,37 +63,98 @@ class PipeClosed(Exception):
 
 
 class FramedPipe:
-    """Blocking length-prefixed frames over a stream socket (the executor's side)."""
+    """Blocking length-prefixed frames over a stream socket (the executor's side).
+
+    Reads are buffered: one ``recv`` usually brings several small frames (the
+    agent sends a window of tasks at once), so a trivial task costs one system
+    call in, not two. ``poll`` returns the frames already sent without blocking,
+    which is how a queued task's cancellation is seen before the task starts.
+    """
 
     def __init__(self, sock: socket.socket, frame_bytes_max: int) -> None:
         self.sock = sock
         self.frame_bytes_max = frame_bytes_max
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(ExecMessage)
+        self._buf = bytearray()
+        self._pos = 0  # start of the unread bytes in _buf
 
-    def _read_exactly(self, n: int) -> bytes:
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
-            k = self.sock.recv_into(view[got:], n - got)
+    def _fill(self, block: bool) -> bool:
+        """Append what the socket holds; False if nothing was there (``block=False``)."""
+        try:
+            chunk = self.sock.recv(RECV_BYTES, 0 if block else socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        if not chunk:
+            raise PipeClosed("agent closed the pipe")
+        if self._pos:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += chunk
+        return True
+
+    def _read_body(self, length: int) -> bytes:
+        """A large body straight into its own buffer (no repeated appends)."""
+        have = memoryview(self._buf)[self._pos :]
+        body = bytearray(length)
+        body[: len(have)] = have
+        got = len(have)
+        have.release()
+        self._buf.clear()
+        self._pos = 0
+        view = memoryview(body)
+        while got < length:
+            k = self.sock.recv_into(view[got:], length - got)
             if k == 0:
                 raise PipeClosed("agent closed the pipe")
             got += k
-        return bytes(buf)
+        return bytes(body)
+
+    def _next_frame(self, block: bool) -> bytes | None:
+        while True:
+            avail = len(self._buf) - self._pos
+            if avail >= _HEADER.size:
+                (length,) = _HEADER.unpack_from(self._buf, self._pos)
+                if length > self.frame_bytes_max:
+                    raise PipeClosed(
+                        f"agent sent a {length}-byte frame; the bound is {self.frame_bytes_max}"
+                    )
+                end = self._pos + _HEADER.size + length
+                if end <= len(self._buf):
+                    body = bytes(self._buf[self._pos + _HEADER.size : end])
+                    self._pos = end
+                    return body
+                if block and length > RECV_BYTES:
+                    self._pos += _HEADER.size
+                    return self._read_body(length)
+            if not self._fill(block):
+                return None
 
     def recv(self) -> ExecMessage:
-        (length,) = _HEADER.unpack(self._read_exactly(_HEADER.size))
-        if length > self.frame_bytes_max:
-            raise PipeClosed(
-                f"agent sent a {length}-byte frame; the bound is {self.frame_bytes_max}"
-            )
-        msg: ExecMessage = self._decoder.decode(self._read_exactly(length))
+        body = self._next_frame(block=True)
+        if body is None:
+            raise AssertionError("a blocking read returned nothing")
+        msg: ExecMessage = self._decoder.decode(body)
         return msg
 
+    def poll(self) -> list[ExecMessage]:
+        """Every complete frame that has arrived, without waiting for more."""
+        out: list[ExecMessage] = []
+        while (body := self._next_frame(block=False)) is not None:
+            out.append(self._decoder.decode(body))
+        return out
+
     def send(self, msg: ExecMessage) -> None:
-        body = self._encoder.encode(msg)
-        self.sock.sendall(_HEADER.pack(len(body)) + body)
+        self.send_many([msg])
+
+    def send_many(self, msgs: list[ExecMessage]) -> None:
+        """Several frames in one system call."""
+        parts = []
+        for msg in msgs:
+            body = self._encoder.encode(msg)
+            parts.append(_HEADER.pack(len(body)))
+            parts.append(body)
+        self.sock.sendall(b"".join(parts))
 
 
 class Executor:
@@ -100,22 +168,69 @@ class Executor:
     def serve(self) -> None:
         """The task loop. ``exec_boot`` has said hello already; warm up now, while
         the first task is on its way: the task machinery and cloudpickle (which
-        loading any user function needs)."""
+        loading any user function needs).
+
+        The agent sends a window of tasks; they run in order, one at a time.
+        Before each task, whatever else has arrived is read (a cancellation of a
+        queued task must be seen before that task starts). Replies of tasks run
+        back to back go out together, bounded in count and in delay, so a stream
+        of tiny tasks does not cost one system call per reply.
+        """
         import cloudpickle  # noqa: F401
 
         import lepton_ai.compute.tasks  # noqa: F401
 
+        queue: deque[ExecRun] = deque()
+        replies: list[ExecMessage] = []
+        oldest = 0.0
         while True:
-            msg = self.pipe.recv()
-            if isinstance(msg, ExecRun):
-                self.pipe.send(self.run(msg))
-            elif isinstance(msg, ExecPlan):
-                self._add_plan(msg)
-            elif isinstance(msg, ExecForget):
-                for job_id in msg.job_ids:
-                    self.plans.pop(job_id, None)
-            else:
-                raise PipeClosed(f"unexpected {type(msg).__name__} from the agent")
+            if not queue:
+                if replies:
+                    self.pipe.send_many(replies)
+                    replies.clear()
+                self._handle(self.pipe.recv(), queue, replies)
+            for msg in self.pipe.poll():
+                self._handle(msg, queue, replies)
+            if not queue:
+                continue
+            started = time.perf_counter()
+            if not replies:
+                oldest = started
+            run = queue.popleft()
+            replies.append(self.run(run))
+            # Hold a reply only while tasks of the same stage keep finishing fast
+            # and more than one waits here: the next one is then likely fast too,
+            # its reply can share the write, and the agent still has work queued
+            # here while it refills (holding the last ones would leave us idle).
+            now = time.perf_counter()
+            if (
+                len(queue) < REPLY_HOLD_QUEUED_MIN
+                or len(replies) >= REPLIES_BATCH_MAX
+                or now - oldest >= REPLY_DELAY_MAX_S
+                or now - started >= REPLY_DELAY_MAX_S / 4
+                or queue[0].attempt.stage != run.attempt.stage
+                or queue[0].attempt.job_id != run.attempt.job_id
+            ):
+                self.pipe.send_many(replies)
+                replies.clear()
+
+    def _handle(self, msg: ExecMessage, queue: deque[ExecRun], replies: list[ExecMessage]) -> None:
+        if isinstance(msg, ExecRun):
+            if len(queue) >= QUEUED_MAX:
+                raise PipeClosed(f"the agent sent more than {QUEUED_MAX} tasks at once")
+            queue.append(msg)
+        elif isinstance(msg, ExecPlan):
+            self._add_plan(msg)
+        elif isinstance(msg, ExecForget):
+            for job_id in msg.job_ids:
+                self.plans.pop(job_id, None)
+        elif isinstance(msg, ExecCancel):
+            drop = set(msg.attempts)
+            for run in [r for r in queue if r.attempt in drop]:
+                queue.remove(run)
+                replies.append(ExecFailed(run.attempt, "cancelled", "cancelled before it started"))
+        else:
+            raise PipeClosed(f"unexpected {type(msg).__name__} from the agent")
 
     def _add_plan(self, msg: ExecPlan) -> None:
         from lepton_ai.compute.plan import decode_plan

@@ -16,12 +16,15 @@ import os
 import signal
 import socket
 import sys
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from lepton_ai.compute.scheduler_events import TaskAttempt
 from lepton_ai.errors import LeptonError
 from lepton_ai.node import executor as exec_mod
 from lepton_ai.node.messages import (
+    ExecCancel,
     ExecDone,
     ExecFailed,
     ExecForget,
@@ -35,7 +38,18 @@ from lepton_ai.wire import Codec, ConnectionClosed, encode_frame, read_frame
 
 
 class ExecutorDied(LeptonError):
-    """The executor process ended while (or before) running an attempt."""
+    """The executor process ended while (or before) running an attempt.
+
+    ``cancelled``: the agent killed it on purpose to stop that attempt.
+    """
+
+    def __init__(self, reason: str, cancelled: bool = False) -> None:
+        super().__init__(reason)
+        self.cancelled = cancelled
+
+
+class Requeued(ExecutorDied):
+    """The executor died before this attempt started: run it again, nothing failed."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +61,13 @@ class ExecutorConfig:
     restart_backoff_s: float = 0.05
     restart_backoff_max_s: float = 2.0
     spares: int = 1  # warm executors per node kept aside for instant replacement
+    spares_delay_s: float = 0.5  # after the node's first executors are up
+    # Attempts handed to one executor at once; it runs them in order, so the next
+    # one starts without waiting for the agent (a pipe round trip per tiny task).
+    window: int = 8
+    # ... and the shuffle input they carry; one attempt always goes, whatever its size.
+    window_bytes_max: int = 64 << 20
+    write_buffer_bytes_max: int = 1 << 20  # unsent bytes to an executor before we wait
 
 
 _CODEC = Codec[ExecMessage](ExecMessage)
@@ -64,8 +85,24 @@ def describe_exit(code: int | None) -> str:
     return f"executor exited with status {code}"
 
 
+class _Pending:
+    __slots__ = ("future", "size_bytes")
+
+    def __init__(self, future: asyncio.Future[ExecDone | ExecFailed], size_bytes: int) -> None:
+        self.future, self.size_bytes = future, size_bytes
+
+
+def _ignore() -> None:
+    return None
+
+
 class ExecutorSlot:
-    """One slot: keeps an executor running and runs attempts on it one at a time."""
+    """One slot: keeps an executor running and feeds it a window of attempts.
+
+    The executor runs the window in order, so the first attempt without a reply
+    is the one running. When the executor dies, that one fails (``ExecutorDied``)
+    and the rest, which never started, come back as ``Requeued``.
+    """
 
     def __init__(
         self,
@@ -74,21 +111,27 @@ class ExecutorSlot:
         store_dir: str,
         config: ExecutorConfig,
         on_event: Callable[[str, str], None],
+        *,
+        on_capacity: Callable[[], None] = _ignore,
+        on_started: Callable[[TaskAttempt], None] = lambda a: None,
     ) -> None:
         self.slot = slot
         self.worker = worker
         self.store_dir = store_dir
         self.config = config
         self.on_event = on_event  # (kind, detail) for the node's event feed
+        self.on_capacity = on_capacity  # room for another attempt (or a new executor)
+        self.on_started = on_started  # a queued attempt became the running one
         self.pid = 0
         self.restarts = 0
-        self.running: ExecRun | None = None
-        self.cancelled = False
+        self.cancelled = False  # killed on purpose: the running attempt was cancelled
+        self.outstanding: OrderedDict[TaskAttempt, _Pending] = OrderedDict()
+        self.running_since = 0.0  # loop time the first outstanding attempt started
+        self._inflight_bytes = 0
         self._proc: asyncio.subprocess.Process | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._reader: asyncio.StreamReader | None = None
         self._ready = asyncio.Event()
-        self._reply: asyncio.Future[ExecDone | ExecFailed] | None = None
         self._plans_sent: set[str] = set()
         self._closing = False
         self.spares: SparePool | None = None
@@ -97,7 +140,21 @@ class ExecutorSlot:
     def state(self) -> str:
         if not self._ready.is_set():
             return "starting"
-        return "busy" if self.running is not None else "idle"
+        return "busy" if self.outstanding else "idle"
+
+    def can_take(self) -> bool:
+        """Room in the window for one more attempt (always for one, whatever its size)."""
+        if not self._ready.is_set() or self._writer is None:
+            return False
+        if not self.outstanding:
+            return True
+        return (
+            len(self.outstanding) < self.config.window
+            and self._inflight_bytes < self.config.window_bytes_max
+        )
+
+    def is_running(self, attempt: TaskAttempt) -> bool:
+        return next(iter(self.outstanding), None) == attempt
 
     async def supervise(self) -> None:
         """Run forever: start an executor, serve it until it dies, start another."""
@@ -114,11 +171,25 @@ class ExecutorSlot:
             reason = await self._read_until_death()
             self._ready.clear()
             self._plans_sent.clear()
-            if self._reply is not None and not self._reply.done():
-                self._reply.set_exception(ExecutorDied(reason))
+            self._fail_outstanding(reason)
             if not self._closing:
                 self.restarts += 1
                 self.on_event("executor_died", f"slot {self.slot} pid {self.pid}: {reason}")
+
+    def _fail_outstanding(self, reason: str) -> None:
+        pending = list(self.outstanding.values())
+        self.outstanding.clear()
+        self._inflight_bytes = 0
+        cancelled, self.cancelled = self.cancelled, False
+        if not pending:
+            return
+        # Reversed: their callbacks run in this order and put them back at the
+        # front of the lane one by one, which restores the original order.
+        for p in reversed(pending[1:]):
+            if not p.future.done():
+                p.future.set_exception(Requeued(reason))
+        if not pending[0].future.done():
+            pending[0].future.set_exception(ExecutorDied(reason, cancelled))
 
     async def _start(self) -> None:
         started = self.spares.take() if self.spares is not None else None
@@ -127,6 +198,7 @@ class ExecutorSlot:
         self._proc, self._reader, self._writer = started.proc, started.reader, started.writer
         self.pid = started.proc.pid
         self._ready.set()
+        self.on_capacity()
 
     async def _recv(self) -> ExecMessage:
         if self._reader is None:
@@ -140,12 +212,24 @@ class ExecutorSlot:
             except (ConnectionClosed, ConnectionError, LeptonError):
                 break
             if isinstance(msg, ExecDone | ExecFailed):
-                if self._reply is not None and not self._reply.done():
-                    self._reply.set_result(msg)
+                self._on_reply(msg)
                 continue
             break  # anything else from an executor is a bug there: replace it
         code = await self._reap(kill=True)
         return describe_exit(code)
+
+    def _on_reply(self, msg: ExecDone | ExecFailed) -> None:
+        was_running = self.is_running(msg.attempt)
+        pending = self.outstanding.pop(msg.attempt, None)
+        if pending is None:
+            return  # e.g. cancelled meanwhile and already answered
+        self._inflight_bytes -= pending.size_bytes
+        if not pending.future.done():
+            pending.future.set_result(msg)
+        if was_running and self.outstanding:
+            self.running_since = asyncio.get_running_loop().time()
+            self.on_started(next(iter(self.outstanding)))
+        self.on_capacity()
 
     async def _reap(self, kill: bool) -> int | None:
         if self._writer is not None:
@@ -162,28 +246,43 @@ class ExecutorSlot:
                     proc.kill()
         return await proc.wait()
 
-    async def run(self, job_id: str, plan: bytes, msg: ExecRun) -> ExecDone | ExecFailed:
-        """Run one attempt; ``ExecutorDied`` if the executor dies first."""
+    async def submit(
+        self, job_id: str, plan: bytes, msg: ExecRun
+    ) -> asyncio.Future[ExecDone | ExecFailed]:
+        """Hand one attempt to the executor; the future resolves with its reply, or
+        fails with ``ExecutorDied`` (it was running) or ``Requeued`` (it never started)."""
         await self._ready.wait()
-        if self._writer is None or self.running is not None:
-            raise AssertionError(f"slot {self.slot} is not free")
-        loop = asyncio.get_running_loop()
-        self._reply = loop.create_future()
-        self.running = msg
-        self.cancelled = False
-        try:
-            frames = []
-            if job_id not in self._plans_sent:
-                frames.append(_frame(ExecPlan(job_id, plan), self.config.frame_bytes_max))
-                self._plans_sent.add(job_id)
-            frames.append(_frame(msg, self.config.frame_bytes_max))
-            self._writer.writelines(frames)
+        writer = self._writer
+        if writer is None or msg.attempt in self.outstanding:
+            raise AssertionError(f"slot {self.slot}: cannot submit {msg.attempt}")
+        future: asyncio.Future[ExecDone | ExecFailed] = asyncio.get_running_loop().create_future()
+        size = sum(map(len, msg.inputs))
+        if not self.outstanding:
+            self.running_since = asyncio.get_running_loop().time()
+        self.outstanding[msg.attempt] = _Pending(future, size)
+        self._inflight_bytes += size
+        frames = []
+        if job_id not in self._plans_sent:
+            frames.append(_frame(ExecPlan(job_id, plan), self.config.frame_bytes_max))
+            self._plans_sent.add(job_id)
+        frames.append(_frame(msg, self.config.frame_bytes_max))
+        writer.writelines(frames)
+        if writer.transport.get_write_buffer_size() > self.config.write_buffer_bytes_max:
             with contextlib.suppress(ConnectionError):
-                await self._writer.drain()
-            return await self._reply
-        finally:
-            self.running = None
-            self._reply = None
+                await writer.drain()
+        return future
+
+    def cancel(self, attempt: TaskAttempt) -> bool:
+        """Stop ``attempt`` if it is ours: kill the executor if it is running it (the
+        only way to stop arbitrary user code), else ask the executor to drop it."""
+        if attempt not in self.outstanding:
+            return False
+        if self.is_running(attempt):
+            self.cancelled = True
+            self.signal(signal.SIGKILL)
+        elif self._writer is not None and self._ready.is_set():
+            self._writer.write(_frame(ExecCancel([attempt]), self.config.frame_bytes_max))
+        return True
 
     def forget(self, job_ids: list[str]) -> None:
         known = [j for j in job_ids if j in self._plans_sent]
@@ -256,6 +355,12 @@ async def spawn_executor(worker: str, store_dir: str, config: ExecutorConfig) ->
     except (ConnectionClosed, TimeoutError, LeptonError) as exc:
         await started.kill()
         raise ExecutorDied(f"executor did not start: {exc}") from exc
+    except BaseException:
+        # Cancelled while it started (the agent is closing): leave nothing behind.
+        started.writer.close()
+        with contextlib.suppress(ProcessLookupError):
+            started.proc.kill()
+        raise
     if not isinstance(hello, ExecHello):
         await started.kill()
         raise ExecutorDied(f"executor said {type(hello).__name__} instead of hello")
@@ -298,6 +403,9 @@ class SparePool:
     async def run(self, wait_for: list[ExecutorSlot]) -> None:
         for slot in wait_for:  # never compete with the first executors' start-up
             await slot._ready.wait()
+        # ... nor with their warm-up imports and the cluster's first job: a spare
+        # only matters once an executor dies, and until then it costs CPU.
+        await asyncio.sleep(self.config.spares_delay_s)
         backoff = self.config.restart_backoff_s
         while True:
             await self._need.wait()

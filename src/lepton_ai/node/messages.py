@@ -143,6 +143,7 @@ class MemberInfo(msgspec.Struct, frozen=True):
     health: str  # "alive" | "suspect" | "dead" | "starting" | "idle" | "busy"
     node: str = ""  # the worker id an executor belongs to
     phi: float = 0.0
+    paxos: str = ""  # a replicated coordinator's Paxos (and KV) address
 
 
 class GetStatus(msgspec.Struct, frozen=True, tag=True):
@@ -186,8 +187,14 @@ class Ok(msgspec.Struct, frozen=True, tag=True):
 
 
 class ErrorReply(msgspec.Struct, frozen=True, tag=True):
-    kind: str  # "invalid" | "unavailable" | "not_found"
+    kind: str  # "invalid" | "unavailable" | "not_found" | "redirect" (message: leader or "")
     message: str
+
+
+class DeleteJob(msgspec.Struct, frozen=True, tag=True):
+    """Client -> coordinator: forget a finished (or failed) job and its result."""
+
+    job_id: str
 
 
 CoordinatorMessage = (
@@ -200,6 +207,7 @@ CoordinatorMessage = (
     | GetStatus
     | GetEvents
     | RecordEvent
+    | DeleteJob
 )
 ClientReply = JobAccepted | JobInfo | JobList | ClusterInfo | EventList | Ok | ErrorReply
 
@@ -251,11 +259,18 @@ class ExecDone(msgspec.Struct, frozen=True, tag=True):
 
 class ExecFailed(msgspec.Struct, frozen=True, tag=True):
     attempt: TaskAttempt
-    kind: str  # "user" | "infra" | "corrupt_input"
+    kind: str  # "user" | "infra" | "corrupt_input" | "cancelled"
     message: str
     exc_type: str = ""
     traceback: str = ""
     map_partition: int = -1
 
 
-ExecMessage = ExecHello | ExecPlan | ExecRun | ExecForget | ExecDone | ExecFailed
+class ExecCancel(msgspec.Struct, frozen=True, tag=True):
+    """Drop these attempts if they have not started yet (answered ``ExecFailed`` kind
+    ``"cancelled"``); one already running or done is answered as usual."""
+
+    attempts: list[TaskAttempt]
+
+
+ExecMessage = ExecHello | ExecPlan | ExecRun | ExecForget | ExecDone | ExecFailed | ExecCancel

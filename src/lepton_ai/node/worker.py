@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -38,7 +39,13 @@ from lepton_ai.compute.scheduler_events import (
     TaskSucceeded,
 )
 from lepton_ai.errors import LeptonError
-from lepton_ai.node.executors import ExecutorConfig, ExecutorDied, ExecutorSlot, SparePool
+from lepton_ai.node.executors import (
+    ExecutorConfig,
+    ExecutorDied,
+    ExecutorSlot,
+    Requeued,
+    SparePool,
+)
 from lepton_ai.node.messages import (
     BlockData,
     CancelTasks,
@@ -83,9 +90,15 @@ class WorkerConfig:
     reconnect_backoff_s: float = 0.05
     reconnect_backoff_max_s: float = 1.0
     plans_max: int = 256
-    # Scheduler slots per executor: with 2, the next task already waits at the
-    # agent while the current one runs, hiding the coordinator round trip.
+    # Scheduler slots per executor: the next task already waits at the executor
+    # while the current one runs, hiding the coordinator's round trip (report,
+    # log commit, next dispatch). Deeper runs tiny tasks ~2x faster (8: 10-12k
+    # tasks/s) but strands work queued behind a slow task while another node
+    # idles: the scheduler does not steal queued attempts (yet), so 2.
     pipeline_depth: int = 2
+    # An attempt running this many times its stage's typical duration here is a
+    # straggler: the attempts queued behind it may be backed up elsewhere.
+    straggler_factor: float = 2.0
     queued_tasks_max: int = 10_000  # per executor
     outbox_reports_max: int = 100_000  # reports kept while the coordinator is away
     fetch_connections_max: int = 64
@@ -107,7 +120,15 @@ class WorkerAgent:
         self.store = BlockStore(os.path.join(data_dir, self.worker_id))
         self.address = ""
         self.slots = [
-            ExecutorSlot(i, self.worker_id, str(self.store.root), config.executor, self._event)
+            ExecutorSlot(
+                i,
+                self.worker_id,
+                str(self.store.root),
+                config.executor,
+                self._event,
+                on_capacity=functools.partial(self._wake_lane, i),
+                on_started=self._started,
+            )
             for i in range(config.slots)
         ]
         self.spares = SparePool(
@@ -121,7 +142,8 @@ class WorkerAgent:
         # One lane per executor: scheduler slot s runs on executor s % executors.
         self.lanes: list[deque[Dispatch]] = [deque() for _ in self.slots]
         self._lane_ready = [asyncio.Event() for _ in self.slots]
-        self._executing: list[Dispatch | None] = [None for _ in self.slots]
+        # Handed to executor i and not answered yet (it runs them in this order).
+        self._submitted: list[dict[TaskAttempt, Dispatch]] = [{} for _ in self.slots]
         self.plans: OrderedDict[str, bytes] = OrderedDict()
         self.outbox: list[TaskReport] = []
         self._outbox_ready = asyncio.Event()
@@ -129,6 +151,8 @@ class WorkerAgent:
         self._fetch_conns: dict[str, Connection[ShuffleMessage]] = {}
         self._fetch_locks: dict[str, asyncio.Lock] = {}
         self._generation = 0
+        # (job, stage) -> typical run time of its attempts here (moving average).
+        self._typical_s: dict[tuple[str, int], float] = {}
 
     def _event(self, kind: str, detail: str) -> None:
         log.info("%s: %s", kind, detail)
@@ -230,6 +254,8 @@ class WorkerAgent:
         self.plans.clear()
         for lane in self.lanes:
             lane.clear()
+        for submitted in self._submitted:
+            submitted.clear()
         for slot in self.slots:
             slot.worker = self.worker_id
             slot.store_dir = str(self.store.root)
@@ -237,12 +263,46 @@ class WorkerAgent:
             slot.signal(signal.SIGKILL)  # executors restart under the new id
 
     def _running(self) -> list[RunningReport]:
-        out = [RunningReport(d.attempt, d.slot) for d in self._executing if d is not None]
+        out = [RunningReport(d.attempt, d.slot) for sub in self._submitted for d in sub.values()]
         out.extend(RunningReport(d.attempt, d.slot) for lane in self.lanes for d in lane)
         return out
 
+    def _refresh_queued(self) -> None:
+        """Restart the scheduler's clock of attempts queued behind a healthy one.
+
+        The scheduler times an attempt from its dispatch until ``TaskStarted``;
+        an attempt waiting here behind another would look like a straggler near
+        the end of a stage and get a backup for work that has not even started
+        (and a backup that wins kills the executor to cancel the original). But
+        behind a real straggler (running past ``straggler_factor`` x the typical
+        duration of its stage here), the clock is left alone, so the scheduler's
+        backups can move the waiting attempts to an idle node.
+        """
+        now = asyncio.get_running_loop().time()
+        for slot, lane, submitted in zip(self.slots, self.lanes, self._submitted, strict=True):
+            head = next(iter(slot.outstanding), None)
+            if head is not None:
+                typical = self._typical_s.get((head.job_id, head.stage))
+                limit = self.config.straggler_factor * typical if typical is not None else 0.0
+                if now - slot.running_since > max(limit, self.config.heartbeat_interval_s):
+                    continue
+            for d in lane:
+                self._report(TaskStarted(d.attempt, self.worker_id, 0.0))
+            for a in submitted:
+                if a != head:
+                    self._report(TaskStarted(a, self.worker_id, 0.0))
+
+    def _note_duration(self, a: TaskAttempt, duration_s: float) -> None:
+        key = (a.job_id, a.stage)
+        old = self._typical_s.pop(key, None)
+        # A moving average is enough to tell "a bit slower" from "stuck".
+        self._typical_s[key] = duration_s if old is None else 0.8 * old + 0.2 * duration_s
+        while len(self._typical_s) > self.config.plans_max:
+            del self._typical_s[next(iter(self._typical_s))]
+
     async def _heartbeat_loop(self, conn: Connection[WorkerMessage]) -> None:
         while True:
+            self._refresh_queued()
             execs = [ExecutorInfo(s.slot, s.pid, s.state, s.restarts) for s in self.slots]
             execs += [
                 ExecutorInfo(-1 - i, pid, "spare") for i, pid in enumerate(self.spares.pids())
@@ -326,56 +386,83 @@ class WorkerAgent:
                     lane.remove(d)
                     self._report(TaskFailed(a, self.worker_id, "cancelled", 0.0))
                     return
-        for slot, current in zip(self.slots, self._executing, strict=True):
-            if current is not None and current.attempt == a:
-                slot.cancelled = True
-                # The only way to stop arbitrary user code is to kill its process.
-                slot.signal(signal.SIGKILL)
+        for slot, submitted in zip(self.slots, self._submitted, strict=True):
+            if a in submitted:
+                slot.cancel(a)  # its reply (or the executor's death) reports it
                 return
 
     # -- running tasks ---------------------------------------------------------------
+    def _wake_lane(self, index: int) -> None:
+        self._lane_ready[index].set()
+
+    def _started(self, a: TaskAttempt) -> None:
+        # It sat behind another attempt: tell the scheduler when it really
+        # started, so queueing does not look like straggling.
+        self._report(TaskStarted(a, self.worker_id, 0.0))
+
     async def _slot_loop(self, index: int) -> None:
+        """Feed executor ``index`` from its lane while its window has room."""
         slot, lane, ready = self.slots[index], self.lanes[index], self._lane_ready[index]
-        waited = False
         while True:
-            if not lane:
+            if not lane or not slot.can_take():
                 ready.clear()
                 await ready.wait()
-                waited = False
                 continue
             d = lane.popleft()
-            self._executing[index] = d
-            if waited:
-                # It sat in the lane behind another task: tell the scheduler when it
-                # really started, so queueing does not look like straggling.
-                self._report(TaskStarted(d.attempt, self.worker_id, 0.0))
             generation = self._generation
-            try:
-                report = await self._run_one(slot, d)
-            finally:
-                self._executing[index] = None
-            if generation == self._generation:  # else dispatched to a former incarnation
-                self._report(report)
-            if d.attempt.job_id not in self.plans:
-                # The job ended (DropJobs) while this attempt ran: what it just
-                # wrote would otherwise outlive the job.
-                self.store.delete_job(d.attempt.job_id)
-            waited = True
+            failed = await self._submit(index, d)
+            if failed is not None and generation == self._generation:
+                self._report(failed)
 
-    async def _run_one(self, slot: ExecutorSlot, d: Dispatch) -> TaskReport:
+    async def _submit(self, index: int, d: Dispatch) -> TaskReport | None:
+        """Hand ``d`` to its executor; a report only if it failed before getting there."""
         a = d.attempt
         plan = self.plans.get(a.job_id)
         if plan is None:
             return TaskFailed(a, self.worker_id, "infra", 0.0, message="plan forgotten")
+        generation = self._generation
         inputs = await self._gather_inputs(d)
         if isinstance(inputs, FetchFailed):
             return inputs
-        try:
-            reply = await slot.run(a.job_id, plan, ExecRun(a, inputs))
-        except ExecutorDied as exc:
-            kind: FailureKind = "cancelled" if slot.cancelled else "infra"
-            return TaskFailed(a, self.worker_id, kind, 0.0, message=str(exc))
-        return self._translate(d, reply)
+        if generation != self._generation:
+            return None  # dispatched to a former incarnation
+        future = await self.slots[index].submit(a.job_id, plan, ExecRun(a, inputs))
+        self._submitted[index][a] = d
+        future.add_done_callback(functools.partial(self._exec_done, index, d, generation))
+        return None
+
+    def _exec_done(
+        self,
+        index: int,
+        d: Dispatch,
+        generation: int,
+        future: asyncio.Future[ExecDone | ExecFailed],
+    ) -> None:
+        a = d.attempt
+        self._submitted[index].pop(a, None)
+        if future.cancelled() or generation != self._generation:
+            return  # shutting down, or dispatched to a former incarnation
+        exc = future.exception()
+        report: TaskReport
+        if isinstance(exc, Requeued):
+            self.lanes[index].appendleft(d)  # never started: no failure to count
+            self._lane_ready[index].set()
+            return
+        if isinstance(exc, ExecutorDied):
+            kind: FailureKind = "cancelled" if exc.cancelled else "infra"
+            report = TaskFailed(a, self.worker_id, kind, 0.0, message=str(exc))
+        elif exc is not None:
+            raise AssertionError(f"unexpected failure of {a}: {exc!r}") from exc
+        else:
+            reply = future.result()
+            if isinstance(reply, ExecDone):
+                self._note_duration(a, reply.duration_s)
+            report = self._translate(d, reply)
+        self._report(report)
+        if a.job_id not in self.plans:
+            # The job ended (DropJobs) while this attempt ran: what it just
+            # wrote would otherwise outlive the job.
+            self.store.delete_job(a.job_id)
 
     def _translate(self, d: Dispatch, reply: ExecDone | ExecFailed) -> TaskReport:
         a, w = d.attempt, self.worker_id
@@ -384,7 +471,11 @@ class WorkerAgent:
         if reply.kind == "corrupt_input" and 0 <= reply.map_partition < len(d.inputs):
             src = d.inputs[reply.map_partition].worker
             return FetchFailed(a, w, a.stage - 1, reply.map_partition, src, 0.0)
-        kind: FailureKind = "user" if reply.kind == "user" else "infra"
+        kind: FailureKind = "infra"
+        if reply.kind == "user":
+            kind = "user"
+        elif reply.kind == "cancelled":
+            kind = "cancelled"
         return TaskFailed(
             a,
             w,

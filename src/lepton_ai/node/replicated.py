@@ -1,0 +1,337 @@
+"""The coordinator on the Multi-Paxos log: one combined state machine, leader-only controllers.
+
+    lepton coordinator --id N --peers 0=h:p,1=h:p,2=h:p --port P --data-dir D --token T
+
+``--peers`` are the Paxos addresses (replica to replica, and the KV clients of
+``cluster.kv``); ``--port`` is the node protocol (workers and job clients).
+
+``CoordinatorMachine`` is the state the replicas agree on: the job state machine
+and the KV machine in one log (so ``cluster.kv`` and jobs share it), plus the
+client address of each elected leader and a bounded event log. It subclasses
+``KvMachine`` so the consensus server serves linearizable KV reads from it.
+
+Leadership: when the Paxos driver reports that this replica leads, the
+coordinator first commits ``LeaderElected`` through the log. Once that command is
+applied, every command of earlier ballots is applied here too (log order), so the
+scheduler rebuilt by ``Scheduler.from_state`` sees the whole history. Only then
+do the scheduler and the failure detector start. When the driver reports the
+loss of leadership they stop at once (``Coordinator.step_down``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+
+import msgspec
+
+from lepton_ai.compute.scheduler_events import ProposeFailed
+from lepton_ai.compute.state import (
+    ApplyResult,
+    JobCommand,
+    JobStateConfig,
+    JobStateMachine,
+    decode_command,
+    encode_apply_result,
+    encode_command,
+)
+from lepton_ai.consensus.driver import ReplicaDriver
+from lepton_ai.consensus.kv import KvMachine
+from lepton_ai.consensus.server import ReplicaHost, ReplicaOptions
+from lepton_ai.errors import LeptonError
+from lepton_ai.node.coordinator import Coordinator, CoordinatorConfig
+from lepton_ai.node.messages import Event, MemberInfo
+
+log = logging.getLogger("lepton_ai.coordinator.replicated")
+
+EPOCH_NODES_MAX = 1024  # epoch = ballot round * this + node id: unique, ordered like ballots
+TAKE_OVER_ATTEMPTS_MAX = 1000  # LeaderElected proposals per term before giving up
+TAKE_OVER_RETRY_S = 0.05
+
+
+class LeaderElected(msgspec.Struct, frozen=True, tag="LeaderElected"):
+    node: int
+    address: str  # the leader's node-protocol (client) address
+    epoch: int
+    t: float
+
+
+class ClusterEvent(msgspec.Struct, frozen=True, tag="ClusterEvent"):
+    """A timeline entry the leader wants every replica (and the next leader) to keep."""
+
+    t: float
+    kind: str
+    detail: str = ""
+    job_id: str = ""
+
+
+MetaCommand = LeaderElected | ClusterEvent
+_meta_encoder = msgspec.msgpack.Encoder()
+_meta_decoder = msgspec.msgpack.Decoder(MetaCommand)
+_OK = _meta_encoder.encode(ApplyResult(True))
+
+
+class _Snapshot(msgspec.Struct, array_like=True):
+    jobs: bytes
+    kv: bytes
+    leaders: dict[int, str]
+    events: list[Event]
+
+
+_snap_encoder = msgspec.msgpack.Encoder()
+_snap_decoder = msgspec.msgpack.Decoder(_Snapshot)
+
+
+def encode_meta(cmd: MetaCommand) -> bytes:
+    return _meta_encoder.encode(cmd)
+
+
+class CoordinatorMachine(KvMachine):
+    """Jobs + KV + leader addresses + the replicated event log, on one log."""
+
+    def __init__(self, jobs: JobStateConfig | None = None, events_max: int = 2_000) -> None:
+        super().__init__()
+        self.jobs = JobStateMachine(jobs)
+        self.listener: Callable[[JobCommand, ApplyResult], None] | None = None
+        self.leaders: dict[int, str] = {}  # Paxos node id -> its client address
+        self.events: deque[Event] = deque(maxlen=events_max)
+
+    def apply(self, command: bytes) -> bytes:
+        # Job commands and meta commands are tagged msgspec maps; KV commands carry
+        # other tags, so each decoder rejects the other's bytes (deterministically).
+        try:
+            cmd = decode_command(command)
+        except ValueError:
+            pass
+        else:
+            result = self.jobs.apply_command(cmd)
+            if self.listener is not None:
+                self.listener(cmd, result)
+            return encode_apply_result(result)
+        try:
+            meta = _meta_decoder.decode(command)
+        except msgspec.DecodeError:
+            return super().apply(command)
+        if isinstance(meta, LeaderElected):
+            self.leaders[meta.node] = meta.address
+            self.events.append(
+                Event(meta.t, "leader_elected", f"{meta.address} epoch {meta.epoch}")
+            )
+        else:
+            self.events.append(Event(meta.t, meta.kind, meta.detail, meta.job_id))
+        return _OK
+
+    def snapshot(self) -> bytes:
+        return _snap_encoder.encode(
+            _Snapshot(self.jobs.snapshot(), super().snapshot(), self.leaders, list(self.events))
+        )
+
+    def restore(self, data: bytes) -> None:
+        snap = _snap_decoder.decode(data)
+        self.jobs.restore(snap.jobs)
+        super().restore(snap.kv)
+        self.leaders = dict(snap.leaders)
+        self.events.clear()
+        self.events.extend(snap.events)
+
+
+class Election:
+    """Turns the driver's leadership callbacks into ``become_leader`` / ``step_down``."""
+
+    def __init__(self, coordinator: ReplicatedCoordinator, driver: ReplicaDriver) -> None:
+        self.c = coordinator
+        self.driver = driver
+        self._task: asyncio.Task[None] | None = None
+
+    def changed(self, leading: bool) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        if not leading:
+            self.c.step_down()
+            return
+        ballot = self.driver.core.promised
+        epoch = ballot[0] * EPOCH_NODES_MAX + ballot[1]
+        self._task = asyncio.get_running_loop().create_task(self._take_over(epoch))
+
+    def _current_epoch(self) -> int | None:
+        if not self.driver.is_leader:
+            return None
+        ballot = self.driver.core.promised
+        return ballot[0] * EPOCH_NODES_MAX + ballot[1]
+
+    async def _take_over(self, epoch: int) -> None:
+        # Retried while this replica still leads with the same ballot: a leader that
+        # never confirms its term would hold the leadership without a scheduler.
+        for attempt in range(TAKE_OVER_ATTEMPTS_MAX):
+            if self._current_epoch() != epoch:
+                return
+            cmd = LeaderElected(self.driver.node_id, self.c.address, epoch, time.time())
+            try:
+                await self.driver.submit(encode_meta(cmd))
+            except LeptonError as exc:
+                log.info("epoch %d not confirmed (try %d): %s", epoch, attempt + 1, exc)
+                await asyncio.sleep(TAKE_OVER_RETRY_S)
+                continue
+            if self._current_epoch() == epoch:
+                self.c.become_leader(epoch)
+            return
+        log.warning("epoch %d: leadership never confirmed; waiting for the next election", epoch)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+class ReplicatedCoordinator(Coordinator):
+    """A ``Coordinator`` whose redirects name the Paxos leader's client address."""
+
+    machine: CoordinatorMachine
+    replicated_kinds = frozenset(
+        {
+            "worker_lost",
+            "task_rescheduled",
+            "backup_launched",
+            "task_failed",
+            "job_finished",
+            "job_failed",
+            "output_lost",
+        }
+    )
+
+    def __init__(
+        self,
+        driver: ReplicaDriver,
+        machine: CoordinatorMachine,
+        address: str,
+        config: CoordinatorConfig,
+        *,
+        token: str,
+        node_id: int,
+    ) -> None:
+        super().__init__(driver, machine, address, config, token=token)
+        self.driver = driver
+        self.node_id = node_id
+        self.member_id = str(node_id)
+
+    def leader_hint(self) -> str | None:
+        if self.leading:
+            return self.address
+        leader = self.driver.leader_id
+        return None if leader is None else self.machine.leaders.get(leader)
+
+    def event(self, kind: str, detail: str = "", job_id: str = "") -> None:
+        if kind == "leader":
+            return  # the replicated ``leader_elected`` entry says it, for every replica
+        ev = Event(time.time(), kind, detail, job_id)
+        self.events.append(ev)
+        if self.leading and kind in self.replicated_kinds:
+            # Same timestamp as the local entry, so ``all_events`` shows it once.
+            self.propose_meta(ClusterEvent(ev.t, kind, detail, job_id))
+
+    def propose_soon(self, cmd: JobCommand) -> None:
+        """The scheduler's proposals, straight into the driver's queue.
+
+        Cheaper than a task per command around ``LogHost.submit``: the result is
+        not needed (the apply hook feeds ``Applied`` back), only a failure is.
+        The driver bounds what is pending (``proposals_pending_max``: Overloaded)
+        and fails every waiting proposal when leadership is lost.
+        """
+        epoch = self.epoch
+        loop = asyncio.get_running_loop()
+
+        def done(result: bytes | None, error: BaseException | None) -> None:
+            if error is not None:
+                # Never re-enter the scheduler from inside its own step.
+                loop.call_soon(self._proposal_failed, cmd, epoch)
+
+        self.driver.propose_cb(encode_command(cmd), done)
+
+    def _proposal_failed(self, cmd: JobCommand, epoch: int) -> None:
+        if self.leading and self.epoch == epoch:
+            self.step(ProposeFailed(cmd, time.monotonic()))
+
+    def propose_meta(self, cmd: MetaCommand) -> None:
+        if self._tg is None:
+            return
+        self._tg.create_task(self._submit_meta(cmd))
+
+    async def _submit_meta(self, cmd: MetaCommand) -> None:
+        async with self._proposals:
+            with contextlib.suppress(LeptonError):
+                await self.driver.submit(encode_meta(cmd))
+
+    def coordinator_members(self, pid: int) -> list[MemberInfo]:
+        """Every replica: this one with its pid, the others as its Paxos links see them."""
+        out: list[MemberInfo] = []
+        for node, paxos in sorted(self.driver.addresses.items()):
+            client = self.machine.leaders.get(node, "")
+            if node == self.node_id:
+                role = "leader" if self.leading else "follower"
+                out.append(
+                    MemberInfo("coordinator", str(node), pid, self.address, role, paxos=paxos)
+                )
+                continue
+            link = self.driver.links.get(node)
+            health = "follower" if link is not None and link.connected else "unreachable"
+            out.append(MemberInfo("coordinator", str(node), 0, client, health, paxos=paxos))
+        return out
+
+    def all_events(self) -> list[Event]:
+        seen = {(e.t, e.kind, e.detail) for e in self.machine.events}
+        local = [e for e in self.events if (e.t, e.kind, e.detail) not in seen]
+        return sorted([*self.machine.events, *local], key=lambda e: e.t)
+
+
+async def serve_replicated(
+    sock: socket.socket,
+    paxos_sock: socket.socket | None,
+    *,
+    node_id: int,
+    peers: dict[int, str],
+    token: str,
+    data_dir: str,
+    config: CoordinatorConfig,
+) -> None:
+    host, port = sock.getsockname()[:2]
+    address = f"{host}:{port}"
+    os.makedirs(data_dir, exist_ok=True)
+    machine = CoordinatorMachine(JobStateConfig(finished_jobs_max=config.finished_jobs_max))
+    replica = ReplicaHost(
+        node_id,
+        peers,
+        os.path.join(data_dir, "paxos"),
+        token=token,
+        state_machine=machine,
+        options=ReplicaOptions(fsync=config.fsync),
+        listen_sock=paxos_sock,
+    )
+    await replica.start()
+    coordinator = ReplicatedCoordinator(
+        replica.log, machine, address, config, token=token, node_id=node_id
+    )
+    election = Election(coordinator, replica.log)
+    replica.log.on_leadership(election.changed)
+    try:
+        serving = asyncio.ensure_future(coordinator.run(sock))
+        done, _ = await asyncio.wait(
+            {serving, replica.running}, return_when=asyncio.FIRST_COMPLETED
+        )
+        serving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving
+        for task in done:
+            error = None if task.cancelled() else task.exception()
+            if error is not None:
+                raise error
+    finally:
+        await election.close()
+        await replica.close()

@@ -1,0 +1,98 @@
+"""An executor fed a window of attempts (real executor processes, driven by
+``ExecutorSlot``): they run in order; a queued one can be cancelled before it
+starts; when the executor dies, the running attempt fails and the queued ones
+come back as ``Requeued`` (they never ran, so no retry is charged)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+from pathlib import Path
+
+import cloudpickle
+import pytest
+
+from lepton_ai.compute.plan import NarrowOp, SourceOp, build_plan, encode_plan
+from lepton_ai.compute.scheduler_events import TaskAttempt
+from lepton_ai.data.sources import range_sources
+from lepton_ai.node.executors import ExecutorConfig, ExecutorDied, ExecutorSlot, Requeued
+from lepton_ai.node.messages import ExecDone, ExecFailed, ExecRun
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+PARTS = 4
+
+
+def _slow(x: int) -> int:
+    time.sleep(0.3 if x == 0 else 0.01)
+    return x
+
+
+def _plan() -> bytes:
+    ops = [SourceOp(tuple(range_sources(range(PARTS), PARTS))), NarrowOp("map", _slow)]
+    return encode_plan(build_plan(ops, "collect"))
+
+
+def _attempt(p: int) -> TaskAttempt:
+    return TaskAttempt("job1", 0, p, 1, p)
+
+
+async def _with_slot(tmp_path: Path, body) -> None:  # type: ignore[no-untyped-def]
+    slot = ExecutorSlot(0, "w1", str(tmp_path), ExecutorConfig(spares=0), lambda k, d: None)
+    task = asyncio.get_running_loop().create_task(slot.supervise())
+    try:
+        await asyncio.wait_for(body(slot), 60)
+    finally:
+        await slot.close()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.mark.timeout(90)
+def test_window_runs_in_order_and_a_queued_attempt_can_be_cancelled(tmp_path: Path) -> None:
+    async def body(slot: ExecutorSlot) -> None:
+        plan = _plan()
+        futures = [await slot.submit("job1", plan, ExecRun(_attempt(p))) for p in range(PARTS)]
+        assert slot.is_running(_attempt(0)) and len(slot.outstanding) == PARTS
+        assert slot.cancel(_attempt(2))  # queued behind the slow one: dropped, no kill
+        replies = [await f for f in futures]
+        assert [r.attempt.partition for r in replies] == list(range(PARTS))
+        assert isinstance(replies[2], ExecFailed) and replies[2].kind == "cancelled"
+        assert all(isinstance(replies[p], ExecDone) for p in (0, 1, 3))
+        assert slot.restarts == 0 and not slot.outstanding
+
+    asyncio.run(_with_slot(tmp_path, body))
+
+
+@pytest.mark.timeout(90)
+def test_executor_death_fails_the_running_attempt_and_requeues_the_rest(tmp_path: Path) -> None:
+    async def body(slot: ExecutorSlot) -> None:
+        plan = _plan()
+        futures = [await slot.submit("job1", plan, ExecRun(_attempt(p))) for p in range(PARTS)]
+        await asyncio.sleep(0.1)  # the slow partition 0 is running
+        assert slot.signal(signal.SIGKILL)
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        assert type(outcomes[0]) is ExecutorDied and not outcomes[0].cancelled
+        assert all(type(o) is Requeued for o in outcomes[1:])
+        # The slot comes back with a new executor that runs what was requeued.
+        again = await slot.submit("job1", plan, ExecRun(_attempt(1)))
+        assert isinstance(await again, ExecDone) and slot.restarts == 1
+
+    asyncio.run(_with_slot(tmp_path, body))
+
+
+@pytest.mark.timeout(90)
+def test_cancelling_the_running_attempt_kills_only_it(tmp_path: Path) -> None:
+    async def body(slot: ExecutorSlot) -> None:
+        plan = _plan()
+        first = await slot.submit("job1", plan, ExecRun(_attempt(0)))
+        second = await slot.submit("job1", plan, ExecRun(_attempt(1)))
+        await asyncio.sleep(0.1)
+        assert slot.cancel(_attempt(0))
+        done = await asyncio.gather(first, second, return_exceptions=True)
+        assert type(done[0]) is ExecutorDied and done[0].cancelled
+        assert type(done[1]) is Requeued
+
+    asyncio.run(_with_slot(tmp_path, body))

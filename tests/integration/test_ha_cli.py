@@ -1,0 +1,76 @@
+"""`lepton cluster up --coordinators 3`, `chaos kill leader`, `cluster events`, `job` and `down`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lepton_ai.node.process import pid_alive
+
+
+def lepton(
+    *args: str, env: dict[str, str], timeout_s: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lepton_ai.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+
+
+@pytest.mark.timeout(120)
+def test_three_coordinators_from_the_cli_survive_a_leader_kill(tmp_path: Path) -> None:
+    env = dict(os.environ, LEPTON_STATE_FILE=str(tmp_path / "state.json"))
+    env.pop("LEPTON_TOKEN", None)
+    up = lepton("cluster", "up", "--workers", "2", "--coordinators", "3", "--json", env=env)
+    assert up.returncode == 0, up.stderr
+    state = json.loads(up.stdout)
+    pids: list[int] = list(state["pids"])
+    try:
+        assert len(pids) == 5 and len(state["address"].split(",")) == 3
+        st = json.loads(lepton("cluster", "status", "--json", env=env).stdout)
+        coordinators = [m for m in st["members"] if m["role"] == "coordinator"]
+        assert sorted(m["health"] for m in coordinators) == ["follower", "follower", "leader"]
+        pids += [m["pid"] for m in st["members"] if m["pid"]]
+
+        killed = lepton("chaos", "kill", "leader", "0", "--json", env=env)
+        assert killed.returncode == 0, killed.stderr
+        old = json.loads(killed.stdout)["pid"]
+        deadline = time.monotonic() + 20
+        leader = None
+        while time.monotonic() < deadline:
+            st = json.loads(lepton("cluster", "status", "--json", env=env).stdout)
+            leaders = [m for m in st["members"] if m["health"] == "leader"]
+            workers = [m for m in st["members"] if m["role"] == "worker"]
+            if leaders and leaders[0]["pid"] != old and len(workers) == 2:
+                leader = leaders[0]
+                break
+            time.sleep(0.2)
+        assert leader is not None, st
+        ev = lepton("cluster", "events", "--json", env=env)
+        assert ev.returncode == 0, ev.stderr
+        kinds = [e["kind"] for e in json.loads(ev.stdout)["events"]]
+        assert kinds.count("leader_elected") >= 2, kinds
+        text = lepton("cluster", "events", "--last", "3", env=env)
+        assert text.returncode == 0 and len(text.stdout.strip().splitlines()) == 3
+
+        down = lepton("cluster", "down", "--json", env=env)
+        assert down.returncode == 0, down.stderr
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
+            time.sleep(0.05)
+        assert not [p for p in pids if pid_alive(p)]
+    finally:
+        for pid in pids:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
