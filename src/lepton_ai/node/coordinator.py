@@ -94,7 +94,7 @@ from lepton_ai.node.messages import (
     RunTasks,
 )
 from lepton_ai.node.netutil import node_wire_config
-from lepton_ai.wire import Codec, Connection, WireConfig
+from lepton_ai.wire import Codec, Connection, WireConfig, serve
 
 log = logging.getLogger("lepton_ai.coordinator")
 
@@ -257,13 +257,13 @@ class Coordinator:
 
     # -- the driver ------------------------------------------------------------------
     async def run(self, server_sock: socket.socket) -> None:
-        from lepton_ai.node.netutil import serve_socket
-
         self.event("coordinator_started", f"{self.address} pid {os.getpid()}")
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
-            server = await serve_socket(
-                server_sock,
+            server = await serve(
+                None,
+                None,
+                sock=server_sock,
                 token=self.token,
                 codec=CODEC,
                 handler=self._handle,
