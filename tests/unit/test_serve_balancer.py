@@ -154,11 +154,31 @@ def test_reset_before_any_byte_is_retried_once() -> None:
     asyncio.run(scenario())
 
 
-def test_failure_after_response_bytes_is_not_retried() -> None:
+def test_cut_mid_response_is_retried_since_the_client_saw_nothing() -> None:
     async def scenario() -> None:
         async with upstreams(half_answer, answering()) as ports:
             lb = _balancer(ports)
-            lb.router.drain(1)  # only the half-answering replica gets the first attempt
+            async with _client(lb) as client:
+                for _ in range(10):
+                    resp = await client.post("/predict", json=BODY)
+                    assert resp.status_code == 200 and resp.json() == {"predictions": [1]}
+            assert "lepton_lb_retries_total" in (await _metrics(lb))
+
+    asyncio.run(scenario())
+
+
+async def garbled_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await _read_request(reader)
+    writer.write(b"NOT-HTTP garbage\r\n\r\n")
+    await writer.drain()
+    writer.transport.abort()
+
+
+def test_malformed_answer_is_not_retried() -> None:
+    async def scenario() -> None:
+        async with upstreams(garbled_answer, answering()) as ports:
+            lb = _balancer(ports)
+            lb.router.drain(1)  # only the garbling replica gets the first attempt
             async with _client(lb) as client:
                 resp = await client.post("/predict", json=BODY)
             assert resp.status_code == 502 and "after response bytes" in resp.json()["error"]

@@ -7,10 +7,11 @@ and clock readings. Per request:
 1. read the body (bounded: 413 beyond ``body_bytes_max``);
 2. pick a routable replica; none with room -> 503 + ``Retry-After``;
 3. one attempt, bounded by ``attempt_timeout_s`` and the request's deadline;
-4. a failure before any response byte (reset, timeout) is retried once on
-   another replica; a refused connection (the request went nowhere) moves on
-   to another replica without using up that retry; a failure after response
-   bytes, or a 5xx answer, is returned as is.
+4. a failure before the client got any response byte (reset, timeout, or the
+   replica's connection cut mid-response: responses are buffered whole) is
+   retried once on another replica; a refused connection (the request went
+   nowhere) moves on to another replica without using up that retry; a
+   malformed answer or a 5xx answer is returned as is.
 
 Endpoints served by the balancer itself: ``GET /healthz``, ``/readyz`` (some
 replica is ready), ``/metrics`` (Prometheus), ``/status`` (JSON replica list).

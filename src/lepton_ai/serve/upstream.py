@@ -177,8 +177,15 @@ class UpstreamPool:
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
             conn.close()
             kind = "after" if got_bytes else "before"
+            # The response is buffered whole before the client sees a byte, so a
+            # replica that dies mid-response (SIGKILL between uvicorn's head and body
+            # writes) can be retried like one that died before answering. A malformed
+            # answer (ValueError, LimitOverrunError) is the replica's fault: not retried.
+            cut = isinstance(exc, ConnectionError | asyncio.IncompleteReadError)
             raise UpstreamError(
-                Outcome.RESET, not got_bytes, f"{kind} response bytes: {type(exc).__name__}: {exc}"
+                Outcome.RESET,
+                not got_bytes or cut,
+                f"{kind} response bytes: {type(exc).__name__}: {exc}",
             ) from exc
         keep, resp = response
         if keep:
