@@ -22,7 +22,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import operator
-import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,19 +58,10 @@ from lepton_ai.compute.state import (
 from lepton_ai.compute.tasks import run_local, run_task
 from lepton_ai.consensus.messages import KIND_COMMANDS
 from lepton_ai.sim.cluster import SimCluster
+from lepton_ai.sim.fuzz import seeds_from_env
 
 TICK_S = 0.01  # world seconds per Paxos tick
 NODE_ROUNDS = 1024  # epoch = ballot round * this + node id (as node.replicated)
-
-
-def _seeds() -> list[int]:
-    spec = os.environ.get("LEPTON_SIM_SEEDS", "")
-    if not spec:
-        return list(range(24))
-    if "-" in spec:
-        lo, hi = spec.split("-", 1)
-        return list(range(int(lo), int(hi)))
-    return list(range(int(spec)))
 
 
 class _NoRunner:
@@ -309,7 +299,7 @@ def _normalise(value: Any) -> Any:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("seed", _seeds())
+@pytest.mark.parametrize("seed", seeds_from_env(range(24)))
 def test_jobs_on_paxos_survive_leader_crashes_and_partitions(seed: int) -> None:
     world = HaWorld(seed, _plans())
     world.run()
@@ -327,7 +317,7 @@ def test_jobs_on_paxos_survive_leader_crashes_and_partitions(seed: int) -> None:
 def test_the_simulation_changes_leaders() -> None:
     """Across the seeds, leadership moves mid-job (the faults are not no-ops)."""
     changed = 0
-    for seed in _seeds()[:12]:
+    for seed in seeds_from_env(range(24))[:12]:
         world = HaWorld(seed, _plans())
         world.run()
         changed += world.leaderships > 1

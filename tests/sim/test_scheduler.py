@@ -20,7 +20,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import operator
-import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,16 +56,7 @@ from lepton_ai.compute.state import (
 )
 from lepton_ai.compute.tasks import CorruptInput, UserCodeError, run_local, run_task
 from lepton_ai.monitor.phi import PhiAccrualDetector
-
-
-def _seeds() -> list[int]:
-    spec = os.environ.get("LEPTON_SIM_SEEDS", "")
-    if not spec:
-        return list(range(64))
-    if "-" in spec:
-        lo, hi = spec.split("-", 1)
-        return list(range(int(lo), int(hi)))
-    return list(range(int(spec)))
+from lepton_ai.sim.fuzz import seeds_from_env
 
 
 class _NoRunner:
@@ -404,7 +394,7 @@ def _explain(world: World) -> str:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("seed", _seeds())
+@pytest.mark.parametrize("seed", seeds_from_env(range(64)))
 def test_jobs_survive_faults_with_exact_results(seed: int) -> None:
     plans = _plans()
     world = World(seed, plans, JobOptions(max_retries=8))
@@ -426,7 +416,7 @@ def test_jobs_survive_faults_with_exact_results(seed: int) -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("seed", _seeds()[:8])
+@pytest.mark.parametrize("seed", seeds_from_env(range(64))[:8])
 def test_user_exception_fails_job_with_stage_and_partition(seed: int) -> None:
     world = World(seed, {"bad": _user_error_plan()}, JobOptions())
     world.run(faults=True)
