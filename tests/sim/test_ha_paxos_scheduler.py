@@ -291,7 +291,7 @@ class HaWorld:
             fn()
 
     def explain(self) -> str:
-        return f"seed={self.seed} (LEPTON_SIM_SEEDS) trace={self.trace}"
+        return f"seed={self.seed} (replay: LEPTON_SIM_SEED={self.seed}) trace={self.trace}"
 
 
 def _normalise(value: Any) -> Any:

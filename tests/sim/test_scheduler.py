@@ -390,7 +390,7 @@ class World:
 
 
 def _explain(world: World) -> str:
-    return f"seed={world.seed} (LEPTON_SIM_SEEDS) trace={world.trace}"
+    return f"seed={world.seed} (replay: LEPTON_SIM_SEED={world.seed}) trace={world.trace}"
 
 
 @pytest.mark.timeout(120)
