@@ -10,7 +10,10 @@ Runs, on 127.0.0.1 only, with a bounded closed-loop load (count and time):
 
 Each configuration is measured at concurrency 1 (the balancer's added latency
 per request, without queueing) and at ``--concurrency`` (throughput). The
-balancer runs in its own process (``lepton serve``), the load generator here.
+balancer runs in its own process (``lepton serve``), the load generator here;
+the same generator (``serve/loadgen.py``, on uvloop when installed) drives every
+configuration, and its own CPU per request is reported so it can be seen not to
+be the bottleneck.
 
     .venv/bin/python benchmarks/serve_bench.py            # ~2.5 minutes
     .venv/bin/python benchmarks/serve_bench.py --quick    # ~30 s
@@ -55,7 +58,9 @@ def _spawn(cmd: list[str]) -> subprocess.Popen[bytes]:
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
+        # SIGTERM: both lepton serve and a uvicorn replica drain and exit on it (SIGINT
+        # makes uvicorn re-raise KeyboardInterrupt with a traceback).
+        proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(15)
         except subprocess.TimeoutExpired:
@@ -183,7 +188,8 @@ def _cpu_s(pid: int) -> tuple[float, float]:
 
 def _median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out = dict(rows[0])
-    for key in ("rps", "p50_ms", "p99_ms", "front_cpu_us_per_req", "replicas_cpu_us_per_req"):
+    keys = ("rps", "p50_ms", "p99_ms", "front_cpu_us_per_req", "replicas_cpu_us_per_req")
+    for key in (*keys, "loadgen_cpu_us_per_req"):
         out[key] = round(statistics.median(r[key] for r in rows), 3)
     out["requests_ok"] = sum(r["requests_ok"] for r in rows)
     out["requests_failed"] = sum(r["requests_failed"] for r in rows)
@@ -210,13 +216,16 @@ def _measure(target: str, concurrencies: tuple[int, ...], args: argparse.Namespa
             for (name, url), proc in zip(urls, procs, strict=True):
                 for c in concurrencies:
                     before = _cpu_s(proc.pid)
+                    gen_before = time.process_time()  # this process runs only the generator
                     result = _load(url, c, args.seconds, args.requests_max)
+                    gen_s = time.process_time() - gen_before
                     row = _row(name, c, result)
                     # CPU per request: where the time goes (the host has few cores).
                     after = _cpu_s(proc.pid)
                     n = max(result.ok + 200, 1)  # + the warm-up requests
                     row["front_cpu_us_per_req"] = round((after[0] - before[0]) / n * 1e6, 1)
                     row["replicas_cpu_us_per_req"] = round((after[1] - before[1]) / n * 1e6, 1)
+                    row["loadgen_cpu_us_per_req"] = round(gen_s / n * 1e6, 1)
                     samples.setdefault((name, c), []).append(row)
                     print(json.dumps(row), flush=True)
     finally:
@@ -229,24 +238,27 @@ def _markdown(doc: dict[str, Any]) -> str:
     lines = [
         "# Serving benchmark",
         "",
-        f"Command: `{doc['command']}`. Host: {doc['host']}; uvicorn HTTP implementation: "
-        f"{doc['http_impl']}. Model: a one-line Python function, so the numbers are the "
-        "serving path, not the model. Load: closed loop from a separate process on "
-        "127.0.0.1, bounded in requests and time, no retries. Each row is the median of "
-        f"{doc['repeat']} interleaved runs of {doc['seconds']} s (failed = their sum).",
+        f"Command: `{doc['command']}`. Host: {doc['host']}; replicas: uvicorn, HTTP "
+        f"implementation {doc['http_impl']}; event loop of the balancer, the replicas and "
+        f"the load generator: {doc['event_loop']}. Model: a one-line Python function, so "
+        "the numbers are the serving path, not the model. Load: closed loop from a "
+        "separate process on 127.0.0.1, bounded in requests and time, no retries. Each "
+        f"row is the median of {doc['repeat']} interleaved runs of {doc['seconds']} s "
+        "(failed = their sum).",
         "",
         "The CPU columns are CPU time per request of the process the client talks to (the "
-        "replica when direct, else the balancer) and of the replicas behind a balancer.",
+        "replica when direct, else the balancer), of the replicas behind a balancer, and of "
+        "the load generator.",
         "",
         "| configuration | concurrency | requests/s | p50 ms | p99 ms | failed "
-        "| front CPU µs/req | replicas CPU µs/req |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| front CPU µs/req | replicas CPU µs/req | load generator CPU µs/req |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in doc["runs"]:
         lines.append(
             f"| {r['config']} | {r['concurrency']} | {r['rps']} | {r['p50_ms']} | "
             f"{r['p99_ms']} | {r['requests_failed']} | {r['front_cpu_us_per_req']} | "
-            f"{r['replicas_cpu_us_per_req']} |"
+            f"{r['replicas_cpu_us_per_req']} | {r['loadgen_cpu_us_per_req']} |"
         )
     lines += [
         "",
@@ -279,19 +291,23 @@ def _analysis(doc: dict[str, Any]) -> list[str]:
     c = max(r["concurrency"] for r in doc["runs"])
     direct, lb = by[("direct, 1 replica (uvicorn)", c)], by[("balancer, 1 replica", c)]
     direct_cpu = direct["front_cpu_us_per_req"]
-    lb_cpu = lb["front_cpu_us_per_req"] + lb["replicas_cpu_us_per_req"]
+    lb_cpu = round(lb["front_cpu_us_per_req"] + lb["replicas_cpu_us_per_req"], 1)
     return [
         "Where the time goes (this run's figures): at concurrency "
         f"{c}, a request served directly costs {direct_cpu} µs of server CPU; through the "
         f"balancer it costs {lb_cpu} µs ({lb['front_cpu_us_per_req']} in the balancer, "
         f"{lb['replicas_cpu_us_per_req']} in the replica), on {os.cpu_count()} CPUs that the "
-        "load generator (also Python) shares. With every CPU busy, a closed loop's latency "
-        "is about concurrency / throughput, so the hop's extra CPU shows up at p50 as "
-        "queueing, not as time on the wire. At concurrency 1 (no queueing) the figure above "
-        "is the hop itself. cProfile of the balancer under load shows its time in socket "
-        "send/recv (three syscalls per request: one upstream, two for uvicorn's response "
-        "head and body) and uvicorn's protocol code; Router.pick took about 15 µs per "
-        "request even under the profiler.",
+        f"load generator ({lb['loadgen_cpu_us_per_req']} µs per request) shares. With every "
+        "CPU busy, a closed loop's latency is about concurrency / throughput, so the hop's "
+        "extra CPU shows up at p50 as queueing, not as time on the wire. At concurrency 1 "
+        "(no queueing) the figure above is the hop itself. The balancer's HTTP server is an "
+        "asyncio Protocol over httptools' parser with callback-driven upstream connections "
+        "(serve/frontend.py, serve/upstream.py): per request one recv and one send on each "
+        "side, no task and no future. A py-spy profile of it under load puts most samples "
+        "in the event loop's poll and in socket send; the Python code of parsing, routing "
+        "and forwarding is a small remainder. What is left is the cost of a second process "
+        "hop: two more wake-ups and four more socket syscalls per request on a host whose "
+        "CPUs the replica and the load generator already keep busy.",
     ]
 
 
@@ -354,6 +370,12 @@ def main() -> int:
         http_impl = "httptools"  # what uvicorn's "auto" picks when it is installed
     except ImportError:
         http_impl = "h11"
+    try:
+        import uvloop  # noqa: F401
+
+        event_loop = "uvloop"  # what lepton serve, uvicorn and the load generator pick
+    except ImportError:
+        event_loop = "asyncio"
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "bench_model.py").write_text(MODEL)
         target = f"{tmp}/bench_model.py:predict"
@@ -379,6 +401,7 @@ def main() -> int:
         f"{os.cpu_count()} CPUs, {platform.system()}, load average "
         f"{os.getloadavg()[0]:.1f} at the end",
         "http_impl": http_impl,
+        "event_loop": event_loop,
         "seconds": args.seconds,
         "repeat": args.repeat,
         "runs": runs,

@@ -90,6 +90,15 @@ def test_deployment_api_predicts_scales_and_cleans_up(tmp_path: Path) -> None:
     assert _wait_gone(sorted(seen)) == []
 
 
+def _wait_in_flight(dep: lep.Deployment, n: int, timeout_s: float = 10.0) -> None:
+    """Until the balancer has ``n`` requests at replicas (a fixed sleep flakes on a busy host)."""
+    deadline = time.monotonic() + timeout_s
+    while sum(r["outstanding"] for r in dep.status()) < n:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"fewer than {n} requests reached the replicas")
+        time.sleep(0.01)
+
+
 @pytest.mark.timeout(60)
 def test_scale_down_and_stop_drain_requests_in_flight(tmp_path: Path) -> None:
     (tmp_path / "slow.py").write_text(
@@ -102,7 +111,7 @@ def test_scale_down_and_stop_drain_requests_in_flight(tmp_path: Path) -> None:
                 pool.submit(httpx.post, f"{dep.url}/predict", json={"instances": [i]}, timeout=10)
                 for i in range(6)
             ]
-            time.sleep(0.2)  # all six are in flight, two per replica
+            _wait_in_flight(dep, 6)  # two per replica
             dep.scale(1)
             assert [c.result().status_code for c in calls] == [200] * 6
         with ThreadPoolExecutor(2) as pool:
@@ -110,7 +119,7 @@ def test_scale_down_and_stop_drain_requests_in_flight(tmp_path: Path) -> None:
                 pool.submit(httpx.post, f"{dep.url}/predict", json={"instances": [i]}, timeout=10)
                 for i in range(2)
             ]
-            time.sleep(0.2)
+            _wait_in_flight(dep, 2)
             dep.stop()  # leaving the block drains these too
             assert [c.result().status_code for c in calls] == [200] * 2
     assert _wait_gone(pids) == []

@@ -1,13 +1,14 @@
-"""The load balancer: an ASGI reverse proxy over the replicas, plus active health checks.
+"""The load balancer: a reverse proxy over the replicas, plus active health checks.
 
 The decisions (which replica, eject or not, liveness failed or not) are the
 sans-I/O ``Router``'s; this module is the asyncio shell that feeds it outcomes
-and clock readings. Per request:
+and clock readings. Its HTTP server is ``serve/frontend.py`` (which reads the
+body, bounded: 413 beyond ``body_bytes_max``) and calls ``Balancer.dispatch``.
+Per request:
 
-1. read the body (bounded: 413 beyond ``body_bytes_max``);
-2. pick a routable replica; none with room -> 503 + ``Retry-After``;
-3. one attempt, bounded by ``attempt_timeout_s`` and the request's deadline;
-4. a failure before the client got any response byte (reset, timeout, or the
+1. pick a routable replica; none with room -> 503 + ``Retry-After``;
+2. one attempt, bounded by ``attempt_timeout_s`` and the request's deadline;
+3. a failure before the client got any response byte (reset, timeout, or the
    replica's connection cut mid-response: responses are buffered whole) is
    retried once on another replica; a refused connection (the request went
    nowhere) moves on to another replica without using up that retry; a
@@ -24,66 +25,25 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
-
 from lepton_ai.serve.config import BalancerConfig
+from lepton_ai.serve.lb_metrics import CONTENT_TYPE, BalancerMetrics
 from lepton_ai.serve.policy import Outcome, Rng, Router
-from lepton_ai.serve.upstream import PoolLimits, UpstreamError, UpstreamPool, UpstreamResponse
+from lepton_ai.serve.upstream import (
+    Conn,
+    PoolLimits,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+)
 
-Scope = dict[str, Any]
-Message = dict[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
+Reply = tuple[int, Headers, bytes]  # status, end-to-end headers, body
+OnReply = Callable[[Reply], None]
 
 _LOCAL = {"/healthz", "/readyz", "/metrics", "/status"}
-
-
-class _TooLarge(Exception):
-    pass
-
-
-class _ClientGone(Exception):
-    pass
-
-
-class _Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.requests = Counter(
-            "lepton_lb_requests", "client requests by status", ["code"], registry=r
-        )
-        self.attempts = Counter(
-            "lepton_lb_attempts", "upstream attempts by outcome", ["outcome"], registry=r
-        )
-        self.retries = Counter(
-            "lepton_lb_retries", "attempts retried on another replica", registry=r
-        )
-        self.ejections = Counter("lepton_lb_ejections", "passive outlier ejections", registry=r)
-        self.shed = Counter("lepton_lb_shed", "requests answered 503 (no room)", registry=r)
-        self.latency = Histogram("lepton_lb_request_seconds", "client request latency", registry=r)
-        self.ready = Gauge("lepton_lb_ready_replicas", "replicas ready and not ejected", registry=r)
-        self._by_status: dict[int, Any] = {}  # labels() per request is measurable CPU
-        self._by_outcome: dict[Outcome, Any] = {}
-
-    def attempt(self, outcome: Outcome) -> None:
-        child = self._by_outcome.get(outcome)
-        if child is None:
-            child = self._by_outcome[outcome] = self.attempts.labels(outcome.value)
-        child.inc()
-
-    def count(self, status: int) -> None:
-        child = self._by_status.get(status)
-        if child is None:
-            if len(self._by_status) >= 64:  # bounded: status codes are few
-                self.requests.labels(str(status)).inc()
-                return
-            child = self._by_status[status] = self.requests.labels(str(status))
-        child.inc()
 
 
 class Balancer:
@@ -109,7 +69,8 @@ class Balancer:
             header_bytes_max=self.config.header_bytes_max,
             body_bytes_max=self.config.response_bytes_max,
         )
-        self.metrics = _Metrics()
+        self.metrics = BalancerMetrics()
+        self._connects: set[asyncio.Task[Conn]] = set()  # new upstream connections
 
     def now(self) -> float:
         return self._clock()
@@ -163,158 +124,237 @@ class Balancer:
             elapsed = self._clock() - started
             await asyncio.sleep(max(self.config.health_period_s - elapsed, 0.0))
 
-    # -- ASGI ----------------------------------------------------------------------------
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
-            return
-        if scope["type"] != "http":
-            raise ValueError(f"unsupported ASGI scope {scope['type']!r}")
-        t0 = time.perf_counter()
-        if scope["method"] == "GET" and scope["path"] in _LOCAL:
-            status = await self._local(scope["path"], send)
-        else:
-            status = await self._proxy(scope, receive, send)
-        self.metrics.count(status)
-        self.metrics.latency.observe(time.perf_counter() - t0)
+    # -- one client request (the front end calls this) ---------------------------------
+    def dispatch(
+        self, method: str, target: str, headers: Headers, body: bytes, on_reply: OnReply
+    ) -> None:
+        """Answer one client request through ``on_reply`` (called exactly once, maybe now).
 
-    async def _local(self, path: str, send: Send) -> int:
+        Local endpoints answer at once; everything else is forwarded by a ``_Forward``
+        driven by upstream callbacks and one timer per attempt, so the common case
+        (an idle pooled connection) costs no task and no future.
+        """
+        if method == "GET":
+            path = target.partition("?")[0]
+            if path in _LOCAL:
+                reply = self._local(path)
+                self.metrics.count(reply[0])
+                on_reply(reply)
+                return
+        _Forward(self, method, target, headers, body, on_reply=on_reply).next_attempt()
+
+    def close(self) -> None:
+        """Cancel connection attempts in flight (their requests end with an error) and
+        close the idle upstream connections."""
+        for task in list(self._connects):
+            task.cancel()
+        for pool in self._pools.values():
+            pool.drop_idle()
+
+    def _local(self, path: str) -> Reply:
         now = self._clock()
         if path == "/healthz":
-            return await _send_json(send, 200, {"status": "alive"})
+            return json_reply(200, {"status": "alive"})
         if path == "/readyz":
             ok = self.router.any_ready(now)
-            return await _send_json(send, 200 if ok else 503, {"ready": ok})
+            return json_reply(200 if ok else 503, {"ready": ok})
         if path == "/status":
-            return await _send_json(send, 200, {"replicas": self._status()})
+            return json_reply(200, {"replicas": self._status()})
         ready = sum(1 for v in self.router.views() if v.ready and not v.ejected(now))
-        self.metrics.ready.set(ready)
-        body = generate_latest(self.metrics.registry)
-        await _send(send, 200, [(b"content-type", CONTENT_TYPE_LATEST.encode())], body)
-        return 200
+        self.metrics.ready = ready
+        return 200, [(b"content-type", CONTENT_TYPE.encode())], self.metrics.render()
 
-    async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> int:
-        try:
-            body = await _read_body(receive, self.config.body_bytes_max)
-        except _TooLarge:
-            return await _send_json(send, 413, {"error": "request body too large"})
-        except _ClientGone:
-            return 499  # nginx's code for it; nothing is sent and nothing is forwarded
-        path = scope.get("raw_path") or scope["path"].encode()
-        if scope.get("query_string"):
-            path = path + b"?" + scope["query_string"]
-        resp, error = await self.forward(scope["method"], path.decode(), scope["headers"], body)
-        if resp is None:
-            status, doc, extra = error
-            return await _send_json(send, status, doc, extra)
-        return await _send(send, resp.status, resp.headers, resp.body)
 
-    async def forward(
-        self, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes
-    ) -> tuple[UpstreamResponse | None, tuple[int, dict[str, Any], list[tuple[bytes, bytes]]]]:
-        """Route one request: (response, _) or (None, (status, error body, headers)).
+class _Forward:
+    """One proxied request: attempts on replicas until an answer, or give up.
 
-        At most ``retries_max`` retries after failures that may have reached a
-        replica; refused connections (the request went nowhere) do not count.
-        """
-        cfg = self.config
-        deadline = self._clock() + cfg.request_timeout_s
-        tried: set[int] = set()
-        last: tuple[int, dict[str, Any], list[tuple[bytes, bytes]]] = (
-            503,
-            {"error": "no ready replica"},
-            [(b"retry-after", b"%d" % cfg.retry_after_s)],
-        )
-        retries = 0
-        # Each replica is tried at most once, so this loop ends within len(replicas) turns.
-        while True:
-            now = self._clock()
-            replica_id = self.router.pick(now, self._rng, frozenset(tried))
-            if replica_id is None:
-                if not tried:
-                    self.metrics.shed.inc()
-                    full = self.router.any_ready(now)
-                    msg = "all replicas are at their queue bound" if full else "no ready replica"
-                    last = (503, {"error": msg}, last[2])
-                return None, last
-            if tried:
-                self.metrics.retries.inc()
-            tried.add(replica_id)
-            resp, outcome, retryable, message = await self._attempt(
-                replica_id, (method, path, headers, body), deadline - now
-            )
-            self.metrics.attempt(outcome)
-            if self.router.finish(replica_id, outcome, self._clock()):
-                self.metrics.ejections.inc()
-            if resp is not None:
-                return resp, last
-            status = 504 if outcome is Outcome.TIMEOUT else 502
-            last = (status, {"error": message, "replica": replica_id}, [])
-            if not retryable or self._clock() >= deadline:
-                return None, last
-            # A refused connection never delivered the request: trying elsewhere is free.
-            if outcome is not Outcome.REFUSED:
-                retries += 1
-                if retries > cfg.retries_max:
-                    return None, last
+    At most ``retries_max`` retries after failures that may have reached a
+    replica; refused connections (the request went nowhere) do not count. Each
+    replica is tried at most once, so this ends within len(replicas) attempts.
+    Every ``router.begin`` is matched by one ``router.finish`` (``_end_attempt``).
+    """
 
-    async def _attempt(
+    __slots__ = (
+        "body",
+        "conn",
+        "connecting",
+        "data",
+        "deadline",
+        "headers",
+        "last",
+        "lb",
+        "method",
+        "on_reply",
+        "replica_id",
+        "retries",
+        "reused",
+        "t0",
+        "target",
+        "timer",
+        "tried",
+    )
+
+    def __init__(
         self,
-        replica_id: int,
-        request: tuple[str, str, list[tuple[bytes, bytes]], bytes],
-        remaining_s: float,
-    ) -> tuple[UpstreamResponse | None, Outcome, bool, str]:
-        pool = self._pools[replica_id]
-        self.router.begin(replica_id)
-        try:
-            async with asyncio.timeout(min(self.config.attempt_timeout_s, remaining_s)):
-                resp = await pool.request(*request)
-        except TimeoutError:
-            return None, Outcome.TIMEOUT, True, f"replica {replica_id} timed out"
-        except UpstreamError as exc:
-            return None, exc.outcome, exc.retryable, f"replica {replica_id}: {exc}"
-        # 503 is a replica shedding load, not a sick replica; other 5xx count toward ejection.
-        sick = resp.status >= 500 and resp.status != 503
-        return resp, Outcome.SERVER_ERROR if sick else Outcome.OK, False, ""
+        lb: Balancer,
+        method: str,
+        target: str,
+        headers: Headers,
+        body: bytes,
+        *,
+        on_reply: OnReply,
+    ) -> None:
+        self.lb = lb
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.body = body
+        self.on_reply = on_reply
+        self.t0 = time.perf_counter()
+        self.deadline = lb._clock() + lb.config.request_timeout_s
+        self.tried: frozenset[int] = frozenset()
+        self.retries = 0
+        self.last: Reply | None = None  # the latest failure's answer, if all else fails
+        self.replica_id = -1
+        self.conn: Conn | None = None
+        self.connecting: asyncio.Task[Conn] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.data = b""
+        self.reused = False
 
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
+    def next_attempt(self) -> None:
+        lb = self.lb
+        now = lb._clock()
+        replica_id = lb.router.pick(now, lb._rng, self.tried)
+        if replica_id is None:
+            if self.last is None:
+                lb.metrics.shed += 1
+                full = lb.router.any_ready(now)
+                msg = "all replicas are at their queue bound" if full else "no ready replica"
+                retry_after = (b"retry-after", b"%d" % lb.config.retry_after_s)
+                self.last = json_reply(503, {"error": msg}, [retry_after])
+            self._reply(self.last)
             return
+        if self.tried:
+            lb.metrics.retries += 1
+        self.tried = self.tried | {replica_id}
+        self.replica_id = replica_id
+        pool = lb._pools[replica_id]
+        lb.router.begin(replica_id)
+        timeout_s = min(lb.config.attempt_timeout_s, self.deadline - now)
+        self.timer = asyncio.get_running_loop().call_later(timeout_s, self._timed_out)
+        self.data = pool.build_request(self.method, self.target, self.headers, self.body)
+        conn = pool.take_idle()
+        if conn is None:
+            self._connect(pool)
+        else:
+            self._send(conn, reused=True)
+
+    def _connect(self, pool: UpstreamPool) -> None:
+        task = asyncio.get_running_loop().create_task(pool.connect())
+        self.lb._connects.add(task)
+        self.connecting = task
+        task.add_done_callback(self._connected)
+
+    def _connected(self, task: asyncio.Task[Conn]) -> None:
+        self.lb._connects.discard(task)
+        if task is not self.connecting:  # the attempt ended meanwhile (timed out)
+            if not task.cancelled() and task.exception() is None:
+                task.result().close()
+            return
+        self.connecting = None
+        if task.cancelled():
+            self._attempt_failed(UpstreamError(Outcome.RESET, False, "the balancer is closing"))
+            return
+        exc = task.exception()
+        if exc is None:
+            self._send(task.result(), reused=False)
+        elif isinstance(exc, UpstreamError):
+            self._attempt_failed(exc)
+        else:
+            self._attempt_failed(UpstreamError(Outcome.RESET, True, f"connect failed: {exc!r}"))
+
+    def _send(self, conn: Conn, *, reused: bool) -> None:
+        self.conn = conn
+        self.reused = reused
+        try:
+            conn.send(self.data, self, head=self.method == "HEAD")
+        except UpstreamError as exc:
+            self.failure(conn, exc)
+
+    # -- Sink: the upstream connection calls one of these --------------------------------
+    def response(self, conn: Conn, keep: bool, response: UpstreamResponse) -> None:
+        self.conn = None
+        pool = self.lb._pools.get(self.replica_id)
+        if keep and pool is not None:
+            pool.put(conn)
+        else:
+            conn.close()
+        # 503 is a replica shedding load, not a sick replica; other 5xx count toward ejection.
+        sick = response.status >= 500 and response.status != 503
+        self._end_attempt(Outcome.SERVER_ERROR if sick else Outcome.OK)
+        self._reply((response.status, response.headers, response.body))
+
+    def failure(self, conn: Conn, error: UpstreamError) -> None:
+        self.conn = None
+        pool = self.lb._pools.get(self.replica_id)
+        stale = self.reused and error.retryable and error.outcome is Outcome.RESET
+        if stale and pool is not None:
+            # A keep-alive connection the replica had closed says nothing about its
+            # health: once more on a fresh connection, within the same attempt.
+            self.reused = False
+            pool.drop_idle()
+            self._connect(pool)
+            return
+        self._attempt_failed(error)
+
+    # -- endings -----------------------------------------------------------------------------
+    def _timed_out(self) -> None:
+        self.timer = None
+        if self.conn is not None:
+            self.conn.abort()  # its state is unknown; it tells nobody
+            self.conn = None
+        if self.connecting is not None:
+            self.connecting.cancel()
+            self.connecting = None
+        self._attempt_failed(UpstreamError(Outcome.TIMEOUT, True, "timed out"))
+
+    def _attempt_failed(self, error: UpstreamError) -> None:
+        self._end_attempt(error.outcome)
+        replica_id = self.replica_id
+        if error.outcome is Outcome.TIMEOUT:
+            doc: dict[str, Any] = {"error": f"replica {replica_id} timed out"}
+        else:
+            doc = {"error": f"replica {replica_id}: {error}"}
+        doc["replica"] = replica_id
+        self.last = json_reply(504 if error.outcome is Outcome.TIMEOUT else 502, doc)
+        if not error.retryable or self.lb._clock() >= self.deadline:
+            self._reply(self.last)
+            return
+        # A refused connection never delivered the request: trying elsewhere is free.
+        if error.outcome is not Outcome.REFUSED:
+            self.retries += 1
+            if self.retries > self.lb.config.retries_max:
+                self._reply(self.last)
+                return
+        self.next_attempt()
+
+    def _end_attempt(self, outcome: Outcome) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        lb = self.lb
+        lb.metrics.attempt(outcome)
+        if lb.router.finish(self.replica_id, outcome, lb._clock()):
+            lb.metrics.ejections += 1
+
+    def _reply(self, reply: Reply) -> None:
+        metrics = self.lb.metrics
+        metrics.count(reply[0])
+        metrics.observe(time.perf_counter() - self.t0)
+        self.on_reply(reply)
 
 
-async def _read_body(receive: Receive, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _ClientGone
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise _TooLarge
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
-
-
-async def _send(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> int:
-    out = [*headers, (b"content-length", b"%d" % len(body))]
-    await send({"type": "http.response.start", "status": status, "headers": out})
-    await send({"type": "http.response.body", "body": body})
-    return status
-
-
-async def _send_json(
-    send: Send, status: int, doc: dict[str, Any], extra: list[tuple[bytes, bytes]] | None = None
-) -> int:
+def json_reply(status: int, doc: dict[str, Any], extra: Headers | None = None) -> Reply:
     body = json.dumps(doc).encode()
-    headers = [(b"content-type", b"application/json"), *(extra or [])]
-    return await _send(send, status, headers, body)
+    return status, [(b"content-type", b"application/json"), *(extra or [])], body

@@ -9,6 +9,7 @@ import signal
 import sys
 from dataclasses import replace
 
+from lepton_ai.serve import eventloop
 from lepton_ai.serve.config import ReplicaConfig, ServeConfig
 from lepton_ai.serve.policy import Policy
 from lepton_ai.serve.supervisor import ServeRuntime, StartupError
@@ -80,7 +81,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"lepton serve: error: {exc}", file=sys.stderr)
         return 1
     try:
-        return asyncio.run(_serve(args, config))
+        return eventloop.run(_serve(args, config))
     except (StartupError, OSError) as exc:
         print(f"lepton serve: error: {exc}", file=sys.stderr)
         return 1

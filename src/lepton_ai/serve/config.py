@@ -46,6 +46,10 @@ class BalancerConfig:
     pool_idle_max: int = 64  # idle keep-alive connections kept per replica
     pool_idle_s: float = 30.0  # an idle connection older than this is closed, not reused
     retry_after_s: int = 1  # Retry-After on a 503 when every replica is full
+    # The client side (serve/frontend.py):
+    connections_max: int = 10_000  # open client connections; beyond that 503 and close
+    pipeline_max: int = 16  # parsed requests waiting per connection; then stop reading
+    keep_alive_s: float = 75.0  # an idle (or stalled mid-request) client connection is closed
 
     def __post_init__(self) -> None:
         if not 0 < self.health_timeout_s <= self.health_period_s:
@@ -54,6 +58,8 @@ class BalancerConfig:
             raise ValueError("need 0 < attempt_timeout_s <= request_timeout_s")
         if self.retries_max < 0 or self.pool_idle_max < 0:
             raise ValueError("retries_max and pool_idle_max must be >= 0")
+        if self.connections_max <= 0 or self.pipeline_max <= 0 or self.keep_alive_s <= 0:
+            raise ValueError("connections_max, pipeline_max and keep_alive_s must be positive")
 
 
 @dataclass(frozen=True)

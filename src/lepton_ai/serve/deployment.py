@@ -23,6 +23,7 @@ from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
+from lepton_ai.serve import eventloop
 from lepton_ai.serve.config import ReplicaConfig, ServeConfig
 from lepton_ai.serve.supervisor import ServeRuntime
 from lepton_ai.serve.target import check_target
@@ -87,7 +88,7 @@ class Deployment:
         return self
 
     def _main(self) -> None:
-        loop = asyncio.new_event_loop()
+        loop = eventloop.new_event_loop()
         self._loop = loop
         try:
             loop.run_until_complete(self._runtime.run(self._on_ready))

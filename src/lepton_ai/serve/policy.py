@@ -165,19 +165,37 @@ class Router:
 
     def pick(self, now: float, rng: Rng, exclude: frozenset[int] = frozenset()) -> int | None:
         """The replica for the next attempt, or None when every candidate is full or gone."""
-        candidates = self.routable(now, exclude)
-        if not candidates:
+        if self.config.policy is Policy.POWER_OF_TWO:
+            candidates = self.routable(now, exclude)
+            if len(candidates) > 2:
+                first = candidates[rng.randrange(len(candidates))]
+                second = candidates[rng.randrange(len(candidates) - 1)]
+                if second is first:
+                    second = candidates[-1]
+                return min(first, second, key=lambda v: v.outstanding).replica_id
+        # Least outstanding (also p2c's choice among two), in one pass since this runs
+        # once per request: the same filter as ``routable``, keeping the least loaded.
+        low = self.config.outstanding_max
+        best: list[ReplicaView] = []
+        for v in self._replicas.values():
+            n = v.outstanding
+            if (
+                n <= low
+                and v.ready
+                and not v.draining
+                and not v.standby
+                and now >= v.ejected_until
+                and v.replica_id not in exclude
+            ):
+                if n < low:
+                    low = n
+                    best = [v]
+                elif n == low and n < self.config.outstanding_max:
+                    best.append(v)
+        if not best:
             return None
-        if self.config.policy is Policy.POWER_OF_TWO and len(candidates) > 2:
-            first = candidates[rng.randrange(len(candidates))]
-            second = candidates[rng.randrange(len(candidates) - 1)]
-            if second is first:
-                second = candidates[-1]
-            return min(first, second, key=lambda v: v.outstanding).replica_id
-        low = min(v.outstanding for v in candidates)
-        best = [v for v in candidates if v.outstanding == low]
         # Random tie-break: otherwise an idle pool sends everything to the first replica.
-        return best[rng.randrange(len(best))].replica_id
+        return best[0].replica_id if len(best) == 1 else best[rng.randrange(len(best))].replica_id
 
     def begin(self, replica_id: int) -> None:
         view = self._replicas.get(replica_id)

@@ -23,11 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import uvicorn
-
 from lepton_ai.errors import LeptonError
 from lepton_ai.serve.balancer import Balancer
 from lepton_ai.serve.config import ServeConfig
+from lepton_ai.serve.frontend import FrontEnd
 from lepton_ai.serve.policy import Backoff, BackoffConfig
 
 HOST = "127.0.0.1"
@@ -51,14 +50,6 @@ class _Slot:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     first_ready: asyncio.Future[None] | None = None
     task: asyncio.Task[None] | None = None
-
-
-class _Server(uvicorn.Server):
-    """The balancer's uvicorn; signals are the runtime's business, not uvicorn's."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Any:
-        yield
 
 
 class ServeRuntime:
@@ -176,7 +167,7 @@ class ServeRuntime:
             return
         ready.result()
         # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted sockets only then;
-        # without it uvicorn's two writes per response meet Nagle + delayed ACK (40 ms).
+        # without it a small answer can wait for Nagle + delayed ACK (40 ms).
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -189,28 +180,17 @@ class ServeRuntime:
         sock.listen(2048)
         self.port = sock.getsockname()[1]
         self.url = f"http://{HOST}:{self.port}"
-        server = _Server(
-            uvicorn.Config(
-                self.balancer,
-                log_level="warning",
-                access_log=False,
-                lifespan="off",
-                timeout_keep_alive=self.config.replica.keep_alive_s,
-                timeout_graceful_shutdown=max(1, int(self.config.supervisor.drain_timeout_s)),
-            )
-        )
-        server_task = tg.create_task(server.serve(sockets=[sock]), name="lepton-balancer")
+        front = FrontEnd(self.balancer)
+        await front.start(sock)
         health_task = tg.create_task(self.balancer.health_loop(self._on_dead), name="lepton-health")
-        while not server.started:
-            if server_task.done():
-                raise StartupError("the balancer failed to start")
-            await asyncio.sleep(0.01)
-        on_ready(self.url)
-        await self._stop.wait()
-        # Stop accepting; uvicorn lets the proxied requests in flight finish.
-        server.should_exit = True
-        await server_task
-        health_task.cancel()
+        try:
+            on_ready(self.url)
+            await self._stop.wait()
+        finally:
+            # Stop accepting; the proxied requests in flight finish (bounded by the drain).
+            await front.close(self.config.supervisor.drain_timeout_s)
+            self.balancer.close()
+            health_task.cancel()
 
     async def _wait_ready(self, slots: list[_Slot]) -> None:
         waits = [s.first_ready for s in slots if s.first_ready is not None]

@@ -1,0 +1,334 @@
+"""The balancer's HTTP/1.1 server: an ``asyncio.Protocol`` over httptools' C parser.
+
+It replaced uvicorn + ASGI in front of ``Balancer.handle``: on a 2-core host the
+load generator, the balancer and the replica share the CPU, so the balancer's
+CPU per request shows up directly as client latency. Per request this does one
+parse (C), one task running ``Balancer.handle`` and one ``transport.write`` of
+the whole response (uvicorn wrote head and body separately, two send syscalls,
+and built ASGI message dicts and middleware frames on the way).
+
+What it speaks: HTTP/1.1 and 1.0 requests, keep-alive, pipelining (answered in
+order, at most ``pipeline_max`` parsed requests waiting per connection before it
+stops reading), ``Expect: 100-continue``, Content-Length or chunked request
+bodies. Bounds: request head ``header_bytes_max`` (else 431), body
+``body_bytes_max`` (else 413), ``connections_max`` open connections (beyond
+that a 503 and close), an idle or stalled connection is closed after
+``keep_alive_s``. No upgrades (WebSocket) and no TLS: it fronts replicas on
+loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http
+import socket
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import cast
+
+import httptools
+
+from lepton_ai.serve.balancer import Balancer, Headers, Reply, json_reply
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    method: str
+    target: str
+    headers: Headers
+    body: bytes
+    keep_alive: bool
+    error: int  # 0, or the status to answer without routing (413)
+
+
+def _status_line(status: int) -> bytes:
+    try:
+        phrase = http.HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Unknown"
+    return b"HTTP/1.1 %d %s\r\n" % (status, phrase.encode())
+
+
+_STATUS_LINES = {s.value: _status_line(s.value) for s in http.HTTPStatus}
+
+
+class FrontEnd:
+    """Accepts client connections for one ``Balancer``; ``close`` drains and stops."""
+
+    def __init__(self, balancer: Balancer) -> None:
+        self.balancer = balancer
+        self.config = balancer.config
+        self.connections: set[_Client] = set()
+        self.in_flight = 0  # requests handed to the balancer and not yet answered
+        self.closing = False
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._date_second = -1
+        self._date_line = b""
+
+    async def start(self, sock: socket.socket) -> None:
+        """Serve on an already bound and listening socket."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Client(self), sock=sock)
+        self._sweeper = loop.create_task(self._sweep(), name="lepton-frontend-sweep")
+
+    async def close(self, drain_timeout_s: float) -> None:
+        """Stop accepting; let requests in flight finish (bounded); close every connection."""
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
+        for client in list(self.connections):
+            if not client.busy:
+                client.close()
+        deadline = time.monotonic() + drain_timeout_s
+        while self.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for client in list(self.connections):
+            client.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+
+    def date_line(self) -> bytes:
+        """``date: ...`` plus CRLF, formatted once per second (as uvicorn does)."""
+        now = time.time()
+        second = int(now)
+        if second != self._date_second:
+            stamp = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))
+            self._date_line = f"date: {stamp}\r\n".encode()
+            self._date_second = second
+        return self._date_line
+
+    async def _sweep(self) -> None:
+        """Close connections idle (or stalled mid-request) longer than ``keep_alive_s``.
+
+        One periodic pass instead of a timer per request: a timer armed and
+        cancelled per request is measurable CPU at thousands of requests/s.
+        """
+        limit_s = self.config.keep_alive_s
+        while True:
+            await asyncio.sleep(min(1.0, limit_s / 2))
+            now = time.monotonic()
+            for client in list(self.connections):
+                if not client.busy and now - client.last_active_s > limit_s:
+                    client.close()
+
+
+class _Client(asyncio.Protocol):
+    """One client connection: parse, hand each request to the balancer, answer in order."""
+
+    def __init__(self, front: FrontEnd) -> None:
+        self.front = front
+        self.config = front.config
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.busy = False  # a request of this connection is being handled
+        self._keep = True  # ... and whether the connection stays open after it
+        self.last_active_s = time.monotonic()
+        self._pending: deque[_Request] = deque()
+        self._raw_head_bytes = 0  # bytes read while a head is incomplete (parser buffers them)
+        self._paused = False
+        self._closed = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self._url: list[bytes] = []
+        self._headers: Headers = []
+        self._body: list[bytes] = []
+        self._head_bytes = 0  # request line and headers of this request, as parsed
+        self._body_bytes = 0
+        self._in_head = True
+        self._error = 0
+
+    # -- asyncio.Protocol --------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A stream transport (uvloop's does not subclass asyncio.Transport).
+        self.transport = cast(asyncio.Transport, transport)
+        if len(self.front.connections) >= self.config.connections_max:
+            self._closed = True
+            self._write_reply(json_reply(503, {"error": "too many connections"}), keep=False)
+            transport.close()
+            return
+        self.front.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # A request in flight still finishes (its replica's outcome is accounted);
+        # only its answer has nowhere to go.
+        self._closed = True
+        self.front.connections.discard(self)
+        self._pending.clear()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return
+        self.last_active_s = time.monotonic()
+        if self._in_head:
+            self._raw_head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._refuse(400, "protocol upgrades are not supported")
+            return
+        except httptools.HttpParserError as exc:
+            if isinstance(exc.__context__, _Refused):
+                self._refuse(exc.__context__.status, exc.__context__.message)
+            else:
+                self._refuse(400, f"malformed request: {exc}")
+            return
+        # A head still incomplete after this many bytes is refused (httptools buffers it);
+        # checked after parsing, since one read may hold a head and a large body.
+        if self._in_head and self._raw_head_bytes > self.config.header_bytes_max:
+            self._refuse(431, "request head too large")
+            return
+        if self._pending:
+            self._next()
+
+    # -- httptools callbacks -------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._reset()
+
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url))
+        self._url.append(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)
+        self._headers.append((name.lower(), value))
+
+    def _count_head(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > self.config.header_bytes_max:
+            raise _Refused(431, "request head too large")
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        body_max = self.config.body_bytes_max
+        expect = False
+        for name, value in self._headers:
+            if name == b"content-length" and value.isdigit() and int(value) > body_max:
+                self._error = 413
+            elif name == b"expect" and value.lower() == b"100-continue":
+                expect = True
+        if expect and not self._error and self.transport is not None:
+            self.transport.write(_CONTINUE)
+
+    def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
+        if self._body_bytes <= self.config.body_bytes_max:
+            self._body.append(body)
+            return
+        self._error = 413
+        # Swallowing the rest keeps the 413 readable by the client, but only so far.
+        if self._body_bytes > 2 * self.config.body_bytes_max:
+            raise _Refused(413, "request body too large")
+
+    def on_message_complete(self) -> None:
+        url = self._url[0] if len(self._url) == 1 else b"".join(self._url)
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        request = _Request(
+            self.parser.get_method().decode("latin-1"),
+            url.decode("latin-1"),
+            self._headers,
+            b"" if self._error else body,
+            self.parser.should_keep_alive(),
+            self._error,
+        )
+        self._in_head = True
+        self._raw_head_bytes = 0
+        # Answered once the parser has returned (data_received), never from inside it.
+        self._pending.append(request)
+        if len(self._pending) > 2 * self.config.pipeline_max:
+            # One read held more pipelined requests than reading is paused for.
+            raise _Refused(429, "too many pipelined requests")
+
+    # -- answering -------------------------------------------------------------------------
+    def _next(self) -> None:
+        """Start the oldest waiting request, if none is being handled."""
+        while self._pending and not self.busy and not self._closed:
+            request = self._pending.popleft()
+            if self._paused and self.transport is not None:
+                self.transport.resume_reading()
+                self._paused = False
+            self.busy = True
+            self._keep = request.keep_alive and not request.error
+            self.front.in_flight += 1
+            if request.error:
+                self.front.balancer.metrics.count(request.error)
+                self._on_reply(json_reply(request.error, {"error": "request body too large"}))
+                continue
+            try:
+                self.front.balancer.dispatch(
+                    request.method,
+                    request.target,
+                    request.headers,
+                    request.body,
+                    self._on_reply,
+                )
+            except Exception as exc:  # noqa: BLE001 - a bug costs one request, not the server
+                print(f"lepton serve: balancer error: {exc!r}", file=sys.stderr)
+                self._on_reply(json_reply(500, {"error": "balancer error"}))
+        full = len(self._pending) >= self.config.pipeline_max
+        if full and not self._paused and self.transport is not None:
+            self.transport.pause_reading()
+            self._paused = True
+
+    def _on_reply(self, reply: Reply) -> None:
+        if not self.busy:
+            raise AssertionError("a reply for a connection with no request in flight")
+        self.busy = False
+        self.front.in_flight -= 1
+        if self._closed or self.transport is None:
+            return
+        keep = self._keep and not self.front.closing
+        self._write_reply(reply, keep)
+        if not keep:
+            self.close()
+            return
+        self.last_active_s = time.monotonic()
+        if self._pending:
+            self._next()
+
+    def _write_reply(self, reply: Reply, keep: bool) -> None:
+        status, headers, body = reply
+        line = _STATUS_LINES.get(status) or _status_line(status)
+        parts = [line, b"server: lepton\r\n", self.front.date_line()]
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        parts.append(b"content-length: %d\r\n" % len(body))
+        if not keep:
+            parts.append(b"connection: close\r\n")
+        parts += (b"\r\n", body)
+        if self.transport is not None:
+            self.transport.write(b"".join(parts))
+
+    def _refuse(self, status: int, message: str) -> None:
+        """A request that cannot be parsed or is too large: answer it and close."""
+        if not self.busy and not self._closed:
+            self._write_reply(json_reply(status, {"error": message}), keep=False)
+            self.front.balancer.metrics.count(status)
+        self.close()
+
+    def close(self) -> None:
+        self._closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self._closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class _Refused(Exception):
+    """Raised in a parser callback: answer ``status`` and close the connection."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(status, message)
+        self.status = status
+        self.message = message
