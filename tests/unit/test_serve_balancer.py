@@ -127,15 +127,23 @@ async def _client(lb: Balancer) -> AsyncIterator[httpx.AsyncClient]:
 BODY = {"instances": [[1, 2]]}
 
 
-def test_spreads_requests_over_ready_replicas() -> None:
+def test_spreads_concurrent_requests_and_keeps_sequential_ones_on_a_warm_replica() -> None:
     async def scenario() -> None:
-        async with upstreams(answering(), answering(), answering()) as ports:
+        replicas = [answering(delay_s=0.1) for _ in range(3)]
+        async with upstreams(*replicas) as ports:
             lb = _balancer(ports)
             async with _client(lb) as client:
-                for _ in range(30):
+                for _ in range(5):  # six at a time: two in flight on each replica
+                    answers = await asyncio.gather(
+                        *(client.post("/predict", json=BODY) for _ in range(6))
+                    )
+                    assert all(a.status_code == 200 for a in answers)
+                counts = Counter({v.replica_id: v.requests for v in lb.router.views()})
+                assert len(counts) == 3 and min(counts.values()) >= 6, counts
+                for _ in range(6):  # one at a time: all on the replica that answered last
                     assert (await client.post("/predict", json=BODY)).status_code == 200
-            counts = Counter({v.replica_id: v.requests for v in lb.router.views()})
-            assert len(counts) == 3 and min(counts.values()) >= 3
+            after = Counter({v.replica_id: v.requests for v in lb.router.views()})
+            assert sorted((after - counts).values()) == [6], after - counts
 
     asyncio.run(scenario())
 
@@ -143,14 +151,17 @@ def test_spreads_requests_over_ready_replicas() -> None:
 def test_refused_replica_is_retried_elsewhere_and_ejected() -> None:
     async def scenario() -> None:
         async with upstreams(answering()) as ports:
-            lb = _balancer([_closed_port(), *ports, _closed_port()])
+            # Ties go to the most recently used replica, so the first request meets both
+            # refusals (neither uses up the one retry) before the live replica answers.
+            lb = _balancer([_closed_port(), _closed_port(), *ports])
             async with _client(lb) as client:
                 statuses = [
                     (await client.post("/predict", json=BODY)).status_code for _ in range(20)
                 ]
             assert statuses == [200] * 20
             ejected = [v.replica_id for v in lb.router.views() if v.ejections]
-            assert ejected == [0, 2]
+            assert ejected == [0, 1]
+            assert [v.requests for v in lb.router.views()] == [1, 1, 20]
 
     asyncio.run(scenario())
 
@@ -376,6 +387,7 @@ def test_upstream_head_answers_and_bodies_delimited_by_close() -> None:
             async with asyncio.timeout(2):
                 resp = await pool.request("HEAD", "/", [], b"")
             assert (resp.status, resp.body) == (200, b"") and len(pool._idle) == 0
+            assert resp.headers == [(b"content-length", b"5")]  # what a GET would get
             pool = UpstreamPool("127.0.0.1", ports[1])
             async with asyncio.timeout(2):
                 resp = await pool.request("GET", "/", [], b"")
@@ -490,6 +502,67 @@ def test_front_end_pipelining_keep_alive_and_request_forms() -> None:
             writer.write(b"GET /healthz HTTP/1.0\r\n\r\n")
             assert (await _read_answer(reader))[0] == 200
             assert await reader.read() == b""
+            writer.close()
+
+    asyncio.run(scenario())
+
+
+async def sized(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A keep-alive replica whose GET answer is 42 bytes; its HEAD answer says so, bodiless."""
+    with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            body = b"" if head.startswith(b"HEAD ") else b"g" * 42
+            writer.write(b"HTTP/1.1 200 OK\r\nX-Kind: sized\r\nContent-Length: 42\r\n\r\n" + body)
+            await writer.drain()
+
+
+def test_front_end_head_answer_keeps_the_replicas_content_length_and_has_no_body() -> None:
+    async def scenario() -> None:
+        async with upstreams(sized) as ports, _front(_balancer(ports)) as (_, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            # HEAD then GET pipelined: were a body sent after the HEAD answer, the GET's
+            # answer would not start where the HEAD answer's head ends.
+            writer.write(b"HEAD /m HTTP/1.1\r\nHost: x\r\n\r\nGET /m HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 ")
+            lines = head.lower().split(b"\r\n")
+            assert lines.count(b"content-length: 42") == 1 and b"x-kind: sized" in lines
+            status, headers, body = await _read_answer(reader)
+            assert (status, headers[b"content-length"], body) == (200, b"42", b"g" * 42)
+            writer.close()
+        # A HEAD the balancer answers itself (no replica): its error's length, no body.
+        async with _front(_balancer([])) as (_, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"HEAD /m HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 503 ") and b"content-length: 0" not in head
+            assert (await _read_answer(reader))[:1] == (200,)
+            writer.close()
+
+    asyncio.run(scenario())
+
+
+def test_front_end_http_1_0_keep_alive_is_answered_as_such() -> None:
+    async def scenario() -> None:
+        async with _front(_balancer([])) as (_, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            for _ in range(2):  # kept open: the second request is answered on it too
+                writer.write(b"GET /healthz HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
+                status, headers, _ = await _read_answer(reader)
+                assert status == 200 and headers[b"connection"] == b"keep-alive"
+            # An HTTP/1.0 request without it: told so, and closed.
+            writer.write(b"GET /healthz HTTP/1.0\r\n\r\n")
+            status, headers, _ = await _read_answer(reader)
+            assert status == 200 and headers[b"connection"] == b"close"
+            assert await reader.read() == b""
+            writer.close()
+            # HTTP/1.1 keeps alive by default: no Connection header either way.
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            for extra in (b"", b"Connection: keep-alive\r\n"):
+                writer.write(b"GET /healthz HTTP/1.1\r\n%s\r\n" % extra)
+                status, headers, _ = await _read_answer(reader)
+                assert status == 200 and b"connection" not in headers
             writer.close()
 
     asyncio.run(scenario())

@@ -31,18 +31,53 @@ def test_only_ready_replicas_get_traffic() -> None:
     assert {router.pick(0.0, rng) for _ in range(20)} == {1}
 
 
-def test_least_outstanding_prefers_the_idle_replica_and_spreads_ties() -> None:
+class _NoRng:
+    """Least-outstanding routing is deterministic: it must not draw."""
+
+    def randrange(self, stop: int, /) -> int:
+        raise AssertionError("least-outstanding routing drew a random number")
+
+
+def test_least_outstanding_prefers_the_idle_replica_then_the_most_recently_used() -> None:
     router = _router(3)
-    rng = random.Random(2)
+    rng = _NoRng()
     router.begin(0)
     router.begin(0)
     router.begin(1)
-    assert router.pick(0.0, rng) == 2
+    assert router.pick(0.0, rng) == 2  # the idle one beats the busy ones
     router.finish(0, Outcome.OK, 0.0)
     router.finish(0, Outcome.OK, 0.0)
     router.finish(1, Outcome.OK, 0.0)
-    picks = Counter(router.pick(0.0, rng) for _ in range(300))
-    assert set(picks) == {0, 1, 2} and min(picks.values()) > 50
+    # All idle: the one used last (warm caches), every time.
+    assert {router.pick(0.0, rng) for _ in range(20)} == {1}
+    # A closed loop at concurrency 1 stays on that replica.
+    for _ in range(10):
+        replica = router.pick(0.0, rng)
+        assert replica is not None
+        router.begin(replica)
+        router.finish(replica, Outcome.OK, 0.0)
+    assert [router.outstanding(i) for i in range(3)] == [0, 0, 0]
+    assert [v.requests for v in router.views()] == [2, 11, 0]
+    # Excluding it (a retry) goes to the next most recent among the idle ones.
+    assert router.pick(0.0, rng, frozenset({1})) == 0
+
+
+def test_least_outstanding_still_spreads_when_every_replica_is_busy() -> None:
+    router = _router(3)
+    rng = _NoRng()
+    router.begin(2)
+    router.finish(2, Outcome.OK, 0.0)  # replica 2 is the warm one
+    for _ in range(8):  # concurrency 8 over 3 replicas
+        replica = router.pick(0.0, rng)
+        assert replica is not None
+        router.begin(replica)
+    assert sorted(router.outstanding(i) for i in range(3)) == [2, 3, 3]
+    assert router.outstanding(2) == 3  # ties went to the warm one, not past the others
+    # Whichever replica finishes first gets the next request.
+    busiest = max(range(3), key=router.outstanding)
+    router.finish(busiest, Outcome.OK, 0.0)
+    router.finish(busiest, Outcome.OK, 0.0)
+    assert router.pick(0.0, rng) == busiest
 
 
 def test_power_of_two_choices_never_picks_the_busiest() -> None:
@@ -52,6 +87,19 @@ def test_power_of_two_choices_never_picks_the_busiest() -> None:
         router.begin(1)
     picks = Counter(router.pick(0.0, rng) for _ in range(200))
     assert picks[1] == 0 and picks[0] > 0 and picks[2] > 0
+
+
+def test_power_of_two_choices_breaks_ties_at_random_as_before() -> None:
+    router = _router(2, policy=Policy.POWER_OF_TWO)  # two candidates: least outstanding
+    rng = random.Random(5)
+    picks: Counter[int] = Counter()
+    for _ in range(100):
+        replica = router.pick(0.0, rng)
+        assert replica is not None
+        router.begin(replica)
+        router.finish(replica, Outcome.OK, 0.0)
+        picks[replica] += 1
+    assert min(picks.values()) > 20
 
 
 def test_bounded_queue_per_replica_then_none() -> None:

@@ -7,14 +7,15 @@ parse (C), one task running ``Balancer.handle`` and one ``transport.write`` of
 the whole response (uvicorn wrote head and body separately, two send syscalls,
 and built ASGI message dicts and middleware frames on the way).
 
-What it speaks: HTTP/1.1 and 1.0 requests, keep-alive, pipelining (answered in
-order, at most ``pipeline_max`` parsed requests waiting per connection before it
-stops reading), ``Expect: 100-continue``, Content-Length or chunked request
-bodies. Bounds: request head ``header_bytes_max`` (else 431), body
-``body_bytes_max`` (else 413), ``connections_max`` open connections (beyond
-that a 503 and close), an idle or stalled connection is closed after
-``keep_alive_s``. No upgrades (WebSocket) and no TLS: it fronts replicas on
-loopback.
+What it speaks: HTTP/1.1 and 1.0 requests, keep-alive (a 1.0 client that asks
+for it is told ``connection: keep-alive``), pipelining (answered in order, at
+most ``pipeline_max`` parsed requests waiting per connection before it stops
+reading), ``Expect: 100-continue``, Content-Length or chunked request bodies,
+HEAD (answered with the replica's Content-Length and no body). Bounds: request
+head ``header_bytes_max`` (else 431), body ``body_bytes_max`` (else 413),
+``connections_max`` open connections (beyond that a 503 and close), an idle or
+stalled connection is closed after ``keep_alive_s``. No upgrades (WebSocket)
+and no TLS: it fronts replicas on loopback.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ class _Request:
     headers: Headers
     body: bytes
     keep_alive: bool
+    # An HTTP/1.0 client asked for keep-alive: only a "connection: keep-alive" in the
+    # answer tells it the connection stays open (1.0 closes by default).
+    announce_keep_alive: bool
     error: int  # 0, or the status to answer without routing (413)
 
 
@@ -130,6 +134,8 @@ class _Client(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.busy = False  # a request of this connection is being handled
         self._keep = True  # ... and whether the connection stays open after it
+        self._announce = False  # ... and whether its answer says "connection: keep-alive"
+        self._head = False  # ... and whether it is a HEAD (its answer has no body)
         self.last_active_s = time.monotonic()
         self._pending: deque[_Request] = deque()
         self._raw_head_bytes = 0  # bytes read while a head is incomplete (parser buffers them)
@@ -145,6 +151,7 @@ class _Client(asyncio.Protocol):
         self._body_bytes = 0
         self._in_head = True
         self._error = 0
+        self._connection_header = False
 
     # -- asyncio.Protocol --------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -215,6 +222,8 @@ class _Client(asyncio.Protocol):
                 self._error = 413
             elif name == b"expect" and value.lower() == b"100-continue":
                 expect = True
+            elif name == b"connection":
+                self._connection_header = True
         if expect and not self._error and self.transport is not None:
             self.transport.write(_CONTINUE)
 
@@ -231,12 +240,19 @@ class _Client(asyncio.Protocol):
     def on_message_complete(self) -> None:
         url = self._url[0] if len(self._url) == 1 else b"".join(self._url)
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        keep_alive = self.parser.should_keep_alive()
+        # An HTTP/1.0 connection is kept only on a Connection header: the version (a
+        # string the parser formats per call) is looked at only then.
+        announce = (
+            keep_alive and self._connection_header and self.parser.get_http_version() == "1.0"
+        )
         request = _Request(
             self.parser.get_method().decode("latin-1"),
             url.decode("latin-1"),
             self._headers,
             b"" if self._error else body,
-            self.parser.should_keep_alive(),
+            keep_alive,
+            announce,
             self._error,
         )
         self._in_head = True
@@ -257,6 +273,8 @@ class _Client(asyncio.Protocol):
                 self._paused = False
             self.busy = True
             self._keep = request.keep_alive and not request.error
+            self._announce = request.announce_keep_alive
+            self._head = request.method == "HEAD"
             self.front.in_flight += 1
             if request.error:
                 self.front.balancer.metrics.count(request.error)
@@ -286,7 +304,7 @@ class _Client(asyncio.Protocol):
         if self._closed or self.transport is None:
             return
         keep = self._keep and not self.front.closing
-        self._write_reply(reply, keep)
+        self._write_reply(reply, keep, announce=self._announce, head=self._head)
         if not keep:
             self.close()
             return
@@ -294,16 +312,23 @@ class _Client(asyncio.Protocol):
         if self._pending:
             self._next()
 
-    def _write_reply(self, reply: Reply, keep: bool) -> None:
+    def _write_reply(
+        self, reply: Reply, keep: bool, *, announce: bool = False, head: bool = False
+    ) -> None:
         status, headers, body = reply
         line = _STATUS_LINES.get(status) or _status_line(status)
         parts = [line, b"server: lepton\r\n", self.front.date_line()]
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
-        parts.append(b"content-length: %d\r\n" % len(body))
+        # A replica's answer to HEAD carries its own Content-Length (what a GET would
+        # get); any other answer to HEAD (an error of ours) gets its body's, not the body.
+        if not (head and any(name == b"content-length" for name, _ in headers)):
+            parts.append(b"content-length: %d\r\n" % len(body))
         if not keep:
             parts.append(b"connection: close\r\n")
-        parts += (b"\r\n", body)
+        elif announce:
+            parts.append(b"connection: keep-alive\r\n")
+        parts += (b"\r\n", b"" if head else body)
         if self.transport is not None:
             self.transport.write(b"".join(parts))
 

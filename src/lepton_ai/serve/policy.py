@@ -9,6 +9,10 @@ Rules (after Envoy's outlier detection and Kubernetes probes):
 * A replica is *routable* when it passed its last readiness probe, is not
   draining, not a standby (a warm spare), not ejected, and has fewer than
   ``outstanding_max`` requests in flight (the bounded per-replica queue).
+* Least-outstanding routing picks the routable replica with the fewest requests
+  in flight; among equals, the most recently used one (deterministic: warm caches
+  at low load, while the counts still spread load once replicas are busy). p2c
+  compares two random candidates and breaks ties at random.
 * Passive ejection: a refused connection ejects at once; timeouts, resets and
   5xx answers eject after ``consecutive_failures_max`` in a row. An ejection
   lasts ``ejection_base_s * 2**k`` (k = earlier ejections, capped). Ejections
@@ -80,6 +84,7 @@ class ReplicaView:
     ejections: int = 0
     requests: int = 0
     failures: int = 0
+    last_used: int = 0  # the router's request count when this replica last got one
 
     def ejected(self, now: float) -> bool:
         return now < self.ejected_until
@@ -91,6 +96,7 @@ class Router:
     def __init__(self, config: RouterConfig | None = None) -> None:
         self.config = config or RouterConfig()
         self._replicas: dict[int, ReplicaView] = {}
+        self._begins = 0  # attempts begun: a logical clock for ``last_used``
 
     # -- membership -----------------------------------------------------------------
     def add(self, replica_id: int) -> None:
@@ -194,8 +200,15 @@ class Router:
                     best.append(v)
         if not best:
             return None
-        # Random tie-break: otherwise an idle pool sends everything to the first replica.
-        return best[0].replica_id if len(best) == 1 else best[rng.randrange(len(best))].replica_id
+        if len(best) == 1:
+            return best[0].replica_id
+        if self.config.policy is Policy.POWER_OF_TWO:
+            return best[rng.randrange(len(best))].replica_id
+        # Among equally loaded replicas the most recently used one: its process has the
+        # model's code and data warm in CPU caches (a random pick among idle replicas
+        # measurably raised p50 at low load). Load still spreads by the counts above:
+        # a busy replica is never picked over an idle one.
+        return max(best, key=_last_used).replica_id
 
     def begin(self, replica_id: int) -> None:
         view = self._replicas.get(replica_id)
@@ -203,6 +216,8 @@ class Router:
             raise ValueError(f"unknown replica {replica_id}")
         view.outstanding += 1
         view.requests += 1
+        self._begins += 1
+        view.last_used = self._begins
 
     def finish(self, replica_id: int, outcome: Outcome, now: float) -> bool:
         """Record an attempt's outcome. Returns True when this ejected the replica."""
@@ -236,6 +251,10 @@ class Router:
         view.ejections += 1
         view.consecutive_failures = 0
         return True
+
+
+def _last_used(view: ReplicaView) -> int:
+    return view.last_used
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ class UpstreamError(Exception):
 @dataclass(frozen=True)
 class UpstreamResponse:
     status: int
-    headers: Headers  # end-to-end headers only, names lower-case
+    headers: Headers  # end-to-end headers only (plus Content-Length for HEAD), lower-case
     body: bytes
 
 
@@ -191,6 +191,10 @@ class Conn(asyncio.Protocol):
 
     def _finish_message(self, *, keep: bool) -> None:
         kept = [(k, v) for k, v in self._headers if k not in _NOT_FORWARDED_BACK]
+        if self._head_request:
+            # A HEAD answer's Content-Length is the size a GET would have (RFC 9110
+            # 9.3.2), not this (empty) body's: the front end passes it on as is.
+            kept += [(k, v) for k, v in self._headers if k == b"content-length"]
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         self._done = (keep, UpstreamResponse(self._parser.get_status_code(), kept, body))
 
