@@ -1,4 +1,4 @@
-"""``lepton demo``: a MapReduce job that survives two SIGKILLs and still gets the exact answer.
+"""``lepton demo``: a MapReduce job that survives three SIGKILLs and still gets the exact answer.
 
 What it does, in order:
 
@@ -12,8 +12,9 @@ What it does, in order:
 4. runs it again and, while it runs, SIGKILLs one executor and then one whole
    worker node at chosen progress points (``cluster.kill``), watching
    ``cluster.status()`` to see each fault detected and the lost process replaced;
-   with ``--coordinators 3`` it also SIGKILLs the leading coordinator mid-job and
-   the timeline shows the election and the job going on under the new leader;
+   with three coordinators (the default) it also SIGKILLs the leading coordinator
+   mid-job and the timeline shows the election and the job going on under the new
+   leader (``--coordinators 1``: one coordinator, not killed);
 5. prints the timeline, the result, the check against the serial reference and
    both run times (``--json``: the same as one JSON object).
 
@@ -46,10 +47,16 @@ PARTITIONS_DEFAULT = 32
 REDUCE_PARTITIONS = 4
 EXECUTOR_KILL_AT = 0.25  # fraction of the job's progress
 WORKER_KILL_AT = 0.55
-LEADER_KILL_AT = 0.4  # with --coordinators 3: the leading coordinator is SIGKILLed here
+LEADER_KILL_AT = 0.4  # with 3 or 5 coordinators: the leading coordinator is SIGKILLed here
+COORDINATORS_DEFAULT = 3
 POLL_INTERVAL_S = 0.02  # how often the fault driver looks at job and cluster status
 JOB_TIMEOUT_S = 600.0
 WATCH_TIMEOUT_S = 30.0  # how long to keep watching for detection/replacement after the job
+_VICTIM = {
+    "worker": "a worker node",
+    "executor": "an executor",
+    "leader": "the leading coordinator",
+}
 _OWN_KINDS = frozenset({"fault_injected"})  # cluster events the demo reports itself
 _DOWN = frozenset({"dead", "down", "failed", "suspect", "lost", "unreachable", "killed", "stopped"})
 
@@ -64,7 +71,7 @@ class DemoConfig:
     faults: bool = True
     executor_kill_at: float = EXECUTOR_KILL_AT
     worker_kill_at: float = WORKER_KILL_AT
-    coordinators: int = 1
+    coordinators: int = COORDINATORS_DEFAULT
     leader_kill_at: float = LEADER_KILL_AT
 
     def __post_init__(self) -> None:
@@ -412,7 +419,8 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None]) -> dict[str, Any]:
             )
             if cfg.faults and cfg.coordinators > 1:
                 faults.append(Fault("leader", cfg.leader_kill_at))
-            say("running it again, killing an executor and a worker node on the way ...")
+            victims = ", ".join(_VICTIM.get(f.role, f.role) for f in faults)
+            say(f"running it again, killing: {victims or 'nothing (--no-faults)'} ...")
             pairs, t_faulted, tl = run_faulted(cluster, ds, faults, t_clean)
             final_members = members(cluster)
         clean = loganalysis.summarize(clean_pairs)
@@ -556,7 +564,8 @@ def _cmd(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "demo",
-        help="run a log analysis job on a local cluster while killing an executor and a worker",
+        help="run a log analysis job on a local cluster while killing an executor, a worker "
+        "and the leading coordinator",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -581,8 +590,9 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--coordinators",
         type=int,
-        default=1,
-        help="coordinator replicas (3: the leading one is also SIGKILLed mid-job)",
+        default=COORDINATORS_DEFAULT,
+        help="coordinator replicas (3 or 5: the leading one is also SIGKILLed mid-job; "
+        "1: a single coordinator, not killed)",
     )
     p.add_argument(
         "--leader-kill-at",

@@ -5,34 +5,21 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from helpers import lepton
 from lepton_ai.node.process import pid_alive
-
-
-def lepton(
-    *args: str, env: dict[str, str], timeout_s: float = 60
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "lepton_ai.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        check=False,
-    )
 
 
 @pytest.mark.timeout(120)
 def test_up_status_chaos_down(tmp_path: Path) -> None:
     env = dict(os.environ, LEPTON_STATE_FILE=str(tmp_path / "state.json"))
     env.pop("LEPTON_TOKEN", None)
-    up = lepton("cluster", "up", "--workers", "2", "--json", env=env)
+    # One coordinator (the default, 3, is test_ha_cli's): its pids are [coordinator, w0, w1].
+    up = lepton("cluster", "up", "--workers", "2", "--coordinators", "1", "--json", env=env)
     assert up.returncode == 0, up.stderr
     state = json.loads(up.stdout)
     pids: list[int] = list(state["pids"])

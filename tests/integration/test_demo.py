@@ -65,7 +65,8 @@ def run_lepton() -> Iterator[object]:
 
 @pytest.mark.timeout(300)
 def test_demo_small_survives_both_kills_with_exact_result(run_lepton) -> None:  # type: ignore[no-untyped-def]
-    res = run_lepton("demo", "--size-mb", "10", "--json", timeout_s=280)
+    # One coordinator: the leader kill of the default (3) is test_ha_demo's.
+    res = run_lepton("demo", "--size-mb", "10", "--coordinators", "1", "--json", timeout_s=280)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout)
     assert out["ok"] is True

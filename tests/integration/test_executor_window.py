@@ -96,3 +96,18 @@ def test_cancelling_the_running_attempt_kills_only_it(tmp_path: Path) -> None:
         assert type(done[1]) is Requeued
 
     asyncio.run(_with_slot(tmp_path, body))
+
+
+@pytest.mark.timeout(90)
+def test_a_smaller_window_for_slow_stages_keeps_attempts_with_the_agent(tmp_path: Path) -> None:
+    """The agent hands a slow stage's executor only ``window_slow`` attempts: what
+    it still holds can be stolen at once, unlike what the executor has queued."""
+
+    async def body(slot: ExecutorSlot) -> None:
+        plan = _plan()
+        futures = [await slot.submit("job1", plan, ExecRun(_attempt(p))) for p in range(2)]
+        assert not slot.can_take(slot.config.window_slow) and slot.can_take()
+        replies = [await f for f in futures]
+        assert all(isinstance(r, ExecDone) for r in replies)
+
+    asyncio.run(_with_slot(tmp_path, body))

@@ -5,27 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from helpers import lepton
 from lepton_ai.node.process import pid_alive
-
-
-def lepton(
-    *args: str, env: dict[str, str], timeout_s: float = 60
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "lepton_ai.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        check=False,
-    )
 
 
 @pytest.mark.timeout(120)
@@ -42,6 +28,13 @@ def test_three_coordinators_from_the_cli_survive_a_leader_kill(tmp_path: Path) -
         coordinators = [m for m in st["members"] if m["role"] == "coordinator"]
         assert sorted(m["health"] for m in coordinators) == ["follower", "follower", "leader"]
         pids += [m["pid"] for m in st["members"] if m["pid"]]
+        # Every coordinator's real pid (a remote status: each replica reports its own).
+        deadline = time.monotonic() + 10
+        while not all(m["pid"] in state["pids"] for m in coordinators):
+            assert time.monotonic() < deadline, coordinators
+            time.sleep(0.1)
+            st = json.loads(lepton("cluster", "status", "--json", env=env).stdout)
+            coordinators = [m for m in st["members"] if m["role"] == "coordinator"]
 
         killed = lepton("chaos", "kill", "leader", "0", "--json", env=env)
         assert killed.returncode == 0, killed.stderr

@@ -1,4 +1,4 @@
-"""`lepton demo --coordinators 3`: an executor, a worker and the leading coordinator die."""
+"""`lepton demo` (3 coordinators by default): an executor, a worker and the leader die."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _marked(marker: str) -> list[psutil.Process]:
 @pytest.mark.timeout(200)
 def test_demo_with_three_coordinators_survives_a_leader_kill() -> None:
     marker = uuid.uuid4().hex
-    args = ["demo", "--size-mb", "6", "--coordinators", "3", "--json"]
+    args = ["demo", "--size-mb", "6", "--json"]  # the default: 3 coordinators, leader killed
     proc = subprocess.Popen(
         [sys.executable, "-m", "lepton_ai.cli", *args],
         env=dict(os.environ, **{MARKER: marker}),
@@ -56,6 +56,7 @@ def test_demo_with_three_coordinators_survives_a_leader_kill() -> None:
     out = json.loads(out_text)
     assert out["ok"] is True
     assert out["checks"]["with_faults_matches_serial"]
+    assert out["config"]["coordinators"] == 3 and out["checks"]["faults_planned"] == 3
     leader = next(f for f in out["faults"] if f["role"] == "leader")
     kinds = [ev["kind"] for ev in out["timeline"]]
     if leader["injected_s"] is not None and leader["injected_s"] >= 0:

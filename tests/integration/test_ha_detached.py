@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 import lepton_ai as lep
+from helpers import lepton
 from lepton_ai.node.cluster import LocalCluster
 from lepton_ai.node.process import pid_alive
 
@@ -60,16 +61,6 @@ def cluster() -> Iterator[LocalCluster]:
         assert not [p for p in seen if pid_alive(p)], "processes left running"
 
 
-def lepton(*args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "lepton_ai.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        check=False,
-    )
-
-
 @pytest.mark.timeout(90)
 def test_driver_sigkilled_after_submit_result_fetched_by_a_new_process(
     cluster: LocalCluster, tmp_path: object
@@ -100,6 +91,13 @@ def test_driver_sigkilled_after_submit_result_fetched_by_a_new_process(
         coordinators = [m for m in other.status()["members"] if m["role"] == "coordinator"]
         assert len(coordinators) == 3
         assert sorted(m["health"] for m in coordinators) == ["follower", "follower", "leader"]
+        # Real pids for every replica, not only the one that answered (each reports its own).
+        started = {cluster.procs[("coordinator", str(i))].pid for i in range(3)}
+        deadline = time.monotonic() + 10
+        while {m["pid"] for m in coordinators} != started and time.monotonic() < deadline:
+            time.sleep(0.1)
+            coordinators = [m for m in other.status()["members"] if m["role"] == "coordinator"]
+        assert {m["pid"] for m in coordinators} == started
         status = lepton("job", "status", job_id, "--json", *auth)
         assert json.loads(status.stdout)["status"] == "finished"
         rm = lepton("job", "rm", job_id, "--json", *auth)
@@ -120,13 +118,20 @@ def test_kv_and_jobs_share_the_replicated_log_across_a_failover(cluster: LocalCl
     assert task.parallelize(range(100), partitions=4).map(lambda x: x + 1).reduce(
         lambda a, b: a + b
     ) == sum(range(1, 101))
+    failing = task.parallelize(range(20), partitions=2).map(lambda x: 1 // (x - 7)).submit()
+    with pytest.raises(lep.TaskError):
+        failing.result(timeout=30)
     old = cluster.leader_id()
     cluster.kill("leader")
     assert cluster.kv.get("model") == "v2"
     assert task.parallelize(range(100), partitions=4).count() == 100
     assert cluster.leader_id() != old
-    kinds = {e["kind"] for e in cluster.events()}
-    assert {"leader_elected", "job_finished"} <= kinds
+    events = cluster.events()
+    kinds = {e["kind"] for e in events}
+    assert {"leader_elected", "job_finished", "job_failed"} <= kinds
+    # The failed task is on the new leader's timeline too: the event log is replicated.
+    failed = [e for e in events if e["kind"] == "task_failed" and e["job_id"] == failing.id]
+    assert failed and "ZeroDivisionError" in failed[0]["detail"], events
     cluster.restart("coordinator", old)
     time.sleep(0.2)
 

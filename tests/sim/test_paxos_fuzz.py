@@ -11,20 +11,29 @@ import pytest
 from lepton_ai.sim.fuzz import run_seed, seeds_from_env
 
 CI_SEEDS = range(800)
+AGGREGATE_SEEDS_MIN = 50
+"""Totals over fewer seeds (a one-seed replay) prove nothing either way: not checked."""
 
 
 @pytest.mark.timeout(600)
 def test_paxos_fuzz_seeds(request: pytest.FixtureRequest) -> None:
     seeds = seeds_from_env(CI_SEEDS)
     name = request.node.nodeid
-    total_committed = total_crashes = 0
+    total_committed = total_crashes = early = lost = 0
     for seed in seeds:
         report = run_seed(seed, name=name)
         total_committed += report.committed
         total_crashes += report.crashes
-    # The schedules really exercise the core: commands flow and replicas crash.
+        early += report.early_delivered_in_sync
+        lost += report.early_entries_lost
+    if len(seeds) < AGGREGATE_SEEDS_MIN:
+        return
+    # The schedules really exercise the core: commands flow and replicas crash, and
+    # leaders' early messages overtake their own fdatasync, which some leaders die in.
     assert total_committed > 100 * len(seeds)
     assert total_crashes > 5 * len(seeds)
+    assert early > 10 * len(seeds)
+    assert lost > 0
 
 
 @pytest.mark.timeout(600)
@@ -34,4 +43,5 @@ def test_paxos_fuzz_membership_seeds(request: pytest.FixtureRequest) -> None:
     changes = 0
     for seed in seeds:
         changes += run_seed(seed, name=request.node.nodeid, membership=True).membership_changes
-    assert changes > len(seeds)
+    if len(seeds) >= AGGREGATE_SEEDS_MIN:
+        assert changes > len(seeds)

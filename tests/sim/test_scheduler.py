@@ -7,7 +7,10 @@ on simulated workers with block stores, and faults are injected from the seed:
 executor deaths, worker-node deaths (detected later, replaced by a new worker),
 lost or corrupt shuffle blocks, duplicated reports, stragglers, and coordinator
 failovers (the scheduler is thrown away and rebuilt with ``Scheduler.from_state``;
-in-flight proposals may be lost).
+in-flight proposals may be lost). As on a real node, a worker advertises
+``executors x depth`` scheduler slots and each executor runs its attempts one at
+a time, in order; the scheduler's work stealing (``Cancel(queued_only=True)``)
+takes back only attempts that have not started.
 
 Checked for every seed: each job's result equals the serial reference
 (``run_local``), no task result is accepted twice (per output generation), a
@@ -21,6 +24,7 @@ import heapq
 import itertools
 import operator
 import random
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +45,7 @@ from lepton_ai.compute.scheduler_events import (
     SchedulerEvent,
     TaskAttempt,
     TaskFailed,
+    TaskStarted,
     TaskSucceeded,
     Tick,
     WorkerJoined,
@@ -107,24 +112,44 @@ def _normalise(value: Any) -> Any:
 class _Attempt:
     attempt: TaskAttempt
     slot: int
+    dispatch: Dispatch
     killed: bool = False
+    started: bool = False
 
 
 @dataclass
 class _Worker:
     wid: str
-    slots: int
+    executors: int
+    depth: int  # scheduler slots per executor: attempts wait in the executor's lane
     alive: bool = True
     paused_until: float = 0.0  # SIGSTOPped (whole node) until then
     declared_lost: bool = False  # by the phi detector; a paused one may still report
     store: dict[str, bytes] = field(default_factory=dict)
-    running: dict[TaskAttempt, _Attempt] = field(default_factory=dict)
+    running: dict[TaskAttempt, _Attempt] = field(default_factory=dict)  # queued or started
+    lanes: list[deque[_Attempt]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.lanes = [deque() for _ in range(self.executors)]
+
+    @property
+    def slots(self) -> int:
+        return self.executors * self.depth
 
 
 class World:
     """The simulated cluster around one scheduler; everything random comes from ``rng``."""
 
-    def __init__(self, seed: int, plans: dict[str, bytes], options: JobOptions) -> None:
+    def __init__(
+        self,
+        seed: int,
+        plans: dict[str, bytes],
+        options: JobOptions,
+        config: SchedulerConfig | None = None,
+        depth: int | None = None,
+        *,
+        hangs: dict[tuple[str, int, int], int] | None = None,
+    ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
         self.now = 0.0
@@ -132,7 +157,7 @@ class World:
         self.counter = itertools.count()
         self.machine = JobStateMachine()
         self.epoch = 1
-        self.sched = Scheduler(SchedulerConfig(failover_grace_s=0.3), epoch=self.epoch)
+        self.sched = Scheduler(config or SchedulerConfig(failover_grace_s=0.3), epoch=self.epoch)
         self.workers: dict[str, _Worker] = {}
         self.worker_seq = itertools.count()
         self.plans = {name: decode_plan(p) for name, p in plans.items()}
@@ -141,7 +166,12 @@ class World:
         self.phi = PhiAccrualDetector()
         self.killed_at: dict[str, float] = {}
         self.detection_s: list[float] = []
+        self.depth = self.rng.choice([1, 2, 8]) if depth is None else depth
+        # (job, stage, partition) -> how many of its next attempts to start hang for ever
+        self.hangs = dict(hangs or {})
         self.stats = {
+            "stolen": 0,
+            "steal_refused": 0,
             "speculative": 0,
             "fetch_failed": 0,
             "output_lost": 0,
@@ -166,7 +196,7 @@ class World:
             elif isinstance(action, Propose):
                 self.propose(action.command)
             elif isinstance(action, Cancel):
-                self.cancel(action.attempt, action.worker)
+                self.cancel(action.attempt, action.worker, action.queued_only)
 
     def propose(self, cmd: JobCommand) -> None:
         epoch = self.epoch
@@ -197,9 +227,9 @@ class World:
 
     # -- workers
     def add_worker(self) -> None:
-        w = _Worker(f"w{next(self.worker_seq)}", self.rng.choice([1, 2, 3]))
+        w = _Worker(f"w{next(self.worker_seq)}", self.rng.choice([1, 2, 3]), self.depth)
         self.workers[w.wid] = w
-        self.feed(WorkerJoined(w.wid, f"addr-{w.wid}", w.slots, self.now))
+        self.feed(WorkerJoined(w.wid, f"addr-{w.wid}", w.slots, self.now, [], w.executors))
         self.beat(w)
 
     def beat(self, w: _Worker) -> None:
@@ -231,22 +261,52 @@ class World:
         if any(a.slot == d.slot for a in w.running.values()) or not 0 <= d.slot < w.slots:
             raise AssertionError(f"slot {d.slot} of {w.wid} given twice or out of range")
         self.stats["speculative"] += d.speculative
-        run = _Attempt(d.attempt, d.slot)
+        run = _Attempt(d.attempt, d.slot, d)
         w.running[d.attempt] = run
+        lane = w.lanes[d.slot % w.executors]
+        lane.append(run)
+        if len(lane) == 1:
+            self.start(w, run)
+
+    def start(self, w: _Worker, run: _Attempt, queued: bool = False) -> None:
+        """``run`` reached the head of its executor's lane: it runs now."""
+        run.started = True
+        a = run.attempt
+        if queued:  # as the real agent does: queueing must not look like running
+            self.at(0.002, lambda: self.report(w, TaskStarted(a, w.wid, self.now)))
+        key = (a.job_id, a.stage, a.partition)
+        if self.hangs.get(key, 0) > 0:
+            self.hangs[key] -= 1
+            self.stats["hung"] = self.stats.get("hung", 0) + 1
+            self.trace.append(f"{self.now:.2f} hang {key}")
+            return  # sleeps for ever: only a Cancel (the executor killed) ends it
         r = self.rng.random()
         duration = self.rng.uniform(0.02, 0.2) * (10 if r < 0.06 else 1)
         if r > 0.94:  # the executor process dies mid-task
-            self.at(duration / 2, lambda: self.finish(w, run, d, crash=True))
+            self.at(duration / 2, lambda: self.finish(w, run, run.dispatch, crash=True))
         else:
-            self.at(duration, lambda: self.finish(w, run, d, crash=False))
+            self.at(duration, lambda: self.finish(w, run, run.dispatch, crash=False))
 
-    def cancel(self, attempt: TaskAttempt, worker: str) -> None:
+    def leave_lane(self, w: _Worker, run: _Attempt) -> None:
+        lane = w.lanes[run.slot % w.executors]
+        was_head = bool(lane) and lane[0] is run
+        lane.remove(run)
+        if was_head and lane and w.alive:
+            self.start(w, lane[0], queued=True)
+
+    def cancel(self, attempt: TaskAttempt, worker: str, queued_only: bool) -> None:
         w = self.workers[worker]
         run = w.running.get(attempt)
         if run is None or not w.alive:
             return
+        if queued_only:
+            if run.started:
+                self.stats["steal_refused"] += 1
+                return  # already running: the agent lets it finish
+            self.stats["stolen"] += 1
         run.killed = True
         del w.running[attempt]
+        self.leave_lane(w, run)
         self.at(0.005, lambda: self.report(w, TaskFailed(attempt, w.wid, "cancelled", self.now)))
 
     def report(self, w: _Worker, event: SchedulerEvent) -> None:
@@ -264,6 +324,7 @@ class World:
             self.at(w.paused_until - self.now, lambda: self.finish(w, run, d, crash))
             return
         del w.running[run.attempt]
+        self.leave_lane(w, run)
         a = run.attempt
         if crash:
             self.stats["infra"] += 1
@@ -315,6 +376,8 @@ class World:
         w = self.rng.choice(alive)
         w.alive = False
         w.running.clear()
+        for lane in w.lanes:
+            lane.clear()
         self.killed_at[w.wid] = self.now
         self.trace.append(f"{self.now:.2f} kill {w.wid}")
         self.at(self.rng.uniform(0.2, 2.0), self.add_worker)
@@ -359,7 +422,8 @@ class World:
             self.at(w.paused_until - self.now, lambda: self.rejoin(w))
             return
         running = [RunningReport(r.attempt, r.slot) for r in w.running.values()]
-        self.report(w, WorkerJoined(w.wid, f"addr-{w.wid}", w.slots, self.now, running))
+        joined = WorkerJoined(w.wid, f"addr-{w.wid}", w.slots, self.now, running, w.executors)
+        self.report(w, joined)
 
     def tick(self) -> None:
         self.detect()
@@ -462,3 +526,40 @@ def test_the_simulation_exercises_every_fault() -> None:
         for k, v in world.stats.items():
             totals[k] = totals.get(k, 0) + v
     assert failovers > 0 and all(v > 0 for v in totals.values()), (failovers, totals)
+
+
+def _one_task_plan() -> bytes:
+    """A job whose middle stage is a single task: no stage median, so no speculation."""
+    task = DistributedTask(_NoRunner())
+    ds = task.parallelize(range(300), partitions=4).map(lambda x: (x % 7, x))
+    return ds.reduce_by_key(operator.add, partitions=1).map(lambda kv: kv).plan_bytes("collect")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("seed", seeds_from_env(range(64))[:16])
+def test_a_hung_single_task_is_timed_out_and_retried_under_faults(seed: int) -> None:
+    plans = {"one": _one_task_plan(), **_plans()}
+    hangs = {("one", 1, 0): 1, ("wordcount", 0, 2): 1}
+    world = World(seed, plans, JobOptions(max_retries=8, task_timeout_s=5.0), hangs=hangs)
+    world.run(faults=True)
+    assert world.done(), f"jobs did not finish; {_explain(world)}"
+    for name, plan in world.plans.items():
+        record = world.machine.job(name)
+        assert record is not None and record.status == "finished", (
+            f"{name}: {record.error if record else None}; {_explain(world)}"
+        )
+        assert _normalise(record.result()) == _normalise(run_local(plan)), _explain(world)
+    assert world.hangs == {("one", 1, 0): 0, ("wordcount", 0, 2): 0}, _explain(world)
+
+
+@pytest.mark.parametrize("seed", seeds_from_env(range(64))[:4])
+def test_a_task_that_always_hangs_fails_its_job_naming_the_timeout(seed: int) -> None:
+    plans = {"one": _one_task_plan()}
+    options = JobOptions(max_retries=2, task_timeout_s=1.0)
+    world = World(seed, plans, options, hangs={("one", 1, 0): 10**6})
+    world.run(faults=False)
+    record = world.machine.job("one")
+    assert record is not None and record.status == "failed", _explain(world)
+    assert record.error is not None and (record.error.stage, record.error.partition) == (1, 0)
+    assert "task_timeout_s=1" in record.error.message, record.error
+    assert world.now < 10.0, _explain(world)  # three ~1 s attempts, not the 600 s horizon

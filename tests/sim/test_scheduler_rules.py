@@ -94,7 +94,7 @@ def _started(config: SchedulerConfig | None = None) -> Driver:
 
 
 def test_straggler_gets_one_backup_and_first_result_wins() -> None:
-    drv = _started()
+    drv = _started(SchedulerConfig(steal=False))  # only the backup's cancels below
     drv.submit("j", MAP_ONLY)
     first = list(drv.dispatched)
     assert len(first) == 4
@@ -212,3 +212,129 @@ def test_grace_ends_early_once_expected_workers_rejoin_and_bad_events_are_refuse
     with pytest.raises(ValueError):
         sched.step(WorkerJoined("w3", "a3", -1, 0.3))
     assert sched.free_slots() == 0 and len(sched.running()) == 4 and sched.jobs() == ["j"]
+
+
+EIGHT = T.parallelize(range(80), 8).map(lambda x: x + 1).plan_bytes("count")
+
+
+def _pipelined() -> Driver:
+    """Two workers, one executor each with 4 scheduler slots (pipeline depth 4)."""
+    drv = Driver(Scheduler(SchedulerConfig(speculation_min_s=100.0), epoch=1))
+    drv.step(WorkerJoined("w1", "a1", 4, 0.0, [], 1))
+    drv.step(WorkerJoined("w2", "a2", 4, 0.0, [], 1))
+    return drv
+
+
+def test_idle_worker_steals_attempts_queued_behind_a_slow_one() -> None:
+    drv = _pipelined()
+    drv.submit("j", EIGHT)
+    first = list(drv.dispatched)
+    assert sorted(d.worker for d in first) == ["w1"] * 4 + ["w2"] * 4  # balanced per executor
+    on_w1 = [d for d in first if d.worker == "w1"]
+    for d in (d for d in first if d.worker == "w2"):
+        drv.succeed(d, 0.2)  # w2 is done while w1 still runs its first attempt
+    steals = [c for c in drv.cancelled if c.queued_only]
+    # Newest first, until the loads per executor are within one: w1 4 -> 2, w2 0 -> 2.
+    assert [c.attempt for c in steals] == [d.attempt for d in on_w1[:1:-1]]
+    assert all(c.worker == "w1" for c in steals) and len(drv.dispatched) == 8
+    drv.step(Tick(0.3))
+    assert len([c for c in drv.cancelled if c.queued_only]) == 2  # asked once, not again
+    # w1 had not started them: they come back cancelled and go to w2, the thief.
+    for c in steals:
+        drv.step(TaskFailed(c.attempt, "w1", "cancelled", 0.3))
+    moved = drv.dispatched[8:]
+    assert [d.worker for d in moved] == ["w2", "w2"]
+    assert {d.attempt.partition for d in moved} == {c.attempt.partition for c in steals}
+    assert not any(d.speculative for d in moved)
+    for d in on_w1[:2] + moved:
+        drv.succeed(d, 1.0)
+    finished = [c for c in drv.proposed if isinstance(c, TaskFinished)]
+    assert len(finished) == 8 and len({c.partition for c in finished}) == 8
+    assert drv.sm.job("j").result() == 80  # type: ignore[union-attr]
+
+
+def test_a_steal_that_finds_the_attempt_started_changes_nothing() -> None:
+    drv = _pipelined()
+    drv.submit("j", EIGHT)
+    first = list(drv.dispatched)
+    for d in (d for d in first if d.worker == "w2"):
+        drv.succeed(d, 0.2)
+    steals = [c for c in drv.cancelled if c.queued_only]
+    assert steals
+    # The agent had already started them: it ignores the request and they finish
+    # there; nothing is re-dispatched and every result is taken exactly once.
+    for d in (d for d in first if d.worker == "w1"):
+        drv.succeed(d, 1.0)
+        drv.succeed(d, 1.1)  # a duplicated report is discarded
+    assert len(drv.dispatched) == 8
+    finished = [c for c in drv.proposed if isinstance(c, TaskFinished)]
+    assert sorted(c.partition for c in finished) == list(range(8))
+    assert drv.sm.job("j").status == "finished"  # type: ignore[union-attr]
+
+
+def test_stealing_does_not_move_work_between_equally_loaded_workers() -> None:
+    drv = _pipelined()
+    drv.submit("j", EIGHT)
+    first = list(drv.dispatched)
+    w1 = [d for d in first if d.worker == "w1"]
+    w2 = [d for d in first if d.worker == "w2"]
+    drv.succeed(w1[0], 0.1)
+    drv.succeed(w2[0], 0.1)
+    drv.succeed(w2[1], 0.2)  # w1: 3 left, w2: 2 left: within one per executor
+    assert not [c for c in drv.cancelled if c.queued_only]
+
+
+ONE_TASK = T.parallelize(range(10), 1).map(lambda x: x * 2).plan_bytes("reduce")
+
+
+def test_a_hung_attempt_is_killed_at_the_task_timeout_and_retried() -> None:
+    drv = _pipelined()  # a single-task stage: no median, so speculation never helps
+    drv.submit("j", ONE_TASK, JobOptions(task_timeout_s=2.0))
+    (hung,) = drv.dispatched
+    drv.step(Tick(1.9))
+    assert drv.cancelled == [] and len(drv.dispatched) == 1
+    drv.step(Tick(2.1))
+    (kill,) = drv.cancelled
+    assert (kill.attempt, kill.worker, kill.queued_only) == (hung.attempt, hung.worker, False)
+    assert "task_timeout_s=2" in kill.reason  # shown in the job's events
+    (retry,) = drv.dispatched[1:]
+    assert retry.attempt.partition == 0 and not retry.speculative
+    drv.step(TaskFailed(hung.attempt, hung.worker, "cancelled", 2.2))  # its slot frees
+    drv.succeed(retry, 2.5)
+    assert drv.sm.job("j").result() == 90  # type: ignore[union-attr]
+    drv.step(Tick(10.0))
+    assert len(drv.cancelled) == 1  # finished work is never timed out
+
+
+def test_always_hanging_task_fails_the_job_naming_partition_and_timeout() -> None:
+    drv = _pipelined()
+    drv.submit("j", EIGHT, JobOptions(task_timeout_s=1.0, max_retries=2))
+    for d in list(drv.dispatched):
+        if d.attempt.partition != 5:
+            drv.succeed(d, 0.1)
+    now = 0.1
+    while not any(isinstance(c, JobFailedCmd) for c in drv.proposed) and now < 20:
+        now += 0.25
+        drv.step(Tick(now))
+        for c in drv.cancelled:
+            drv.step(TaskFailed(c.attempt, c.worker, "cancelled", now))
+        drv.cancelled.clear()
+    (failed,) = [c for c in drv.proposed if isinstance(c, JobFailedCmd)]
+    assert 3.0 <= now <= 4.0  # three attempts of ~1 s each (max_retries=2)
+    assert (failed.error.kind, failed.error.stage, failed.error.partition) == ("infra", 0, 5)
+    text = str(failed.error.to_exception())
+    assert "task_timeout_s=1" in text and "partition 5" in text and "max_retries=2" in text
+
+
+def test_only_the_attempt_at_the_head_of_an_executor_lane_is_timed() -> None:
+    drv = Driver(Scheduler(SchedulerConfig(speculation_min_s=100.0, steal=False), epoch=1))
+    drv.step(WorkerJoined("w1", "a1", 4, 0.0, [], 1))  # one executor, four attempts in line
+    drv.submit("j", T.parallelize(range(4), 4).plan_bytes("count"), JobOptions(task_timeout_s=2.0))
+    first = list(drv.dispatched)
+    assert len(first) == 4
+    drv.step(Tick(2.5))  # all four look 2.5 s old, but only the head can be running
+    assert [c.attempt for c in drv.cancelled] == [first[0].attempt]
+    drv.step(Tick(4.0))  # the others' clocks restarted at 2.5 s, when the head was killed
+    assert len(drv.cancelled) == 1
+    drv.step(Tick(4.6))
+    assert [c.attempt for c in drv.cancelled] == [first[0].attempt, first[1].attempt]

@@ -74,6 +74,12 @@ def test_runner_protocol_and_bad_cluster() -> None:
         (lambda t: t.parallelize([1]).submit("sum"), ValueError),
         (lambda t: t.parallelize([1]).submit("count", max), ValueError),
         (lambda t: t.parallelize([1]).submit("reduce", 3), TypeError),
+        (lambda t: t.parallelize([1]).collect(task_timeout_s=0), ValueError),
+        (lambda t: t.parallelize([1]).submit(task_timeout_s=-1.5), ValueError),
+        (lambda t: t.parallelize([1]).count(task_timeout_s=float("nan")), ValueError),
+        (lambda t: t.parallelize([1]).count(task_timeout_s=float("inf")), ValueError),
+        (lambda t: t.parallelize([1]).collect(task_timeout_s="5"), TypeError),
+        (lambda t: t.parallelize([1]).collect(task_timeout_s=True), TypeError),
     ],
 )
 def test_bad_input_fails_at_the_call(call: Any, exc: type[Exception]) -> None:
@@ -103,6 +109,27 @@ def test_actions_submit_plans_with_merged_options() -> None:
         ds.submit("reduce", max, max_retries=1)
     plan, options = runner.plans[-1]
     assert run_local(decode_plan(plan)) == 9 and options.max_retries == 1
+
+
+def test_task_timeout_option_defaults_overrides_and_bad_values() -> None:
+    task, runner = _task(task_timeout_s=30)
+    ds = task.parallelize(range(4))
+    with pytest.raises(_Submitted):
+        ds.collect()
+    assert runner.plans[-1][1].task_timeout_s == 30
+    with pytest.raises(_Submitted):
+        ds.submit(task_timeout_s=0.5)
+    assert runner.plans[-1][1].task_timeout_s == 0.5
+    plain, plain_runner = _task()
+    with pytest.raises(_Submitted):
+        plain.parallelize([1]).count()
+    assert plain_runner.plans[-1][1].task_timeout_s is None
+    for bad, exc in [(0, ValueError), (-1, ValueError), ("1", TypeError), ([1], TypeError)]:
+        with pytest.raises(exc, match="task_timeout_s"):
+            DistributedTask(_Runner(), task_timeout_s=bad)
+        with pytest.raises(exc, match="task_timeout_s"):
+            JobOptions(task_timeout_s=bad)
+    assert JobOptions().task_timeout_s is None
 
 
 def test_seed_convenience_map_then_reduce() -> None:
@@ -165,3 +192,24 @@ def test_big_chunks_go_by_reference_when_the_cluster_stores_blobs() -> None:
         run_task(plan, 0, 0)
     small = decode_plan(task.parallelize([1, 2], 2).plan_bytes())
     assert all(isinstance(s, InlineSource) for s in small.stages[0].sources or [])
+
+
+def test_read_parquet_builds_a_plan_that_runs(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(
+        pa.table({"k": [i % 3 for i in range(40)]}), tmp_path / "t.parquet", row_group_size=8
+    )
+    task, runner = _task()
+    ds = task.read_parquet(str(tmp_path / "t.parquet"), partitions=5, columns=["k"])
+    assert ds.num_partitions == 5
+    plan = decode_plan(ds.map(lambda r: (r["k"], 1)).reduce_by_key(operator.add, 2).plan_bytes())
+    assert sorted(run_local(plan)) == [(0, 14), (1, 13), (2, 13)]
+    for call, exc in [
+        (lambda: task.read_parquet(str(tmp_path / "none.parquet")), FileNotFoundError),
+        (lambda: task.read_parquet(str(tmp_path), partitions=0), ValueError),
+        (lambda: task.read_parquet(str(tmp_path), columns="k"), TypeError),  # type: ignore[arg-type]
+    ]:
+        with pytest.raises(exc):
+            call()
+    assert runner.plans == []

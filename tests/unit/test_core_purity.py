@@ -14,6 +14,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "src" / "lepton_ai"
 CORE_GLOBS = (
     "consensus/core*.py",
+    "consensus/ready_order.py",
     "consensus/paxos/*.py",
     "compute/scheduler*.py",
     "compute/state.py",

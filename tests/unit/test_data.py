@@ -208,3 +208,74 @@ def test_compressed_files_are_one_split_each(tmp_path: Path) -> None:
     assert sorted(lines) == sorted(
         [f"line {j}" for j in range(1000)] + [f"plain {j}" for j in range(1000)]
     )
+
+
+def _write_parquet(path: Path, start: int, rows: int, row_group_size: int) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    ids = list(range(start, start + rows))
+    table = pa.table(
+        {
+            "id": ids,
+            "name": [f"n{i}" for i in ids],
+            "score": [None if i % 7 == 0 else i / 2 for i in ids],
+        }
+    )
+    pq.write_table(table, path, row_group_size=row_group_size)
+
+
+def _parquet_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "table"
+    d.mkdir()
+    _write_parquet(d / "a.parquet", 0, 100, 10)  # 10 row groups
+    _write_parquet(d / "b.parquet", 100, 35, 20)  # 2 row groups
+    (d / "_SUCCESS").write_text("")  # a writer's marker: not data
+    return d
+
+
+def test_parquet_splits_by_row_groups_and_reads_every_row_once(tmp_path: Path) -> None:
+    from lepton_ai.data.parquet import parquet_sources
+    from lepton_ai.data.sources import ParquetSource
+
+    d = _parquet_dir(tmp_path)
+    want = [{"id": i, "name": f"n{i}", "score": None if i % 7 == 0 else i / 2} for i in range(135)]
+    for partitions, n_sources in [(4, 4), (None, 2), (1, 2), (50, 12)]:
+        srcs = parquet_sources(str(d), partitions)
+        assert len(srcs) == n_sources, (partitions, srcs)
+        assert all(isinstance(s, ParquetSource) for s in srcs)
+        assert [row for s in srcs for row in read_source(s)] == want
+    # 135 rows / 4 -> runs of >= 34 rows of whole row groups, never across a file
+    groups = [(Path(s.url).name, s.row_groups) for s in parquet_sources(str(d), 4)]  # type: ignore[union-attr]
+    assert groups == [
+        ("a.parquet", [0, 1, 2, 3]),
+        ("a.parquet", [4, 5, 6, 7]),
+        ("a.parquet", [8, 9]),
+        ("b.parquet", [0, 1]),
+    ]
+    url_srcs = parquet_sources(f"file://{d}/b.parquet", 2, columns=["name"])
+    assert [r for s in url_srcs for r in read_source(s)] == [
+        {"name": f"n{i}"} for i in range(100, 135)
+    ]
+
+
+def test_parquet_bad_input_fails_at_the_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lepton_ai.data.parquet import parquet_sources
+
+    d = _parquet_dir(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        parquet_sources(str(tmp_path / "nope" / "*.parquet"), 2)
+    with pytest.raises(FileNotFoundError, match="Parquet"):
+        parquet_sources(str(d / "_SUCCESS"), 2)  # only a marker file
+    (tmp_path / "fake.parquet").write_text("not parquet at all")
+    with pytest.raises(ValueError, match="not a readable Parquet file"):
+        parquet_sources(str(tmp_path / "fake.parquet"), 2)
+    with pytest.raises(ValueError, match=r"no column.*nope"):
+        parquet_sources(str(d), 2, columns=["id", "nope"])
+    for bad in ("id", [1], []):
+        with pytest.raises(TypeError, match="columns"):
+            parquet_sources(str(d), 2, columns=bad)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"pip install 'lepton-ai\[parquet\]'"):
+        parquet_sources(str(d), 2)

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import operator
-
-from lepton_ai.compute.api import DistributedTask
+from helpers import PLAN, map_done
 from lepton_ai.compute.plan import JobOptions
 from lepton_ai.compute.state import (
     ApplyResult,
     JobCommand,
     JobStateConfig,
     JobSubmitted,
-    OutputRef,
-    TaskFinished,
     decode_apply_result,
     encode_command,
 )
@@ -26,33 +22,14 @@ from lepton_ai.node.replicated import (
 )
 
 
-class _Runner:
-    def submit_plan(self, plan: bytes, options: JobOptions) -> str:
-        raise AssertionError
-
-
-PLAN = (
-    DistributedTask(_Runner())
-    .parallelize(range(10), 2)
-    .map(lambda x: (x % 2, x))
-    .reduce_by_key(operator.add, 2)
-    .plan_bytes()
-)
-
-
-def _map_done(p: int, attempt: int) -> TaskFinished:
-    refs = [OutputRef("w1", f"b{p}.{attempt}.{b}", 10) for b in range(2)]
-    return TaskFinished("j1", 0, p, 1, attempt, "w1", refs, 0.1)
-
-
 def _log() -> list[bytes]:
     return [
         encode_meta(LeaderElected(0, "127.0.0.1:1", 1024, 1.0)),
         encode_command(JobSubmitted("j1", PLAN, JobOptions())),
         kv_encode(OpenSession()),
         kv_encode(Request(1, 1, 1, Put("k", "v"))),
-        encode_command(_map_done(0, 1)),
-        encode_command(_map_done(0, 2)),  # a late duplicate: rejected
+        encode_command(map_done("j1", 0, 1)),
+        encode_command(map_done("j1", 0, 2)),  # a late duplicate: rejected
         encode_meta(ClusterEvent(2.0, "worker_lost", "w9")),
     ]
 
@@ -83,7 +60,7 @@ def test_snapshot_restores_jobs_kv_leaders_and_events() -> None:
     assert copy.read(Get("k")).value == "v"
     assert copy.leaders == sm.leaders and list(copy.events) == list(sm.events)
     # The copy keeps applying like the original (same session table, same jobs).
-    raw = encode_command(_map_done(1, 1))
+    raw = encode_command(map_done("j1", 1, 1))
     assert copy.apply(raw) == sm.apply(raw)
 
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import operator
-
 import pytest
 
-from lepton_ai.compute.api import DistributedTask
+from helpers import PLAN, map_done
 from lepton_ai.compute.plan import JobOptions
 from lepton_ai.compute.state import (
     ErrorInfo,
@@ -26,25 +24,6 @@ from lepton_ai.compute.tasks import run_task
 from lepton_ai.errors import JobFailed, TaskError
 
 
-class _Runner:
-    def submit_plan(self, plan: bytes, options: JobOptions) -> str:
-        raise AssertionError
-
-
-PLAN = (
-    DistributedTask(_Runner())
-    .parallelize(range(10), 2)
-    .map(lambda x: (x % 2, x))
-    .reduce_by_key(operator.add, 2)
-    .plan_bytes()
-)
-
-
-def _map_done(job: str, p: int, attempt: int, worker: str = "w1") -> TaskFinished:
-    refs = [OutputRef(worker, f"b{p}.{attempt}.{b}", 10) for b in range(2)]
-    return TaskFinished(job, 0, p, 1, attempt, worker, refs, 0.1)
-
-
 def _result_done(job: str, p: int, attempt: int, data: bytes) -> TaskFinished:
     return TaskFinished(job, 1, p, 1, attempt, "w1", [OutputRef("w1", "", len(data), data)])
 
@@ -56,9 +35,9 @@ def _submitted(sm: JobStateMachine, job: str = "j1") -> None:
 def test_first_task_finished_wins_and_duplicates_change_nothing() -> None:
     sm = JobStateMachine()
     _submitted(sm)
-    assert sm.apply_command(_map_done("j1", 0, 1)).accepted
+    assert sm.apply_command(map_done("j1", 0, 1)).accepted
     before = sm.snapshot()
-    res = sm.apply_command(_map_done("j1", 0, 2))
+    res = sm.apply_command(map_done("j1", 0, 2))
     assert not res.accepted and "already finished" in res.reason
     rec = sm.job("j1")
     assert rec is not None and rec.outcomes[0][0] is not None and rec.outcomes[0][0].attempt == 1
@@ -70,10 +49,10 @@ def test_first_task_finished_wins_and_duplicates_change_nothing() -> None:
 def test_output_lost_clears_only_the_named_attempt() -> None:
     sm = JobStateMachine()
     _submitted(sm)
-    sm.apply_command(_map_done("j1", 0, 1))
+    sm.apply_command(map_done("j1", 0, 1))
     assert not sm.apply_command(OutputLost("j1", 0, 0, 1, 99)).accepted  # stale
     assert sm.apply_command(OutputLost("j1", 0, 0, 1, 1)).accepted
-    assert sm.apply_command(_map_done("j1", 0, 3)).accepted  # the re-run is a new generation
+    assert sm.apply_command(map_done("j1", 0, 3)).accepted  # the re-run is a new generation
     assert not sm.apply_command(OutputLost("j1", 1, 0, 1, 1)).accepted  # results are never lost
 
 
@@ -85,7 +64,7 @@ def test_job_outcome_and_result_through_real_tasks() -> None:
     _submitted(sm)
     maps = [run_task(plan, 0, p) for p in range(2)]
     for p in range(2):
-        assert sm.apply_command(_map_done("j1", p, 1)).accepted
+        assert sm.apply_command(map_done("j1", p, 1)).accepted
     assert not sm.apply_command(JobFinished("j1")).accepted  # results missing
     for r in range(2):
         inputs = [m.buckets[r] for m in maps if m.buckets is not None]
@@ -96,7 +75,7 @@ def test_job_outcome_and_result_through_real_tasks() -> None:
     rec = sm.job("j1")
     assert rec is not None and rec.status == "finished" and rec.finished_at == 5.0
     assert sorted(rec.result()) == [(0, 20), (1, 25)]
-    assert not sm.apply_command(_map_done("j1", 0, 7)).accepted  # closed job
+    assert not sm.apply_command(map_done("j1", 0, 7)).accepted  # closed job
 
 
 def test_failed_job_raises_task_error() -> None:
@@ -121,7 +100,7 @@ def test_bad_commands_are_rejected_without_change() -> None:
     assert not decode_apply_result(sm.apply(b"\x93garbage")).accepted
     assert not sm.apply_command(JobSubmitted("j1", PLAN, JobOptions())).accepted  # duplicate
     assert not sm.apply_command(JobSubmitted("j2", b"not a plan", JobOptions())).accepted
-    assert not sm.apply_command(_map_done("nope", 0, 1)).accepted
+    assert not sm.apply_command(map_done("nope", 0, 1)).accepted
     assert not sm.apply_command(TaskFinished("j1", 0, 9, 1, 1, "w", [])).accepted
     assert not sm.apply_command(TaskFinished("j1", 0, 0, 1, 1, "w", [])).accepted  # bucket count
     not_inline = TaskFinished("j1", 1, 0, 1, 1, "w1", [OutputRef("w1", "blk", 3)])
@@ -132,8 +111,8 @@ def test_bad_commands_are_rejected_without_change() -> None:
 def test_bytes_interface_snapshot_restore_and_determinism() -> None:
     cmds = [
         JobSubmitted("a", PLAN, JobOptions()),
-        _map_done("a", 0, 1),
-        _map_done("a", 0, 2),
+        map_done("a", 0, 1),
+        map_done("a", 0, 2),
         JobSubmitted("b", PLAN, JobOptions(max_retries=1)),
         JobDeleted("b"),
     ]

@@ -96,8 +96,10 @@ class DistributedTask:
 
     Keyword options are the defaults of every job started from this task:
     ``max_retries=3``, ``retry_exceptions=False``, ``speculation=True``,
-    ``progress=None`` (None: a rich progress bar when stderr is a TTY and the job
-    runs longer than a second; False: never; True: always).
+    ``task_timeout_s=None`` (seconds an attempt may run before it is killed and
+    retried as an infrastructure failure; see ``plan.JobOptions``),
+    ``progress=None`` (None: a rich progress bar when stderr is a TTY and the
+    job runs longer than a second; False: never; True: always).
     """
 
     def __init__(
@@ -107,6 +109,7 @@ class DistributedTask:
         max_retries: int = 3,
         retry_exceptions: bool = False,
         speculation: bool = True,
+        task_timeout_s: float | None = None,
         progress: bool | None = None,
         limits: SourceLimits | None = None,
     ) -> None:
@@ -115,6 +118,7 @@ class DistributedTask:
             max_retries=max_retries,
             retry_exceptions=bool(retry_exceptions),
             speculation=bool(speculation),
+            task_timeout_s=task_timeout_s,
         )
         if progress is not None and not isinstance(progress, bool):
             raise TypeError("progress must be None, True or False")
@@ -179,6 +183,28 @@ class DistributedTask:
         if partitions is not None:
             check_partitions(partitions)
         sources = text_sources(path, partitions, fmt=fmt, csv_header=header, limits=self.limits)
+        return Dataset(self, (SourceOp(tuple(sources)),))
+
+    def read_parquet(
+        self,
+        path: str,
+        partitions: int | None = None,
+        columns: list[str] | None = None,
+    ) -> Dataset:
+        """Rows of Parquet files as dicts (column -> value), only ``columns`` if given.
+
+        ``path`` as for ``read_text``. Partitions are runs of whole row groups of
+        one file, balanced by rows (``partitions`` is a target; a file with few
+        row groups gives fewer); the client reads only the files' footers.
+        Needs pyarrow (``pip install 'lepton-ai[parquet]'``, else ImportError).
+        FileNotFoundError if nothing matches; ValueError for a file that is not
+        Parquet or lacks one of ``columns``.
+        """
+        from lepton_ai.data.parquet import parquet_sources
+
+        if partitions is not None:
+            check_partitions(partitions)
+        sources = parquet_sources(path, partitions, columns, self.limits)
         return Dataset(self, (SourceOp(tuple(sources)),))
 
     def map(
@@ -281,7 +307,7 @@ class Dataset:
 
         ``action`` is ``"collect"`` (default), ``"count"`` or ``"reduce"`` (with
         ``op``, None = sum). Options as for ``DistributedTask`` (``max_retries``,
-        ``retry_exceptions``, ``speculation``, ``progress``, plus ``name``).
+        ``retry_exceptions``, ``speculation``, ``task_timeout_s``, ``progress``, plus ``name``).
         """
         if action not in ("collect", "count", "reduce"):
             raise ValueError(f"action must be collect, count or reduce, got {action!r}")
@@ -329,7 +355,7 @@ class Dataset:
         if progress is not None and not isinstance(progress, bool):
             raise TypeError("progress must be None, True or False")
         base = self._task.options
-        known = {"max_retries", "retry_exceptions", "speculation", "name"}
+        known = {"max_retries", "retry_exceptions", "speculation", "task_timeout_s", "name"}
         unknown = set(options) - known
         if unknown:
             raise TypeError(f"unknown job option(s): {', '.join(sorted(unknown))}")
@@ -338,6 +364,7 @@ class Dataset:
             retry_exceptions=bool(options.get("retry_exceptions", base.retry_exceptions)),
             speculation=bool(options.get("speculation", base.speculation)),
             name=str(options.get("name", base.name)),
+            task_timeout_s=options.get("task_timeout_s", base.task_timeout_s),
         )
         plan = self.plan_bytes(action, op)  # TypeError here if a function cannot be pickled
         job_id = self._task.cluster.submit_plan(plan, merged)

@@ -38,7 +38,13 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         raise ValueError(f"{path} has no function {func_name or 'main'}(task)")
     cluster = _connect(args)
     try:
-        out = func(DistributedTask(cluster))
+        task = DistributedTask(
+            cluster,
+            max_retries=args.max_retries,
+            retry_exceptions=args.retry_exceptions,
+            task_timeout_s=args.task_timeout,
+        )
+        out = func(task)
         if isinstance(out, Dataset):
             job = out.submit(progress=False)
         elif isinstance(out, Job):
@@ -102,7 +108,16 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("submit", help="submit a job defined in a Python file")
     p.add_argument("target", metavar="FILE[:FUNC]", help="FUNC(task) returns a Dataset")
     p.add_argument("--wait", action="store_true", help="wait for the result and print it")
-    p.add_argument("--timeout", type=float, default=None)
+    p.add_argument("--timeout", type=float, default=None, help="with --wait: seconds to wait")
+    p.add_argument("--max-retries", type=int, default=3, help="infrastructure retries per task")
+    p.add_argument("--retry-exceptions", action="store_true", help="retry user exceptions too")
+    p.add_argument(
+        "--task-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="kill and retry an attempt running longer than this",
+    )
     p.add_argument("--json", action="store_true")
     add_connect_args(p)
     p.set_defaults(func=_cmd_submit)

@@ -21,6 +21,7 @@ without ever unpickling user code.
 from __future__ import annotations
 
 import functools
+import math
 import operator
 import pickle
 from collections.abc import Callable, Sequence
@@ -48,19 +49,31 @@ class JobOptions(msgspec.Struct, frozen=True, kw_only=True):
     corrupt shuffle output) tolerated per task before the job fails.
     ``retry_exceptions``: also retry a task whose user code raised (else the job
     fails at once with ``lep.TaskError``). ``speculation``: run backup copies of
-    stragglers. ``name``: shown in status and events.
+    stragglers. ``name``: shown in status and events. ``task_timeout_s``: an
+    attempt running longer than this (seconds from its dispatch, or from when it
+    began running if it waited in line behind another attempt; input fetches
+    count) is killed with its executor and counts as an infrastructure failure,
+    retried up to ``max_retries``; None: no limit. It catches hung tasks that
+    speculation cannot (a single-task stage has no median to compare with).
     """
 
     max_retries: int = 3
     retry_exceptions: bool = False
     speculation: bool = True
     name: str = ""
+    task_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int):
             raise TypeError("max_retries must be an int")
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
+        t = self.task_timeout_s
+        if t is not None:
+            if isinstance(t, bool) or not isinstance(t, (int, float)):
+                raise TypeError(f"task_timeout_s must be a number or None, got {type(t).__name__}")
+            if not (0 < t < math.inf):
+                raise ValueError(f"task_timeout_s must be > 0 and finite, got {t}")
 
 
 class ShuffleWrite(msgspec.Struct, frozen=True):

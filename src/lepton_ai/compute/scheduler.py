@@ -60,6 +60,7 @@ class _Run:
     start: float
     speculative: bool
     cancelled: bool = False
+    stolen_for: str | None = None  # a queued_only Cancel asked for it to move to this worker
 
 
 @dataclass(eq=False)
@@ -74,6 +75,7 @@ class _Task:
     failures: int = 0
     losses: int = 0
     backup_launched: bool = False
+    steal_to: str | None = None  # given up by a busy worker for this idle one: place it there
 
     @property
     def done(self) -> bool:
@@ -105,6 +107,7 @@ class _Worker:
     address: str
     slots: int
     free: list[int]
+    executors: int = 1
 
 
 class Scheduler:
@@ -279,12 +282,68 @@ class Scheduler:
                 task.queued = False
                 if not self._runnable(job, task):
                     continue  # stale entry; re-queued when it becomes runnable
-                worker = self._pick_worker(job, task, exclude=None)
+                thief = self._workers.get(task.steal_to or "")
+                worker = thief if thief is not None and thief.free else None
+                worker = worker or self._pick_worker(job, task, exclude=None)
                 if worker is None:
                     self._enqueue(job, task)
                     return
                 self._dispatch(job, task, worker, now, speculative=False)
                 free -= 1
+        if free > 0 and self.config.steal:
+            self._steal()
+
+    def _steal(self) -> None:
+        """Slots are free and nothing is queued: move unstarted attempts to them.
+
+        Workers line up the attempts of their scheduler slots behind the running
+        one (``pipeline_depth``), so at the end of a stage, or behind a slow task,
+        one node can hold waiting work while another idles. The busiest worker
+        (live attempts per executor) is asked (``Cancel(queued_only=True)``) to
+        give up its newest attempts, the least likely to have started; one that
+        did start is left to finish. A given-up attempt comes back as
+        ``TaskFailed("cancelled")`` and is queued again, for the idle worker.
+        No attempt is duplicated, so first-result-wins is untouched.
+        """
+        loads = dict.fromkeys(self._workers, 0)
+        room = {wid: len(w.free) for wid, w in self._workers.items()}
+        movable: dict[str, list[_Run]] = {}
+        for run in self._runs.values():
+            if run.cancelled or run.worker not in loads:
+                continue
+            if run.stolen_for is not None:
+                if run.stolen_for in loads:  # on its way to the thief: count it there
+                    loads[run.stolen_for] += 1
+                    room[run.stolen_for] -= 1
+                continue
+            loads[run.worker] += 1
+            if not run.speculative:
+                movable.setdefault(run.worker, []).append(run)
+        execs = {wid: w.executors for wid, w in self._workers.items()}
+        for wid in list(movable):
+            if loads[wid] <= execs[wid]:
+                del movable[wid]  # nothing waits there: every attempt runs
+            else:
+                movable[wid].sort(key=lambda r: (r.attempt.epoch, r.attempt.attempt))
+        gap = self.config.steal_imbalance_min
+        for thief in sorted(room, key=lambda wid: -room[wid]):
+            while room[thief] > 0 and movable:
+                victim = max(movable, key=lambda wid: loads[wid] / execs[wid])
+                # Per executor, the victim must lead by ``gap`` (cross-multiplied).
+                if loads[victim] * execs[thief] < (loads[thief] + gap) * execs[victim]:
+                    break
+                run = movable[victim].pop()
+                if not movable[victim] or loads[victim] - 1 <= execs[victim]:
+                    del movable[victim]
+                found = self._task_of(run.attempt)
+                if found is None or len(found[1].runs) != 1 or found[1].proposed:
+                    continue
+                run.stolen_for = thief
+                found[1].steal_to = thief
+                loads[victim] -= 1
+                loads[thief] += 1
+                room[thief] -= 1
+                self._out.append(Cancel(run.attempt, run.worker, queued_only=True))
 
     def _input_bytes_by_worker(self, job: _Job, task: _Task) -> dict[str, int]:
         sizes: dict[str, int] = {}
@@ -296,13 +355,30 @@ class Scheduler:
                 sizes[ref.worker] = sizes.get(ref.worker, 0) + ref.size_bytes
         return sizes
 
-    def _pick_worker(self, job: _Job, task: _Task, exclude: str | None) -> _Worker | None:
-        """A worker with a free slot: the one holding most input bytes, else the least busy."""
-        candidates = [w for w in self._workers.values() if w.free and w.worker_id != exclude]
+    def _pick_worker(
+        self, job: _Job, task: _Task, exclude: str | None, idle_executor: bool = False
+    ) -> _Worker | None:
+        """A worker with a free slot: the one with the fewest attempts per executor
+        (they wait in line there), and of those the one holding most input bytes.
+
+        Balance before locality: a reducer waiting behind others on the node that
+        holds its input loses more than fetching it costs (the merge tasks of a
+        reduce tree would otherwise all line up on one node while another idles).
+        """
+        candidates = [
+            w
+            for w in self._workers.values()
+            if w.free
+            and w.worker_id != exclude
+            and (not idle_executor or w.slots - len(w.free) < w.executors)
+        ]
         if not candidates:
             return None
         sizes = self._input_bytes_by_worker(job, task)
-        return max(candidates, key=lambda w: (sizes.get(w.worker_id, 0), len(w.free)))
+        return max(
+            candidates,
+            key=lambda w: (-(w.slots - len(w.free)) / w.executors, sizes.get(w.worker_id, 0)),
+        )
 
     def _inputs(self, job: _Job, task: _Task) -> tuple[list[OutputRef], dict[str, str]]:
         if task.stage == 0:
@@ -328,6 +404,7 @@ class Scheduler:
         run = _Run(attempt, worker.worker_id, slot, now, speculative)
         self._runs[attempt] = run
         task.runs.append(run)
+        task.steal_to = None
         inputs, addresses = self._inputs(job, task)
         self._out.append(Dispatch(attempt, worker.worker_id, slot, inputs, addresses, speculative))
 
@@ -490,7 +567,8 @@ class Scheduler:
             for run in [r for r in self._runs.values() if r.worker == ev.worker]:
                 if busy.get(run.slot) != run.attempt:
                     self._lose_run(run, "executor lost while its worker re-registered", ev.now)
-        w = _Worker(ev.worker, ev.address, ev.slots, [])
+        executors = ev.executors if 0 < ev.executors <= ev.slots else max(ev.slots, 1)
+        w = _Worker(ev.worker, ev.address, ev.slots, [], executors)
         self._workers[ev.worker] = w
         taken = {r.slot for r in self._runs.values() if r.worker == ev.worker}
         for slot, attempt in busy.items():
@@ -633,10 +711,47 @@ class Scheduler:
     def _tick(self, now: float) -> None:
         while self._reproposals:
             self._propose(self._reproposals.popleft())
+        if any(j.options.task_timeout_s is not None for j in self._jobs.values()):
+            self._expire_timeouts(now)
         for job in list(self._jobs.values()):
             last = len(job.tasks) - 1
             if not job.closing and job.stage_complete(last):
                 self._stage_completed(job, last, now)  # a rejected JobFinished: try again
+
+    def _expire_timeouts(self, now: float) -> None:
+        """Kill attempts running past their job's ``task_timeout_s``; retry them.
+
+        Scheduler slot s of a worker runs on its executor s % executors, one
+        attempt at a time: only the oldest live attempt of each such lane can be
+        running, so only it is timed (the others only wait in line; their clock
+        restarts when the one ahead of them is killed). A killed attempt counts
+        as an infrastructure failure; its slot frees when its report arrives.
+        """
+        heads: dict[tuple[str, int], _Run] = {}
+        for run in self._runs.values():
+            w = self._workers.get(run.worker)
+            if run.cancelled or w is None:
+                continue
+            lane = (run.worker, run.slot % w.executors)
+            head = heads.get(lane)
+            if head is None or run.start < head.start:
+                heads[lane] = run
+        for (worker, executor), run in heads.items():
+            found = self._task_of(run.attempt)
+            limit = found[0].options.task_timeout_s if found is not None else None
+            if found is None or limit is None or now - run.start <= limit:
+                continue
+            job, task = found
+            what = f"attempt ran longer than task_timeout_s={limit:g} on {worker}"
+            run.cancelled = True
+            self._out.append(Cancel(run.attempt, worker, reason=what))  # kills its executor
+            if run in task.runs:
+                task.runs.remove(run)
+            execs = self._workers[worker].executors
+            for other in self._runs.values():
+                if other.worker == worker and other.slot % execs == executor:
+                    other.start = max(other.start, now)
+            self._count_failure(job, task, what, now)
 
     def _speculate(self, now: float) -> None:
         thresholds: dict[tuple[str, int], float | None] = {}
@@ -657,11 +772,13 @@ class Scheduler:
             limit = thresholds[key]
             if limit is None or now - run.start <= limit:
                 continue
-            worker = self._pick_worker(job, task, exclude=run.worker) or self._pick_worker(
-                job, task, exclude=None
-            )
+            # Only onto an executor with nothing to do: a backup lined up behind
+            # other attempts would start no sooner than the original ends.
+            worker = self._pick_worker(
+                job, task, exclude=run.worker, idle_executor=True
+            ) or self._pick_worker(job, task, exclude=None, idle_executor=True)
             if worker is None:
-                return  # no free slot anywhere
+                return  # no idle executor anywhere
             task.backup_launched = True
             self._dispatch(job, task, worker, now, speculative=True)
 

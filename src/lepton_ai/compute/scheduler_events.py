@@ -58,13 +58,17 @@ class RunningReport(msgspec.Struct, frozen=True):
 
 
 class WorkerJoined(msgspec.Struct, frozen=True, tag=True):
-    """A worker agent registered (or re-registered with a new leader) with ``slots`` executors."""
+    """A worker agent registered (or re-registered with a new leader) with ``slots``
+    scheduler slots served by ``executors`` processes (0: one per slot). With
+    fewer executors than slots, attempts wait in line at the worker; work
+    stealing balances the line per executor."""
 
     worker: str
     address: str
     slots: int
     now: float
     running: list[RunningReport] = []
+    executors: int = 0
 
 
 class WorkerLost(msgspec.Struct, frozen=True, tag=True):
@@ -173,8 +177,16 @@ class Propose(msgspec.Struct, frozen=True, tag=True):
 
 
 class Cancel(msgspec.Struct, frozen=True, tag=True):
+    """Stop ``attempt``. ``queued_only`` (work stealing): drop it only if it has not
+    started yet, reporting ``TaskFailed(kind="cancelled")``; if it already runs, ignore
+    the request and let it finish (its report is then handled as usual). ``reason``
+    (for the job's event timeline): set when the attempt is stopped because it
+    failed (ran past ``task_timeout_s``), empty when it is merely not needed."""
+
     attempt: TaskAttempt
     worker: str
+    queued_only: bool = False
+    reason: str = ""
 
 
 SchedulerAction = Dispatch | Propose | Cancel
@@ -191,3 +203,9 @@ class SchedulerConfig:
     output_losses_max: int = 4  # per task: re-runs for lost output before the job fails
     jobs_max: int = 10_000  # jobs tracked at once (the state machine bounds them too)
     reproposals_max: int = 10_000  # failed proposals kept for retry on Tick
+    # Work stealing: when slots are free and nothing is queued, ask the busiest
+    # worker to give up attempts it has not started (newest first) until the loads
+    # per executor differ by less than ``steal_imbalance_min``; the scheduler
+    # re-places them.
+    steal: bool = True
+    steal_imbalance_min: int = 2  # attempts per executor more on the victim than the thief

@@ -45,11 +45,11 @@ from lepton_ai.consensus.core_types import (
 from lepton_ai.consensus.messages import (
     KIND_COMMANDS,
     KIND_CONFIG,
-    Accept,
-    Heartbeat,
+    ZERO_BALLOT,
     PeerMessage,
     Value,
 )
+from lepton_ai.consensus.ready_order import split_early
 from lepton_ai.consensus.storage import ReplicaStorage
 from lepton_ai.consensus.transport import PeerLink, TransportConfig
 from lepton_ai.errors import LeptonError, Unavailable
@@ -57,9 +57,6 @@ from lepton_ai.wire import Codec
 
 log = logging.getLogger("lepton_ai.consensus.driver")
 
-
-# Leader-role messages that carry no vote of the sender (see ReplicaDriver._handle).
-_PROPOSALS = (Accept, Heartbeat)
 
 Done = Callable[[bytes | None, BaseException | None], None]
 """Called once with (result, None) or (None, error)."""
@@ -94,12 +91,38 @@ class DriverConfig:
     inbox_max: int = 65_536  # peer messages waiting for the loop; beyond: dropped (Paxos resends)
     proposals_pending_max: int = 65_536  # commands proposed and not yet committed
     proposals_per_pass_max: int = 2048  # commands handed to the core per loop pass
+    # While this many slots are uncommitted, a leader keeps new proposals in its queue:
+    # they all go into the next slot once one commits. A busy leader otherwise seals a
+    # slot per loop pass (~1.4 commands each under a task stream) and pays a round of
+    # messages, WAL writes and follower passes for every one. The default leaves the
+    # pipeline to the core (PaxosConfig.inflight_max); the coordinator uses 1.
+    slots_in_flight_max: int = 1024
+    # A leader opens a new slot at most once per this interval while it is busy: while
+    # commands queued up behind the slot that committed last, or that slot carried at
+    # least ``stream_batch_min`` commands. An idle leader's command goes at once, also
+    # one that a commit's own apply proposes (a job's JobFinished after its last
+    # TaskFinished): pacing it would add the interval to the critical path of every
+    # stage for nothing. Bounds replication rounds per second (each costs every
+    # follower a wake-up, a read, a WAL write and a reply), so a stream of commands
+    # rides in fewer, larger slots. 0: no pacing.
+    batch_interval_s: float = 0.0
+    stream_batch_min: int = 4
     submit_timeout_s: float = 10.0  # LogHost.submit / read_barrier deadline
+    # A brand-new group's lowest id campaigns once it reaches a quorum of peers, within
+    # this long (then the ordinary election timeouts decide); polled at this interval.
+    first_campaign_wait_s: float = 2.0
+    first_campaign_poll_s: float = 0.005
     transport: TransportConfig = field(default_factory=TransportConfig)
 
     def __post_init__(self) -> None:
         if self.tick_s <= 0 or self.ticks_per_pass_max < 1 or self.inbox_max < 1:
             raise ValueError("tick_s, ticks_per_pass_max and inbox_max must be positive")
+        if self.slots_in_flight_max < 1 or self.proposals_per_pass_max < 1:
+            raise ValueError("slots_in_flight_max and proposals_per_pass_max must be >= 1")
+        if self.stream_batch_min < 1:
+            raise ValueError("stream_batch_min must be >= 1")
+        if not 0.0 <= self.batch_interval_s < self.submit_timeout_s:
+            raise ValueError("batch_interval_s must be >= 0 and below submit_timeout_s")
 
 
 class ReplicaDriver:
@@ -141,6 +164,13 @@ class ReplicaDriver:
         self._callbacks: list[Callable[[bool], None]] = []
         self._was_leader = False
         self._last_tick = time.monotonic()
+        self._last_heard = self._last_tick  # monotonic time a peer message last arrived
+        self._last_batch = 0.0  # monotonic time proposals last went into the core
+        self._batch_timer: asyncio.TimerHandle | None = None
+        self._paced = False  # busy: pace new slots (see DriverConfig.batch_interval_s)
+        self._last_batch_size = 0  # commands the leader's newest slot took
+        self._seen_commit = 0
+        self._campaign_now = False  # set by _first_campaign, acted on in the next pass
         self._extra_tasks: set[asyncio.Task[None]] = set()
         self._pass_end: list[Callable[[], None]] = []
         self._in_pass = False
@@ -291,6 +321,7 @@ class ReplicaDriver:
             self.dropped_inbox += 1
             return
         self._inbox.append(msg)
+        self._last_heard = time.monotonic()
         self._wake.set()
 
     # -- the loop -------------------------------------------------------------------------
@@ -301,11 +332,62 @@ class ReplicaDriver:
                 tg.create_task(link.run(), name=f"peer-link-{link.peer_id}")
             tg.create_task(self._ticker(), name="ticker")
             tg.create_task(self._loop(), name="ready-loop")
+            if self._first_of_new_group():
+                tg.create_task(self._first_campaign(), name="first-campaign")
+
+    def _first_of_new_group(self) -> bool:
+        """True on the lowest-id member of a group that never ran: an empty log, no
+        ballot ever promised. It campaigns as soon as it can reach a quorum instead of
+        waiting out an election timeout (the others keep their randomised timeouts, so
+        if it is slow to come up one of them takes over as usual)."""
+        core = self.core
+        members = core.members
+        return (
+            core.promised == ZERO_BALLOT
+            and core.log.last == 0
+            and bool(members)
+            and self.node_id == min(members)
+        )
+
+    async def _first_campaign(self) -> None:
+        deadline = time.monotonic() + self.config.first_campaign_wait_s
+        quorum = len(self.core.members) // 2  # peers needed besides this replica
+        while time.monotonic() < deadline:
+            if self.core.promised != ZERO_BALLOT or self.core.leader_id is not None:
+                return  # someone campaigned already: a normal election is under way
+            if sum(1 for link in self.links.values() if link.connected) >= quorum:
+                self._campaign_now = True
+                self._wake.set()
+                return
+            await asyncio.sleep(self.config.first_campaign_poll_s)
 
     async def _ticker(self) -> None:
         while True:
-            await asyncio.sleep(self.config.tick_s)
+            await asyncio.sleep(self.config.tick_s * self._ticks_per_wake())
             self._wake.set()
+
+    def _ticks_per_wake(self) -> int:
+        """How many ticks the ticker may let pass before it wakes the loop.
+
+        Every pass catches up the ticks due (up to ``ticks_per_pass_max``), so a longer
+        sleep loses no tick, it only delivers them later. Waking every tick costs each
+        replica 50 loop passes a second for nothing while it hears from a leader; a
+        leader needs its ticks only for heartbeats (every ``heartbeat_ticks``), and a
+        follower that hears from its leader needs none (messages wake it, and their pass
+        ticks too). A follower silent for ``heartbeat_ticks`` (or with no leader, or a
+        candidate) ticks every tick again, so elections start on time and the randomised
+        timeouts keep their spread: the switch comes at most ``heartbeat_ticks +
+        ticks_per_pass_max - 1`` ticks after the silence begins (5 by default), before
+        ``election_ticks_min`` (10).
+        """
+        core = self.core
+        cap = self.config.ticks_per_pass_max
+        if core.is_leader:
+            return max(1, min(self.paxos.heartbeat_ticks, cap))
+        silent_s = time.monotonic() - self._last_heard
+        if core.leader_id is None or silent_s >= self.paxos.heartbeat_ticks * self.config.tick_s:
+            return 1
+        return max(1, cap - 1)  # one tick of slack: a late wake-up past the cap drops ticks
 
     async def _loop(self) -> None:
         while True:
@@ -330,6 +412,11 @@ class ReplicaDriver:
         # heartbeats waiting in the inbox must count before the time that passed does.
         while self._inbox:
             self.core.step(self._inbox.popleft())
+        self._note_commit()  # before _take_proposals drains the queue
+        if self._campaign_now:
+            self._campaign_now = False
+            if self.core.promised == ZERO_BALLOT and self.core.leader_id is None:
+                self.core.campaign()
         now = time.monotonic()
         due = int((now - self._last_tick) / self.config.tick_s)
         if due > 0:
@@ -350,12 +437,53 @@ class ReplicaDriver:
                 # arrive as messages, in a later pass.
                 break
         self._note_leadership()
-        if self._proposals:
-            self._wake.set()
+        if self._proposals and not self._holding():
+            self._wake.set()  # more than one pass's share; a held queue waits for a commit
+
+    def _holding(self) -> bool:
+        """True while proposals wait for a slot to commit or, while the leader is busy
+        (``_note_commit``), for the batch interval to pass (a leader only: a follower's
+        queue is drained at once, every command failing with NotLeader). A commit
+        arrives as a message and wakes the loop; the end of the interval is woken by a
+        timer."""
+        core = self.core
+        if not core.is_leader:
+            return False
+        if core.log.last - core.log.commit >= self.config.slots_in_flight_max:
+            return True
+        if not self._paced:
+            return False
+        wait_s = self._last_batch + self.config.batch_interval_s - time.monotonic()
+        if wait_s <= 0:
+            return False
+        if self._batch_timer is None:
+            self._batch_timer = asyncio.get_running_loop().call_later(wait_s, self._batch_due)
+        return True
+
+    def _note_commit(self) -> None:
+        """On the first sight of a new commit point: were commands queued behind the slot
+        that committed, or was that slot a large one? Then the leader is busy and paces
+        its slots; if not, it is idle and the next command goes at once
+        (DriverConfig.batch_interval_s). A momentarily empty queue in a stream of
+        commands does not count as idle: the stream's slots are large."""
+        commit = self.core.log.commit
+        if commit > self._seen_commit:
+            self._seen_commit = commit
+            self._paced = (
+                bool(self._proposals) or self._last_batch_size >= self.config.stream_batch_min
+            )
+
+    def _batch_due(self) -> None:
+        self._batch_timer = None
+        self._wake.set()
 
     def _take_proposals(self) -> None:
+        if not self._proposals or self._holding():
+            return
+        self._last_batch = time.monotonic()
         # Bounded per pass so one burst cannot stall heartbeats and replies for long.
-        for _ in range(min(len(self._proposals), self.config.proposals_per_pass_max)):
+        self._last_batch_size = min(len(self._proposals), self.config.proposals_per_pass_max)
+        for _ in range(self._last_batch_size):
             command, done = self._proposals.popleft()
             try:
                 pid = self.core.propose(command)
@@ -383,18 +511,15 @@ class ReplicaDriver:
             self._reads[self._read_ids] = done
 
     def _handle(self, rd: Ready) -> None:
-        late = rd.messages
-        if rd.must_sync and rd.messages and _commit_is_durable(rd):
-            # A leader's Accept/Heartbeat is a proposal, not a vote: it goes out before
-            # this replica's own fdatasync, so the followers' fdatasyncs overlap it
-            # (Ongaro's thesis, 10.2.1). Safe because this replica's own acceptance is
-            # counted only in a later pass (peers' Accepted arrive after this pass, whose
-            # fdatasync has then completed), and a promise or an acceptance (Promise,
-            # Accepted, HeartbeatAck, Nack) still leaves only after the fdatasync.
-            early = [(to, m) for to, m in rd.messages if isinstance(m, _PROPOSALS)]
-            if early:
-                late = [(to, m) for to, m in rd.messages if not isinstance(m, _PROPOSALS)]
-                self._send(early)
+        # A leader's Accept/Heartbeat is a proposal, not a vote: it goes out before this
+        # replica's own fdatasync, so the followers' fdatasyncs overlap it (Ongaro's
+        # thesis, 10.2.1). Safe because this replica's own acceptance is counted only in
+        # a later pass (peers' Accepted arrive after this pass, whose fdatasync has then
+        # completed), and a promise or an acceptance (Promise, Accepted, HeartbeatAck,
+        # Nack) still leaves only after the fdatasync. lepton_ai.sim runs the same rule,
+        # so the seeded fuzz exercises this order under crashes.
+        early, late = split_early(rd)
+        self._send(early)
         self.storage.persist(rd)  # fdatasync here when rd.must_sync ...
         for entry in rd.persist_entries:
             # A pending membership change needs links before it commits: if this replica
@@ -405,6 +530,7 @@ class ReplicaDriver:
         if rd.snapshot_to_install is not None:
             self._install(rd.snapshot_to_install.data, rd.snapshot_to_install.members)
             self._fail_waiting_through(rd.snapshot_to_install.slot)
+        self._note_commit()  # before the applies: what they propose is no backlog
         for slot, value in rd.committed:
             self._apply(slot, value)
         for rid in rd.reads_ready:
@@ -505,20 +631,14 @@ class ReplicaDriver:
             callback(leading)
 
     async def close(self) -> None:
+        if self._batch_timer is not None:
+            self._batch_timer.cancel()
+            self._batch_timer = None
         for task in list(self._extra_tasks):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self.storage.close()
-
-
-def _commit_is_durable(rd: Ready) -> bool:
-    """True unless ``rd`` commits a slot it also persists: a quorum that counted this
-    replica's not yet synced vote (a single-voter group) must not be announced (the
-    commit point rides on Accept/Heartbeat) before that vote is durable."""
-    if not rd.committed or not rd.persist_entries:
-        return True
-    return rd.committed[-1][0] < min(entry.slot for entry in rd.persist_entries)
 
 
 def _check_address(address: str) -> None:

@@ -330,6 +330,8 @@ class ReplicaOptions:
     snapshot_entries: int = 10_000
     log_retain_entries: int = 1_000  # slots kept below a snapshot for lagging peers
     join: bool = False  # a new replica: not a member until a committed change adds it
+    batch_interval_s: float = 0.0  # DriverConfig.batch_interval_s (pacing of slots)
+    slots_in_flight_max: int = 1024  # DriverConfig.slots_in_flight_max
     wire: WireConfig = field(default_factory=WireConfig)
 
 
@@ -411,7 +413,11 @@ class ReplicaHost:
             durable,
             token=self._token,
             peer_codec=SERVER_CODEC,
-            config=DriverConfig(tick_s=self.options.tick_s),
+            config=DriverConfig(
+                tick_s=self.options.tick_s,
+                batch_interval_s=self.options.batch_interval_s,
+                slots_in_flight_max=self.options.slots_in_flight_max,
+            ),
         )
         kv = self._state_machine if isinstance(self._state_machine, KvMachine) else None
         self._handler = KvServer(self._driver, kv, os.getpid())

@@ -123,6 +123,7 @@ class PeerLink:
         self.dropped = 0
         self.sent = 0
         self.last_error = ""
+        self.generation = 0  # connections made so far: a new one may reach a restarted peer
 
     @property
     def connected(self) -> bool:
@@ -155,6 +156,7 @@ class PeerLink:
                     host, port, token=self._token, codec=self._codec, config=self._config.wire
                 )
                 await conn.send(PeerHello(self.self_id))
+                self.generation += 1
                 self._conn = conn
                 backoff = self._config.reconnect_backoff_s
                 # The peer never sends on this connection: a completed read means it closed.

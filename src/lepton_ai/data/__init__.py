@@ -1,2 +1,2 @@
 """Data layer: datasets as partitioned collections, readers (items, numpy arrays,
-text via fsspec) and partitioning."""
+text, CSV, JSONL and Parquet via fsspec) and partitioning."""

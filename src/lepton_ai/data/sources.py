@@ -13,6 +13,7 @@ A source is a small msgspec struct that travels inside the job plan:
   the range itself, with Hadoop TextInputFormat's rule: a split owns exactly the lines
   whose first byte lies in ``[start, end)``, so any set of adjacent ranges covering a file
   yields every line exactly once.
+* ``ParquetSource`` - whole row groups of one Parquet file (see ``data.parquet``).
 
 ``read_source`` is eager: all I/O of a task happens before user code runs, so a
 failure while reading is an infrastructure failure, not a user exception.
@@ -80,7 +81,16 @@ class TextSource(msgspec.Struct, frozen=True, tag="text"):
     compression: str | None = None
 
 
-Source = RangeSource | InlineSource | BlobSource | TextSource
+class ParquetSource(msgspec.Struct, frozen=True, tag="parquet"):
+    """Row groups ``row_groups`` of the Parquet file at ``url``, as one dict per row;
+    ``columns``: only these (None: all)."""
+
+    url: str
+    row_groups: list[int]
+    columns: list[str] | None = None
+
+
+Source = RangeSource | InlineSource | BlobSource | TextSource | ParquetSource
 BlobFetcher = Callable[[str], bytes]
 BlobStorer = Callable[[bytes], str]
 
@@ -131,7 +141,7 @@ def inline_sources(
     return out
 
 
-def _resolve_files(path: str, limits: SourceLimits) -> tuple[Any, list[tuple[str, int]]]:
+def resolve_files(path: str, limits: SourceLimits) -> tuple[Any, list[tuple[str, int]]]:
     """(filesystem, [(path, size)]) of every file matched by ``path`` (glob or directory)."""
     import fsspec
 
@@ -173,7 +183,7 @@ def text_sources(
     limits = limits or SourceLimits()
     if not isinstance(path, str) or not path:
         raise TypeError(f"path must be a non-empty str, got {path!r}")
-    fs, files = _resolve_files(path, limits)
+    fs, files = resolve_files(path, limits)
     total = sum(size for _, size in files)
     if partitions is None:
         partitions = max(1, math.ceil(total / limits.text_split_bytes_default))
@@ -182,7 +192,7 @@ def text_sources(
     from fsspec.utils import infer_compression
 
     for p, size in files:
-        url = p if _is_local(fs) else fs.unstrip_protocol(p)
+        url = p if is_local(fs) else fs.unstrip_protocol(p)
         compression = infer_compression(p)
         if compression is not None:
             if size:
@@ -196,7 +206,7 @@ def text_sources(
     return out
 
 
-def _is_local(fs: Any) -> bool:
+def is_local(fs: Any) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("file", "local")
 
@@ -224,6 +234,10 @@ def read_source(
             raise ValueError(f"blob {source.key}: {len(data)} bytes, expected {source.size_bytes}")
         blob_items: Iterable[Any] = pickle.loads(data)
         return blob_items
+    if isinstance(source, ParquetSource):
+        from lepton_ai.data.parquet import read_parquet_source
+
+        return read_parquet_source(source)
     return read_text_source(source, limits or SourceLimits())
 
 
@@ -235,7 +249,7 @@ def read_text_source(source: TextSource, limits: SourceLimits) -> list[Any]:
         with fsspec.open(source.url, "rb", compression=source.compression) as zf:
             body = zf.read()
         return _parse(source, decode_lines(body), header)
-    with _open(source.url) as f:
+    with open_url(source.url) as f:
         body = read_line_range(f, source.start, source.end, limits.read_chunk_bytes)
         if source.fmt == "csv" and source.csv_header and source.start > 0:
             f.seek(0)
@@ -259,7 +273,7 @@ def _parse(source: TextSource, lines: list[str], header: list[str] | None) -> li
     return [dict(zip(keys, row, strict=False)) for row in rows]
 
 
-def _open(url: str) -> IO[bytes]:
+def open_url(url: str) -> IO[bytes]:
     if "://" not in url:
         return open(url, "rb")
     import fsspec

@@ -133,12 +133,7 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    if "," in str(args.join):
-        # Several coordinators: the agent that follows the leader among them.
-        from lepton_ai.node.worker_ha import run_from_args as run_ha
-
-        run_ha(args)
-        return 0
+    # With several coordinators (``--join h1:p1,h2:p2``) the agent follows the leader.
     from lepton_ai.node.worker import run_from_args
 
     run_from_args(args)
@@ -155,7 +150,7 @@ def _spawn_background(
     """
     from lepton_ai.node.netutil import bind_listener
 
-    n = getattr(args, "coordinators", 1)
+    n = getattr(args, "coordinators", 3)
     if n < 1 or n % 2 == 0:
         raise ValueError(f"--coordinators must be odd and >= 1, got {n}")
     socks = [bind_listener(args.host, args.port if i == 0 else 0) for i in range(n)]
@@ -189,7 +184,7 @@ def _spawn_background(
         pids.append(subprocess.Popen(cmd, pass_fds=tuple(fds), **common).pid)
     for sock in [*socks, *paxos]:
         sock.close()
-    module = "lepton_ai.node.worker_ha" if n > 1 else "lepton_ai.node.worker"
+    module = "lepton_ai.node.worker"  # follows the leader when given several
     worker_args = ["--join", address, "--slots", str(args.slots), "--quiet"]
     worker_args += ["--data-dir", str(data_dir / "workers")]
     for i in range(args.workers):
@@ -345,10 +340,15 @@ def register(subparsers: Any) -> None:
     cluster = subparsers.add_parser("cluster", help="start, stop or inspect a local cluster")
     sub = cluster.add_subparsers(dest="cluster_command", metavar="SUBCOMMAND", required=True)
     _cluster_subparsers = sub
-    up = sub.add_parser("up", help="start a coordinator and workers in the background")
+    up = sub.add_parser("up", help="start coordinators and workers in the background")
     up.add_argument("--workers", type=int, default=2)
     up.add_argument("--slots", type=int, default=1, help="executors per worker")
-    up.add_argument("--coordinators", type=int, default=1, help="coordinator replicas (1, 3 or 5)")
+    up.add_argument(
+        "--coordinators",
+        type=int,
+        default=3,
+        help="coordinator replicas: 3 (the default) or 5 survive one or two deaths; 1 is smallest",
+    )
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=0)
     up.add_argument("--token", default=None, help="cluster token (default: generated)")

@@ -26,7 +26,7 @@ class ClientConfig:
     request_timeout_s: float = 30.0
     idle_connections_max: int = 8  # per coordinator address
     retries_max: int = 3  # connection failures per address, per request, before giving up
-    retry_backoff_s: float = 0.1
+    retry_backoff_s: float = 0.05  # doubles per retry up to the max
     retry_backoff_max_s: float = 0.5
     redirects_max: int = 10_000  # bounded by the request's deadline in practice
     wire: WireConfig = field(default_factory=lambda: node_wire_config(connect_timeout_s=1.0))

@@ -6,8 +6,8 @@
         cluster.pause("worker", 0)    # SIGSTOP (a hang); resume() sends SIGCONT
         cluster.restart("worker", 1)  # start it again
 
-``LocalCluster`` starts a coordinator (or ``coordinators=3``: three replicas
-of the Multi-Paxos log, ``cluster.kill("leader")`` kills the current leader)
+``LocalCluster`` starts three coordinators, replicas of the Multi-Paxos log
+(``cluster.kill("leader")`` kills the current leader; ``coordinators=1``: one)
 and ``workers`` worker agents as subprocesses on 127.0.0.1 with a fresh token.
 The coordinators' listening sockets are bound here and inherited by the
 children, so the workers start at the same time (they know every address
@@ -257,8 +257,9 @@ def _close_all() -> None:
 class LocalCluster(Cluster):
     """Coordinator(s) and ``workers`` worker agents as subprocesses of this process.
 
-    ``coordinators``: 1 (a local log; the default, or ``$LEPTON_COORDINATORS``)
-    or an odd number of Multi-Paxos replicas (3 survives any one death).
+    ``coordinators``: an odd number of Multi-Paxos replicas (3, the default, or
+    ``$LEPTON_COORDINATORS``: survives any one death) or 1 (one coordinator on a
+    local log: the smallest footprint, no failover).
     """
 
     def __init__(
@@ -284,9 +285,10 @@ class LocalCluster(Cluster):
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
             raise ValueError(f"workers must be an int >= 0, got {workers!r}")
         if coordinators is None:
-            # The default: one coordinator on a local log (fastest start, see the
-            # HA report); LEPTON_COORDINATORS=3 makes every LocalCluster replicated.
-            coordinators = int(os.environ.get("LEPTON_COORDINATORS", "1"))
+            # The default: three replicas of the Multi-Paxos log, so the cluster survives
+            # the death of any one coordinator; LEPTON_COORDINATORS=1 (or coordinators=1)
+            # gives the smallest footprint: one coordinator on a local log.
+            coordinators = int(os.environ.get("LEPTON_COORDINATORS", "3"))
         if (
             not isinstance(coordinators, int)
             or isinstance(coordinators, bool)
@@ -358,9 +360,8 @@ class LocalCluster(Cluster):
             if self.job_retention_s > 0:
                 args += ["--job-retention-s", repr(self.job_retention_s)]
             return py + args, fds
-        module = "lepton_ai.node.worker_ha" if self.coordinators > 1 else "lepton_ai.node.worker"
         args = [
-            module,
+            "lepton_ai.node.worker",  # follows the leader when given several
             "--join",
             self.address,
             "--slots",

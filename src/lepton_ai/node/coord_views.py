@@ -37,6 +37,9 @@ from lepton_ai.wire import Connection
 if TYPE_CHECKING:
     from lepton_ai.node.coordinator import Coordinator
 
+NO_LEADER_WAIT_S = 0.5  # a follower that knows no leader holds a client request this long
+NO_LEADER_POLL_S = 0.01
+
 
 class WorkerView:
     """What the coordinator knows about one registered worker incarnation."""
@@ -83,7 +86,9 @@ class ClientApi:
         if not self.c.leading and not isinstance(msg, GetEvents):
             # A follower's state may lag and it cannot order commands: send the
             # client to the leader ("" when unknown: the client tries the others).
-            return ErrorReply("redirect", self.c.leader_hint() or "")
+            hint = await self._leader_hint_soon()
+            if not self.c.leading:
+                return ErrorReply("redirect", hint or "")
         if isinstance(msg, DeleteJob):
             return await self._delete(msg)
         if isinstance(msg, SubmitJob):
@@ -104,6 +109,17 @@ class ClientApi:
             self.c.events.append(msg.event)
             return Ok()
         return ErrorReply("invalid", f"{type(msg).__name__} is not a client request")
+
+    async def _leader_hint_soon(self) -> str | None:
+        """The leader's address; while none is known (an election, a cluster starting),
+        wait up to ``NO_LEADER_WAIT_S`` for one: the client is then sent on at once
+        instead of backing off and asking round the coordinators again."""
+        deadline = time.monotonic() + NO_LEADER_WAIT_S
+        hint = self.c.leader_hint()
+        while hint is None and not self.c.leading and time.monotonic() < deadline:
+            await asyncio.sleep(NO_LEADER_POLL_S)
+            hint = self.c.leader_hint()
+        return hint
 
     async def _submit(self, msg: SubmitJob) -> ClientReply:
         if not self.c.leading:

@@ -189,6 +189,10 @@ class Coordinator:
         self.dispatch_counts: dict[tuple[str, int, int], int] = {}
         self.members_changed = asyncio.Event()
         self._outgoing: dict[str, RunTasks] = {}
+        # (worker, queued_only) -> attempts to cancel, sent after the dispatches of
+        # the same loop turn: a steal of an attempt dispatched in this turn must
+        # reach the worker after the attempt itself.
+        self._cancels: dict[tuple[str, bool], list[TaskAttempt]] = {}
         # Shuffle inputs of dispatched readers (until their report) and outputs
         # already reported bad, to tell a stale fetch failure from a new one.
         self._reader_inputs: dict[TaskAttempt, list[OutputRef]] = {}
@@ -242,6 +246,7 @@ class Coordinator:
             view.conn.writer.close()  # they re-register with the new leader
         self.workers.clear()
         self._outgoing.clear()
+        self._cancels.clear()
         self._reader_inputs.clear()
         self.members_changed.set()
 
@@ -324,7 +329,7 @@ class Coordinator:
             os._exit(70)
         for action in actions:
             self._carry_out(action)
-        if self._outgoing and not self._flush_scheduled:
+        if (self._outgoing or self._cancels) and not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
@@ -334,9 +339,15 @@ class Coordinator:
         elif isinstance(action, Dispatch):
             self._queue_dispatch(action)
         elif isinstance(action, Cancel):
-            view = self.workers.get(action.worker)
-            if view is not None:
-                view.conn.send_nowait(CancelTasks([action.attempt]))
+            key = (action.worker, action.queued_only)
+            self._cancels.setdefault(key, []).append(action.attempt)
+            if action.reason:
+                a = action.attempt
+                self.event(
+                    "task_timed_out",
+                    f"stage {a.stage} partition {a.partition}: {action.reason}",
+                    a.job_id,
+                )
 
     def _queue_dispatch(self, d: Dispatch) -> None:
         a = d.attempt
@@ -373,6 +384,7 @@ class Coordinator:
     def _flush(self) -> None:
         self._flush_scheduled = False
         outgoing, self._outgoing = self._outgoing, {}
+        cancels, self._cancels = self._cancels, {}
         for worker_id, batch in outgoing.items():
             view = self.workers.get(worker_id)
             if view is None:
@@ -380,6 +392,10 @@ class Coordinator:
                     self.step(TaskFailed(d.attempt, worker_id, "infra", time.monotonic(), "gone"))
                 continue
             view.conn.send_nowait(batch)
+        for (worker_id, queued_only), attempts in cancels.items():
+            view = self.workers.get(worker_id)
+            if view is not None:  # a lost worker's attempts are void already
+                view.conn.send_nowait(CancelTasks(attempts, queued_only))
 
     # -- proposals and applied commands ----------------------------------------------
     def propose_soon(self, cmd: JobCommand) -> None:
@@ -489,7 +505,7 @@ class Coordinator:
         await conn.send(Registered(self.address, self.config.heartbeat_interval_s, True))
         self.event("worker_joined", f"{reg.name} ({reg.worker}) pid {reg.pid} at {reg.address}")
         self.members_changed.set()
-        self.step(WorkerJoined(reg.worker, reg.address, reg.slots, now, reg.running))
+        self.step(WorkerJoined(reg.worker, reg.address, reg.slots, now, reg.running, reg.executors))
         try:
             async for msg in conn:
                 if self.workers.get(reg.worker) is not view:

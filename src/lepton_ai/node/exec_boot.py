@@ -30,7 +30,12 @@ def main() -> None:
 
     watch_parent()
     sock = socket.socket(fileno=int(os.environ[FD_ENV]))
-    sock.sendall(hello_frame(os.getpid()))
+    try:
+        sock.sendall(hello_frame(os.getpid()))
+    except OSError:
+        # The agent closed us while we started (a spare or replacement no longer
+        # wanted, or the node is stopping): nobody is listening, leave quietly.
+        os._exit(0)
     from lepton_ai.node.executor import run_executor
 
     run_executor(sock)

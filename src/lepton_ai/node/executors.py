@@ -61,10 +61,20 @@ class ExecutorConfig:
     restart_backoff_s: float = 0.05
     restart_backoff_max_s: float = 2.0
     spares: int = 1  # warm executors per node kept aside for instant replacement
-    spares_delay_s: float = 0.5  # after the node's first executors are up
+    # After the node's first executors are up: a spare matters only once an
+    # executor dies, and until then costs ~20 MB and 0.1 s of CPU, which a
+    # cluster's start-up and first job should not pay (a death before it is
+    # up is handled by a cold start, ~0.1 s slower).
+    spares_delay_s: float = 2.0
     # Attempts handed to one executor at once; it runs them in order, so the next
     # one starts without waiting for the agent (a pipe round trip per tiny task).
     window: int = 8
+    # ... but for a stage whose tasks take this long here, only ``window_slow``:
+    # an executor reads the agent's messages between tasks only, so attempts
+    # handed to it cannot be taken back (work stealing) while a slow one runs;
+    # one waiting attempt still hides the pipe round trip.
+    slow_task_s: float = 0.025
+    window_slow: int = 2
     # ... and the shuffle input they carry; one attempt always goes, whatever its size.
     window_bytes_max: int = 64 << 20
     write_buffer_bytes_max: int = 1 << 20  # unsent bytes to an executor before we wait
@@ -114,6 +124,7 @@ class ExecutorSlot:
         *,
         on_capacity: Callable[[], None] = _ignore,
         on_started: Callable[[TaskAttempt], None] = lambda a: None,
+        on_ready: Callable[[], None] = _ignore,
     ) -> None:
         self.slot = slot
         self.worker = worker
@@ -122,6 +133,7 @@ class ExecutorSlot:
         self.on_event = on_event  # (kind, detail) for the node's event feed
         self.on_capacity = on_capacity  # room for another attempt (or a new executor)
         self.on_started = on_started  # a queued attempt became the running one
+        self.on_ready = on_ready  # an executor (first or replacement) said hello
         self.pid = 0
         self.restarts = 0
         self.cancelled = False  # killed on purpose: the running attempt was cancelled
@@ -142,14 +154,15 @@ class ExecutorSlot:
             return "starting"
         return "busy" if self.outstanding else "idle"
 
-    def can_take(self) -> bool:
-        """Room in the window for one more attempt (always for one, whatever its size)."""
+    def can_take(self, window: int | None = None) -> bool:
+        """Room in the window (``config.window`` unless given) for one more attempt
+        (always for one, whatever its size)."""
         if not self._ready.is_set() or self._writer is None:
             return False
         if not self.outstanding:
             return True
         return (
-            len(self.outstanding) < self.config.window
+            len(self.outstanding) < (self.config.window if window is None else window)
             and self._inflight_bytes < self.config.window_bytes_max
         )
 
@@ -198,6 +211,7 @@ class ExecutorSlot:
         self._proc, self._reader, self._writer = started.proc, started.reader, started.writer
         self.pid = started.proc.pid
         self._ready.set()
+        self.on_ready()
         self.on_capacity()
 
     async def _recv(self) -> ExecMessage:

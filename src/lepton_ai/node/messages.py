@@ -49,6 +49,7 @@ class Register(msgspec.Struct, frozen=True, tag=True):
     slots: int
     pid: int
     running: list[RunningReport] = []
+    executors: int = 0  # processes serving the ``slots`` (0: one per slot)
 
 
 class Registered(msgspec.Struct, frozen=True, tag=True):
@@ -84,7 +85,10 @@ class RunTasks(msgspec.Struct, frozen=True, tag=True):
 
 
 class CancelTasks(msgspec.Struct, frozen=True, tag=True):
+    """Stop these attempts; ``queued_only``: only those not started yet (work stealing)."""
+
     attempts: list[TaskAttempt]
+    queued_only: bool = False
 
 
 class DropJobs(msgspec.Struct, frozen=True, tag=True):

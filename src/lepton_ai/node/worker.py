@@ -1,6 +1,6 @@
 """The worker node program: a long-lived agent that supervises executors.
 
-    lepton worker --join HOST:PORT --token T --slots N
+    lepton worker --join HOST:PORT[,HOST:PORT...] --token T --slots N
 
 The agent never runs user code. It keeps one warm executor per slot
 (``executors.ExecutorSlot``), joins the coordinator (``Register``), heartbeats
@@ -12,6 +12,13 @@ and batched per source node, before the attempt is handed to the executor.
 When the coordinator connection drops the agent keeps its executors and its
 shuffle files and reconnects; on re-registering it reports what it is still
 running, so a new leader (issue 4) can rebuild its soft state.
+
+Given several coordinators (``--join h1:p1,h2:p2,h3:p3``) the agent follows
+the leader: it asks them (``GetStatus``, answered by followers too) who leads,
+points its session at that address, and drops a session held with one that no
+longer leads (a deposed or hung leader: SIGSTOP leaves the TCP connection open,
+so the session would never notice by itself). It then re-registers with the
+leader, and the results waiting in its outbox go there.
 """
 
 from __future__ import annotations
@@ -49,12 +56,16 @@ from lepton_ai.node.executors import (
 from lepton_ai.node.messages import (
     BlockData,
     CancelTasks,
+    ClientReply,
+    ClusterInfo,
     DropJobs,
+    ErrorReply,
     ExecDone,
     ExecFailed,
     ExecRun,
     ExecutorInfo,
     FetchBlocks,
+    GetStatus,
     Heartbeat,
     Register,
     Registered,
@@ -81,6 +92,16 @@ log = logging.getLogger("lepton_ai.worker")
 
 _COORD_CODEC = Codec[WorkerMessage](WorkerMessage)
 _SHUFFLE_CODEC = Codec[ShuffleMessage](ShuffleMessage)
+_CLIENT_CODEC = Codec[ClientReply](ClientReply)
+
+
+@dataclass(frozen=True)
+class LeaderWatchConfig:
+    """How an agent joined to several coordinators looks for the leader."""
+
+    interval_s: float = 0.2
+    searching_s: float = 0.05  # while no coordinator names a leader
+    probe_timeout_s: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -90,12 +111,12 @@ class WorkerConfig:
     reconnect_backoff_s: float = 0.05
     reconnect_backoff_max_s: float = 1.0
     plans_max: int = 256
-    # Scheduler slots per executor: the next task already waits at the executor
+    # Scheduler slots per executor: the next tasks already wait at the executor
     # while the current one runs, hiding the coordinator's round trip (report,
-    # log commit, next dispatch). Deeper runs tiny tasks ~2x faster (8: 10-12k
-    # tasks/s) but strands work queued behind a slow task while another node
-    # idles: the scheduler does not steal queued attempts (yet), so 2.
-    pipeline_depth: int = 2
+    # log commit, next dispatch): 8 runs tiny tasks ~2x faster than 2. Work
+    # queued here behind a slow task is not stranded: when another node has
+    # free slots, the scheduler steals attempts that have not started.
+    pipeline_depth: int = 8
     # An attempt running this many times its stage's typical duration here is a
     # straggler: the attempts queued behind it may be backed up elsewhere.
     straggler_factor: float = 2.0
@@ -104,21 +125,31 @@ class WorkerConfig:
     fetch_connections_max: int = 64
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     wire: WireConfig = field(default_factory=node_wire_config)
+    leader_watch: LeaderWatchConfig = field(default_factory=LeaderWatchConfig)
 
 
 class WorkerAgent:
+    """``join``: one coordinator address, or several comma-separated (follow the leader)."""
+
     def __init__(
         self, join: str, token: str, data_dir: str, name: str, config: WorkerConfig
     ) -> None:
         if config.slots <= 0:
             raise ValueError(f"slots must be > 0, got {config.slots}")
-        self.join = parse_address(join)
+        joins = [a.strip() for a in join.split(",") if a.strip()]
+        if not joins:
+            raise ValueError("no coordinator address to join")
+        self.coordinators = [parse_address(a) for a in joins]
+        self.join = self.coordinators[0]
+        self._probes: dict[tuple[str, int], Connection[ClientReply]] = {}
+        self._probe_wire = node_wire_config(connect_timeout_s=config.leader_watch.probe_timeout_s)
         self.token = token
         self.name = name
         self.config = config
         self.worker_id = f"{name}-{os.getpid()}-{os.urandom(2).hex()}"
         self.store = BlockStore(os.path.join(data_dir, self.worker_id))
         self.address = ""
+        self._beat_now = asyncio.Event()  # an executor came up: heartbeat at once
         self.slots = [
             ExecutorSlot(
                 i,
@@ -128,6 +159,7 @@ class WorkerAgent:
                 self._event,
                 on_capacity=functools.partial(self._wake_lane, i),
                 on_started=self._started,
+                on_ready=self._beat_now.set,
             )
             for i in range(config.slots)
         ]
@@ -177,9 +209,13 @@ class WorkerAgent:
                     tg.create_task(self._slot_loop(i))
                 if self.config.executor.spares > 0:
                     tg.create_task(self.spares.run(self.slots))
+                if len(self.coordinators) > 1:
+                    tg.create_task(self._leader_watch())
                 tg.create_task(self._coordinator_loop())
         finally:
             server.close()
+            for probe in self._probes.values():
+                probe.writer.close()
             for slot in self.slots:
                 await slot.close()
             await self.spares.close()
@@ -216,6 +252,7 @@ class WorkerAgent:
                 self.sched_slots,
                 os.getpid(),
                 self._running(),
+                len(self.slots),
             )
         )
         reply = await conn.recv()
@@ -236,6 +273,66 @@ class WorkerAgent:
             finally:
                 hb.cancel()
                 out.cancel()
+
+    # -- following the leader (several coordinators) --------------------------------
+    async def _leader_watch(self) -> None:
+        watch = self.config.leader_watch
+        pause = 0.0  # the first look is at once: join the leader, not a follower
+        while True:
+            await asyncio.sleep(pause)
+            leader = await self._find_leader()
+            # No leader known (an election runs): look again soon, else at the interval.
+            pause = watch.interval_s if leader is not None else watch.searching_s
+            if leader is None:
+                if self._conn is None:
+                    # Nobody names a leader and we are not connected: try the next.
+                    i = self.coordinators.index(self.join) if self.join in self.coordinators else 0
+                    self.join = self.coordinators[(i + 1) % len(self.coordinators)]
+                continue
+            if leader != self.join:
+                log.info("leader is now %s:%s", *leader)
+                self.join = leader
+                if self._conn is not None:
+                    self._conn.writer.close()  # the session ends; the loop rejoins the leader
+
+    async def _find_leader(self) -> tuple[str, int] | None:
+        # Ask the one we believe leads first: it answers for itself.
+        order = [self.join, *[a for a in self.coordinators if a != self.join]]
+        for address in order:
+            named = await self._probe(address)
+            if named:
+                with contextlib.suppress(ValueError):
+                    leader = parse_address(named)
+                    if leader not in self.coordinators:
+                        self.coordinators.append(leader)
+                    return leader
+        return None
+
+    async def _probe(self, address: tuple[str, int]) -> str | None:
+        """The leader ``address`` names (itself when it leads), or None."""
+        timeout_s = self.config.leader_watch.probe_timeout_s
+        try:
+            conn = self._probes.get(address)
+            if conn is None or conn.closed:
+                conn = await asyncio.wait_for(
+                    connect(
+                        *address, token=self.token, codec=_CLIENT_CODEC, config=self._probe_wire
+                    ),
+                    timeout_s,
+                )
+                self._probes[address] = conn
+            await conn.send(GetStatus(0, 0.0))
+            reply = await asyncio.wait_for(conn.recv(), timeout_s)
+        except (OSError, TimeoutError, LeptonError):
+            stale = self._probes.pop(address, None)
+            if stale is not None:
+                stale.writer.close()
+            return None
+        if isinstance(reply, ClusterInfo):
+            return reply.leader or None
+        if isinstance(reply, ErrorReply) and reply.kind == "redirect":
+            return reply.message or None
+        return None
 
     def _reincarnate(self) -> None:
         """Become a new worker: everything done under the old id is void.
@@ -308,7 +405,11 @@ class WorkerAgent:
                 ExecutorInfo(-1 - i, pid, "spare") for i, pid in enumerate(self.spares.pids())
             ]
             await conn.send(Heartbeat(self._running(), execs))
-            await asyncio.sleep(self.config.heartbeat_interval_s)
+            # Early when an executor comes up: the cluster counts a node ready
+            # once the coordinator has heard its executors are (start-up).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._beat_now.wait(), self.config.heartbeat_interval_s)
+            self._beat_now.clear()
 
     async def _send_loop(self, conn: Connection[WorkerMessage]) -> None:
         while True:
@@ -359,7 +460,7 @@ class WorkerAgent:
                 self._enqueue(d)
         elif isinstance(msg, CancelTasks):
             for a in msg.attempts:
-                self._cancel(a)
+                self._cancel(a, msg.queued_only)
         elif isinstance(msg, DropJobs):
             for job_id in msg.job_ids:
                 self.plans.pop(job_id, None)
@@ -379,7 +480,9 @@ class WorkerAgent:
         self.lanes[index].append(d)
         self._lane_ready[index].set()
 
-    def _cancel(self, a: TaskAttempt) -> None:
+    def _cancel(self, a: TaskAttempt, queued_only: bool = False) -> None:
+        """Stop ``a``; with ``queued_only`` (the scheduler steals it for an idle
+        node) only if it has not started: a running one is left to finish."""
         for lane in self.lanes:
             for d in lane:
                 if d.attempt == a:
@@ -388,6 +491,8 @@ class WorkerAgent:
                     return
         for slot, submitted in zip(self.slots, self._submitted, strict=True):
             if a in submitted:
+                if queued_only and slot.is_running(a):
+                    return
                 slot.cancel(a)  # its reply (or the executor's death) reports it
                 return
 
@@ -404,7 +509,7 @@ class WorkerAgent:
         """Feed executor ``index`` from its lane while its window has room."""
         slot, lane, ready = self.slots[index], self.lanes[index], self._lane_ready[index]
         while True:
-            if not lane or not slot.can_take():
+            if not lane or not slot.can_take(self._window_for(lane[0].attempt)):
                 ready.clear()
                 await ready.wait()
                 continue
@@ -413,6 +518,13 @@ class WorkerAgent:
             failed = await self._submit(index, d)
             if failed is not None and generation == self._generation:
                 self._report(failed)
+
+    def _window_for(self, a: TaskAttempt) -> int:
+        """Attempts of ``a``'s stage to hand an executor at once: many while they
+        are known to be short, few once they are slow (see ``ExecutorConfig``)."""
+        ex = self.config.executor
+        typical = self._typical_s.get((a.job_id, a.stage))
+        return ex.window if typical is None or typical < ex.slow_task_s else ex.window_slow
 
     async def _submit(self, index: int, d: Dispatch) -> TaskReport | None:
         """Hand ``d`` to its executor; a report only if it failed before getting there."""

@@ -2,10 +2,15 @@
 
 Each node has a simulated disk (what its runtime fsynced), a clock that ticks at its own
 rate (drift), and a state machine (a hash chain checked by ``SafetyChecker``). The
-simulated runtime follows the Ready contract: persist, then send, then apply, then
-``advance``. A crash may tear the Ready being written: a random prefix of its records
-(ballot, entries in order, snapshot, commit hint) reaches the disk, nothing is sent —
-exactly what an un-fsynced tail plus a torn last record leaves behind.
+simulated runtime follows the Ready contract in the order the real driver
+(``consensus.driver``) uses: a leader's Accept/Heartbeat leave first
+(``ready_order.split_early``), then the fdatasync runs for ``DiskConfig`` sync units,
+during which the node's loop is blocked (messages, ticks and client calls wait, as in the
+driver's single-threaded loop); then the votes and everything else are sent, committed
+slots applied and ``advance`` called. A crash may tear the Ready being written: a random
+prefix of its records (ballot, entries in order, snapshot, commit hint) reaches the disk
+and its late messages are never sent, while its early messages may already have been
+delivered — exactly what an un-fsynced tail plus a torn last record leaves behind.
 
 Every failure names its seed and the command that replays it.
 """
@@ -19,37 +24,27 @@ from dataclasses import dataclass, field
 import msgspec
 
 from lepton_ai.consensus.core import Overloaded, PaxosConfig, ProposalId, Ready, Replica
-from lepton_ai.consensus.core_types import DurableState, InvariantError, NotLeader
-from lepton_ai.consensus.messages import ZERO_BALLOT, Ballot, Entry, PeerMessage, Snapshot, Value
+from lepton_ai.consensus.core_types import InvariantError, NotLeader
+from lepton_ai.consensus.messages import Entry, PeerMessage, Snapshot, Value
+from lepton_ai.consensus.ready_order import EARLY_TYPES, Outgoing, split_early
 from lepton_ai.sim.checker import SafetyChecker, SmState
+from lepton_ai.sim.disk import DiskConfig, InFlightSync, SimDisk, SyncStats, records
 from lepton_ai.sim.network import NetConfig, SimNetwork
 
 UNIT = 10
 """Simulation units per nominal tick (message delays are fractions of a tick)."""
 DRAIN_ROUNDS_MAX = 1_000
 FILLER_TICKS = 30
+TICKS_PER_PASS_MAX = 4
+"""Ticks fired at once after a node's loop was blocked (the driver's ticks_per_pass_max)."""
+INBOX_MAX = 65_536
+"""Messages waiting for a node's blocked loop; beyond it they are dropped (driver's inbox_max)."""
+CLIENT_QUEUE_MAX = 65_536
+"""Client commands and reads waiting for a node's blocked loop (driver's proposals_pending_max)."""
 
 
 class LivenessViolation(AssertionError):
     """Progress did not resume within the bound after faults stopped."""
-
-
-@dataclass(slots=True)
-class SimDisk:
-    """What one node's runtime has durably written."""
-
-    promised: Ballot = ZERO_BALLOT
-    entries: dict[int, Entry] = field(default_factory=dict)
-    snapshot: Snapshot | None = None
-    commit: int = 0
-
-    def durable_state(self) -> DurableState:
-        return DurableState(
-            promised=self.promised,
-            entries=[self.entries[s] for s in sorted(self.entries)],
-            snapshot=self.snapshot,
-            commit=self.commit,
-        )
 
 
 @dataclass(slots=True)
@@ -63,6 +58,11 @@ class SimNode:
     sm: SmState = field(default_factory=SmState)
     alive: bool = True
     restarts: int = 0
+    syncing: InFlightSync | None = None
+    inbox: list[PeerMessage] = field(default_factory=list)
+    ticks_owed: int = 0
+    queued_commands: list[bytes] = field(default_factory=list)
+    queued_reads: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -84,6 +84,7 @@ class SimCluster:
         net: NetConfig | None = None,
         drift: float = 0.0,
         paxos: dict[str, object] | None = None,
+        disk: DiskConfig | None = None,
     ) -> None:
         if n < 1:
             raise ValueError("need at least one node")
@@ -93,6 +94,11 @@ class SimCluster:
         self.net_config = net or NetConfig()
         self.net_config.validate()
         self.net = SimNetwork(self.rng, self.net_config)
+        self.disk = disk or DiskConfig()
+        self.disk.validate()
+        # Its own stream: disk timing does not shift the network's draws directly.
+        self.disk_rng = random.Random(seed * 6151 + 17)
+        self.sync_stats = SyncStats()
         self.drift = drift
         self.paxos = dict(paxos or {})
         self.now = 0
@@ -147,22 +153,32 @@ class SimCluster:
         while True:
             self._drain_dirty()
             t_msg = self.net.next_time()
-            tick_node = min(
-                (n for n in self.nodes.values() if n.alive),
-                key=lambda n: n.next_tick,
+            alive = [n for n in self.nodes.values() if n.alive]
+            tick_node = min(alive, key=lambda n: n.next_tick, default=None)
+            t_tick = tick_node.next_tick if tick_node is not None else None
+            sync_node = min(
+                (n for n in alive if n.syncing is not None),
+                key=lambda n: n.syncing.done_at if n.syncing is not None else 0,
                 default=None,
             )
-            t_tick = tick_node.next_tick if tick_node is not None else None
-            times = [t for t in (t_msg, t_tick) if t is not None]
+            t_sync = sync_node.syncing.done_at if sync_node and sync_node.syncing else None
+            times = [t for t in (t_msg, t_tick, t_sync) if t is not None]
             if not times or min(times) > t_end:
                 break
-            if t_msg is not None and (t_tick is None or t_msg <= t_tick):
+            if sync_node is not None and t_sync == min(times):
+                self.now = max(self.now, min(times))
+                self._finish_sync(sync_node)
+            elif t_msg is not None and (t_tick is None or t_msg <= t_tick):
                 self._deliver()
             elif tick_node is not None:
                 self.now = tick_node.next_tick
                 tick_node.next_tick += tick_node.tick_period
-                tick_node.replica.tick()
-                self._drain(tick_node)
+                if tick_node.syncing is not None:
+                    tick_node.ticks_owed += 1  # fired once the loop is free again
+                    self.sync_stats.deferred += 1
+                else:
+                    tick_node.replica.tick()
+                    self._drain(tick_node)
             self._resubmit()
         self.now = max(self.now, t_end)
 
@@ -179,29 +195,106 @@ class SimCluster:
         if node is None or not node.alive or not self.net.link_up(src, dst):
             return
         self.net.delivered += 1
+        sender = self.nodes.get(src)
+        if sender is not None and sender.syncing is not None and isinstance(msg, EARLY_TYPES):
+            lo, hi = sender.syncing.early_seq
+            if lo < self.net.popped_seq <= hi:
+                self.sync_stats.early_delivered_in_sync += 1
+        if node.syncing is not None:
+            # The driver's loop is inside its fdatasync: the message waits in the inbox.
+            if len(node.inbox) < INBOX_MAX:
+                node.inbox.append(msg)
+                self.sync_stats.deferred += 1
+            return
         node.replica.step(msg)
         self._drain(node)
 
     def _drain(self, node: SimNode) -> None:
-        """The simulated runtime: persist, send, apply, advance — until nothing is ready."""
+        """The simulated runtime's Ready loop: early messages, persist (a sync takes
+        simulated time and blocks the node), late messages, apply, advance - until
+        nothing is ready or a sync is in flight."""
         rep = node.replica
         for _ in range(DRAIN_ROUNDS_MAX):
-            if not rep.has_ready():
+            if node.syncing is not None or not rep.has_ready():
                 return
             rd = rep.ready()
-            self._persist(node, rd, len(_records(rd)))
-            for to, msg in rd.messages:
-                self.net.send(self.now, node.node_id, to, msg)
-            self._apply(node, rd)
-            rep.advance(rd)
-            if rep.compaction_due():
-                rep.compact(msgspec.msgpack.encode(node.sm))
+            if rd.must_sync and self.disk.sync_units_max > 0:
+                self._start_sync(node, rd)
+                return
+            self._persist(node, rd, len(records(rd)))
+            self._send(node, rd.messages)
+            self._complete(node, rd)
         raise self.checker.violation(f"node {node.node_id} never stops producing Ready batches")
+
+    def _start_sync(self, node: SimNode, rd: Ready) -> None:
+        early, late = split_early(rd) if self.disk.early_send else ([], rd.messages)
+        lo = self.net.seq
+        self._send(node, early)
+        disk, rng = self.disk, self.disk_rng
+        duration = rng.randint(disk.sync_units_min, disk.sync_units_max)
+        crash = bool(early) and disk.crash_in_sync > 0 and rng.random() < disk.crash_in_sync
+        if crash:
+            duration = rng.randint(1, max(duration, 2 * self.net_config.delay_max))
+        node.syncing = InFlightSync(rd, late, self.now + duration, crash, (lo, self.net.seq))
+        self.sync_stats.syncs += 1
+        self.sync_stats.early_sent += len(early)
+
+    def _finish_sync(self, node: SimNode) -> None:
+        """The fdatasync returned (or, for a doomed sync, the node died in it)."""
+        sync = node.syncing
+        if sync is None:
+            raise self.checker.violation(f"node {node.node_id} finished a sync it never began")
+        if sync.crash:
+            self.crash(node.node_id, torn=True)
+            return
+        node.syncing = None
+        self._persist(node, sync.ready, len(records(sync.ready)))
+        self._send(node, sync.late)
+        self._complete(node, sync.ready)
+        self._drain(node)  # the rest of this pass's Ready loop
+        if node.alive and node.syncing is None:
+            self._pass(node)
+
+    def _pass(self, node: SimNode) -> None:
+        """The driver's next loop pass after it was blocked: the messages that queued up
+        (before ticks, as the driver does), the ticks that fell due (bounded), the client
+        calls, then one Ready loop for all of them (group commit)."""
+        rep = node.replica
+        inbox, node.inbox = node.inbox, []
+        for msg in inbox:
+            rep.step(msg)
+        owed, node.ticks_owed = min(node.ticks_owed, TICKS_PER_PASS_MAX), 0
+        for _ in range(owed):
+            rep.tick()
+        commands, node.queued_commands = node.queued_commands, []
+        for cmd in commands:
+            if not self._propose_now(node, cmd):
+                self.retry.append(cmd)
+        reads, node.queued_reads = node.queued_reads, []
+        for rid in reads:
+            try:
+                rep.read_index(rid)
+            except (NotLeader, Overloaded):
+                self.reads.pop(rid, None)
+                self.reads_done[rid] = False
+        self._drain(node)
+
+    def _send(self, node: SimNode, messages: Outgoing) -> None:
+        for to, msg in messages:
+            self.net.send(self.now, node.node_id, to, msg)
+
+    def _complete(self, node: SimNode, rd: Ready) -> None:
+        """After ``rd`` is durable and sent: apply, advance, maybe compact."""
+        rep = node.replica
+        self._apply(node, rd)
+        rep.advance(rd)
+        if rep.compaction_due():
+            rep.compact(msgspec.msgpack.encode(node.sm))
 
     def _persist(self, node: SimNode, rd: Ready, count: int) -> None:
         """Write the first ``count`` records of ``rd`` to the node's disk, in WAL order."""
         disk = node.disk
-        for kind, item in _records(rd)[:count]:
+        for kind, item in records(rd)[:count]:
             if kind == "ballot" and isinstance(item, tuple):
                 disk.promised = item
             elif kind == "entry" and isinstance(item, Entry):
@@ -259,6 +352,16 @@ class SimCluster:
         target = self.nodes.get(node_id) if node_id is not None else self.leader_node()
         if target is None or not target.alive:
             return False
+        if target.syncing is not None:
+            # The driver answers NotLeader at once and queues the rest for its next pass.
+            if not target.replica.is_leader or len(target.queued_commands) >= CLIENT_QUEUE_MAX:
+                return False
+            target.queued_commands.append(cmd)
+            self.sync_stats.deferred += 1
+            return True
+        return self._propose_now(target, cmd)
+
+    def _propose_now(self, target: SimNode, cmd: bytes) -> bool:
         try:
             pid = target.replica.propose(cmd)
         except (NotLeader, Overloaded):
@@ -281,8 +384,8 @@ class SimCluster:
         if not self.retry:
             return
         leader = self.leader_node()
-        if leader is None:
-            return
+        if leader is None or leader.syncing is not None:
+            return  # retried once the leader's loop is free (not queued to bounce back)
         todo, self.retry = self.retry, []
         for i, cmd in enumerate(todo):
             if not self._propose(cmd, leader.node_id):
@@ -296,6 +399,13 @@ class SimCluster:
             return None
         self._read_id += 1
         rid = self._read_id
+        if target.syncing is not None:
+            if not target.replica.is_leader or len(target.queued_reads) >= CLIENT_QUEUE_MAX:
+                return None
+            target.queued_reads.append(rid)
+            self.reads[rid] = (target.node_id, self.checker.max_chosen())
+            self.sync_stats.deferred += 1
+            return rid
         try:
             target.replica.read_index(rid)
         except (NotLeader, Overloaded):
@@ -310,14 +420,38 @@ class SimCluster:
     # -- faults ----------------------------------------------------------------------
 
     def crash(self, node_id: int, torn: bool = True) -> None:
-        """Stop ``node_id``; with ``torn``, a random prefix of its next Ready hits the disk."""
+        """Stop ``node_id``; with ``torn``, a random prefix of the Ready being synced (or
+        else of its next Ready) hits the disk; without, none of it does."""
         node = self.nodes[node_id]
         if not node.alive:
             return
-        if torn and node.replica.has_ready():
+        sync = node.syncing
+        if sync is not None:
+            recs = records(sync.ready)
+            count = self.rng.randint(0, len(recs)) if torn else 0
+            self._persist(node, sync.ready, count)
+            self.sync_stats.crashes_in_sync += 1
+            if sync.early_seq[1] > sync.early_seq[0]:
+                kept = sum(1 for kind, _ in recs[:count] if kind == "entry")
+                self.sync_stats.early_entries_lost += len(sync.ready.persist_entries) - kept
+        elif torn and node.replica.has_ready():
             rd = node.replica.ready()
-            self._persist(node, rd, self.rng.randint(0, len(_records(rd))))
+            self._persist(node, rd, self.rng.randint(0, len(records(rd))))
+        self._stop(node)
+
+    def _stop(self, node: SimNode) -> None:
+        """The process is gone: its unsent messages, inbox and queued client calls too
+        (clients retry commands elsewhere; queued reads fail)."""
         node.alive = False
+        node.syncing = None
+        node.inbox = []
+        node.ticks_owed = 0
+        self.retry.extend(node.queued_commands)
+        node.queued_commands = []
+        for rid in node.queued_reads:
+            self.reads.pop(rid, None)
+            self.reads_done[rid] = False
+        node.queued_reads = []
 
     def restart(self, node_id: int) -> None:
         """Start ``node_id`` again from its disk, with a fresh state machine."""
@@ -331,6 +465,17 @@ class SimCluster:
         node.alive = True
         node.next_tick = self.now + self.rng.randint(1, node.tick_period)
         self._drain(node)
+
+    def stall_sync(self, node_id: int, units: int) -> bool:
+        """Make the fdatasync ``node_id`` is in take ``units`` longer (a slow or stuck disk);
+        False if it is not syncing. Its early messages are out; its votes wait."""
+        if units < 0:
+            raise ValueError("units must be >= 0")
+        sync = self.nodes[node_id].syncing
+        if sync is None:
+            return False
+        sync.done_at += units
+        return True
 
     def disconnect(self, node_id: int) -> None:
         self.net.isolate(node_id, list(self.nodes))
@@ -363,11 +508,19 @@ class SimCluster:
 
     def _reconfigure(self, change: Callable[[Replica], object], ticks_max: float) -> None:
         deadline = self.now + round(ticks_max * UNIT)
+        waits = 0
         while True:
             leader = self.leader_node()
+            if leader is not None and leader.syncing is not None and waits < DRAIN_ROUNDS_MAX:
+                # The leader's loop is inside an fdatasync: the change is taken after it.
+                waits += 1
+                self.run_until(leader.syncing.done_at)
+                continue
             try:
                 if leader is None:
                     raise NotLeader(None)
+                if leader.syncing is not None:
+                    raise Overloaded("leader stays busy syncing")
                 change(leader.replica)
                 self._drain(leader)
                 return
@@ -450,6 +603,10 @@ class SimCluster:
         self.net.heal()
         cfg = self.net_config
         cfg.loss = cfg.duplicate = cfg.long_delay = cfg.replay = 0.0
+        self.disk.crash_in_sync = 0.0
+        for node in self.nodes.values():
+            if node.syncing is not None:
+                node.syncing.crash = False  # a doomed sync from before completes after all
         for node_id, node in self.nodes.items():
             if not node.alive:
                 self.restart(node_id)
@@ -483,16 +640,13 @@ class SimCluster:
         return self.net.sent
 
 
-def _records(rd: Ready) -> list[tuple[str, object]]:
-    out: list[tuple[str, object]] = []
-    if rd.persist_ballot is not None:
-        out.append(("ballot", rd.persist_ballot))
-    out.extend(("entry", e) for e in rd.persist_entries)
-    if rd.persist_snapshot is not None:
-        out.append(("snapshot", rd.persist_snapshot))
-    if rd.persist_commit is not None:
-        out.append(("commit", rd.persist_commit))
-    return out
-
-
-__all__ = ["UNIT", "LivenessViolation", "NetConfig", "PeerMessage", "SimCluster", "SimNode"]
+__all__ = [
+    "UNIT",
+    "DiskConfig",
+    "LivenessViolation",
+    "NetConfig",
+    "PeerMessage",
+    "SimCluster",
+    "SimDisk",
+    "SimNode",
+]

@@ -3,7 +3,9 @@
 ``run_seed(seed)`` picks the cluster size, network faults, clock drift and Paxos bounds
 from the seed, then for ``fault_ticks`` mixes client load and reads with crashes (torn
 writes included), restarts, symmetric and asymmetric partitions and, for some seeds,
-membership changes. Safety is checked at every step; at the end the faults stop and
+membership changes, and the disk: how long an fdatasync takes (the window in which a
+leader's early Accept/Heartbeat are out and its own write is not durable) and how often
+a leader dies inside it. Safety is checked at every step; at the end the faults stop and
 ``SimCluster.settle`` demands a leader, every command committed and every replica
 caught up. A failure names the seed and the command that replays it.
 """
@@ -15,7 +17,7 @@ import random
 from dataclasses import dataclass
 
 from lepton_ai.consensus.core_types import NotLeader, Overloaded
-from lepton_ai.sim.cluster import UNIT, LivenessViolation, SimCluster
+from lepton_ai.sim.cluster import UNIT, DiskConfig, LivenessViolation, SimCluster
 from lepton_ai.sim.network import NetConfig
 
 SEEDS_ENV = "LEPTON_SIM_SEEDS"
@@ -53,6 +55,11 @@ class FuzzReport:
     membership_changes: int
     recovery_ticks: float
     """From the end of the faults to a leader followed by a majority."""
+    early_delivered_in_sync: int = 0
+    """Leader messages a peer received before the leader's own sync completed."""
+    crashes_in_sync: int = 0
+    early_entries_lost: int = 0
+    """Entries a leader had sent early and lost in a crash before its sync completed."""
 
 
 def make_cluster(seed: int, name: str) -> tuple[SimCluster, random.Random]:
@@ -76,8 +83,16 @@ def make_cluster(seed: int, name: str) -> tuple[SimCluster, random.Random]:
         "retransmit_ticks": plan.choice((2, 4, 8)),
         "leader_stickiness": plan.random() < 0.8,
     }
+    # A separate stream, so adding disk timing left the rest of each seed's plan as it was.
+    disk_plan = random.Random(seed ^ 0xD15C)
+    sync_max = disk_plan.choice((0, 2, 5, 10, 25))
+    disk = DiskConfig(
+        sync_units_min=min(sync_max, disk_plan.choice((0, 1, 2))),
+        sync_units_max=sync_max,
+        crash_in_sync=disk_plan.choice((0.0, 0.005, 0.02, 0.05)),
+    )
     cluster = SimCluster(
-        n, seed, name=name, net=net, drift=plan.choice((0.0, 0.1, 0.3)), paxos=paxos
+        n, seed, name=name, net=net, drift=plan.choice((0.0, 0.1, 0.3)), paxos=paxos, disk=disk
     )
     return cluster, plan
 
@@ -88,10 +103,15 @@ def run_seed(
     fault_ticks: int = 600,
     name: str = "tests/sim",
     membership: bool | None = None,
+    crash_in_sync: float | None = None,
 ) -> FuzzReport:
     """Run one seed's schedule; ``membership`` forces membership changes on or off
-    (default: a quarter of the seeds). Any failure names the seed that replays it."""
+    (default: a quarter of the seeds), ``crash_in_sync`` overrides how often a leader
+    dies inside its fdatasync. Any failure names the seed that replays it."""
     cluster, plan = make_cluster(seed, name)
+    if crash_in_sync is not None:
+        cluster.disk.crash_in_sync = crash_in_sync
+        cluster.disk.validate()
     try:
         return _run(cluster, plan, fault_ticks, membership)
     except Exception as exc:
@@ -159,6 +179,9 @@ def _run(
         snapshots_installed=installed,
         membership_changes=changes,
         recovery_ticks=recovery_ticks,
+        early_delivered_in_sync=cluster.sync_stats.early_delivered_in_sync,
+        crashes_in_sync=cluster.sync_stats.crashes_in_sync,
+        early_entries_lost=cluster.sync_stats.early_entries_lost,
     )
 
 
@@ -174,5 +197,9 @@ def _change_membership(cluster: SimCluster, plan: random.Random, next_id: int) -
             victim = plan.choice([m for m in members if m != leader.node_id])
             cluster.remove_node(victim, ticks_max=0)
     except (NotLeader, Overloaded):
+        return 0
+    except ValueError:
+        # The change waited for the leader's fdatasync; by then another change or leader
+        # may have removed the victim already.
         return 0
     return 1

@@ -61,6 +61,8 @@ class SimNetwork:
     delivered: int = 0
     sent_by_type: dict[str, int] = field(default_factory=dict)
     history: list[tuple[int, int, bytes | PeerMessage]] = field(default_factory=list)
+    popped_seq: int = 0
+    """Sequence number of the message ``pop`` returned last (sends are numbered from 1)."""
 
     def send(self, now: int, src: int, dst: int, msg: PeerMessage) -> None:
         self.sent += 1
@@ -99,7 +101,8 @@ class SimNetwork:
     def pop(self) -> tuple[int, int, int, PeerMessage]:
         """The next delivery: (time, src, dst, message). Links cut after sending still drop
         at delivery (a partition also eats what is on the wire)."""
-        t, _, src, dst, payload = heapq.heappop(self.queue)
+        t, seq, src, dst, payload = heapq.heappop(self.queue)
+        self.popped_seq = seq
         msg = _decoder.decode(payload) if isinstance(payload, bytes) else payload
         return t, src, dst, msg
 

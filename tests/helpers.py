@@ -1,0 +1,58 @@
+"""Helpers shared by several test files: ``from helpers import lepton``.
+
+Importable because ``tests/conftest.py`` exists: pytest (default ``prepend`` import
+mode) puts the directory of a rootdir-level conftest that is not in a package,
+``tests/``, on ``sys.path``, under ``pytest -q tests`` from the repo root as well as
+for a single file or from any working directory.
+"""
+
+from __future__ import annotations
+
+import operator
+import subprocess
+import sys
+
+from lepton_ai.compute.api import DistributedTask
+from lepton_ai.compute.plan import JobOptions
+from lepton_ai.compute.state import OutputRef, TaskFinished
+
+CLI_TIMEOUT_S = 60.0
+
+
+def lepton(
+    *args: str, env: dict[str, str] | None = None, timeout_s: float = CLI_TIMEOUT_S
+) -> subprocess.CompletedProcess[str]:
+    """Run the ``lepton`` command (``python -m lepton_ai.cli``) with this interpreter and
+    capture its text output; ``env=None`` inherits this process's environment. A nonzero
+    exit is returned, not raised: tests assert on ``returncode`` and ``stderr``."""
+    return subprocess.run(
+        [sys.executable, "-m", "lepton_ai.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+
+
+class NoRunner:
+    """A ``JobRunner`` for building plans only: submitting one is a test bug."""
+
+    def submit_plan(self, plan: bytes, options: JobOptions) -> str:
+        raise AssertionError("this runner only builds plans")
+
+
+PLAN = (
+    DistributedTask(NoRunner())
+    .parallelize(range(10), 2)
+    .map(lambda x: (x % 2, x))
+    .reduce_by_key(operator.add, 2)
+    .plan_bytes()
+)
+"""A two-stage job (2 map partitions -> 2 reduce partitions) for the job state machines."""
+
+
+def map_done(job: str, p: int, attempt: int, worker: str = "w1") -> TaskFinished:
+    """Map task ``p`` of ``PLAN`` (stage 0) finished by ``worker``: one block per reducer."""
+    refs = [OutputRef(worker, f"b{p}.{attempt}.{b}", 10) for b in range(2)]
+    return TaskFinished(job, 0, p, 1, attempt, worker, refs, 0.1)
