@@ -338,3 +338,47 @@ def test_only_the_attempt_at_the_head_of_an_executor_lane_is_timed() -> None:
     assert len(drv.cancelled) == 1
     drv.step(Tick(4.6))
     assert [c.attempt for c in drv.cancelled] == [first[0].attempt, first[1].attempt]
+
+
+def test_only_the_stage_completing_task_finished_is_urgent() -> None:
+    """A TaskFinished may wait to share a log slot unless every other unfinished task
+    of its stage has already proposed its own: then its commit ends the stage."""
+    sched = Scheduler(SchedulerConfig(steal=False), epoch=1)
+    sm = JobStateMachine()
+    sched.step(WorkerJoined("w1", "a1", 4, 0.0))
+    cmd = JobSubmitted("j", SHUFFLE_PLAN, JobOptions())
+    dispatched = [
+        a for a in sched.step(Applied(cmd, sm.apply_command(cmd), 0.0)) if isinstance(a, Dispatch)
+    ]
+    assert [d.attempt.stage for d in dispatched] == [0, 0]
+
+    def report(d: Dispatch, now: float) -> list[Propose]:
+        plan = decode_plan(SHUFFLE_PLAN)
+        out = run_task(plan, d.attempt.stage, d.attempt.partition, [b"" for _ in d.inputs])
+        if out.result is not None:
+            refs = [OutputRef(d.worker, "", len(out.result), out.result)]
+        else:
+            refs = [OutputRef(d.worker, f"b{i}", 10) for i in range(len(out.buckets or []))]
+        acts = sched.step(TaskSucceeded(d.attempt, d.worker, refs, now))
+        return [a for a in acts if isinstance(a, Propose)]
+
+    def apply(p: Propose, now: float) -> list[Dispatch]:
+        acts = sched.step(Applied(p.command, sm.apply_command(p.command), now))
+        return [a for a in acts if isinstance(a, Dispatch)]
+
+    # Both map tasks report before either commit: the first may wait, the second not.
+    first, second = report(dispatched[0], 1.0), report(dispatched[1], 1.1)
+    assert [p.urgent for p in first + second] == [False, True]
+    assert apply(first[0], 1.2) == []  # the stage is not complete yet
+    readers = apply(second[0], 1.3)
+    assert sorted(d.attempt.partition for d in readers) == [0, 1]
+    # Reducers report one at a time, each committed before the next reports.
+    p0 = report(readers[0], 2.0)
+    assert [p.urgent for p in p0] == [False]
+    apply(p0[0], 2.1)
+    p1 = report(readers[1], 2.2)
+    assert [p.urgent for p in p1] == [True]
+    closing = sched.step(Applied(p1[0].command, sm.apply_command(p1[0].command), 2.3))
+    assert [(type(a.command), a.urgent) for a in closing if isinstance(a, Propose)] == [
+        (JobFinished, True)
+    ]

@@ -90,6 +90,7 @@ class _Job:
     tasks: list[list[_Task]]
     done_count: list[int]
     durations: list[list[float]]
+    proposed_count: list[int]  # per stage: tasks with a TaskFinished proposed, not applied
     queue: deque[_Task] = field(default_factory=deque)
     closing: bool = False  # JobFinished/JobFailed proposed
     medians: dict[int, tuple[int, float]] = field(default_factory=dict)  # stage -> (n, median)
@@ -223,6 +224,7 @@ class Scheduler:
             tasks=tasks,
             done_count=[0] * len(plan.stages),
             durations=[[] for _ in plan.stages],
+            proposed_count=[0] * len(plan.stages),
         )
         self._jobs[job_id] = job
         return job
@@ -247,8 +249,14 @@ class Scheduler:
                 if self._runnable(job, task):
                     self._enqueue(job, task)
 
-    def _propose(self, cmd: JobCommand) -> None:
-        self._out.append(Propose(cmd))
+    def _propose(self, cmd: JobCommand, urgent: bool = True) -> None:
+        self._out.append(Propose(cmd, urgent))
+
+    @staticmethod  # keeps ``proposed_count`` in step with the tasks' flags
+    def _set_proposed(job: _Job, task: _Task, proposed: bool) -> None:
+        if task.proposed != proposed:
+            task.proposed = proposed
+            job.proposed_count[task.stage] += 1 if proposed else -1
 
     def _fail_job(self, job: _Job, error: ErrorInfo, now: float) -> None:
         if not job.closing:
@@ -455,13 +463,17 @@ class Scheduler:
         if not ok:
             self._count_failure(job, task, "worker reported malformed outputs", ev.now)
             return
-        task.proposed = True
+        self._set_proposed(job, task, True)
         duration = ev.now - run.start if run is not None else 0.0
         a = ev.attempt
+        # Urgent only once no other task of the stage is left to report (its commit
+        # starts the next stage or ends the job); the host may batch the others.
+        stage_left = len(job.tasks[task.stage]) - job.done_count[task.stage]
         self._propose(
             TaskFinished(
                 a.job_id, a.stage, a.partition, a.epoch, a.attempt, ev.worker, ev.outputs, duration
-            )
+            ),
+            urgent=job.proposed_count[task.stage] >= stage_left,
         )
 
     def _failed(self, ev: TaskFailed) -> None:
@@ -636,7 +648,7 @@ class Scheduler:
         self, job: _Job, task: _Task, cmd: TaskFinished, ev: Applied
     ) -> None:
         if not ev.result.accepted:
-            task.proposed = False
+            self._set_proposed(job, task, False)
             if self._runnable(job, task):
                 self._enqueue(job, task)
             return
@@ -644,7 +656,7 @@ class Scheduler:
             raise AssertionError(
                 f"state accepted a second result for {job.job_id}/{cmd.stage}/{cmd.partition}"
             )
-        task.proposed = False
+        self._set_proposed(job, task, False)
         task.outcome = TaskOutcome(cmd.epoch, cmd.attempt, cmd.worker, cmd.outputs, cmd.duration_s)
         job.done_count[task.stage] += 1
         job.durations[task.stage].append(cmd.duration_s)

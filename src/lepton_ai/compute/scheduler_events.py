@@ -173,7 +173,13 @@ class Dispatch(msgspec.Struct, frozen=True, tag=True):
 
 
 class Propose(msgspec.Struct, frozen=True, tag=True):
+    """Order ``command`` through the log. ``urgent=False``: nothing waits on its commit
+    (a ``TaskFinished`` that does not complete its stage: the attempt's slot freed on
+    the report already), so the host may hold it a few ms to share a log slot with
+    others; it must send held commands before any urgent one."""
+
     command: JobCommand
+    urgent: bool = True
 
 
 class Cancel(msgspec.Struct, frozen=True, tag=True):

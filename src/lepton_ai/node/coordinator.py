@@ -335,7 +335,7 @@ class Coordinator:
 
     def _carry_out(self, action: SchedulerAction) -> None:
         if isinstance(action, Propose):
-            self.propose_soon(action.command)
+            self.propose_action(action)
         elif isinstance(action, Dispatch):
             self._queue_dispatch(action)
         elif isinstance(action, Cancel):
@@ -398,6 +398,10 @@ class Coordinator:
                 view.conn.send_nowait(CancelTasks(attempts, queued_only))
 
     # -- proposals and applied commands ----------------------------------------------
+    def propose_action(self, action: Propose) -> None:
+        """The scheduler's proposal; a host that batches may hold a non-urgent one."""
+        self.propose_soon(action.command)
+
     def propose_soon(self, cmd: JobCommand) -> None:
         if self._tg is None:
             raise AssertionError("proposal before the coordinator runs")

@@ -52,9 +52,10 @@ PLANS_MAX = 32  # decoded plans kept per executor (jobs running at once rarely e
 RECV_BYTES = 256 * 1024  # one read from the agent's pipe
 QUEUED_MAX = 1024  # tasks queued here; the agent's window (ExecutorConfig.window) is far below
 REPLIES_BATCH_MAX = 64  # replies of back-to-back tasks sent in one write ...
-REPLY_DELAY_MAX_S = 0.002  # ... holding none longer than this (or twice the task's time) ...
-REPLY_HOLD_MAX_S = 0.025  # ... and never longer than this
+REPLY_DELAY_MAX_S = 0.002  # ... holding none longer than this (or REPLY_HOLD_TASKS task times) ...
+REPLY_HOLD_MAX_S = 0.045  # ... and never longer than this
 REPLY_HOLD_QUEUED_MIN = 2  # ... and only while this many more tasks wait here
+REPLY_HOLD_TASKS = 4  # a held reply waits for up to this many task times
 
 _HEADER = struct.Struct(">I")
 
@@ -203,10 +204,13 @@ class Executor:
             # and more than one waits here: the next one is then likely fast too,
             # its reply can share the write, and the agent still has work queued
             # here while it refills (holding the last ones would leave us idle).
-            # A hold of about two task times pairs replies of short tasks (10 ms:
-            # half the messages between here, the agent and the coordinator).
+            # A hold of about four task times sends the replies of short tasks in
+            # fours (10 ms tasks: a quarter of the messages between here, the agent
+            # and the coordinator; 40 ms is well inside the window of queued work).
             now = time.perf_counter()
-            hold_s = min(REPLY_HOLD_MAX_S, max(REPLY_DELAY_MAX_S, 2 * (now - started)))
+            hold_s = min(
+                REPLY_HOLD_MAX_S, max(REPLY_DELAY_MAX_S, REPLY_HOLD_TASKS * (now - started))
+            )
             if (
                 len(queue) < REPLY_HOLD_QUEUED_MIN
                 or len(replies) >= REPLIES_BATCH_MAX

@@ -31,7 +31,12 @@ from collections.abc import Callable
 
 import msgspec
 
-from lepton_ai.compute.scheduler_events import ProposeFailed, SchedulerEvent, TaskFailed
+from lepton_ai.compute.scheduler_events import (
+    Propose,
+    ProposeFailed,
+    SchedulerEvent,
+    TaskFailed,
+)
 from lepton_ai.compute.state import (
     ApplyResult,
     JobCommand,
@@ -64,6 +69,13 @@ TAKE_OVER_RETRY_S = 0.05
 # path of throughput (a task's slot frees on the worker's report, not on the commit).
 SLOT_INTERVAL_S = 0.005
 SLOTS_IN_FLIGHT_MAX = 1
+# A TaskFinished the scheduler marks not urgent (its stage has tasks still to report)
+# waits up to this long for company: a stream of 10 ms tasks reports ~200 results a
+# second in ones and twos, each of which an idle-looking leader would otherwise put in
+# a slot of its own (a round of accepts, follower passes, WAL writes and replies).
+# Held commands go before any urgent proposal, so a stage's end is never delayed.
+FINISHED_HOLD_S = 0.02
+FINISHED_HELD_MAX = 512  # held commands; the batch goes at once when this many wait
 PEER_PID_POLL_S = 0.2  # how often a replica looks for peers (re)connected since it asked
 PEER_STATUS_TIMEOUT_S = 1.0  # one status query to a peer replica
 
@@ -239,6 +251,8 @@ class ReplicatedCoordinator(Coordinator):
         # Peer replica -> (link generation it answered on, its pid): reported only while
         # that connection lasts, so a restarted peer never shows its predecessor's pid.
         self.peer_pids: dict[int, tuple[int, int]] = {}
+        self._held: list[JobCommand] = []  # non-urgent proposals of this term (FINISHED_HOLD_S)
+        self._held_timer: asyncio.TimerHandle | None = None
 
     def leader_hint(self) -> str | None:
         if self.leading:
@@ -271,7 +285,38 @@ class ReplicatedCoordinator(Coordinator):
             )
         super().step(event)
 
+    def propose_action(self, action: Propose) -> None:
+        if action.urgent:
+            self.propose_soon(action.command)
+            return
+        self._held.append(action.command)
+        if len(self._held) >= FINISHED_HELD_MAX:
+            self._release_held()
+        elif self._held_timer is None:
+            loop = asyncio.get_running_loop()
+            self._held_timer = loop.call_later(FINISHED_HOLD_S, self._release_held)
+
+    def _release_held(self) -> None:
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+            self._held_timer = None
+        held, self._held = self._held, []
+        if self.leading:  # a former leader's held results die with its scheduler
+            for cmd in held:
+                self._propose_now(cmd)
+
+    def step_down(self) -> None:
+        self._held.clear()
+        self._release_held()
+        super().step_down()
+
     def propose_soon(self, cmd: JobCommand) -> None:
+        """Held commands first (they were proposed earlier), then ``cmd``."""
+        if self._held:
+            self._release_held()
+        self._propose_now(cmd)
+
+    def _propose_now(self, cmd: JobCommand) -> None:
         """The scheduler's proposals, straight into the driver's queue.
 
         Cheaper than a task per command around ``LogHost.submit``: the result is
