@@ -8,13 +8,17 @@ for a single file or from any working directory.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import operator
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 
 from lepton_ai.compute.api import DistributedTask
 from lepton_ai.compute.plan import JobOptions
 from lepton_ai.compute.state import OutputRef, TaskFinished
+from lepton_ai.consensus.driver import ReplicaDriver
 
 CLI_TIMEOUT_S = 60.0
 
@@ -56,3 +60,17 @@ def map_done(job: str, p: int, attempt: int, worker: str = "w1") -> TaskFinished
     """Map task ``p`` of ``PLAN`` (stage 0) finished by ``worker``: one block per reducer."""
     refs = [OutputRef(worker, f"b{p}.{attempt}.{b}", 10) for b in range(2)]
     return TaskFinished(job, 0, p, 1, attempt, worker, refs, 0.1)
+
+
+@contextlib.asynccontextmanager
+async def running(driver: ReplicaDriver) -> AsyncIterator[ReplicaDriver]:
+    """Run ``driver`` (its loop, ticker and links) for the body; then stop and close it,
+    also when the body fails."""
+    runner = asyncio.create_task(driver.run())
+    try:
+        yield driver
+    finally:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+        await driver.close()

@@ -9,13 +9,13 @@ wait ``batch_interval_s`` after it and share the next one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from helpers import running
 from lepton_ai.consensus.core_types import PaxosConfig
 from lepton_ai.consensus.driver import DriverConfig, ReplicaDriver
 from lepton_ai.consensus.server import SERVER_CODEC
@@ -75,8 +75,7 @@ async def _leading(driver: ReplicaDriver) -> float:
 def test_an_idle_leader_does_not_wait_and_a_burst_shares_one_slot(tmp_path: Path) -> None:
     async def scenario() -> None:
         driver, machine = _driver(tmp_path, INTERVAL_S)
-        runner = asyncio.create_task(driver.run())
-        try:
+        async with running(driver):
             # Immediate first election: well below election_ticks_min (10 ticks, 0.2 s).
             assert await _leading(driver) < 0.15
             t0 = time.monotonic()
@@ -91,11 +90,6 @@ def test_an_idle_leader_does_not_wait_and_a_burst_shares_one_slot(tmp_path: Path
             assert results == [f"c{i}".encode() for i in range(50)]
             assert driver.core.log.last == slot_before + 1  # all 50 in one slot
             assert machine.applied == [b"first", *results]
-        finally:
-            runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await runner
-            await driver.close()
 
     asyncio.run(scenario())
 
@@ -108,8 +102,7 @@ def test_commands_queued_behind_a_slot_wait_the_interval(tmp_path: Path) -> None
         # 10 commands per pass: a burst of 50 leaves 40 queued behind its first slot,
         # a stream as far as pacing is concerned.
         driver, machine = _driver(tmp_path, interval_s, per_pass=10)
-        runner = asyncio.create_task(driver.run())
-        try:
+        async with running(driver):
             await _leading(driver)
             slot_before = driver.core.log.last
             t0 = time.monotonic()
@@ -119,11 +112,6 @@ def test_commands_queued_behind_a_slot_wait_the_interval(tmp_path: Path) -> None
             assert driver.core.log.last == slot_before + 5  # 10 a slot ...
             assert waited >= 4 * interval_s * 0.9  # ... one interval apart
             assert machine.applied == results
-        finally:
-            runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await runner
-            await driver.close()
 
     asyncio.run(scenario())
 
@@ -135,9 +123,8 @@ def test_a_command_proposed_by_an_apply_goes_at_once(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         driver, machine = _driver(tmp_path, INTERVAL_S)
-        runner = asyncio.create_task(driver.run())
         applied_next = asyncio.Event()
-        try:
+        async with running(driver):
             await _leading(driver)
 
             def chain(command: bytes) -> None:
@@ -150,11 +137,6 @@ def test_a_command_proposed_by_an_apply_goes_at_once(tmp_path: Path) -> None:
             await asyncio.wait_for(applied_next.wait(), 5.0)
             assert time.monotonic() - t0 < INTERVAL_S / 2
             assert machine.applied == [b"last-task", b"job-finished"]
-        finally:
-            runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await runner
-            await driver.close()
 
     asyncio.run(scenario())
 

@@ -10,12 +10,12 @@ port 1), so the only leader a follower hears is the Heartbeat the test delivers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from pathlib import Path
 
 import pytest
 
+from helpers import running
 from lepton_ai.consensus.core_types import PaxosConfig
 from lepton_ai.consensus.driver import DriverConfig, ReplicaDriver
 from lepton_ai.consensus.messages import Heartbeat
@@ -80,8 +80,7 @@ def test_follower_sleeps_while_it_hears_its_leader_and_ticks_each_tick_when_not(
 def test_leader_wakes_once_per_heartbeat(tmp_path: Path) -> None:
     async def scenario() -> None:
         leader = _driver(tmp_path, 0, (0,))
-        runner = asyncio.create_task(leader.run())
-        try:
+        async with running(leader):
             t0 = time.monotonic()
             while not leader.is_leader:
                 assert time.monotonic() - t0 < 5.0, "a one-member group did not elect itself"
@@ -92,11 +91,6 @@ def test_leader_wakes_once_per_heartbeat(tmp_path: Path) -> None:
             elapsed_ticks = (time.monotonic() - t1) / TICK_S
             # Idle: one pass per wake-up, every heartbeat_ticks ticks (not every tick).
             assert leader.passes - passes <= elapsed_ticks / leader.paxos.heartbeat_ticks + 3
-        finally:
-            runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await runner
-            await leader.close()
 
     asyncio.run(scenario())
 
@@ -107,8 +101,7 @@ def test_a_follower_whose_leader_goes_silent_campaigns_within_its_election_timeo
 ) -> None:
     async def scenario() -> None:
         follower = _driver(tmp_path, 2, (0, 1, 2))  # not the lowest id: no first campaign
-        runner = asyncio.create_task(follower.run())
-        try:
+        async with running(follower):
             for _ in range(10):  # a leader heard for a while, then silent
                 _heartbeat(follower)
                 await asyncio.sleep(TICK_S)
@@ -122,10 +115,5 @@ def test_a_follower_whose_leader_goes_silent_campaigns_within_its_election_timeo
             # sleep-longer ticker must not delay it by its nap: generous load margin).
             assert waited_s >= paxos.election_ticks_min * TICK_S * 0.9
             assert waited_s <= paxos.election_ticks_max * TICK_S + 0.5
-        finally:
-            runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await runner
-            await follower.close()
 
     asyncio.run(scenario())
