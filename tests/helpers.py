@@ -15,6 +15,8 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 
+import psutil
+
 from lepton_ai.compute.api import DistributedTask
 from lepton_ai.compute.plan import JobOptions
 from lepton_ai.compute.state import OutputRef, TaskFinished
@@ -74,3 +76,18 @@ async def running(driver: ReplicaDriver) -> AsyncIterator[ReplicaDriver]:
         with contextlib.suppress(asyncio.CancelledError):
             await runner
         await driver.close()
+
+
+def kill_marked(var: str, marker: str) -> list[int]:
+    """SIGKILL every process whose environment has ``var=marker`` (a test starts its
+    processes with a fresh marker, so this finds exactly what they left behind, by PID);
+    returns their pids."""
+    found: list[int] = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if p.environ().get(var) == marker:
+                found.append(p.pid)
+                p.kill()
+        except psutil.Error:
+            continue
+    return found

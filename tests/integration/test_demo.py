@@ -10,21 +10,11 @@ import sys
 import uuid
 from collections.abc import Iterator
 
-import psutil
 import pytest
 
+from helpers import kill_marked
+
 MARKER = "LEPTON_TEST_DEMO_MARKER"
-
-
-def _marked(marker: str) -> list[psutil.Process]:
-    out = []
-    for p in psutil.process_iter(["pid"]):
-        try:
-            if p.environ().get(MARKER) == marker:
-                out.append(p)
-        except psutil.Error:
-            continue
-    return out
 
 
 @pytest.fixture
@@ -54,12 +44,7 @@ def run_lepton() -> Iterator[object]:
     try:
         yield run
     finally:
-        for p in _marked(marker):
-            leftovers.append(p.pid)
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
+        leftovers += kill_marked(MARKER, marker)
     assert leftovers == [], f"processes left running after the demo: {leftovers}"
 
 

@@ -11,8 +11,9 @@ import time
 import uuid
 from pathlib import Path
 
-import psutil
 import pytest
+
+from helpers import kill_marked
 
 ROOT = Path(__file__).resolve().parents[2]
 MARKER = "LEPTON_TEST_EXAMPLE_MARKER"
@@ -44,14 +45,7 @@ def test_iris_forest_trains_merges_and_scores() -> None:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-        leftovers = []
-        for p in psutil.process_iter(["pid"]):
-            try:
-                if p.environ().get(MARKER) == marker:
-                    leftovers.append(p.pid)
-                    p.kill()
-            except psutil.Error:
-                continue
+        leftovers = kill_marked(MARKER, marker)
     wall = time.perf_counter() - t0
     assert proc.returncode == 0, err[-3000:]
     assert leftovers == []

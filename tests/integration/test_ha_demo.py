@@ -9,21 +9,11 @@ import subprocess
 import sys
 import uuid
 
-import psutil
 import pytest
 
+from helpers import kill_marked
+
 MARKER = "LEPTON_TEST_HA_DEMO_MARKER"
-
-
-def _marked(marker: str) -> list[psutil.Process]:
-    out = []
-    for p in psutil.process_iter(["pid"]):
-        try:
-            if p.environ().get(MARKER) == marker:
-                out.append(p)
-        except psutil.Error:
-            continue
-    return out
 
 
 @pytest.mark.timeout(200)
@@ -45,14 +35,9 @@ def test_demo_with_three_coordinators_survives_a_leader_kill() -> None:
         out_text, err = proc.communicate()
         pytest.fail(f"demo timed out\n{err[-3000:]}")
     finally:
-        leftovers = _marked(marker)
-        for p in leftovers:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
+        leftovers = kill_marked(MARKER, marker)
     assert proc.returncode == 0, err[-3000:]
-    assert not leftovers, f"processes left running: {[p.pid for p in leftovers]}"
+    assert not leftovers, f"processes left running: {leftovers}"
     out = json.loads(out_text)
     assert out["ok"] is True
     assert out["checks"]["with_faults_matches_serial"]
