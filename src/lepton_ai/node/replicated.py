@@ -433,20 +433,22 @@ async def serve_replicated(
     )
     election = Election(coordinator, replica.log)
     replica.log.on_leadership(election.changed)
+    serving = asyncio.ensure_future(coordinator.run(sock))
+    pids = asyncio.ensure_future(coordinator.watch_peer_pids())
     try:
-        serving = asyncio.ensure_future(coordinator.run(sock))
-        pids = asyncio.ensure_future(coordinator.watch_peer_pids())
         done, _ = await asyncio.wait(
             {serving, replica.running}, return_when=asyncio.FIRST_COMPLETED
         )
-        for task in (serving, pids):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         for task in done:
             error = None if task.cancelled() else task.exception()
             if error is not None:
                 raise error
     finally:
+        # Also when this coroutine is cancelled: the two tasks end with it.
+        for task in (serving, pids):
+            if not task.done():  # a finished one's error was raised above
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await election.close()
         await replica.close()
