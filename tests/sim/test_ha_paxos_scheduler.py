@@ -9,12 +9,17 @@ marker command has been applied (so every earlier command is in its state):
 then it is rebuilt with ``Scheduler.from_state`` and the workers re-register with
 what they run; reports that found no leader wait in the worker's outbox.
 
+Worker nodes die too (their stored outputs and running attempts with them); the
+leader hears of it after a detection delay, if it still leads, and the node comes
+back as a new incarnation. Readers of a dead node's outputs report a fetch failure.
+
 Proposals of a deposed leader are not dropped: ``SimCluster`` re-proposes them on
 later leaders, so late results from an old leadership do reach the log, which
 must apply only the first ``TaskFinished`` of each task.
 
-Checked per seed: each job's result equals the serial reference and no task
-result is accepted twice. ``LEPTON_SIM_SEEDS=200`` runs more seeds.
+Checked per seed: each job's result equals the serial reference, no task result
+is accepted twice, and no reader is dispatched to fetch from a worker the leader
+was told is lost. ``LEPTON_SIM_SEEDS=2000`` runs more seeds.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from lepton_ai.compute.scheduler_events import (
     Applied,
     Cancel,
     Dispatch,
+    FetchFailed,
     Propose,
     RunningReport,
     SchedulerConfig,
@@ -45,6 +51,7 @@ from lepton_ai.compute.scheduler_events import (
     TaskSucceeded,
     Tick,
     WorkerJoined,
+    WorkerLost,
 )
 from lepton_ai.compute.state import (
     JobStateMachine,
@@ -93,6 +100,7 @@ class _Worker:
     running: dict[TaskAttempt, int] = field(default_factory=dict)  # attempt -> slot
     outbox: list[SchedulerEvent] = field(default_factory=list)
     joined: int = -1  # the epoch of the scheduler it registered with
+    alive: bool = True
 
 
 class HaWorld:
@@ -113,6 +121,9 @@ class HaWorld:
         self.accepted: dict[tuple[str, int, int], int] = {}
         self.trace: list[str] = []
         self.leaderships = 0
+        self.lost_told: set[str] = set()  # workers the current scheduler was told are lost
+        self.crashes_after_takeover = 0  # worker crashes kept for just after a failover
+        self.crash_on_report = False  # the next worker to report a result dies right after
         self.workers = {f"w{i}": _Worker(f"w{i}", 2) for i in range(2)}
         for i, (name, plan) in enumerate(plans.items()):
             cmd = JobSubmitted(name, plan, JobOptions(max_retries=8), submitted_at=0.0)
@@ -189,6 +200,7 @@ class HaWorld:
     def take_over(self) -> None:
         self.leaderships += 1
         self.trace.append(f"{self.now:.2f} lead epoch {self.epoch}")
+        self.lost_told = set()
         config = SchedulerConfig(failover_grace_s=0.3)
         self.sched = Scheduler.from_state(
             self.view.state, self.now, epoch=self.epoch, config=config
@@ -196,9 +208,15 @@ class HaWorld:
         epoch = self.epoch
         for w in self.workers.values():
             self.at(self.rng.uniform(0.0, 0.1), lambda ww=w: self.rejoin(ww, epoch))
+        if self.crashes_after_takeover and self.leaderships > 1:
+            # During the failover grace, a worker dies just after reporting a result,
+            # and its death may be known before that result commits: the window of
+            # the demo's old failover hang.
+            self.crashes_after_takeover -= 1
+            self.crash_on_report = True
 
     def rejoin(self, w: _Worker, epoch: int) -> None:
-        if self.sched is None or self.epoch != epoch:
+        if self.sched is None or self.epoch != epoch or not w.alive:
             return
         w.joined = epoch
         running = [RunningReport(a, s) for a, s in w.running.items()]
@@ -210,6 +228,12 @@ class HaWorld:
     # -- workers ----------------------------------------------------------------
     def dispatch(self, d: Dispatch) -> None:
         w = self.workers[d.worker]
+        gone = [r.worker for r in d.inputs if r.size_bytes and r.worker in self.lost_told]
+        if gone:
+            # Every output on a worker known lost must be re-made before anyone reads it.
+            raise AssertionError(f"{d.attempt} reads from lost {gone}; {self.explain()}")
+        if not w.alive:
+            return  # sent to a dead node: lost with it (the leader hears of the death)
         if d.slot in w.running.values() or not 0 <= d.slot < w.slots:
             raise AssertionError(f"slot {d.slot} of {w.wid} given twice; {self.explain()}")
         w.running[d.attempt] = d.slot
@@ -221,16 +245,23 @@ class HaWorld:
             self.report(w, TaskFailed(attempt, w.wid, "cancelled", self.now))
 
     def report(self, w: _Worker, event: SchedulerEvent) -> None:
+        if not w.alive:
+            return
         if self.sched is None or w.joined != self.epoch:
             w.outbox.append(event)  # no leader to tell yet: sent after re-registering
-        else:
-            self.feed(event)
+            return
+        self.feed(event)
+        if self.crash_on_report and isinstance(event, TaskSucceeded):
+            self.crash_on_report = False
+            self.crash_worker(w)
 
     def finish(self, w: _Worker, d: Dispatch) -> None:
         if w.running.pop(d.attempt, None) is None:
             return  # cancelled
         a = d.attempt
-        inputs = [w_store for w_store in self.fetch(d)]
+        inputs = self.fetch(w, d)
+        if inputs is None:
+            return
         out = run_task(self.plans[a.job_id], a.stage, a.partition, inputs)
         if out.result is not None:
             refs = [OutputRef(w.wid, "", len(out.result), out.result)]
@@ -243,10 +274,19 @@ class HaWorld:
                 refs.append(OutputRef(w.wid, block if bucket else "", len(bucket)))
         self.report(w, TaskSucceeded(a, w.wid, refs, self.now))
 
-    def fetch(self, d: Dispatch) -> list[bytes]:
+    def fetch(self, w: _Worker, d: Dispatch) -> list[bytes] | None:
+        """The attempt's shuffle inputs, or None after reporting the first it cannot fetch."""
         out: list[bytes] = []
-        for ref in d.inputs:
-            out.append(b"" if ref.size_bytes == 0 else self.workers[ref.worker].store[ref.block])
+        for m, ref in enumerate(d.inputs):
+            if ref.size_bytes == 0:
+                out.append(b"")
+                continue
+            block = self.workers[ref.worker].store.get(ref.block)
+            if block is None:  # its node died: the output went with it
+                a = d.attempt
+                self.report(w, FetchFailed(a, w.wid, a.stage - 1, m, ref.worker, self.now))
+                return None
+            out.append(block)
         return out
 
     # -- faults -----------------------------------------------------------------
@@ -268,6 +308,34 @@ class HaWorld:
         nid = node.node_id
         self.at(self.rng.uniform(0.3, 1.5), lambda: self.paxos.connect(nid))
 
+    def crash_worker(self, victim: _Worker | None = None) -> None:
+        """SIGKILL a worker node: its outputs and attempts are gone; it returns as a new one."""
+        live = [w for w in self.workers.values() if w.alive]
+        if len(live) < 2:
+            return
+        w = victim or self.rng.choice(live)
+        self.trace.append(f"{self.now:.2f} crash worker {w.wid}")
+        w.alive = False
+        w.store.clear()
+        w.running.clear()
+        w.outbox.clear()
+        epoch = self.epoch
+        # A closed connection is seen at once, a silent node after some heartbeats.
+        self.at(self.rng.choice([0.0, self.rng.uniform(0.05, 0.4)]), lambda: self.detect(w, epoch))
+        fresh = _Worker(f"{w.wid}.{next(self.counter)}", w.slots)
+        self.at(self.rng.uniform(0.3, 1.5), lambda: self.restart_worker(fresh))
+
+    def detect(self, w: _Worker, epoch: int) -> None:
+        if self.sched is not None and self.epoch == epoch and w.joined == epoch:
+            self.trace.append(f"{self.now:.2f} worker {w.wid} lost")
+            self.lost_told.add(w.wid)
+            self.feed(WorkerLost(w.wid, self.now))
+
+    def restart_worker(self, w: _Worker) -> None:
+        self.trace.append(f"{self.now:.2f} worker {w.wid} starts")
+        self.workers[w.wid] = w
+        self.rejoin(w, self.epoch)  # a leader without it rejoins it at its next take-over
+
     def tick(self) -> None:
         self.feed(Tick(self.now))
         if not self.done():
@@ -281,6 +349,11 @@ class HaWorld:
         for _ in range(self.rng.randint(1, 3)):
             fault = self.rng.choice([self.crash_leader, self.partition_leader])
             self.at(self.rng.uniform(0.15, 1.5), fault)
+        for _ in range(self.rng.randint(0, 2)):
+            if self.rng.random() < 0.5:
+                self.crashes_after_takeover += 1
+            else:
+                self.at(self.rng.uniform(0.15, 1.5), self.crash_worker)
         self.at(0.0, self.pump)
         self.at(0.1, self.tick)
         while self.queue and not self.done():
@@ -299,8 +372,8 @@ def _normalise(value: Any) -> Any:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("seed", seeds_from_env(range(24)))
-def test_jobs_on_paxos_survive_leader_crashes_and_partitions(seed: int) -> None:
+@pytest.mark.parametrize("seed", seeds_from_env(range(200)))
+def test_jobs_on_paxos_survive_leader_and_worker_crashes_and_partitions(seed: int) -> None:
     world = HaWorld(seed, _plans())
     world.run()
     assert world.done(), f"jobs did not finish; {world.explain()}"
@@ -308,9 +381,12 @@ def test_jobs_on_paxos_survive_leader_crashes_and_partitions(seed: int) -> None:
         record = world.view.job(name)
         assert record is not None and record.status == "finished", world.explain()
         assert _normalise(record.result()) == _normalise(run_local(plan)), world.explain()
+        last = len(plan.stages) - 1
         for s, stage in enumerate(plan.stages):
             for p in range(stage.num_partitions):
-                assert world.accepted.get((name, s, p)) == 1, world.explain()
+                # A map output lost after its readers were done is not re-made (0).
+                allowed = {1} if s == last else {0, 1}
+                assert world.accepted.get((name, s, p), 0) in allowed, world.explain()
     assert world.leaderships >= 1
 
 

@@ -12,6 +12,7 @@ from lepton_ai.compute.scheduler_events import (
     Applied,
     Cancel,
     Dispatch,
+    FetchFailed,
     Propose,
     RunningReport,
     SchedulerAction,
@@ -382,3 +383,59 @@ def test_only_the_stage_completing_task_finished_is_urgent() -> None:
     assert [(type(a.command), a.urgent) for a in closing if isinstance(a, Propose)] == [
         (JobFinished, True)
     ]
+
+
+def test_output_of_a_worker_lost_after_the_grace_is_re_made_when_its_result_lands_late() -> None:
+    """The demo's old hang: the grace ends (both workers re-joined), one of them dies,
+    then a result it reported to the old leader is applied from the log. Its output
+    is already gone; it must be re-made, not handed to the reducers for ever."""
+    plan_bytes = (
+        T.parallelize(range(40), 4).map(lambda x: (x % 3, x)).reduce_by_key(operator.add, 2)
+    ).plan_bytes()
+    old = Driver(Scheduler(SchedulerConfig(steal=False), epoch=1))
+    old.step(WorkerJoined("w1", "a1", 2, 0.0))
+    old.step(WorkerJoined("w2", "a2", 2, 0.0))
+    old.submit("j", plan_bytes)
+    on_w1 = [d for d in old.dispatched if d.worker == "w1"]
+    on_w2 = [d for d in old.dispatched if d.worker == "w2"]
+    old.succeed(on_w1[0], 0.5)
+    old.succeed(on_w2[0], 0.5)  # both workers hold a recorded output: both are expected
+    late = on_w2[1]
+    new = Driver(Scheduler.from_state(old.sm.state, 10.0, epoch=2), old.sm)
+    running = [RunningReport(on_w1[1].attempt, on_w1[1].slot)]
+    new.step(WorkerJoined("w1", "a1", 2, 10.1, running))
+    new.step(WorkerJoined("w2", "a2", 2, 10.1))  # every expected worker is back: grace over
+    new.step(WorkerLost("w2", 10.2))
+    # The old leader's TaskFinished for the dead worker's map commits only now.
+    plan = decode_plan(plan_bytes)
+    buckets = run_task(plan, 0, late.attempt.partition, []).buckets or []
+    refs = [OutputRef("w2", f"blk{i}", 100) for i in range(len(buckets))]
+    a = late.attempt
+    cmd = TaskFinished("j", a.stage, a.partition, a.epoch, a.attempt, "w2", refs, 0.5)
+    new.step(Applied(cmd, new.sm.apply_command(cmd), 10.3))
+    new.step(Tick(20.0))  # long after the grace period
+    new.succeed(on_w1[1], 20.1)  # the last map still on a live worker: its stage looks done
+    lost = {c.partition for c in new.proposed if isinstance(c, OutputLost)}
+    assert lost == {on_w2[0].attempt.partition, a.partition}
+    assert not [d for d in new.dispatched if d.attempt.stage == 1]  # no reader of a lost output
+    redo = {d.attempt.partition for d in new.dispatched if d.attempt.stage == 0}
+    assert lost <= redo
+
+
+def test_a_stale_fetch_failure_re_makes_an_output_still_recorded_and_is_not_counted() -> None:
+    drv = _started(SchedulerConfig(steal=False))
+    drv.submit("j", SHUFFLE_PLAN, JobOptions(max_retries=0))  # any counted failure fails it
+    for d in list(drv.dispatched):
+        drv.succeed(d, 0.5)
+    readers = [d for d in drv.dispatched if d.attempt.stage == 1]
+    assert readers
+    src = readers[0].inputs[0].worker
+    # The host marks it stale (say the source worker was declared lost), yet the
+    # scheduler still records map 0 there: re-make it rather than re-run the reader.
+    r = readers[0].attempt
+    drv.step(FetchFailed(r, readers[0].worker, 0, 0, src, 0.6, stale=True))
+    assert [c for c in drv.proposed if isinstance(c, OutputLost) and c.partition == 0]
+    r2 = readers[1].attempt
+    drv.step(FetchFailed(r2, readers[1].worker, 0, 0, src, 0.6, stale=True))
+    assert len([c for c in drv.proposed if isinstance(c, OutputLost)]) == 1
+    assert drv.sm.job("j").status == "running"  # type: ignore[union-attr]

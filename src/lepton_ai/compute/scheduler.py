@@ -520,9 +520,15 @@ class Scheduler:
         producer = job.tasks[ev.map_stage][ev.map_partition]
         outcome = producer.outcome
         if producer.done and outcome is not None and outcome.worker == ev.source_worker:
+            # Also when stale: if the output is still recorded where it was lost,
+            # re-making it is the only way on (re-queuing the reader would fetch
+            # from the dead worker again, for ever).
             self._invalidate(job, producer, ev.now)
             if self._runnable(job, reader):
                 self._enqueue(job, reader)
+        elif ev.stale:
+            if self._runnable(job, reader):
+                self._enqueue(job, reader)  # the output is being re-made: just wait
         else:
             # Stale (the output was already re-made) or naming the wrong worker: count it
             # against the reader, so a fetch that keeps failing cannot loop for ever.
@@ -701,9 +707,20 @@ class Scheduler:
     # ------------------------------------------------------------------ time
 
     def _grace_over(self, now: float) -> bool:
+        """Whether the failover grace has ended; once ended it stays ended.
+
+        Latched: "every expected worker has re-joined" turns false again when one of
+        them dies, and a result it reported to the old leader may still be applied
+        from the log after that. With the grace "back on", such an output would be
+        recorded on a dead worker without anyone judging it lost, and its readers
+        would fetch from the dead worker for ever (the demo's failover hang).
+        """
         if now >= self._grace_until:
             return True
-        return bool(self._workers) and self._expected <= self._workers.keys()
+        if self._workers and self._expected <= self._workers.keys():
+            self._grace_until = float("-inf")
+            return True
+        return False
 
     def _check_grace(self, now: float) -> None:
         """Once, when the failover grace ends: outputs on workers still absent are lost."""

@@ -116,7 +116,11 @@ class TaskFailed(msgspec.Struct, frozen=True, tag=True):
 class FetchFailed(msgspec.Struct, frozen=True, tag=True):
     """The attempt (a shuffle reader) could not fetch input ``map_partition`` of stage
     ``map_stage`` from ``source_worker`` (gone, or the block is missing/corrupt).
-    The attempt is over; the producing map task is re-run."""
+    The attempt is over; the producing map task is re-run.
+
+    ``stale`` is set by the host, never by a worker: the output was already known
+    bad (its worker was declared lost, or another reader failed on it), so the
+    failure is not counted against the reader's retries."""
 
     attempt: TaskAttempt
     worker: str
@@ -124,6 +128,7 @@ class FetchFailed(msgspec.Struct, frozen=True, tag=True):
     map_partition: int
     source_worker: str
     now: float
+    stale: bool = False
 
 
 class Applied(msgspec.Struct, frozen=True, tag=True):

@@ -548,17 +548,15 @@ class Coordinator:
         else:
             raise ValueError(f"worker sent {type(msg).__name__}")
 
-    def _fetch_failure(
-        self, ev: FetchFailed, inputs: list[OutputRef] | None
-    ) -> FetchFailed | TaskFailed:
-        """Pass a fetch failure on, unless it is stale.
+    def _fetch_failure(self, ev: FetchFailed, inputs: list[OutputRef] | None) -> FetchFailed:
+        """Pass a fetch failure on, marked stale when the output was known bad.
 
         A reader dispatched before an output was found bad still holds the old
         ref; when it fails on it too, the producer is already being re-made, and
         counting that against the reader's retries could fail a healthy job. The
         core cannot tell (the report names the map task, not the output), so the
-        shell, which saw the dispatch, turns a second failure on the same output,
-        or one on a worker already declared lost, into a plain re-queue.
+        shell, which saw the dispatch, marks a second failure on the same output,
+        or one on a worker already declared lost, as ``stale``.
         """
         job_id = ev.attempt.job_id
         block = None
@@ -570,12 +568,12 @@ class Coordinator:
         stale = ev.source_worker in self.lost or (block is not None and key in self._bad_outputs)
         detail = f"stage {ev.map_stage} map {ev.map_partition} from {ev.source_worker}"
         if stale:
-            self.event("fetch_failed", detail + " (already being re-made)", job_id)
-            return TaskFailed(ev.attempt, ev.worker, "cancelled", ev.now, "stale fetch failure")
+            self.event("fetch_failed", detail + " (known bad)", job_id)
+            return msgspec.structs.replace(ev, stale=True)
         if block is not None:
             self._bad_outputs.add(key)
         self.event("fetch_failed", detail, job_id)
-        return ev
+        return msgspec.structs.replace(ev, stale=False) if ev.stale else ev  # ours to set
 
     def _lose_worker(self, view: WorkerView, why: str) -> None:
         if self.workers.pop(view.worker_id, None) is None:
