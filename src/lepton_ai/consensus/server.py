@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
 import logging
 import os
 import signal
@@ -25,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lepton_ai import eventloop
 from lepton_ai.consensus.api import NotLeader, StateMachine
 from lepton_ai.consensus.core_types import InvariantError, Overloaded, PaxosConfig
 from lepton_ai.consensus.driver import DriverConfig, LeadershipLost, ReplicaDriver
@@ -495,19 +495,8 @@ def run_replica(args: argparse.Namespace) -> int:
 
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's loop when installed (less per-message overhead), else asyncio's.
-
-    ``LEPTON_UVLOOP=0`` forces the standard loop (A/B measurements, debugging).
-    """
-    if os.environ.get("LEPTON_UVLOOP", "1") == "0":
-        return None
-    try:
-        # Optional dependency: imported by name so type checking does not require it.
-        uvloop = importlib.import_module("uvloop")
-    except ImportError:
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
+    """uvloop's loop when installed (less per-message overhead), else asyncio's."""
+    return eventloop.loop_factory()
 
 
 async def _serve(host: ReplicaHost, ready_file: str | None) -> None:

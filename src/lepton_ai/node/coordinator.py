@@ -39,6 +39,7 @@ from typing import Protocol
 
 import msgspec
 
+from lepton_ai import eventloop
 from lepton_ai.compute.plan import decode_plan
 from lepton_ai.compute.scheduler import Scheduler
 from lepton_ai.compute.scheduler_events import (
@@ -684,7 +685,7 @@ def run_coordinator(
             config=config,
         )
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main_coro)
+        eventloop.run(main_coro)
 
 
 def run_from_args(args: object) -> None:

@@ -280,7 +280,8 @@ class ExecutorSlot:
             frames.append(_frame(ExecPlan(job_id, plan), self.config.frame_bytes_max))
             self._plans_sent.add(job_id)
         frames.append(_frame(msg, self.config.frame_bytes_max))
-        writer.writelines(frames)
+        if not writer.is_closing():  # else it died: the attempt fails with it (ExecutorDied)
+            writer.writelines(frames)
         if writer.transport.get_write_buffer_size() > self.config.write_buffer_bytes_max:
             with contextlib.suppress(ConnectionError):
                 await writer.drain()
@@ -294,7 +295,7 @@ class ExecutorSlot:
         if self.is_running(attempt):
             self.cancelled = True
             self.signal(signal.SIGKILL)
-        elif self._writer is not None and self._ready.is_set():
+        elif self._writer is not None and self._ready.is_set() and not self._writer.is_closing():
             self._writer.write(_frame(ExecCancel([attempt]), self.config.frame_bytes_max))
         return True
 
@@ -302,6 +303,8 @@ class ExecutorSlot:
         known = [j for j in job_ids if j in self._plans_sent]
         if not known or self._writer is None or not self._ready.is_set():
             return
+        if self._writer.is_closing():
+            return  # it died; a new executor starts without plans
         self._plans_sent.difference_update(known)
         self._writer.write(_frame(ExecForget(known), self.config.frame_bytes_max))
 

@@ -35,6 +35,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from lepton_ai import eventloop
 from lepton_ai.compute.scheduler_events import (
     Dispatch,
     FailureKind,
@@ -703,7 +704,7 @@ def run_worker(
     if announce:
         print(json.dumps({"worker": agent.worker_id, "pid": os.getpid()}), flush=True)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(agent.run())
+        eventloop.run(agent.run())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,7 +9,7 @@ import signal
 import sys
 from dataclasses import replace
 
-from lepton_ai.serve import eventloop
+from lepton_ai import eventloop
 from lepton_ai.serve.config import ReplicaConfig, ServeConfig
 from lepton_ai.serve.policy import Policy
 from lepton_ai.serve.supervisor import ServeRuntime, StartupError

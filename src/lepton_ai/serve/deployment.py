@@ -23,7 +23,7 @@ from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
-from lepton_ai.serve import eventloop
+from lepton_ai import eventloop
 from lepton_ai.serve.config import ReplicaConfig, ServeConfig
 from lepton_ai.serve.supervisor import ServeRuntime
 from lepton_ai.serve.target import check_target

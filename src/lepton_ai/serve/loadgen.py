@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from lepton_ai.serve import eventloop
+from lepton_ai import eventloop
 from lepton_ai.serve.upstream import UpstreamError, UpstreamPool
 
 

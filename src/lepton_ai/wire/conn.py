@@ -59,8 +59,13 @@ class Connection(Generic[T]):
         return self.codec.decode(await read_frame(self.reader, self.config.frame_bytes_max))
 
     def send_nowait(self, msg: Any) -> None:
-        """Queue a message in the transport; call ``drain`` to apply back-pressure."""
-        self.writer.write(encode_frame(self.codec.encode(msg), self.config.frame_bytes_max))
+        """Queue a message in the transport; call ``drain`` to apply back-pressure.
+
+        On a closed connection the message is dropped (the reader sees the end):
+        asyncio's own loop does that, uvloop would raise RuntimeError instead.
+        """
+        if not self.writer.is_closing():
+            self.writer.write(encode_frame(self.codec.encode(msg), self.config.frame_bytes_max))
 
     async def drain(self) -> None:
         try:
@@ -75,7 +80,8 @@ class Connection(Generic[T]):
     async def send_many(self, msgs: Iterable[Any]) -> None:
         """Write a batch of messages with one drain (one syscall burst, not one per message)."""
         limit = self.config.frame_bytes_max
-        self.writer.writelines([encode_frame(self.codec.encode(m), limit) for m in msgs])
+        if not self.writer.is_closing():  # else dropped, as in send_nowait
+            self.writer.writelines([encode_frame(self.codec.encode(m), limit) for m in msgs])
         await self.drain()
 
     async def __aiter__(self) -> AsyncIterator[T]:

@@ -22,7 +22,7 @@ import msgspec
 
 from lepton_ai.errors import AuthError
 from lepton_ai.wire.codec import Codec
-from lepton_ai.wire.frames import encode_frame, read_frame
+from lepton_ai.wire.frames import ConnectionClosed, encode_frame, read_frame
 
 PROTOCOL_VERSION = 1
 NONCE_BYTES = 32
@@ -74,6 +74,8 @@ async def _recv(reader: asyncio.StreamReader, bound: int) -> HandshakeMessage:
 
 
 def _send(writer: asyncio.StreamWriter, msg: HandshakeMessage) -> None:
+    if writer.is_closing():  # uvloop raises RuntimeError on a write to a closed transport
+        raise ConnectionClosed("peer closed the connection during the handshake")
     writer.write(encode_frame(_CODEC.encode(msg)))
 
 
