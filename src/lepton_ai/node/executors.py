@@ -66,6 +66,13 @@ class ExecutorConfig:
     # cluster's start-up and first job should not pay (a death before it is
     # up is handled by a cold start, ~0.1 s slower).
     spares_delay_s: float = 2.0
+    # A spare is insurance: its start (interpreter + imports, ~0.1 CPU-s) waits
+    # until this node has run no task for ``spares_idle_for_s`` (a lull, not the gap
+    # between two tasks or two jobs), so it does not take a core from running work;
+    # after ``spares_idle_wait_s`` of (nearly) continuous work it starts anyway.
+    spares_idle_for_s: float = 0.5
+    spares_idle_wait_s: float = 30.0
+    spares_idle_poll_s: float = 0.05
     # Attempts handed to one executor at once; it runs them in order, so the next
     # one starts without waiting for the agent (a pipe round trip per tiny task).
     window: int = 8
@@ -428,6 +435,7 @@ class SparePool:
             await self._need.wait()
             self._need.clear()
             while len(self._spares) < self.size:
+                await self._until_idle(wait_for)
                 identity = self.identity()
                 try:
                     started = await spawn_executor(*identity, self.config)
@@ -441,6 +449,23 @@ class SparePool:
                     await started.kill()  # the worker re-incarnated meanwhile
                     continue
                 self._spares.append(started)
+
+    async def _until_idle(self, slots: list[ExecutorSlot]) -> None:
+        """Return once no slot had an attempt outstanding for ``spares_idle_for_s``
+        (as seen every ``spares_idle_poll_s``), or after ``spares_idle_wait_s``."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        deadline = now + self.config.spares_idle_wait_s
+        idle_since: float | None = None
+        while now < deadline:
+            if any(slot.outstanding for slot in slots):
+                idle_since = None
+            elif idle_since is None:
+                idle_since = now
+            if idle_since is not None and now - idle_since >= self.config.spares_idle_for_s:
+                return
+            await asyncio.sleep(self.config.spares_idle_poll_s)
+            now = loop.time()
 
     async def close(self) -> None:
         await self.discard_all()
