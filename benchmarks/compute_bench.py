@@ -303,7 +303,9 @@ METHOD = """How each figure is taken (benchmarks/bench_peers.py):
 - start-up: from before the framework's import in the driver until two trivial
   tasks came back from a fresh 2-worker cluster (pool of 2, Dask `LocalCluster(n_workers=2,
   threads_per_worker=1, processes=True)`, `ray.init(num_cpus=2)`, `lep.LocalCluster(workers=2)`);
-  peak RSS is the sum over the driver and all its descendants, sampled every 20 ms.
+  peak RSS is the sum over the driver and all its descendants, sampled every 20 ms
+  during start-up and every second afterwards (a sample costs the driver ~1.8 ms of CPU
+  with lepton's 9 processes: at 20 ms it would take ~9% of a core from the timed scenarios).
 - trivial tasks: one task per item (`pool.map` with chunksize 1, `client.map`, one
   `ray.remote` call each, lepton `parallelize(items, partitions=len(items)).map(noop)`).
 - 10 ms tasks: each spins for 10 ms of its thread's CPU time; efficiency = (n x 10 ms / 2) / wall.
