@@ -151,6 +151,9 @@ class WorkerAgent:
         self.store = BlockStore(os.path.join(data_dir, self.worker_id))
         self.address = ""
         self._beat_now = asyncio.Event()  # an executor came up: heartbeat at once
+        # The leader watch named another coordinator: stop waiting out the reconnect
+        # back-off (grown against the dead leader) and join the new one at once.
+        self._join_changed = asyncio.Event()
         self.slots = [
             ExecutorSlot(
                 i,
@@ -230,7 +233,12 @@ class WorkerAgent:
                 )
             except (OSError, TimeoutError, LeptonError) as exc:
                 log.info("cannot reach coordinator %s:%s: %s", *self.join, exc)
-                await asyncio.sleep(backoff)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._join_changed.wait(), backoff)
+                if self._join_changed.is_set():
+                    self._join_changed.clear()
+                    backoff = self.config.reconnect_backoff_s
+                    continue
                 backoff = min(backoff * 2, self.config.reconnect_backoff_max_s)
                 continue
             backoff = self.config.reconnect_backoff_s
@@ -293,6 +301,7 @@ class WorkerAgent:
             if leader != self.join:
                 log.info("leader is now %s:%s", *leader)
                 self.join = leader
+                self._join_changed.set()
                 if self._conn is not None:
                     self._conn.writer.close()  # the session ends; the loop rejoins the leader
 
