@@ -233,24 +233,36 @@ class WorkerAgent:
                 )
             except (OSError, TimeoutError, LeptonError) as exc:
                 log.info("cannot reach coordinator %s:%s: %s", *self.join, exc)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._join_changed.wait(), backoff)
-                if self._join_changed.is_set():
-                    self._join_changed.clear()
-                    backoff = self.config.reconnect_backoff_s
-                    continue
-                backoff = min(backoff * 2, self.config.reconnect_backoff_max_s)
+                backoff = await self._retry_pause(backoff)
                 continue
-            backoff = self.config.reconnect_backoff_s
+            identity = self.worker_id
+            accepted = False
             try:
                 await self._session(conn)
             except* (ConnectionClosed, OSError, LeptonError) as group:
                 # Expected: the coordinator died, restarted or declared us lost.
                 log.info("coordinator connection lost: %s", group.exceptions[0])
             finally:
+                accepted = self._conn is conn
                 self._conn = None
                 with contextlib.suppress(OSError):
                     await conn.close()
+            if accepted or self.worker_id != identity:
+                backoff = self.config.reconnect_backoff_s  # a session ended: rejoin at once
+            else:
+                # Closed before accepting us: a follower (it does not take workers) or
+                # one going down. Wait as after a failed connect, not in a tight loop.
+                backoff = await self._retry_pause(backoff)
+
+    async def _retry_pause(self, backoff: float) -> float:
+        """Wait ``backoff`` (less if the leader watch names another coordinator meanwhile);
+        return the next back-off."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._join_changed.wait(), backoff)
+        if self._join_changed.is_set():
+            self._join_changed.clear()
+            return self.config.reconnect_backoff_s
+        return min(backoff * 2, self.config.reconnect_backoff_max_s)
 
     async def _session(self, conn: Connection[WorkerMessage]) -> None:
         await conn.send(
