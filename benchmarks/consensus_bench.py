@@ -196,10 +196,10 @@ async def _lepton_pipelined(
 
 
 def client_main(args: argparse.Namespace) -> int:
-    from lepton_ai.consensus.server import event_loop_factory
+    from lepton_ai.eventloop import loop_factory
 
     addresses = args.addresses.split(",")
-    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
         if args.mode == "one":
             out = runner.run(_lepton_one(addresses, args.token, args.duration))
         else:

@@ -20,7 +20,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -486,17 +486,12 @@ def run_replica(args: argparse.Namespace) -> int:
         listen_sock=None if args.listen_fd is None else socket.socket(fileno=args.listen_fd),
     )
     try:
-        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        with asyncio.Runner(loop_factory=eventloop.loop_factory()) as runner:
             runner.run(_serve(host, args.ready_file))
     except WalCorruption as exc:
         print(f"replica {args.id}: refusing to start: {exc}", file=sys.stderr, flush=True)
         return 2
     return 0
-
-
-def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's loop when installed (less per-message overhead), else asyncio's."""
-    return eventloop.loop_factory()
 
 
 async def _serve(host: ReplicaHost, ready_file: str | None) -> None:

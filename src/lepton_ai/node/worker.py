@@ -236,7 +236,6 @@ class WorkerAgent:
                 backoff = await self._retry_pause(backoff)
                 continue
             identity = self.worker_id
-            accepted = False
             try:
                 await self._session(conn)
             except* (ConnectionClosed, OSError, LeptonError) as group:
