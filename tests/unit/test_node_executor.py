@@ -47,6 +47,22 @@ def test_map_then_reduce_through_the_block_store(tmp_path: Path) -> None:
     assert totals == {k: sum(x for x in range(30) if x % 3 == k) for k in range(3)}
 
 
+def test_reducer_reads_this_nodes_blocks_itself(tmp_path: Path) -> None:
+    ex = _executor(tmp_path, _plan())
+    maps = [ex.run(ExecRun(TaskAttempt("job1", 0, p, 1, p))) for p in range(2)]
+    blocks = [m.outputs[0].block for m in maps]  # type: ignore[union-attr]
+    by_agent = [ex.store.read_block("job1", b) for b in blocks]
+    direct = ex.run(ExecRun(TaskAttempt("job1", 1, 0, 1, 10), [b"", b""], dict(enumerate(blocks))))
+    mixed = ex.run(ExecRun(TaskAttempt("job1", 1, 0, 1, 11), [by_agent[0], b""], {1: blocks[1]}))
+    shipped = ex.run(ExecRun(TaskAttempt("job1", 1, 0, 1, 12), by_agent))
+    assert isinstance(direct, ExecDone) and isinstance(mixed, ExecDone)
+    assert isinstance(shipped, ExecDone)
+    assert direct.outputs[0].data == mixed.outputs[0].data == shipped.outputs[0].data
+    missing = ex.run(ExecRun(TaskAttempt("job1", 1, 0, 1, 13), [b"", b""], {1: "gone"}))
+    assert isinstance(missing, ExecFailed) and missing.kind == "corrupt_input"
+    assert missing.map_partition == 1  # the agent reports it as a fetch failure of map 1
+
+
 def test_user_error_corrupt_input_and_missing_plan(tmp_path: Path) -> None:
     ex = _executor(tmp_path, _plan(lambda x: (x % 3, 1 // (x - 7))))
     bad = ex.run(ExecRun(TaskAttempt("job1", 0, 0, 1, 1)))

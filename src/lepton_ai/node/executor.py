@@ -257,8 +257,13 @@ class Executor:
         if plan is None:
             return ExecFailed(a, "infra", f"executor has no plan for job {a.job_id}")
         started = time.perf_counter()
+        inputs = list(msg.inputs) if msg.local else msg.inputs
+        if msg.local:
+            bad = self._read_local(a.job_id, msg.local, inputs)
+            if bad is not None:
+                return ExecFailed(a, "corrupt_input", bad[1], map_partition=bad[0])
         try:
-            out = run_task(plan, a.stage, a.partition, msg.inputs)
+            out = run_task(plan, a.stage, a.partition, inputs)
             if out.buckets is not None:
                 key = ShuffleKey(a.job_id, a.stage, a.partition, a.epoch, a.attempt)
                 sizes = self.store.write_shuffle(key, out.buckets)
@@ -280,6 +285,22 @@ class Executor:
         except Exception as exc:  # noqa: BLE001 - reported to the scheduler as infra failure
             return ExecFailed(a, "infra", f"{type(exc).__name__}: {exc}", type(exc).__name__)
         return ExecDone(a, refs, time.perf_counter() - started)
+
+    def _read_local(
+        self, job_id: str, local: dict[int, str], inputs: list[bytes]
+    ) -> tuple[int, str] | None:
+        """Fill ``inputs`` from this node's block store; (map index, why) of the first
+        block that is missing or corrupt (the agent reports it as a fetch failure)."""
+        from lepton_ai.storage.blockstore import BlockCorrupt, BlockMissing
+
+        for m, block in sorted(local.items()):
+            if not 0 <= m < len(inputs):
+                return m, f"local input {m} out of range"
+            try:
+                inputs[m] = self.store.read_block(job_id, block)
+            except (BlockMissing, BlockCorrupt, ValueError) as exc:
+                return m, f"{type(exc).__name__}: {exc}"
+        return None
 
 
 def run_executor(sock: socket.socket) -> None:

@@ -245,10 +245,16 @@ class ExecPlan(msgspec.Struct, frozen=True, tag=True):
 
 
 class ExecRun(msgspec.Struct, frozen=True, tag=True):
-    """Run one attempt; ``inputs`` are the shuffle buckets in map order (already fetched)."""
+    """Run one attempt; ``inputs`` are the shuffle buckets in map order (already fetched).
+
+    ``local``: map index -> block name of inputs held by this node's block store,
+    which the executor reads itself (their ``inputs`` entry is empty): no copy
+    through the agent and the pipe, and the agent's loop is not blocked on the read.
+    """
 
     attempt: TaskAttempt
     inputs: list[bytes] = []
+    local: dict[int, str] = {}
 
 
 class ExecForget(msgspec.Struct, frozen=True, tag=True):

@@ -554,12 +554,12 @@ class WorkerAgent:
         if plan is None:
             return TaskFailed(a, self.worker_id, "infra", 0.0, message="plan forgotten")
         generation = self._generation
-        inputs = await self._gather_inputs(d)
-        if isinstance(inputs, FetchFailed):
-            return inputs
+        run = await self._gather_inputs(d)
+        if isinstance(run, FetchFailed):
+            return run
         if generation != self._generation:
             return None  # dispatched to a former incarnation
-        future = await self.slots[index].submit(a.job_id, plan, ExecRun(a, inputs))
+        future = await self.slots[index].submit(a.job_id, plan, run)
         self._submitted[index][a] = d
         future.add_done_callback(functools.partial(self._exec_done, index, d, generation))
         return None
@@ -619,25 +619,25 @@ class WorkerAgent:
             traceback=reply.traceback,
         )
 
-    async def _gather_inputs(self, d: Dispatch) -> list[bytes] | FetchFailed:
+    async def _gather_inputs(self, d: Dispatch) -> ExecRun | FetchFailed:
+        """The attempt's run message: remote inputs fetched here, this node's own
+        blocks named for the executor to read (``ExecRun.local``)."""
         a = d.attempt
         out: list[bytes] = [b""] * len(d.inputs)
+        local: dict[int, str] = {}
         remote: dict[str, list[int]] = {}
         for m, ref in enumerate(d.inputs):
             if ref.size_bytes == 0:
                 continue
             if ref.worker == self.worker_id:
-                try:
-                    out[m] = self.store.read_block(a.job_id, ref.block)
-                except (BlockMissing, BlockCorrupt, ValueError):
-                    return FetchFailed(a, self.worker_id, a.stage - 1, m, ref.worker, 0.0)
+                local[m] = ref.block
             else:
                 remote.setdefault(ref.worker, []).append(m)
         for worker, maps in remote.items():
             bad = await self._fetch_remote(d, worker, maps, out)
             if bad is not None:
                 return FetchFailed(a, self.worker_id, a.stage - 1, bad, worker, 0.0)
-        return out
+        return ExecRun(a, out, local)
 
     async def _fetch_remote(
         self, d: Dispatch, worker: str, maps: list[int], out: list[bytes]
