@@ -103,6 +103,13 @@ class LeaderWatchConfig:
     interval_s: float = 0.2
     searching_s: float = 0.05  # while no coordinator names a leader
     probe_timeout_s: float = 0.5
+    # Coordinator addresses remembered (given plus learned from leader hints); past
+    # it the oldest one is forgotten, so replaced coordinators are not probed for ever.
+    known_max: int = 16
+
+    def __post_init__(self) -> None:
+        if self.known_max < 2:
+            raise ValueError("known_max must be >= 2 (the joined one and the leader)")
 
 
 @dataclass(frozen=True)
@@ -324,10 +331,20 @@ class WorkerAgent:
             if named:
                 with contextlib.suppress(ValueError):
                     leader = parse_address(named)
-                    if leader not in self.coordinators:
-                        self.coordinators.append(leader)
+                    self._learn_coordinator(leader)
                     return leader
         return None
+
+    def _learn_coordinator(self, address: tuple[str, int]) -> None:
+        if address in self.coordinators:
+            return
+        self.coordinators.append(address)
+        while len(self.coordinators) > self.config.leader_watch.known_max:
+            old = next(a for a in self.coordinators if a not in (self.join, address))
+            self.coordinators.remove(old)
+            probe = self._probes.pop(old, None)
+            if probe is not None:
+                probe.writer.close()
 
     async def _probe(self, address: tuple[str, int]) -> str | None:
         """The leader ``address`` names (itself when it leads), or None."""
