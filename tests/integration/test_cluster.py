@@ -283,34 +283,23 @@ def test_lepton_submit_cli(cluster: LocalCluster, tmp_path: Path) -> None:
     """)
     )
     env = dict(os.environ, LEPTON_TOKEN=cluster.token)
-    base = [sys.executable, "-m", "lepton_ai.cli"]
-    out = subprocess.run(
-        [*base, "submit", str(script), "--wait", "--json", "--address", cluster.address],
-        env=env,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+
+    def lepton_cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "lepton_ai.cli", *args, "--address", cluster.address],
+            env=env,
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    out = lepton_cli("submit", str(script), "--wait", "--json")
     assert out.returncode == 0, out.stderr
     assert '"result": [0, 10, 20, 30, 40, 50]' in out.stdout
-    bad = subprocess.run(
-        [*base, "job", "status", "nosuchjob", "--address", cluster.address],
-        env=env,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    bad = lepton_cli("job", "status", "nosuchjob")
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1
-    bad_option = subprocess.run(
-        [*base, "submit", str(script), "--task-timeout", "0", "--address", cluster.address],
-        env=env,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    bad_option = lepton_cli("submit", str(script), "--task-timeout", "0")
     assert bad_option.returncode != 0
     assert "task_timeout_s" in bad_option.stderr, bad_option.stderr
 
