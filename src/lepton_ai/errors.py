@@ -40,3 +40,15 @@ class TaskError(JobFailed):
         self.stage = stage
         self.partition = partition
         self.remote_traceback = traceback
+
+
+class StorageFull(LeptonError):
+    """No node (or too few distinct nodes) has room for an object; nothing was stored."""
+
+
+class DataLost(LeptonError):
+    """Every replica of a stored object is gone or corrupt."""
+
+
+class LimitExceeded(LeptonError, ValueError):
+    """A request is over a named limit (the message names it); nothing changed."""
