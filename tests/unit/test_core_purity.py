@@ -21,6 +21,7 @@ CORE_GLOBS = (
     "monitor/phi.py",
     "serve/policy*.py",
     "heal/*.py",
+    "storage/meta.py",
 )
 FORBIDDEN = {
     "asyncio",

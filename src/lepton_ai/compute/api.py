@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from lepton_ai.compute.plan import (
+    PLAN_BYTES_MAX,
     ActionKind,
     JobOptions,
     LogicalOp,
@@ -42,6 +43,7 @@ from lepton_ai.data.sources import (
     range_sources,
     text_sources,
 )
+from lepton_ai.errors import LimitExceeded
 
 if TYPE_CHECKING:
     from lepton_ai.compute.job import Job
@@ -367,6 +369,12 @@ class Dataset:
             task_timeout_s=options.get("task_timeout_s", base.task_timeout_s),
         )
         plan = self.plan_bytes(action, op)  # TypeError here if a function cannot be pickled
+        if len(plan) > PLAN_BYTES_MAX:
+            raise LimitExceeded(
+                f"the job's plan is {len(plan)} bytes, over PLAN_BYTES_MAX={PLAN_BYTES_MAX}: "
+                "its functions capture large objects; put them in cluster.storage and "
+                "read them inside the function, or pass them as data (parallelize)"
+            )
         job_id = self._task.cluster.submit_plan(plan, merged)
         from lepton_ai.compute.job import Job
 

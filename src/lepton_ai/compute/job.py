@@ -75,7 +75,10 @@ class Job:
             raise ValueError(f"timeout must be >= 0, got {timeout}")
         if self._record is None:
             self._record = self._wait(timeout)
-        return self._record.result()
+        # Big result parts are stored objects on the nodes: streamed from a live
+        # replica by the cluster handle (``Cluster.fetch_object``).
+        fetch = getattr(self.cluster, "fetch_object", None)
+        return self._record.result(fetch if callable(fetch) else None)
 
     def _show_bar(self) -> bool:
         if self.progress_mode is not None:

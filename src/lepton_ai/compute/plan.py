@@ -39,6 +39,10 @@ ActionKind = Literal["collect", "count", "reduce"]
 
 PLAN_VERSION = 1
 STAGES_MAX = 64  # shuffles per job + 1
+# A plan is one log command (``JobSubmitted``), and the log's commands are bounded
+# (consensus ``batch_bytes_max``, 1 MiB): the data a job carries goes to storage,
+# so only the functions and small inputs count here. Checked before submitting.
+PLAN_BYTES_MAX = 768 * 1024
 REDUCE_FAN_IN = 16  # partials one task of a reduce's merge tree folds
 
 

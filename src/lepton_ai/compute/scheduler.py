@@ -455,7 +455,7 @@ class Scheduler:
             return  # a backup or a retry lost the race: its output is discarded
         spec = job.plan.stages[task.stage]
         ok = (
-            len(ev.outputs) == 1 and ev.outputs[0].data is not None
+            len(ev.outputs) == 1 and (ev.outputs[0].data is None) != (ev.outputs[0].obj is None)
             if spec.is_result
             else spec.shuffle_write is not None
             and len(ev.outputs) == spec.shuffle_write.num_buckets

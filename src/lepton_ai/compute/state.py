@@ -21,6 +21,7 @@ larger machine with ``apply_command`` and ``encode_command``/``decode_command``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,6 +29,7 @@ import msgspec
 
 from lepton_ai.compute.plan import JobOptions, decode_plan, finalize
 from lepton_ai.errors import JobFailed, TaskError
+from lepton_ai.storage.messages import ObjectMeta
 
 JobStatus = Literal["running", "finished", "failed"]
 ErrorKind = Literal["user", "infra", "lost", "invalid"]
@@ -38,15 +40,17 @@ class OutputRef(msgspec.Struct, frozen=True):
 
     A map task reports one ref per shuffle bucket (index = reducer partition):
     ``block`` in the block store of ``worker``, ``size_bytes`` long (0 = empty
-    bucket, nothing to fetch). A result task reports exactly one ref with the
-    result bytes inline in ``data`` (so the job's result lives in the log and
-    survives the worker).
+    bucket, nothing to fetch). A result task reports exactly one ref: a small
+    result inline in ``data`` (it lives in the log), a bigger one as ``obj``, a
+    stored object replicated on the nodes (the data plane; only its reference is
+    in the log), so no command's size depends on the user's data.
     """
 
     worker: str
     block: str
     size_bytes: int
     data: bytes | None = None
+    obj: ObjectMeta | None = None
 
 
 class ErrorInfo(msgspec.Struct, frozen=True):
@@ -187,25 +191,34 @@ class JobRecord(msgspec.Struct):
         done = sum(o is not None for stage in self.outcomes for o in stage)
         return done, sum(len(stage) for stage in self.outcomes)
 
-    def result_parts(self) -> list[bytes]:
-        """The result tasks' inline outputs in partition order (job must be finished)."""
+    def result_refs(self) -> list[OutputRef]:
+        """The result tasks' outputs in partition order (job must be finished)."""
         if self.status != "finished":
             raise ValueError(f"job {self.job_id} is {self.status}, not finished")
-        parts: list[bytes] = []
+        refs: list[OutputRef] = []
         for o in self.outcomes[-1]:
-            if o is None or o.outputs[0].data is None:
+            if o is None or (o.outputs[0].data is None and o.outputs[0].obj is None):
                 raise AssertionError(f"finished job {self.job_id} lacks a result part")
-            parts.append(o.outputs[0].data)
-        return parts
+            refs.append(o.outputs[0])
+        return refs
 
-    def result(self) -> Any:
+    def result(self, fetch: Callable[[ObjectMeta], bytes] | None = None) -> Any:
         """The job's value (``plan.finalize``), or raise its TaskError/JobFailed.
 
-        Runs the action's merge (for ``reduce``, the user's op) in the caller.
+        Runs the action's merge (for ``reduce``, the user's op) in the caller;
+        ``fetch`` reads the parts that are stored objects (from the data plane).
         """
         if self.status == "failed":
             raise (self.error or ErrorInfo("lost", "job failed")).to_exception()
-        return finalize(decode_plan(self.plan), self.result_parts())
+        parts: list[bytes] = []
+        for ref in self.result_refs():
+            if ref.data is not None:
+                parts.append(ref.data)
+            elif fetch is None or ref.obj is None:
+                raise ValueError(f"job {self.job_id}: a result part is stored; pass fetch")
+            else:
+                parts.append(fetch(ref.obj))
+        return finalize(decode_plan(self.plan), parts)
 
 
 class JobState(msgspec.Struct):
@@ -311,8 +324,10 @@ class JobStateMachine:
             return ApplyResult(False, "no such task")
         last = cmd.stage == len(job.outcomes) - 1
         if last:
-            if len(cmd.outputs) != 1 or cmd.outputs[0].data is None:
-                return ApplyResult(False, "a result task reports one inline output")
+            if len(cmd.outputs) != 1 or (cmd.outputs[0].data is None) == (
+                cmd.outputs[0].obj is None
+            ):
+                return ApplyResult(False, "a result task reports one inline or stored output")
         elif cmd.stage + 1 < len(job.outcomes) and len(cmd.outputs) != len(
             job.outcomes[cmd.stage + 1]
         ):

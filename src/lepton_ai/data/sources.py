@@ -31,6 +31,8 @@ from typing import IO, Any, Literal
 
 import msgspec
 
+from lepton_ai.storage.messages import ObjectMeta
+
 TextFormat = Literal["text", "jsonl", "csv"]
 
 
@@ -38,8 +40,10 @@ TextFormat = Literal["text", "jsonl", "csv"]
 class SourceLimits:
     """Bounds on inputs described by the client."""
 
-    inline_bytes_max: int = 512 * 1024 * 1024  # all inline chunks of one job
-    inline_chunk_bytes_max: int = 1024 * 1024  # bigger chunks go by reference if possible
+    # All inline chunks of one job: the plan is one log command, and the log's
+    # commands are bounded (consensus batch_bytes_max, 1 MiB); more goes to storage.
+    inline_bytes_max: int = 256 * 1024
+    inline_chunk_bytes_max: int = 64 * 1024  # bigger chunks go to storage
     text_split_bytes_default: int = 32 * 1024 * 1024  # when partitions is not given
     text_files_max: int = 100_000
     read_chunk_bytes: int = 1 << 16  # step when extending a split to its last line's end
@@ -59,11 +63,14 @@ class InlineSource(msgspec.Struct, frozen=True, tag="inline"):
 
 
 class BlobSource(msgspec.Struct, frozen=True, tag="blob"):
-    """A pickled chunk stored by the cluster under ``key`` (see ``JobRunner.put_blob``)."""
+    """A pickled chunk stored by the cluster under ``key`` (see ``JobRunner.put_blob``);
+    ``obj``: the stored object (id, checksum, replicas) when the cluster stores it in
+    its storage layer: the node agent brings it to the executor's node."""
 
     key: str
     size_bytes: int
     count: int
+    obj: ObjectMeta | None = None
 
 
 class TextSource(msgspec.Struct, frozen=True, tag="text"):
@@ -92,7 +99,7 @@ class ParquetSource(msgspec.Struct, frozen=True, tag="parquet"):
 
 Source = RangeSource | InlineSource | BlobSource | TextSource | ParquetSource
 BlobFetcher = Callable[[str], bytes]
-BlobStorer = Callable[[bytes], str]
+BlobStorer = Callable[[bytes], "str | ObjectMeta"]
 
 
 # ---------------------------------------------------------------- client side
@@ -111,13 +118,17 @@ def range_sources(r: range, partitions: int) -> list[Source]:
 def inline_sources(
     chunks: Sequence[Any], limits: SourceLimits, put_blob: BlobStorer | None = None
 ) -> list[Source]:
-    """Pickle each chunk (a list or an ndarray) into the plan, or by reference.
+    """Pickle each chunk (a list or an ndarray) into the plan, or store it by reference.
 
-    With ``put_blob``, a chunk larger than ``inline_chunk_bytes_max`` is stored
-    through it and only its key travels. ValueError if the inline chunks exceed
-    ``inline_bytes_max`` in total.
+    The plan goes through the coordinators' log, whose commands are bounded, so only
+    small data travels inline: with ``put_blob`` (a cluster with storage), a chunk
+    over ``inline_chunk_bytes_max``, or one that would take the inline total past
+    ``inline_bytes_max``, is stored on the nodes and only its reference travels.
+    Without ``put_blob``, ``LimitExceeded`` once the inline total passes the bound.
     """
     import cloudpickle
+
+    from lepton_ai.errors import LimitExceeded
 
     out: list[Source] = []
     total = 0
@@ -127,18 +138,25 @@ def inline_sources(
         except (pickle.PicklingError, TypeError, AttributeError):
             # objects of classes defined in __main__, lambdas, and the like
             data = cloudpickle.dumps(chunk, protocol=5)
-        if put_blob is not None and len(data) > limits.inline_chunk_bytes_max:
-            out.append(BlobSource(put_blob(data), len(data), len(chunk)))
+        big = len(data) > limits.inline_chunk_bytes_max
+        if put_blob is not None and (big or total + len(data) > limits.inline_bytes_max):
+            out.append(_stored(put_blob(data), len(data), len(chunk)))
             continue
         total += len(data)
         if total > limits.inline_bytes_max:
-            raise ValueError(
-                f"parallelize(): data is larger than {limits.inline_bytes_max} bytes once "
-                "pickled; write it to files and use read_text(), or raise "
-                "SourceLimits.inline_bytes_max"
+            raise LimitExceeded(
+                f"parallelize(): data is larger than inline_bytes_max="
+                f"{limits.inline_bytes_max} bytes once pickled and this cluster has no "
+                "storage; write it to files and use read_text()"
             )
         out.append(InlineSource(data, len(chunk)))
     return out
+
+
+def _stored(ref: str | ObjectMeta, size: int, count: int) -> BlobSource:
+    if isinstance(ref, ObjectMeta):
+        return BlobSource(ref.key, size, count, ref)
+    return BlobSource(ref, size, count)
 
 
 def resolve_files(path: str, limits: SourceLimits) -> tuple[Any, list[tuple[str, int]]]:
@@ -219,7 +237,8 @@ def read_source(
 ) -> Iterable[Any]:
     """The items of one partition: a range, a list, an ndarray chunk, or lines/records.
 
-    ``fetch_blob(key) -> bytes`` is required for a ``BlobSource``.
+    ``fetch_blob(key) -> bytes`` is required for a ``BlobSource`` (called with the
+    stored object's id when it has one).
     """
     if isinstance(source, RangeSource):
         return range(source.start, source.stop, source.step)
@@ -229,7 +248,7 @@ def read_source(
     if isinstance(source, BlobSource):
         if fetch_blob is None:
             raise ValueError(f"partition stored by reference ({source.key}) and no fetch_blob")
-        data = fetch_blob(source.key)
+        data = fetch_blob(source.obj.oid if source.obj is not None else source.key)
         if len(data) != source.size_bytes:
             raise ValueError(f"blob {source.key}: {len(data)} bytes, expected {source.size_bytes}")
         blob_items: Iterable[Any] = pickle.loads(data)

@@ -81,11 +81,25 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--spares", type=int, default=1, help="warm executors kept for instant replacement"
     )
-    p.add_argument("--name", default=None, help="member id shown in status (default: pid)")
+    p.add_argument(
+        "--name",
+        default=None,
+        help="member id shown in status, and the node's directory under --data-dir "
+        "(default: the host name; give each worker of one host its own)",
+    )
     p.add_argument(
         "--data-dir",
         default=os.path.join(os.getcwd(), ".lepton", "workers"),
-        help="directory of the block store",
+        help="directory of the node's stored objects and shuffle files",
+    )
+    p.add_argument(
+        "--storage-bytes-max",
+        type=int,
+        default=0,
+        help="capacity of the node's object store (0: the disk's free space less a reserve)",
+    )
+    p.add_argument(
+        "--no-fsync", action="store_true", help="do not fsync stored objects (tests only)"
     )
     p.add_argument("--quiet", action="store_true", help="do not print the worker id")
 

@@ -13,7 +13,7 @@ import contextlib
 import threading
 from dataclasses import dataclass, field
 
-from lepton_ai.errors import LeptonError, Unavailable
+from lepton_ai.errors import LeptonError, LimitExceeded, StorageFull, Unavailable
 from lepton_ai.node.messages import ClientReply, CoordinatorMessage, ErrorReply
 from lepton_ai.node.netutil import node_wire_config, parse_address
 from lepton_ai.wire import Codec, Connection, WireConfig, connect
@@ -46,6 +46,7 @@ class CoordinatorClient:
         self._idle: dict[tuple[str, int], list[Connection[ClientReply]]] = {}
         self._target = 0  # index into addresses: the leader as far as we know
         self._loop = asyncio.new_event_loop()
+        self.loop = self._loop  # where the data-plane client of ``cluster.storage`` runs
         self._thread = threading.Thread(
             target=self._loop.run_forever, daemon=True, name="lepton-client"
         )
@@ -174,5 +175,11 @@ def check_reply(reply: ClientReply) -> ClientReply:
             raise ValueError(reply.message)
         if reply.kind == "not_found":
             raise KeyError(reply.message)
+        if reply.kind == "full":
+            raise StorageFull(reply.message)
+        if reply.kind == "limit":
+            raise LimitExceeded(reply.message)
+        if reply.kind == "exists":
+            raise FileExistsError(reply.message)
         raise Unavailable(reply.message)
     return reply

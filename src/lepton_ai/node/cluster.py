@@ -23,6 +23,7 @@ addresses the leader reports); with one coordinator it stays ``None``.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import os
@@ -34,7 +35,8 @@ import tempfile
 import time
 import uuid
 import weakref
-from typing import Any
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from lepton_ai.compute.plan import JobOptions
 from lepton_ai.errors import LeptonError, Unavailable
@@ -55,6 +57,12 @@ from lepton_ai.node.messages import (
 )
 from lepton_ai.node.process import Lifeline, kill_pid
 
+if TYPE_CHECKING:
+    from lepton_ai.storage.client import StorageClient
+    from lepton_ai.storage.messages import ObjectMeta
+
+T = TypeVar("T")
+
 LONG_POLL_MAX_S = 2.0  # one WaitJob slice
 LONG_POLL_MARGIN_S = 3.0  # beyond the slice: the coordinator is taken as hung
 _SIGNALS = {"kill": signal.SIGKILL, "pause": signal.SIGSTOP, "resume": signal.SIGCONT}
@@ -71,11 +79,37 @@ class Cluster:
         self.kv: Any = None  # the consensus layer's KV client (attach_kv)
         self._local_events: list[Event] = []
         self.slots_total = 0
+        self._storage: StorageClient | None = None
 
     # -- hooks -----------------------------------------------------------------------
     def attach_kv(self, kv: Any) -> None:
         """Where the consensus layer plugs in its KV client (``cluster.kv.put`` ...)."""
         self.kv = kv
+
+    # -- the storage layer ----------------------------------------------------------
+    @property
+    def storage(self) -> StorageClient:
+        """The cluster's replicated object store (``put/get/open/stat/list/delete``)."""
+        if self._storage is None:
+            from lepton_ai.storage.client import StorageClient
+
+            self._storage = StorageClient(self._control, self._run, self.token)
+        return self._storage
+
+    def _control(self, msg: Any, timeout_s: float) -> Any:
+        return check_reply(self.client.request(msg, timeout_s))
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a data-plane coroutine on the client's loop (its own timeouts bound it)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.client.loop).result()
+
+    def put_blob(self, data: bytes) -> ObjectMeta:
+        """Where ``parallelize`` keeps big input chunks: stored objects, not the log."""
+        return self.storage.put_temp(data)
+
+    def fetch_object(self, meta: ObjectMeta) -> bytes:
+        """A stored job result part (``Job.result``)."""
+        return self.storage.fetch(meta)
 
     # -- the compute layer's JobRunner ----------------------------------------------
     @property
@@ -175,6 +209,10 @@ class Cluster:
         raise LeptonError("restart needs the process owner: use the LocalCluster that started it")
 
     def close(self) -> None:
+        if self._storage is not None:
+            with contextlib.suppress(Exception):
+                self._storage.close()
+            self._storage = None
         if self.kv is not None and hasattr(self.kv, "close"):
             with contextlib.suppress(Exception):
                 self.kv.close()
@@ -273,12 +311,17 @@ class LocalCluster(Cluster):
         spares_per_worker: int = 1,
         start_timeout_s: float = 60.0,
         job_retention_s: float = 0.0,
+        storage_bytes_max: int = 0,
     ) -> None:
         """``spares_per_worker``: warm executors each agent keeps to replace a dead one
         at once (0 saves ~20 MB per worker). ``fsync``: fsync the coordinator's log
         (off by default: a LocalCluster's state dies with it anyway).
         ``job_retention_s``: finished jobs older than this are deleted (0: kept
-        until ``lepton job rm`` or the count limit)."""
+        until ``lepton job rm`` or the count limit). ``storage_bytes_max``: capacity of
+        each worker's object store (0: the disk's free space less a reserve)."""
+        if not isinstance(storage_bytes_max, int) or storage_bytes_max < 0:
+            raise ValueError(f"storage_bytes_max must be an int >= 0, got {storage_bytes_max!r}")
+        self.storage_bytes_max = storage_bytes_max
         if job_retention_s < 0:
             raise ValueError(f"job_retention_s must be >= 0, got {job_retention_s!r}")
         self.job_retention_s = float(job_retention_s)
@@ -374,6 +417,10 @@ class LocalCluster(Cluster):
             "--data-dir",
             os.path.join(self.data_dir, "workers"),
         ]
+        if self.storage_bytes_max:
+            args += ["--storage-bytes-max", str(self.storage_bytes_max)]
+        if not self.fsync:
+            args.append("--no-fsync")
         return py + args, ()
 
     def _spawn(self, role: str, id: str) -> _Proc:

@@ -8,6 +8,7 @@ import os
 import time
 from typing import TYPE_CHECKING
 
+from lepton_ai.compute.plan import PLAN_BYTES_MAX
 from lepton_ai.compute.scheduler_events import RunningReport
 from lepton_ai.compute.state import JobDeleted, JobRecord, JobSubmitted
 from lepton_ai.errors import LeptonError
@@ -32,6 +33,7 @@ from lepton_ai.node.messages import (
     SubmitJob,
     WaitJob,
 )
+from lepton_ai.storage.control import StorageUsage
 from lepton_ai.wire import Connection
 
 if TYPE_CHECKING:
@@ -54,6 +56,8 @@ class WorkerView:
         self.plans_sent: set[str] = set()
         self.executors: list[ExecutorInfo] = []
         self.running: list[RunningReport] = list(reg.running)
+        self.node = reg.node  # the storage node (stable id) behind this incarnation
+        self.storage: StorageUsage | None = reg.storage
 
     @property
     def ready(self) -> bool:
@@ -108,6 +112,9 @@ class ClientApi:
         if isinstance(msg, RecordEvent):
             self.c.events.append(msg.event)
             return Ok()
+        stored = await self.c.storage.handle(msg)
+        if stored is not None:
+            return stored
         return ErrorReply("invalid", f"{type(msg).__name__} is not a client request")
 
     async def _leader_hint_soon(self) -> str | None:
@@ -125,6 +132,10 @@ class ClientApi:
         if not self.c.leading:
             leader = self.c.log.leader_address or "another coordinator"
             return ErrorReply("unavailable", f"not the leader; try {leader}")
+        if len(msg.plan) > PLAN_BYTES_MAX:
+            return ErrorReply(
+                "limit", f"job plan of {len(msg.plan)} bytes over PLAN_BYTES_MAX={PLAN_BYTES_MAX}"
+            )
         try:
             self.c.validate_plan(msg.plan)
         except ValueError as exc:
@@ -194,13 +205,19 @@ class ClientApi:
         for v in sorted(self.c.workers.values(), key=lambda v: v.name):
             phi = self.c.phi.phi(v.worker_id, now)
             health = "suspect" if phi >= self.c.config.phi.threshold / 2 else "alive"
-            members.append(MemberInfo("worker", v.name, v.pid, v.address, health, v.worker_id, phi))
+            members.append(
+                MemberInfo("worker", v.name, v.pid, v.address, health, v.node or v.worker_id, phi)
+            )
             for e in v.executors:
                 if e.state == "spare":  # a warm replacement, not a slot: its own role
                     spare_id = f"{v.name}.spare{-1 - e.slot}"
-                    members.append(MemberInfo("spare", spare_id, e.pid, "", "idle", v.worker_id))
+                    members.append(
+                        MemberInfo("spare", spare_id, e.pid, "", "idle", v.node or v.worker_id)
+                    )
                     continue
                 members.append(
-                    MemberInfo("executor", f"{v.name}.{e.slot}", e.pid, "", e.state, v.worker_id)
+                    MemberInfo(
+                        "executor", f"{v.name}.{e.slot}", e.pid, "", e.state, v.node or v.worker_id
+                    )
                 )
         return members

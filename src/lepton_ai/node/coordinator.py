@@ -79,6 +79,12 @@ from lepton_ai.compute.state import (
 from lepton_ai.consensus.api import LogHost, NotLeader
 from lepton_ai.errors import LeptonError, Unavailable
 from lepton_ai.monitor.phi import PhiAccrualDetector, PhiConfig
+from lepton_ai.node.coord_storage import (
+    StorageControl,
+    StorageControlConfig,
+    closes_jobs,
+    link_job_command,
+)
 from lepton_ai.node.coord_views import ClientApi, WorkerView
 from lepton_ai.node.messages import (
     CancelTasks,
@@ -93,8 +99,15 @@ from lepton_ai.node.messages import (
     Registered,
     Reports,
     RunTasks,
+    StorageNotice,
 )
 from lepton_ai.node.netutil import node_wire_config
+from lepton_ai.storage.messages import ObjectMeta
+from lepton_ai.storage.meta import (
+    StorageStateMachine,
+    decode_storage_command,
+    encode_storage_result,
+)
 from lepton_ai.wire import Codec, Connection, WireConfig, serve
 
 log = logging.getLogger("lepton_ai.coordinator")
@@ -119,6 +132,7 @@ class CoordinatorConfig:
     expiry_interval_s: float = 1.0
     expiries_per_round_max: int = 1000
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    storage: StorageControlConfig = field(default_factory=StorageControlConfig)
     phi: PhiConfig = field(default_factory=PhiConfig)
     wire: WireConfig = field(default_factory=node_wire_config)
 
@@ -128,38 +142,73 @@ class HostedMachine(Protocol):
     replicated ``node.replicated.CoordinatorMachine``)."""
 
     jobs: JobStateMachine
+    storage: StorageStateMachine
     listener: Callable[[JobCommand, ApplyResult], None] | None
+    storage_listener: Callable[[list[ObjectMeta]], None] | None
 
     def apply(self, command: bytes) -> bytes: ...
 
 
-class JobsMachine:
-    """The coordinator's ``StateMachine``: the job state machine plus an apply hook.
+class _LocalSnapshot(msgspec.Struct, array_like=True):
+    jobs: bytes
+    storage: bytes
 
-    The hook is how applied commands reach the scheduler; it is attached only
-    after recovery, so replaying the log at start does not re-drive anything.
+
+class JobsMachine:
+    """The coordinator's ``StateMachine`` on a local log: jobs and stored objects'
+    metadata, plus apply hooks.
+
+    The hooks are how applied commands reach the scheduler and the storage
+    control; they are attached only after recovery, so replaying the log at start
+    does not re-drive anything.
     """
 
     def __init__(self, config: JobStateConfig | None = None) -> None:
         self.jobs = JobStateMachine(config)
+        self.storage = StorageStateMachine()
         self.listener: Callable[[JobCommand, ApplyResult], None] | None = None
+        self.storage_listener: Callable[[list[ObjectMeta]], None] | None = None
 
     def apply(self, command: bytes) -> bytes:
         # As ``JobStateMachine.apply``, decoding once for the machine and the hook.
         try:
             cmd = decode_command(command)
         except ValueError as exc:
-            return encode_apply_result(ApplyResult(False, str(exc)))
-        result = self.jobs.apply_command(cmd)
-        if self.listener is not None:
-            self.listener(cmd, result)
-        return encode_apply_result(result)
+            return apply_storage_bytes(self, command, exc)
+        return apply_job_command(self, cmd)
 
     def snapshot(self) -> bytes:
-        return self.jobs.snapshot()
+        return msgspec.msgpack.encode(_LocalSnapshot(self.jobs.snapshot(), self.storage.snapshot()))
 
     def restore(self, data: bytes) -> None:
-        self.jobs.restore(data)
+        snap = msgspec.msgpack.decode(data, type=_LocalSnapshot)
+        self.jobs.restore(snap.jobs)
+        self.storage.restore(snap.storage)
+
+
+def apply_job_command(machine: HostedMachine, cmd: JobCommand) -> bytes:
+    """Apply a job command and its storage effects (a stored result becomes an
+    object; a closed or forgotten job's objects go); run the hooks."""
+    before = set(machine.jobs.state.jobs) if closes_jobs(cmd) else None
+    result = machine.jobs.apply_command(cmd)
+    removed = link_job_command(machine.storage, machine.jobs, cmd, result, before)
+    if machine.listener is not None:
+        machine.listener(cmd, result)
+    if removed and machine.storage_listener is not None:
+        machine.storage_listener(removed)
+    return encode_apply_result(result)
+
+
+def apply_storage_bytes(machine: HostedMachine, command: bytes, job_error: Exception) -> bytes:
+    """Apply a storage command (``job_error``: why the bytes are no job command)."""
+    try:
+        scmd = decode_storage_command(command)
+    except ValueError:
+        return encode_apply_result(ApplyResult(False, str(job_error)))
+    res = machine.storage.apply_command(scmd)
+    if res.removed and machine.storage_listener is not None:
+        machine.storage_listener(res.removed)
+    return encode_storage_result(res)
 
 
 class Coordinator:
@@ -204,7 +253,9 @@ class Coordinator:
         self._proposals = asyncio.Semaphore(config.inflight_proposals_max)
         self._tg: asyncio.TaskGroup | None = None
         self.api = ClientApi(self)
+        self.storage = StorageControl(self, config.storage)
         machine.listener = self._on_applied
+        machine.storage_listener = self.storage.on_removed
 
     # -- leadership ------------------------------------------------------------------
     @property
@@ -235,6 +286,7 @@ class Coordinator:
             )
         else:  # nothing to recover: no grace period before the first dispatch
             self.scheduler = Scheduler(self.config.scheduler, epoch=epoch)
+        self.storage.became_leader()
         self.event("leader", f"{self.address} epoch {epoch}")
 
     def step_down(self) -> None:
@@ -293,6 +345,7 @@ class Coordinator:
             if self.scheduler is not None:
                 self.step(Tick(now))
                 self._expire_jobs()
+                self.storage.tick(now)
 
     def _expire_jobs(self) -> None:
         """Leader only: delete finished jobs older than ``job_retention_s`` (0: keep).
@@ -503,6 +556,9 @@ class Coordinator:
             # A lost incarnation may hold stale attempts: it must rejoin as a new one.
             await conn.send(Registered(self.address, self.config.heartbeat_interval_s, False))
             return
+        for old in [v for v in self.workers.values() if reg.node and v.node == reg.node]:
+            # The node restarted before its old agent was found dead: that one is gone.
+            self._lose_worker(old, f"its node {reg.node} rejoined as {reg.worker}")
         view = WorkerView(reg, conn)
         self.workers[reg.worker] = view
         now = time.monotonic()
@@ -510,6 +566,7 @@ class Coordinator:
         await conn.send(Registered(self.address, self.config.heartbeat_interval_s, True))
         self.event("worker_joined", f"{reg.name} ({reg.worker}) pid {reg.pid} at {reg.address}")
         self.members_changed.set()
+        self.storage.members_changed()
         self.step(WorkerJoined(reg.worker, reg.address, reg.slots, now, reg.running, reg.executors))
         try:
             async for msg in conn:
@@ -526,7 +583,10 @@ class Coordinator:
         if isinstance(msg, Heartbeat):
             view.executors = list(msg.executors)
             view.running = list(msg.running)
+            view.storage = msg.storage
             self.members_changed.set()
+        elif isinstance(msg, StorageNotice):
+            self.storage.on_notice(view, msg)
         elif isinstance(msg, Reports):
             for rep in msg.reports:
                 ev = msgspec.structs.replace(rep, now=now)
@@ -583,6 +643,7 @@ class Coordinator:
         self.phi.remove(view.worker_id)
         self.event("worker_lost", f"{view.name} ({view.worker_id}): {why}")
         self.members_changed.set()
+        self.storage.members_changed()
         view.conn.writer.close()
         self.step(WorkerLost(view.worker_id, time.monotonic()))
 

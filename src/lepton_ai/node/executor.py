@@ -41,13 +41,18 @@ from lepton_ai.node.messages import (
 
 if TYPE_CHECKING:
     from lepton_ai.compute.plan import JobPlan
+    from lepton_ai.compute.state import OutputRef
     from lepton_ai.storage.blockstore import BlockStore
+    from lepton_ai.storage.objects import ObjectStore
 
 FD_ENV = "LEPTON_EXEC_FD"  # read by exec_boot
 WORKER_ENV = "LEPTON_EXEC_WORKER"
 STORE_ENV = "LEPTON_EXEC_STORE"
 FRAME_BYTES_MAX_ENV = "LEPTON_EXEC_FRAME_BYTES_MAX"
 RESULT_BYTES_MAX_ENV = "LEPTON_EXEC_RESULT_BYTES_MAX"
+RESULT_INLINE_BYTES_MAX_ENV = "LEPTON_EXEC_RESULT_INLINE_BYTES_MAX"
+OBJECTS_ENV = "LEPTON_EXEC_OBJECTS"  # the node's object store: stored inputs and results
+NODE_ENV = "LEPTON_EXEC_NODE"
 PLANS_MAX = 32  # decoded plans kept per executor (jobs running at once rarely exceed it)
 RECV_BYTES = 256 * 1024  # one read from the agent's pipe
 QUEUED_MAX = 1024  # tasks queued here; the agent's window (ExecutorConfig.window) is far below
@@ -165,7 +170,24 @@ class Executor:
         self.worker = worker
         self.store = store
         self.plans: OrderedDict[str, JobPlan] = OrderedDict()
-        self.result_bytes_max = int(os.environ.get(RESULT_BYTES_MAX_ENV, str(128 << 20)))
+        self.result_bytes_max = int(os.environ.get(RESULT_BYTES_MAX_ENV, str(1 << 30)))
+        self.result_inline_max = int(os.environ.get(RESULT_INLINE_BYTES_MAX_ENV, str(64 << 10)))
+        self.node = os.environ.get(NODE_ENV, "")
+        self._objects: ObjectStore | None = None
+
+    @property
+    def objects(self) -> ObjectStore:
+        """The node's object store, opened on first use (most tasks never need it)."""
+        if self._objects is None:
+            from lepton_ai.storage.objects import ObjectStore, ObjectStoreConfig
+
+            root = os.environ.get(OBJECTS_ENV, "")
+            if not root:
+                raise RuntimeError("this executor has no object store")
+            # Capacity is the agent's to enforce (it places and reserves); the
+            # executor writes results the agent then accounts for.
+            self._objects = ObjectStore(root, ObjectStoreConfig(fsync=False, scan_at_start=False))
+        return self._objects
 
     def serve(self) -> None:
         """The task loop. ``exec_boot`` has said hello already; warm up now, while
@@ -263,7 +285,7 @@ class Executor:
             if bad is not None:
                 return ExecFailed(a, "corrupt_input", bad[1], map_partition=bad[0])
         try:
-            out = run_task(plan, a.stage, a.partition, inputs)
+            out = run_task(plan, a.stage, a.partition, inputs, fetch_blob=self._read_object)
             if out.buckets is not None:
                 key = ShuffleKey(a.job_id, a.stage, a.partition, a.epoch, a.attempt)
                 sizes = self.store.write_shuffle(key, out.buckets)
@@ -272,12 +294,12 @@ class Executor:
                 result = out.result if out.result is not None else b""
                 if len(result) > self.result_bytes_max:
                     why = (
-                        f"the result of partition {a.partition} is {len(result)} bytes; "
-                        f"results over {self.result_bytes_max} bytes cannot travel inline "
-                        "(reduce or aggregate it further, or write it to storage)"
+                        f"the result of partition {a.partition} is {len(result)} bytes, "
+                        f"over result_bytes_max={self.result_bytes_max} "
+                        "(reduce or aggregate it further, or write it with write_jsonl)"
                     )
-                    return ExecFailed(a, "user", why, "ValueError")
-                refs = [OutputRef(self.worker, "result", len(result), result)]
+                    return ExecFailed(a, "user", why, "LimitExceeded")
+                refs = [self._result_ref(result)]
         except UserCodeError as exc:
             return ExecFailed(a, "user", exc.message, exc.exc_type, exc.traceback)
         except CorruptInput as exc:
@@ -285,6 +307,24 @@ class Executor:
         except Exception as exc:  # noqa: BLE001 - reported to the scheduler as infra failure
             return ExecFailed(a, "infra", f"{type(exc).__name__}: {exc}", type(exc).__name__)
         return ExecDone(a, refs, time.perf_counter() - started)
+
+    def _read_object(self, oid: str) -> bytes:
+        """A stored input partition (the agent brought it to this node)."""
+        return self.objects.read_all(oid)
+
+    def _result_ref(self, result: bytes) -> OutputRef:
+        """Small results inline (in the log); bigger ones stored on this node."""
+        from lepton_ai.compute.state import OutputRef
+
+        if len(result) <= self.result_inline_max:
+            return OutputRef(self.worker, "result", len(result), result)
+        from lepton_ai.storage.checksum import crc32c
+        from lepton_ai.storage.messages import CHUNK_BYTES_DEFAULT, ObjectMeta
+
+        oid = os.urandom(16).hex()
+        self.objects.put_bytes(oid, result, CHUNK_BYTES_DEFAULT)
+        meta = ObjectMeta("", oid, len(result), crc32c(result), CHUNK_BYTES_DEFAULT, [self.node], 1)
+        return OutputRef(self.worker, f"obj:{oid}", len(result), None, meta)
 
     def _read_local(
         self, job_id: str, local: dict[int, str], inputs: list[bytes]

@@ -56,8 +56,14 @@ class Requeued(ExecutorDied):
 class ExecutorConfig:
     start_timeout_s: float = 30.0
     frame_bytes_max: int = 256 << 20
-    # One task's inline result (it goes through the log); past it the task fails.
-    result_bytes_max: int = 128 << 20
+    # One task's result: up to ``result_inline_bytes_max`` it travels inline in the
+    # log (cheap for the many small results); bigger, it is a stored object on this
+    # node (replicated by the agent) and only its reference is logged; past
+    # ``result_bytes_max`` the task fails with an error naming the bound.
+    result_bytes_max: int = 1 << 30
+    result_inline_bytes_max: int = 64 << 10
+    objects_dir: str = ""  # the node's object store (set by the agent)
+    node_id: str = ""
     restart_backoff_s: float = 0.05
     restart_backoff_max_s: float = 2.0
     spares: int = 1  # warm executors per node kept aside for instant replacement
@@ -360,6 +366,9 @@ async def spawn_executor(worker: str, store_dir: str, config: ExecutorConfig) ->
     env[exec_mod.STORE_ENV] = store_dir
     env[exec_mod.FRAME_BYTES_MAX_ENV] = str(config.frame_bytes_max)
     env[exec_mod.RESULT_BYTES_MAX_ENV] = str(config.result_bytes_max)
+    env[exec_mod.RESULT_INLINE_BYTES_MAX_ENV] = str(config.result_inline_bytes_max)
+    env[exec_mod.OBJECTS_ENV] = config.objects_dir
+    env[exec_mod.NODE_ENV] = config.node_id
     env[PARENT_PID_ENV] = str(os.getpid())
     try:
         proc = await asyncio.create_subprocess_exec(

@@ -29,6 +29,30 @@ from lepton_ai.compute.scheduler_events import (
     TaskSucceeded,
 )
 from lepton_ai.compute.state import OutputRef
+from lepton_ai.storage.control import (
+    CommitObject,
+    DeleteObject,
+    ListObjects,
+    ObjectInfo,
+    ObjectList,
+    Placement,
+    PlaceObject,
+    StatObject,
+    StorageCheck,
+    StorageReport,
+    StorageUsage,
+)
+from lepton_ai.storage.messages import (
+    Chunk,
+    DataError,
+    DataOk,
+    DeleteObjects,
+    GetObject,
+    NodeAddr,
+    ObjectHeader,
+    PutDone,
+    PutObject,
+)
 
 # ------------------------------------------------------------ worker <-> coordinator
 
@@ -50,6 +74,10 @@ class Register(msgspec.Struct, frozen=True, tag=True):
     pid: int
     running: list[RunningReport] = []
     executors: int = 0  # processes serving the ``slots`` (0: one per slot)
+    # The storage node behind the agent: its stable id (kept across restarts in its
+    # data directory, unlike ``worker``) and the room its object store has.
+    node: str = ""
+    storage: StorageUsage | None = None
 
 
 class Registered(msgspec.Struct, frozen=True, tag=True):
@@ -63,6 +91,23 @@ class Registered(msgspec.Struct, frozen=True, tag=True):
 class Heartbeat(msgspec.Struct, frozen=True, tag=True):
     running: list[RunningReport]
     executors: list[ExecutorInfo]
+    storage: StorageUsage | None = None
+
+
+class CopyResult(msgspec.Struct, frozen=True):
+    oid: str
+    ok: bool
+    message: str = ""
+
+
+class StorageNotice(msgspec.Struct, frozen=True, tag=True):
+    """Agent -> leader: replicas found corrupt (and deleted) here, copies finished,
+    and objects held here for longer than the orphan grace, for the leader to judge
+    (it answers ``DropObjects`` with those no committed object lists on this node)."""
+
+    corrupt: list[str] = []
+    copies: list[CopyResult] = []
+    check: list[str] = []
 
 
 TaskReport = TaskStarted | TaskSucceeded | TaskFailed | FetchFailed
@@ -97,7 +142,35 @@ class DropJobs(msgspec.Struct, frozen=True, tag=True):
     job_ids: list[str]
 
 
-WorkerMessage = Registered | RunTasks | CancelTasks | DropJobs
+class CopyOrder(msgspec.Struct, frozen=True):
+    oid: str
+    sources: list[str]  # data-plane addresses of live replicas, best first
+
+
+class CopyObjects(msgspec.Struct, frozen=True, tag=True):
+    """Leader -> agent: pull these objects from a live replica into this node's store,
+    answer each with ``StorageNotice.copies``."""
+
+    orders: list[CopyOrder]
+
+
+class DropObjects(msgspec.Struct, frozen=True, tag=True):
+    """Leader -> agent: these objects are no longer stored here (deleted, replaced,
+    an excess replica, or never committed): delete their bytes."""
+
+    oids: list[str]
+
+
+class NodeDirectory(msgspec.Struct, frozen=True, tag=True):
+    """Leader -> agent: every live storage node and its data-plane address (sent on
+    registration and when it changes), for reading inputs and placing replicas."""
+
+    nodes: list[NodeAddr]
+
+
+WorkerMessage = (
+    Registered | RunTasks | CancelTasks | DropJobs | CopyObjects | DropObjects | NodeDirectory
+)
 
 # ------------------------------------------------------------ client <-> coordinator
 
@@ -191,7 +264,9 @@ class Ok(msgspec.Struct, frozen=True, tag=True):
 
 
 class ErrorReply(msgspec.Struct, frozen=True, tag=True):
-    kind: str  # "invalid" | "unavailable" | "not_found" | "redirect" (message: leader or "")
+    # "invalid" | "unavailable" | "not_found" | "redirect" (message: leader or "")
+    # | "full" (StorageFull) | "exists" (CommitObject if_absent) | "limit" (LimitExceeded)
+    kind: str
     message: str
 
 
@@ -212,8 +287,27 @@ CoordinatorMessage = (
     | GetEvents
     | RecordEvent
     | DeleteJob
+    | StorageNotice
+    | PlaceObject
+    | CommitObject
+    | StatObject
+    | ListObjects
+    | DeleteObject
+    | StorageCheck
 )
-ClientReply = JobAccepted | JobInfo | JobList | ClusterInfo | EventList | Ok | ErrorReply
+ClientReply = (
+    JobAccepted
+    | JobInfo
+    | JobList
+    | ClusterInfo
+    | EventList
+    | Ok
+    | ErrorReply
+    | Placement
+    | ObjectInfo
+    | ObjectList
+    | StorageReport
+)
 
 # ------------------------------------------------------------ shuffle server
 
@@ -230,7 +324,19 @@ class BlockData(msgspec.Struct, frozen=True, tag=True):
     data: list[bytes]
 
 
-ShuffleMessage = FetchBlocks | BlockData
+# The node's data port: shuffle buckets and stored objects (``storage.messages``).
+ShuffleMessage = (
+    FetchBlocks
+    | BlockData
+    | PutObject
+    | Chunk
+    | GetObject
+    | ObjectHeader
+    | PutDone
+    | DeleteObjects
+    | DataOk
+    | DataError
+)
 
 # ------------------------------------------------------------ agent <-> executor
 

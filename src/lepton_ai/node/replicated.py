@@ -43,7 +43,6 @@ from lepton_ai.compute.state import (
     JobStateConfig,
     JobStateMachine,
     decode_command,
-    encode_apply_result,
     encode_command,
 )
 from lepton_ai.consensus.client import KvClient
@@ -51,8 +50,14 @@ from lepton_ai.consensus.driver import ReplicaDriver
 from lepton_ai.consensus.kv import KvMachine
 from lepton_ai.consensus.server import ReplicaHost, ReplicaOptions
 from lepton_ai.errors import LeptonError
-from lepton_ai.node.coordinator import Coordinator, CoordinatorConfig
+from lepton_ai.node.coordinator import Coordinator, CoordinatorConfig, apply_job_command
 from lepton_ai.node.messages import Event, MemberInfo
+from lepton_ai.storage.messages import ObjectMeta
+from lepton_ai.storage.meta import (
+    StorageStateMachine,
+    decode_storage_command,
+    encode_storage_result,
+)
 
 log = logging.getLogger("lepton_ai.coordinator.replicated")
 
@@ -107,6 +112,7 @@ class _Snapshot(msgspec.Struct, array_like=True):
     kv: bytes
     leaders: dict[int, str]
     events: list[Event]
+    storage: bytes = b""
 
 
 _snap_encoder = msgspec.msgpack.Encoder()
@@ -118,12 +124,15 @@ def encode_meta(cmd: MetaCommand) -> bytes:
 
 
 class CoordinatorMachine(KvMachine):
-    """Jobs + KV + leader addresses + the replicated event log, on one log."""
+    """Jobs + stored objects' metadata + KV + leader addresses + the replicated event
+    log, on one log."""
 
     def __init__(self, jobs: JobStateConfig | None = None, events_max: int = 2_000) -> None:
         super().__init__()
         self.jobs = JobStateMachine(jobs)
+        self.storage = StorageStateMachine()
         self.listener: Callable[[JobCommand, ApplyResult], None] | None = None
+        self.storage_listener: Callable[[list[ObjectMeta]], None] | None = None
         self.leaders: dict[int, str] = {}  # Paxos node id -> its client address
         self.events: deque[Event] = deque(maxlen=events_max)
 
@@ -135,14 +144,23 @@ class CoordinatorMachine(KvMachine):
         except ValueError:
             pass
         else:
-            result = self.jobs.apply_command(cmd)
-            if self.listener is not None:
-                self.listener(cmd, result)
-            return encode_apply_result(result)
+            return apply_job_command(self, cmd)
         try:
             meta = _meta_decoder.decode(command)
         except msgspec.DecodeError:
+            pass
+        else:
+            return self._apply_meta(meta)
+        try:
+            scmd = decode_storage_command(command)
+        except ValueError:
             return super().apply(command)
+        res = self.storage.apply_command(scmd)
+        if res.removed and self.storage_listener is not None:
+            self.storage_listener(res.removed)
+        return encode_storage_result(res)
+
+    def _apply_meta(self, meta: MetaCommand) -> bytes:
         if isinstance(meta, LeaderElected):
             self.leaders[meta.node] = meta.address
             self.events.append(
@@ -154,7 +172,13 @@ class CoordinatorMachine(KvMachine):
 
     def snapshot(self) -> bytes:
         return _snap_encoder.encode(
-            _Snapshot(self.jobs.snapshot(), super().snapshot(), self.leaders, list(self.events))
+            _Snapshot(
+                self.jobs.snapshot(),
+                super().snapshot(),
+                self.leaders,
+                list(self.events),
+                self.storage.snapshot(),
+            )
         )
 
     def restore(self, data: bytes) -> None:
@@ -162,6 +186,8 @@ class CoordinatorMachine(KvMachine):
         self.jobs.restore(snap.jobs)
         super().restore(snap.kv)
         self.leaders = dict(snap.leaders)
+        if snap.storage:
+            self.storage.restore(snap.storage)
         self.events.clear()
         self.events.extend(snap.events)
 

@@ -25,17 +25,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
 import os
+import shutil
 import signal
+import socket
 import sys
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from lepton_ai import eventloop
+from lepton_ai.compute.plan import JobPlan, decode_plan
 from lepton_ai.compute.scheduler_events import (
     Dispatch,
     FailureKind,
@@ -46,7 +52,9 @@ from lepton_ai.compute.scheduler_events import (
     TaskStarted,
     TaskSucceeded,
 )
-from lepton_ai.errors import LeptonError
+from lepton_ai.compute.state import OutputRef
+from lepton_ai.data.sources import BlobSource
+from lepton_ai.errors import DataLost, LeptonError, StorageFull
 from lepton_ai.node.executors import (
     ExecutorConfig,
     ExecutorDied,
@@ -73,10 +81,12 @@ from lepton_ai.node.messages import (
     Reports,
     RunTasks,
     ShuffleMessage,
+    StorageNotice,
     TaskReport,
     WorkerMessage,
 )
 from lepton_ai.node.netutil import REPORT_BATCH_BYTES_MAX, node_wire_config, parse_address
+from lepton_ai.node.node_storage import NodeStorage, NodeStorageConfig, open_node_dir
 from lepton_ai.node.process import watch_parent
 from lepton_ai.storage.blockstore import BlockCorrupt, BlockMissing, BlockStore
 from lepton_ai.wire import (
@@ -131,7 +141,9 @@ class WorkerConfig:
     queued_tasks_max: int = 10_000  # per executor
     outbox_reports_max: int = 100_000  # reports kept while the coordinator is away
     fetch_connections_max: int = 64
+    notices_max: int = 10_000  # storage notices kept while no coordinator listens
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    storage: NodeStorageConfig = field(default_factory=NodeStorageConfig)
     wire: WireConfig = field(default_factory=node_wire_config)
     leader_watch: LeaderWatchConfig = field(default_factory=LeaderWatchConfig)
 
@@ -153,9 +165,26 @@ class WorkerAgent:
         self._probe_wire = node_wire_config(connect_timeout_s=config.leader_watch.probe_timeout_s)
         self.token = token
         self.name = name
-        self.config = config
+        # The node (stable: its directory and id outlive this process) and this
+        # incarnation of its agent (``worker_id``, new at every start: the scheduler
+        # counts everything an incarnation ran as gone once it is lost).
+        self.node_dir, self.node_id, self._node_lock = open_node_dir(data_dir, name)
         self.worker_id = f"{name}-{os.getpid()}-{os.urandom(2).hex()}"
-        self.store = BlockStore(os.path.join(data_dir, self.worker_id))
+        # Shuffle files are useless to a new incarnation: earlier ones are removed.
+        shutil.rmtree(self.node_dir / "shuffle", ignore_errors=True)
+        self.store = BlockStore(self.node_dir / "shuffle" / self.worker_id)
+        self.storage = NodeStorage(self.node_dir, self.node_id, token, config.storage, self._notify)
+        config = dataclasses.replace(
+            config,
+            executor=dataclasses.replace(
+                config.executor,
+                objects_dir=str(self.storage.store.root),
+                node_id=self.node_id,
+            ),
+        )
+        self.config = config
+        self._notices: list[StorageNotice] = []
+        self._finishing: set[asyncio.Task[None]] = set()
         self.address = ""
         self._beat_now = asyncio.Event()  # an executor came up: heartbeat at once
         # The leader watch named another coordinator: stop waiting out the reconnect
@@ -188,6 +217,7 @@ class WorkerAgent:
         # Handed to executor i and not answered yet (it runs them in this order).
         self._submitted: list[dict[TaskAttempt, Dispatch]] = [{} for _ in self.slots]
         self.plans: OrderedDict[str, bytes] = OrderedDict()
+        self._decoded: dict[str, JobPlan] = {}  # plans read here (stored inputs), bounded
         self.outbox: list[TaskReport] = []
         self._outbox_ready = asyncio.Event()
         self._conn: Connection[WorkerMessage] | None = None
@@ -212,8 +242,10 @@ class WorkerAgent:
         )
         host = "127.0.0.1" if self.join[0] in ("127.0.0.1", "localhost") else _my_ip()
         self.address = f"{host}:{bound_port(server)}"
+        self.storage.address = self.address
         try:
             async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.storage.run())
                 for slot in self.slots:
                     tg.create_task(slot.supervise())
                 for i in range(len(self.slots)):
@@ -225,6 +257,8 @@ class WorkerAgent:
                 tg.create_task(self._coordinator_loop())
         finally:
             server.close()
+            for task in list(self._finishing):
+                task.cancel()
             for probe in self._probes.values():
                 probe.writer.close()
             for slot in self.slots:
@@ -280,6 +314,8 @@ class WorkerAgent:
                 os.getpid(),
                 self._running(),
                 len(self.slots),
+                self.node_id,
+                self.storage.usage(),
             )
         )
         reply = await conn.recv()
@@ -291,6 +327,9 @@ class WorkerAgent:
             raise LeptonError("declared lost by the coordinator; rejoining under a new id")
         self._conn = conn
         self._outbox_ready.set()  # reports that waited for a coordinator go now
+        notices, self._notices = self._notices, []
+        for notice in notices:
+            conn.send_nowait(notice)
         async with asyncio.TaskGroup() as tg:
             hb = tg.create_task(self._heartbeat_loop(conn))
             out = tg.create_task(self._send_loop(conn))
@@ -382,8 +421,6 @@ class WorkerAgent:
         self.worker_id = f"{self.name}-{os.getpid()}-{os.urandom(2).hex()}"
         self._generation += 1
         self.store = BlockStore(old_root.parent / self.worker_id)
-        import shutil
-
         shutil.rmtree(old_root, ignore_errors=True)
         self.outbox.clear()
         self.plans.clear()
@@ -442,7 +479,7 @@ class WorkerAgent:
             execs += [
                 ExecutorInfo(-1 - i, pid, "spare") for i, pid in enumerate(self.spares.pids())
             ]
-            await conn.send(Heartbeat(self._running(), execs))
+            await conn.send(Heartbeat(self._running(), execs, self.storage.usage()))
             # Early when an executor comes up: the cluster counts a node ready
             # once the coordinator has heard its executors are (start-up).
             with contextlib.suppress(TimeoutError):
@@ -487,7 +524,18 @@ class WorkerAgent:
         self._outbox_ready.set()
 
     # -- messages from the coordinator -----------------------------------------------
+    def _notify(self, notice: StorageNotice) -> None:
+        """Tell the leader (or keep it for the next one, bounded: a lost notice is
+        found again by the next scrub or sweep)."""
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            conn.send_nowait(notice)
+        elif len(self._notices) < self.config.notices_max:
+            self._notices.append(notice)
+
     def _on_message(self, msg: WorkerMessage) -> None:
+        if self.storage.on_message(msg):
+            return
         if isinstance(msg, RunTasks):
             for blob in msg.plans:
                 self.plans[blob.job_id] = blob.plan
@@ -502,6 +550,7 @@ class WorkerAgent:
         elif isinstance(msg, DropJobs):
             for job_id in msg.job_ids:
                 self.plans.pop(job_id, None)
+                self._decoded.pop(job_id, None)
                 self.store.delete_job(job_id)
             for slot in self.slots:
                 slot.forget(msg.job_ids)
@@ -571,6 +620,9 @@ class WorkerAgent:
         if plan is None:
             return TaskFailed(a, self.worker_id, "infra", 0.0, message="plan forgotten")
         generation = self._generation
+        missing = await self._bring_inputs(a, plan)
+        if missing is not None:
+            return TaskFailed(a, self.worker_id, "infra", 0.0, message=missing)
         run = await self._gather_inputs(d)
         if isinstance(run, FetchFailed):
             return run
@@ -607,12 +659,60 @@ class WorkerAgent:
             reply = future.result()
             if isinstance(reply, ExecDone):
                 self._note_duration(a, reply.duration_s)
+                if any(o.obj is not None for o in reply.outputs):
+                    self._finish_stored(d, reply, generation)
+                    return
             report = self._translate(d, reply)
         self._report(report)
         if a.job_id not in self.plans:
             # The job ended (DropJobs) while this attempt ran: what it just
             # wrote would otherwise outlive the job.
             self.store.delete_job(a.job_id)
+
+    def _finish_stored(self, d: Dispatch, reply: ExecDone, generation: int) -> None:
+        """Replicate a stored result to other nodes, then report the task done."""
+
+        async def finish() -> None:
+            outputs = [await self._replicated(ref) for ref in reply.outputs]
+            if generation == self._generation:
+                self._report(TaskSucceeded(d.attempt, self.worker_id, outputs, 0.0))
+
+        task = asyncio.get_running_loop().create_task(finish())
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+
+    async def _replicated(self, ref: OutputRef) -> OutputRef:
+        """``ref`` with its stored object copied to ``result_replicas`` nodes."""
+        if ref.obj is None:
+            return ref
+        self.storage.store.note_external(ref.obj.oid)  # an executor wrote it
+        want = min(self.config.storage.result_replicas, max(1, len(self.storage.directory)))
+        holders = await self.storage.replicate(ref.obj, want)
+        obj = msgspec.structs.replace(ref.obj, replicas=holders, want=want)
+        return msgspec.structs.replace(ref, obj=obj)
+
+    async def _bring_inputs(self, a: TaskAttempt, plan: bytes) -> str | None:
+        """Bring a source partition stored on other nodes here; why not, or None."""
+        if a.stage != 0:
+            return None
+        source = self._source_of(a, plan)
+        if not isinstance(source, BlobSource) or source.obj is None:
+            return None
+        try:
+            await self.storage.bring_local(source.obj)
+        except (DataLost, StorageFull, OSError, LeptonError) as exc:
+            return f"input {source.key} not readable: {exc}"
+        return None
+
+    def _source_of(self, a: TaskAttempt, plan: bytes) -> object:
+        decoded = self._decoded.get(a.job_id)
+        if decoded is None:
+            decoded = decode_plan(plan)
+            self._decoded[a.job_id] = decoded
+            while len(self._decoded) > self.config.plans_max:
+                del self._decoded[next(iter(self._decoded))]
+        sources = decoded.stages[0].sources or []
+        return sources[a.partition] if 0 <= a.partition < len(sources) else None
 
     def _translate(self, d: Dispatch, reply: ExecDone | ExecFailed) -> TaskReport:
         a, w = d.attempt, self.worker_id
@@ -699,6 +799,8 @@ class WorkerAgent:
     # -- the shuffle server ----------------------------------------------------------
     async def _serve_blocks(self, conn: Connection[ShuffleMessage]) -> None:
         async for msg in conn:
+            if await self.storage.server.handle(conn, msg):
+                continue
             if not isinstance(msg, FetchBlocks):
                 return
             status: list[str] = []
@@ -717,8 +819,6 @@ class WorkerAgent:
 
 
 def _my_ip() -> str:
-    import socket
-
     with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.connect(("192.0.2.1", 9))  # no packet is sent; this picks the outgoing interface
         return str(s.getsockname()[0])
@@ -763,8 +863,19 @@ def run_from_args(args: Any) -> None:
         raise ValueError(
             f"--slots must be >= 1 and --spares >= 0 (got {args.slots}, {args.spares})"
         )
-    config = WorkerConfig(slots=args.slots, executor=ExecutorConfig(spares=args.spares))
-    name = args.name or f"w{os.getpid()}"
+    capacity = int(getattr(args, "storage_bytes_max", 0) or 0)
+    if capacity < 0:
+        raise ValueError(f"--storage-bytes-max must be >= 0, got {capacity}")
+    config = WorkerConfig(
+        slots=args.slots,
+        executor=ExecutorConfig(spares=args.spares),
+        storage=NodeStorageConfig(
+            capacity_bytes=capacity, fsync=not getattr(args, "no_fsync", False)
+        ),
+    )
+    # The name names the node's directory (its stored objects): stable across
+    # restarts by default, so a restarted worker finds its objects again.
+    name = args.name or socket.gethostname()
     token = resolve_token(args.token)
     run_worker(args.join, token, args.data_dir, name, config, announce=not args.quiet)
 

@@ -35,7 +35,7 @@ KEY_BYTES_MAX = 1024
 
 
 def check_oid(oid: object) -> str:
-    if not isinstance(oid, str) or not OID_RE.match(oid):
+    if not isinstance(oid, str) or not OID_RE.fullmatch(oid):
         raise ValueError(f"not an object id: {oid!r}")
     return oid
 

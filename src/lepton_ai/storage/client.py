@@ -1,0 +1,278 @@
+"""``cluster.storage``: the object store API of a running cluster.
+
+    info = cluster.storage.put("models/iris.joblib", data, replicas=2)
+    cluster.storage.get(key); cluster.storage.open(key); cluster.storage.stat(key)
+    cluster.storage.list(prefix=""); cluster.storage.delete(key)
+
+A put asks the leader where to write, streams the bytes in checksummed chunks to
+the chosen nodes (all at once), and commits the reference through the log only
+once they confirmed: a writer that dies half way leaves nothing visible. A read
+streams from a live replica and goes on at another one, from the chunk where the
+first failed, if a node dies or a chunk fails its checksum mid-stream.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import uuid
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, BinaryIO, TypeVar
+
+from lepton_ai.errors import DataLost, StorageFull, Unavailable
+from lepton_ai.storage.checksum import crc32c
+from lepton_ai.storage.control import (
+    CommitObject,
+    DeleteObject,
+    ListObjects,
+    ObjectInfo,
+    ObjectList,
+    Placement,
+    PlaceObject,
+    StatObject,
+    StorageCheck,
+    StorageReport,
+)
+from lepton_ai.storage.dataclient import DataClient, DataClientConfig
+from lepton_ai.storage.messages import KEY_BYTES_MAX, ObjectMeta
+
+T = TypeVar("T")
+Request = Callable[[Any, float], Any]  # one control request, ErrorReply already raised
+Runner = Callable[[Coroutine[Any, Any, Any]], Any]  # run a coroutine on the client loop
+
+TMP_INPUTS = "_tmp/inputs/"
+LIST_PAGE = 1000
+PUT_ATTEMPTS_MAX = 3  # placements tried when a node fails during a put
+
+
+@dataclass(frozen=True)
+class ObjectStat:
+    """What ``put`` and ``stat`` return. ``checksum``: crc32c of the content (hex);
+    ``replicas``: node ids, the ``node`` field of ``cluster.status()`` members."""
+
+    key: str
+    size: int
+    checksum: str
+    replicas: list[str]
+    want: int
+    created_at: float
+    oid: str
+
+    @classmethod
+    def of(cls, meta: ObjectMeta) -> ObjectStat:
+        return cls(
+            meta.key,
+            meta.size,
+            f"{meta.crc:08x}",
+            list(meta.replicas),
+            meta.want,
+            meta.created_at,
+            meta.oid,
+        )
+
+
+class StorageClient:
+    """The object store of one cluster (``cluster.storage``)."""
+
+    def __init__(self, request: Request, run: Runner, token: str) -> None:
+        self._request = request
+        self._run = run
+        self._data = DataClient(token, DataClientConfig())
+        self.timeout_s = 30.0
+
+    # -- writing ---------------------------------------------------------------------
+    def put(
+        self,
+        key: str,
+        data: bytes | bytearray | memoryview | BinaryIO | os.PathLike[str],
+        replicas: int | None = None,
+        *,
+        if_absent: bool = False,
+    ) -> ObjectStat:
+        """Store ``data`` (bytes, a binary file object, or a path) under ``key``,
+        replacing what was there, as ``replicas`` copies on distinct nodes (default:
+        the cluster's, 2 when there are 2+ nodes). ``StorageFull`` if the nodes
+        lack room (nothing is stored); ``FileExistsError`` with ``if_absent``."""
+        _check_key(key)
+        if replicas is not None and (not isinstance(replicas, int) or replicas < 1):
+            raise ValueError(f"replicas must be an int >= 1, got {replicas!r}")
+        return ObjectStat.of(self._put(key, _as_bytes(data), replicas or 0, if_absent, ""))
+
+    def put_temp(self, data: bytes) -> ObjectMeta:
+        """Store a job input (``parallelize``) under ``_tmp/inputs/``: deleted by the
+        leader once no running job reads it and its time to live is over."""
+        return self._put(f"{TMP_INPUTS}{uuid.uuid4().hex}", memoryview(data), 0, False, "")
+
+    def _put(
+        self, key: str, data: memoryview, replicas: int, if_absent: bool, job: str
+    ) -> ObjectMeta:
+        crc = crc32c(data)
+        for _ in range(PUT_ATTEMPTS_MAX):
+            place = self._control(PlaceObject(len(data), replicas), Placement)
+            holders = self._write(place, data)
+            if holders:
+                meta = ObjectMeta(
+                    key, place.oid, len(data), crc, place.chunk_bytes, holders, place.want, 0.0, job
+                )
+                info = self._control(CommitObject(meta, if_absent), ObjectInfo)
+                return info.meta
+        raise Unavailable(f"no storage node accepted {key!r} in {PUT_ATTEMPTS_MAX} placements")
+
+    def _write(self, place: Placement, data: memoryview) -> list[str]:
+        """Stream to the placement's first ``want`` nodes, then its spares for those
+        that failed; the node ids that confirmed (the first ``want`` of them)."""
+        by_address = {t.address: t.node for t in place.targets}
+        queue = [t.address for t in place.targets]
+        done: list[str] = []
+        full: list[str] = []
+        while queue and len(done) < place.want:
+            batch, queue = queue[: place.want - len(done)], queue[place.want - len(done) :]
+            ok, errors = self._run(self._data.put(place.oid, data, batch, place.chunk_bytes))
+            done += [by_address[a] for a in ok]
+            full += [a for a, e in errors.items() if isinstance(e, StorageFull)]
+        if not done and full:
+            raise StorageFull(
+                f"every node placed for {len(data)} bytes is full ({', '.join(full)})"
+            )
+        return done
+
+    # -- reading ---------------------------------------------------------------------
+    def stat(self, key: str) -> ObjectStat:
+        """Size, checksum and replica nodes; ``KeyError`` if there is no such object."""
+        _check_key(key)
+        return ObjectStat.of(self._control(StatObject(key), ObjectInfo).meta)
+
+    def get(self, key: str) -> bytes:
+        """The whole object, verified chunk by chunk; ``KeyError``, ``DataLost``."""
+        _check_key(key)
+        return self._read(self._control(StatObject(key), ObjectInfo))
+
+    def fetch(self, meta: ObjectMeta) -> bytes:
+        """A stored object by reference (a job's result part), from a live replica."""
+        return self._read(self._control(StatObject(oid=meta.oid), ObjectInfo))
+
+    def _read(self, info: ObjectInfo) -> bytes:
+        sources = [s.address for s in info.sources]
+        if not sources and info.meta.size > 0:
+            raise DataLost(f"object {info.meta.key!r}: no replica is on a live node")
+        data: bytes = self._run(self._data.get(info.meta.oid, sources))
+        return data
+
+    def open(self, key: str) -> ObjectFile:
+        """A read-only, seekable binary file over the object, streamed in chunks."""
+        _check_key(key)
+        return ObjectFile(self, self._control(StatObject(key), ObjectInfo))
+
+    def list(self, prefix: str = "") -> list[ObjectStat]:
+        """Every object whose key starts with ``prefix``, sorted by key."""
+        out: list[ObjectStat] = []
+        after = ""
+        while True:
+            page = self._control(ListObjects(prefix, after, LIST_PAGE), ObjectList)
+            out += [ObjectStat.of(m) for m in page.objects]
+            if not page.more or not page.objects:
+                return out
+            after = page.objects[-1].key
+
+    def delete(self, key: str) -> None:
+        """Remove the object (its bytes go from every node); ``KeyError`` if absent."""
+        _check_key(key)
+        self._request(DeleteObject(key), self.timeout_s)
+
+    def fsck(self, limit: int = 1000) -> StorageReport:
+        """Objects short of replicas, objects lost, and every node's usage."""
+        report: StorageReport = self._control(StorageCheck(limit), StorageReport)
+        return report
+
+    def _control(self, msg: Any, want: type[T]) -> T:
+        reply = self._request(msg, self.timeout_s)
+        if not isinstance(reply, want):
+            raise Unavailable(f"unexpected reply {type(reply).__name__} to {type(msg).__name__}")
+        return reply
+
+    def read_chunks(self, info: ObjectInfo, first: int) -> bytes:
+        """Chunks from ``first`` to the end (``ObjectFile`` reads in windows of these)."""
+        sources = [s.address for s in info.sources]
+        data: bytes = self._run(self._data.get_range(info.meta.oid, sources, first, 1))
+        return data
+
+    def close(self) -> None:
+        self._run(self._data.close())
+
+
+class ObjectFile(io.RawIOBase):
+    """A stored object as a read-only seekable file (what ``storage.open`` returns).
+
+    Reads fetch whole chunks from a live replica as needed and keep only the
+    current one, so memory stays at one chunk whatever the object's size.
+    """
+
+    def __init__(self, client: StorageClient, info: ObjectInfo) -> None:
+        super().__init__()
+        self._client = client
+        self._info = info
+        self.size = info.meta.size
+        self._pos = 0
+        self._chunk_index = -1
+        self._chunk = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        if self._pos >= self.size or not len(view):
+            return 0
+        chunk_bytes = self._info.meta.chunk_bytes
+        index = self._pos // chunk_bytes
+        if index != self._chunk_index:
+            self._chunk = self._client.read_chunks(self._info, index)
+            self._chunk_index = index
+        start = self._pos - index * chunk_bytes
+        n = min(len(view), len(self._chunk) - start)
+        view[:n] = self._chunk[start : start + n]
+        self._pos += n
+        return n
+
+
+def _check_key(key: object) -> None:
+    if not isinstance(key, str) or not key:
+        raise TypeError(f"an object key is a non-empty str, got {key!r}")
+    if len(key.encode("utf-8", "surrogatepass")) > KEY_BYTES_MAX:
+        raise ValueError(f"object key over KEY_BYTES_MAX={KEY_BYTES_MAX} bytes")
+    if key.startswith("/") or "\x00" in key:
+        raise ValueError(f"object key {key!r} starts with '/' or holds a NUL")
+
+
+def _as_bytes(data: object) -> memoryview:
+    if isinstance(data, bytes | bytearray | memoryview):
+        return memoryview(data).cast("B")
+    if isinstance(data, os.PathLike):
+        with open(data, "rb") as f:
+            return memoryview(f.read())
+    read = getattr(data, "read", None)
+    if callable(read):
+        raw = read()
+        if not isinstance(raw, bytes | bytearray):
+            raise TypeError("put() reads binary files: open it with 'rb'")
+        return memoryview(raw)
+    if isinstance(data, str):
+        raise TypeError(
+            "put() takes bytes, a binary file or a pathlib.Path; "
+            "for text, pass text.encode(); for a file path, pass Path(path)"
+        )
+    raise TypeError(f"put() takes bytes, a binary file or a path, got {type(data).__name__}")

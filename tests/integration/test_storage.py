@@ -1,0 +1,158 @@
+"""The storage layer on real processes (3 coordinators, the default): objects put,
+read, listed and deleted; jobs carrying hundreds of MB through the data plane;
+replicas surviving a node SIGKILL, a bit flipped on disk and a full disk."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import cloudpickle
+import numpy as np
+import pytest
+
+import lepton_ai as lep
+from lepton_ai.errors import StorageFull
+from lepton_ai.node.cluster import LocalCluster
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+MB = 1 << 20
+
+
+def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s} s: {what}")
+        time.sleep(0.1)
+
+
+def node_ids(cluster: LocalCluster) -> dict[str, str]:
+    """worker id ("0", "1", ...) -> its node id."""
+    return {m["id"]: m["node"] for m in cluster.status()["members"] if m["role"] == "worker"}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    with LocalCluster(workers=3) as c:
+        yield c
+
+
+def test_put_get_stat_list_delete(cluster: LocalCluster) -> None:
+    st = cluster.storage
+    payloads = {"a/empty": b"", "a/one": b"x", "a/five": os.urandom(5 * MB + 3)}
+    for key, data in payloads.items():
+        info = st.put(key, data)
+        assert info.size == len(data) and len(set(info.replicas)) == 2
+        assert set(info.replicas) <= set(node_ids(cluster).values())
+    for key, data in payloads.items():
+        assert st.get(key) == data
+        with st.open(key) as f:
+            assert f.read() == data
+    with st.open("a/five") as f:
+        f.seek(MB + 7)
+        assert f.read(10) == payloads["a/five"][MB + 7 : MB + 17]
+    assert [s.key for s in st.list("a/")] == sorted(payloads)
+    st.put("a/one", b"yy", replicas=3)
+    assert st.get("a/one") == b"yy" and len(st.stat("a/one").replicas) == 3
+    st.delete("a/one")
+    with pytest.raises(KeyError):
+        st.get("a/one")
+    with pytest.raises(KeyError):
+        st.delete("a/one")
+    with pytest.raises(ValueError, match="replicas=4"):
+        st.put("a/x", b"1", replicas=4)
+    with pytest.raises(TypeError):
+        st.put("a/x", "text is not bytes")  # type: ignore[arg-type]
+
+
+def test_path_and_file_objects(cluster: LocalCluster, tmp_path: pathlib.Path) -> None:
+    src = tmp_path / "model.bin"
+    src.write_bytes(os.urandom(3 * MB))
+    cluster.storage.put("models/m1", src)
+    with open(src, "rb") as f:
+        cluster.storage.put("models/m2", f)
+    assert cluster.storage.get("models/m1") == cluster.storage.get("models/m2") == src.read_bytes()
+
+
+def test_200mb_of_parallelized_strings_and_an_array(cluster: LocalCluster) -> None:
+    task = lep.DistributedTask(cluster)
+    lines = [f"{i:09d}-" + "y" * 90 for i in range(2_000_000)]  # ~200 MB of str
+    assert task.parallelize(lines, partitions=16).map(len).reduce() == sum(map(len, lines))
+    arr = np.arange(25_000_000, dtype=np.int64)  # 200 MB
+    total = task.parallelize(arr, partitions=16).map_partitions(lambda c: [int(c.sum())]).reduce()
+    assert total == int(arr.sum())
+
+
+def test_100mb_collect_comes_back_exact(cluster: LocalCluster) -> None:
+    task = lep.DistributedTask(cluster)
+    out = task.parallelize(range(1_000_000), partitions=16).map(lambda x: f"{x:012d}" * 8).collect()
+    assert len(out) == 1_000_000 and out[123_456] == f"{123_456:012d}" * 8
+    assert out == [f"{x:012d}" * 8 for x in range(1_000_000)]
+
+
+def test_reads_survive_a_node_kill_and_replicas_are_restored() -> None:
+    with LocalCluster(workers=3) as c:
+        data = {f"k{i}": os.urandom(2 * MB) for i in range(6)}
+        for k, v in data.items():
+            c.storage.put(k, v)
+        nodes = node_ids(c)
+        victim = c.storage.stat("k0").replicas[0]
+        victim_id = next(w for w, n in nodes.items() if n == victim)
+        c.kill("worker", victim_id)
+        for _ in range(3):
+            for k, v in data.items():
+                assert c.storage.get(k) == v
+        live = {n for w, n in nodes.items() if w != victim_id}
+
+        def restored() -> bool:
+            return all(len(set(c.storage.stat(k).replicas) & live) == 2 for k in data)
+
+        wait_for(restored, 30.0, "every object back to 2 live replicas")
+        report = c.storage.fsck()
+        assert not report.lost
+
+
+def test_a_flipped_bit_is_never_read_and_is_repaired(tmp_path: pathlib.Path) -> None:
+    with LocalCluster(workers=2, data_dir=str(tmp_path)) as c:
+        data = os.urandom(3 * MB)
+        info = c.storage.put("flip", data)
+        path = next(tmp_path.rglob(f"{info.oid}.obj"))
+        raw = bytearray(path.read_bytes())
+        raw[len(raw) - MB] ^= 0x10
+        path.write_bytes(bytes(raw))
+        for _ in range(4):
+            assert c.storage.get("flip") == data
+
+        def healed() -> bool:
+            copies = list(tmp_path.rglob(f"{info.oid}.obj"))
+            st = c.storage.stat("flip")
+            return len(copies) == 2 and len(st.replicas) == 2 and path.exists()
+
+        wait_for(healed, 30.0, "the corrupt replica replaced from the good one")
+        assert c.storage.get("flip") == data
+
+
+def test_a_full_node_says_so_and_keeps_what_it_has() -> None:
+    with LocalCluster(workers=2, storage_bytes_max=12 * MB) as c:
+        first = os.urandom(8 * MB)
+        c.storage.put("first", first)
+        with pytest.raises(StorageFull):
+            c.storage.put("second", os.urandom(8 * MB))
+        with pytest.raises(KeyError):
+            c.storage.stat("second")
+        assert c.storage.get("first") == first
+        c.storage.put("small", b"z" * MB)  # what fits still goes in
+
+
+def test_objects_survive_a_whole_cluster_restart(tmp_path: pathlib.Path) -> None:
+    data = os.urandom(2 * MB)
+    with LocalCluster(workers=2, data_dir=str(tmp_path), fsync=True) as c:
+        c.storage.put("durable", data)
+    with LocalCluster(workers=2, data_dir=str(tmp_path), fsync=True) as c:
+        assert c.storage.get("durable") == data
+        assert [s.key for s in c.storage.list()] == ["durable"]
