@@ -168,7 +168,7 @@ def test_corrupt_and_missing_shuffle_files_rerun_their_map_tasks(cluster: LocalC
     # worker then drops its whole store: damage what still exists, retrying
     # until at least the deleted file and one corrupt file were hit.
     while time.monotonic() < deadline and damaged < 2:
-        files = sorted(root.glob(f"*/{job.id}/*.shf"))
+        files = sorted(root.glob(f"*/shuffle/*/{job.id}/*.shf"))  # node/shuffle/incarnation
         if len(files) < 6:
             time.sleep(0.02)
             continue

@@ -34,6 +34,7 @@ from lepton_ai.compute.plan import (
     build_plan,
     encode_plan,
 )
+from lepton_ai.data.outputs import OutputFormat, WriteSpec, normalize_url
 from lepton_ai.data.partition import check_partitions, split_evenly
 from lepton_ai.data.sources import (
     BlobStorer,
@@ -344,14 +345,47 @@ class Dataset:
             _check_callable(op, "reduce op")
         return self._start("reduce", op, options).result(timeout=timeout)
 
+    def write_text(self, url: str, *, timeout: float | None = None, **options: Any) -> list[str]:
+        """Write the items as lines (``str(item)``), one file per partition; see ``write_jsonl``."""
+        return self._write(url, "text", timeout, options)
+
+    def write_jsonl(self, url: str, *, timeout: float | None = None, **options: Any) -> list[str]:
+        """Write the items as JSON lines, one file per partition, exactly once.
+
+        ``url``: ``lep://prefix`` (the cluster's storage) or any fsspec URL or
+        path. Files are ``part-00000.jsonl``...; what an earlier write left there
+        is replaced. With ``lep://`` the parts appear together, in one log command,
+        when the job finishes; elsewhere a ``_SUCCESS`` file is written last.
+        Returns the files' URLs, in partition order.
+        """
+        return self._write(url, "jsonl", timeout, options)
+
+    def write_parquet(self, url: str, *, timeout: float | None = None, **options: Any) -> list[str]:
+        """Write dict items as Parquet files (pyarrow), one per partition; see ``write_jsonl``."""
+        return self._write(url, "parquet", timeout, options)
+
+    def _write(
+        self, url: str, fmt: OutputFormat, timeout: float | None, options: dict[str, Any]
+    ) -> list[str]:
+        output = WriteSpec(normalize_url(url), fmt)
+        urls: list[str] = self._start("write", None, options, output).result(timeout=timeout)
+        return urls
+
     def plan_bytes(
-        self, action: ActionKind = "collect", op: Callable[..., Any] | None = None
+        self,
+        action: ActionKind = "collect",
+        op: Callable[..., Any] | None = None,
+        output: WriteSpec | None = None,
     ) -> bytes:
         """The encoded ``JobPlan`` this dataset would submit (for tools and tests)."""
-        return encode_plan(build_plan(self._ops, action, op))
+        return encode_plan(build_plan(self._ops, action, op, output))
 
     def _start(
-        self, action: ActionKind, op: Callable[..., Any] | None, options: dict[str, Any]
+        self,
+        action: ActionKind,
+        op: Callable[..., Any] | None,
+        options: dict[str, Any],
+        output: WriteSpec | None = None,
     ) -> Job:
         progress = options.pop("progress", self._task.progress)
         if progress is not None and not isinstance(progress, bool):
@@ -368,7 +402,7 @@ class Dataset:
             name=str(options.get("name", base.name)),
             task_timeout_s=options.get("task_timeout_s", base.task_timeout_s),
         )
-        plan = self.plan_bytes(action, op)  # TypeError here if a function cannot be pickled
+        plan = self.plan_bytes(action, op, output)  # TypeError if a function cannot be pickled
         if len(plan) > PLAN_BYTES_MAX:
             raise LimitExceeded(
                 f"the job's plan is {len(plan)} bytes, over PLAN_BYTES_MAX={PLAN_BYTES_MAX}: "

@@ -30,12 +30,13 @@ from typing import Any, Literal
 
 import msgspec
 
+from lepton_ai.data.outputs import WriteSpec
 from lepton_ai.data.partition import PARTITIONS_MAX
 from lepton_ai.data.sources import Source
 
 NarrowKind = Literal["map", "filter", "flat_map", "map_partitions"]
 ShuffleMode = Literal["reduce", "group", "partial"]
-ActionKind = Literal["collect", "count", "reduce"]
+ActionKind = Literal["collect", "count", "reduce", "write"]
 
 PLAN_VERSION = 1
 STAGES_MAX = 64  # shuffles per job + 1
@@ -107,6 +108,7 @@ class ResultSpec(msgspec.Struct, frozen=True):
 
     kind: ActionKind
     op: bytes | None = None
+    write: WriteSpec | None = None  # kind "write": where each partition goes
 
 
 class StageSpec(msgspec.Struct, frozen=True):
@@ -185,6 +187,8 @@ def validate_plan(plan: JobPlan) -> None:
         last = i == len(plan.stages) - 1
         if (s.result is not None) != last or (s.shuffle_write is not None) == last:
             raise ValueError(f"stage {i}: only the last stage has a result")
+        if s.result is not None and (s.result.kind == "write") != (s.result.write is not None):
+            raise ValueError("a write action (and only it) names where to write")
         if i == 0:
             if s.sources is None or len(s.sources) != s.num_partitions:
                 raise ValueError("stage 0 needs one source per partition")
@@ -237,7 +241,10 @@ def _fn_name(fn: Callable[..., Any]) -> str:
 
 
 def build_plan(
-    ops: Sequence[LogicalOp], action: ActionKind, op: Callable[[Any, Any], Any] | None = None
+    ops: Sequence[LogicalOp],
+    action: ActionKind,
+    op: Callable[[Any, Any], Any] | None = None,
+    output: WriteSpec | None = None,
 ) -> JobPlan:
     """Cut a logical chain into stages. TypeError if a function cannot be pickled."""
     if not ops or not isinstance(ops[0], SourceOp):
@@ -269,7 +276,7 @@ def build_plan(
             prev_shuffle = (shuffle, sop)
         else:
             rop = None if op is None else dumps_function(op, f"{action} op")
-            result = ResultSpec(action, rop)
+            result = ResultSpec(action, rop, output)
         stages.append(
             StageSpec(
                 stage_id=i,

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import msgspec
 
 from lepton_ai.compute.plan import JobOptions, decode_plan, finalize
+from lepton_ai.data.outputs import LEP, WriteSpec, WrittenPart, commit_parts, part_name
 from lepton_ai.errors import JobFailed, TaskError
 from lepton_ai.storage.messages import ObjectMeta
 
@@ -210,6 +211,10 @@ class JobRecord(msgspec.Struct):
         """
         if self.status == "failed":
             raise (self.error or ErrorInfo("lost", "job failed")).to_exception()
+        plan = decode_plan(self.plan)
+        spec = plan.result_stage.result
+        if spec is not None and spec.write is not None:
+            return written_urls(spec.write, self.result_refs())
         parts: list[bytes] = []
         for ref in self.result_refs():
             if ref.data is not None:
@@ -218,7 +223,16 @@ class JobRecord(msgspec.Struct):
                 raise ValueError(f"job {self.job_id}: a result part is stored; pass fetch")
             else:
                 parts.append(fetch(ref.obj))
-        return finalize(decode_plan(self.plan), parts)
+        return finalize(plan, parts)
+
+
+def written_urls(spec: WriteSpec, refs: list[OutputRef]) -> list[str]:
+    """A finished write job's output files, in partition order (committing a
+    non-``lep://`` output here: see ``data.outputs``)."""
+    if spec.url.startswith(LEP):
+        return [f"{spec.url}/{part_name(p, spec.fmt)}" for p in range(len(refs))]
+    parts = [msgspec.msgpack.decode(r.data or b"", type=WrittenPart) for r in refs]
+    return commit_parts(spec, [p.temp for p in parts])
 
 
 class JobState(msgspec.Struct):

@@ -35,6 +35,7 @@ from typing import Any
 import msgspec
 
 from lepton_ai.compute.plan import JobPlan, ShuffleRead, ShuffleWrite, StageSpec, partial_bucket
+from lepton_ai.data.outputs import LEP, WriteSpec, WrittenPart, encode_part, write_temp
 from lepton_ai.data.partition import bucket_of
 from lepton_ai.data.sources import BlobFetcher, read_source
 
@@ -81,6 +82,9 @@ class TaskOutput(msgspec.Struct, frozen=True):
 
     buckets: list[bytes] | None = None
     result: bytes | None = None
+    # The result is a part of a ``lep://`` output: it must become a stored object
+    # (however small), which the job's commit re-keys into place.
+    store: bool = False
 
 
 # ------------------------------------------------------------------ serialisation
@@ -202,6 +206,8 @@ def run_task(
     inputs: Iterable[bytes] = (),
     *,
     fetch_blob: BlobFetcher | None = None,
+    job_id: str = "",
+    attempt_tag: str = "a0",
 ) -> TaskOutput:
     """Run task ``(stage_id, partition)`` of ``plan``.
 
@@ -209,8 +215,10 @@ def run_task(
     the parent stage in map order (ignored for a source stage); an iterator
     is consumed one bucket at a time. ``fetch_blob(key) -> bytes`` reads a
     source partition stored by reference (``BlobSource``; only needed when the
-    cluster implements ``JobRunner.put_blob``).
+    cluster implements ``JobRunner.put_blob``). ``job_id`` and ``attempt_tag``
+    (unique per attempt) name a write action's temporary file.
     """
+    where = (job_id, partition, attempt_tag)
     if not (0 <= stage_id < len(plan.stages)):
         raise ValueError(f"no stage {stage_id}")
     stage = plan.stages[stage_id]
@@ -218,14 +226,14 @@ def run_task(
         raise ValueError(f"stage {stage_id} has no partition {partition}")
     if stage.sources is not None:
         items: Iterable[Any] = read_source(stage.sources[partition], fetch_blob=fetch_blob)
-        return _run_user(stage, partition, lambda: items)
+        return _run_user(stage, partition, lambda: items, where)
     read = stage.shuffle_read
     if read is None:
         raise ValueError(f"stage {stage_id} has neither sources nor a shuffle read")
     if isinstance(inputs, Sized) and len(inputs) != read.num_maps:
         raise BadTaskInput(f"expected {read.num_maps} shuffle inputs, got {len(inputs)}")
     decoded = _decode_inputs(inputs, read.num_maps)
-    return _run_user(stage, partition, lambda: _merge_buckets(read, decoded))
+    return _run_user(stage, partition, lambda: _merge_buckets(read, decoded), where)
 
 
 def _decode_inputs(inputs: Iterable[bytes], num_maps: int) -> Iterator[dict[Any, Any]]:
@@ -242,7 +250,10 @@ def _decode_inputs(inputs: Iterable[bytes], num_maps: int) -> Iterator[dict[Any,
 
 
 def _run_user(
-    stage: StageSpec, partition: int, make_items: Callable[[], Iterable[Any]]
+    stage: StageSpec,
+    partition: int,
+    make_items: Callable[[], Iterable[Any]],
+    where: tuple[str, int, str] = ("", 0, "a0"),
 ) -> TaskOutput:
     try:
         ops = _cached(_stage_cache, stage.ops)
@@ -253,6 +264,8 @@ def _run_user(
         if stage.shuffle_write is not None:
             buckets = _write_shuffle(stage.shuffle_write, items, partition, stage.num_partitions)
             return TaskOutput(buckets=buckets)
+        if stage.result is not None and stage.result.write is not None:
+            return _write(stage.result.write, items, where)
         return TaskOutput(result=_result(stage, items))
     except (CorruptInput, UserCodeError, BadTaskInput):
         raise
@@ -349,6 +362,16 @@ def _write_shuffle(
     return [encode_bucket(b) for b in buckets]
 
 
+def _write(spec: WriteSpec, items: Iterable[Any], where: tuple[str, int, str]) -> TaskOutput:
+    """A write action's partition: stored (``lep://``) or a temporary file."""
+    data, count = encode_part(items, spec.fmt)
+    if spec.url.startswith(LEP):
+        return TaskOutput(result=data, store=True)
+    job_id, partition, tag = where
+    temp = write_temp(spec, job_id, partition, tag, data)
+    return TaskOutput(result=msgspec.msgpack.encode(WrittenPart(temp, count)))
+
+
 def _result(stage: StageSpec, items: Iterable[Any]) -> bytes:
     spec = stage.result
     if spec is None:
@@ -376,6 +399,8 @@ def run_local(plan: JobPlan) -> Any:
             run_task(plan, stage.stage_id, p, [buckets[p] for buckets in previous])
             for p in range(stage.num_partitions)
         ]
+        if stage.result is not None and stage.result.kind == "write":
+            raise ValueError("run_local does not run write actions")
         if stage.result is not None:
             return finalize(plan, [o.result or b"" for o in outputs])
         previous = [o.buckets or [] for o in outputs]

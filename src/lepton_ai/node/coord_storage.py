@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from lepton_ai.compute.plan import decode_plan
 from lepton_ai.compute.state import (
     ApplyResult,
@@ -32,6 +34,7 @@ from lepton_ai.compute.state import (
     JobStateMachine,
     TaskFinished,
 )
+from lepton_ai.data.outputs import LEP, part_name, stored_prefix
 from lepton_ai.data.sources import BlobSource
 from lepton_ai.errors import LeptonError
 from lepton_ai.heal.replication import (
@@ -152,6 +155,8 @@ def link_job_command(
                 cmd.job_id,
             )
             removed += storage.apply_command(ObjectPut(meta)).removed
+    if isinstance(cmd, JobFinished):
+        removed += commit_output(storage, jobs, cmd.job_id)
     gone: set[str] = set()
     if jobs_before is not None:
         gone = jobs_before - set(jobs.state.jobs)
@@ -163,6 +168,36 @@ def link_job_command(
             removed += res.removed
             if not res.more:
                 break
+    return removed
+
+
+def commit_output(
+    storage: StorageStateMachine, jobs: JobStateMachine, job_id: str
+) -> list[ObjectMeta]:
+    """A finished ``write`` to ``lep://prefix``: its parts (the job's stored results)
+    become ``prefix/part-NNNNN.ext``, and what was under the prefix goes, all in this
+    one command; the objects it removed."""
+    rec = jobs.job(job_id)
+    spec = decode_plan(rec.plan).result_stage.result if rec is not None else None
+    if rec is None or spec is None or spec.write is None or not spec.write.url.startswith(LEP):
+        return []
+    prefix = stored_prefix(spec.write.url)
+    removed: list[ObjectMeta] = []
+    while True:
+        old = storage.list(prefix + "/", "", storage.config.list_max)
+        gone = [m for meta in old for m in storage.apply_command(ObjectDeleted(meta.key)).removed]
+        removed += gone
+        if len(old) < storage.config.list_max or not gone:
+            break
+    for partition in range(len(rec.outcomes[-1])):
+        part = storage.get(result_key(job_id, partition))
+        if part is None:
+            continue  # not stored: the job's record still holds it (cannot happen)
+        storage.apply_command(ObjectDeleted(part.key, part.oid))
+        final = msgspec.structs.replace(
+            part, key=f"{prefix}/{part_name(partition, spec.write.fmt)}", job=""
+        )
+        storage.apply_command(ObjectPut(final))
     return removed
 
 

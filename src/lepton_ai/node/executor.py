@@ -285,7 +285,15 @@ class Executor:
             if bad is not None:
                 return ExecFailed(a, "corrupt_input", bad[1], map_partition=bad[0])
         try:
-            out = run_task(plan, a.stage, a.partition, inputs, fetch_blob=self._read_object)
+            out = run_task(
+                plan,
+                a.stage,
+                a.partition,
+                inputs,
+                fetch_blob=self._read_object,
+                job_id=a.job_id,
+                attempt_tag=f"e{a.epoch}a{a.attempt}",
+            )
             if out.buckets is not None:
                 key = ShuffleKey(a.job_id, a.stage, a.partition, a.epoch, a.attempt)
                 sizes = self.store.write_shuffle(key, out.buckets)
@@ -299,7 +307,7 @@ class Executor:
                         "(reduce or aggregate it further, or write it with write_jsonl)"
                     )
                     return ExecFailed(a, "user", why, "LimitExceeded")
-                refs = [self._result_ref(result)]
+                refs = [self._result_ref(result, out.store)]
         except UserCodeError as exc:
             return ExecFailed(a, "user", exc.message, exc.exc_type, exc.traceback)
         except CorruptInput as exc:
@@ -312,11 +320,12 @@ class Executor:
         """A stored input partition (the agent brought it to this node)."""
         return self.objects.read_all(oid)
 
-    def _result_ref(self, result: bytes) -> OutputRef:
-        """Small results inline (in the log); bigger ones stored on this node."""
+    def _result_ref(self, result: bytes, store: bool = False) -> OutputRef:
+        """Small results inline (in the log); bigger ones (and parts of a ``lep://``
+        output) stored on this node."""
         from lepton_ai.compute.state import OutputRef
 
-        if len(result) <= self.result_inline_max:
+        if len(result) <= self.result_inline_max and not store:
             return OutputRef(self.worker, "result", len(result), result)
         from lepton_ai.storage.checksum import crc32c
         from lepton_ai.storage.messages import CHUNK_BYTES_DEFAULT, ObjectMeta

@@ -838,6 +838,10 @@ def run_worker(
     watch_parent()
     logging.basicConfig(level=os.environ.get("LEPTON_LOG_LEVEL", "WARNING"))
     agent = WorkerAgent(join, token, data_dir, name, config)
+    # User code in the executors (children of this process) may read and write the
+    # cluster's storage (``lep://`` URLs, ``lep.connect()``): it finds the cluster here.
+    os.environ["LEPTON_ADDRESS"] = join
+    os.environ["LEPTON_TOKEN"] = token
     if announce:
         print(json.dumps({"worker": agent.worker_id, "pid": os.getpid()}), flush=True)
     with contextlib.suppress(KeyboardInterrupt):
