@@ -9,6 +9,7 @@ leader failover.
 from __future__ import annotations
 
 import json
+import operator
 import os
 import subprocess
 import sys
@@ -88,7 +89,9 @@ def test_output_is_whole_and_once_through_driver_leader_and_node_kills() -> None
         assert [r["x"] for r in rows] == list(range(ITEMS))  # all, once, in order
         assert all(r["sq"] == r["x"] ** 2 for r in rows)
         # Nothing of the job's temporaries is left under the output or the job's name.
-        assert not [s for s in cluster.storage.list("_jobs/") if s.key.startswith("_jobs/" + job.id)]
+        assert not [
+            s for s in cluster.storage.list("_jobs/") if s.key.startswith("_jobs/" + job.id)
+        ]
 
 
 def slow_len(line: str) -> int:
@@ -118,3 +121,32 @@ def test_put_and_get_go_on_through_a_leader_failover() -> None:
         for k, v in data.items():
             assert cluster.storage.get(k) == v
         assert sorted(s.key for s in cluster.storage.list("k")) == sorted(data)
+
+
+def slow_pairs(chunk: range) -> object:
+    time.sleep(0.3)
+    return ((x % 97, x) for x in chunk)
+
+
+@pytest.mark.timeout(150)
+def test_replicated_shuffle_loses_no_finished_map_output_with_its_node() -> None:
+    want: dict[int, int] = {}
+    for x in range(24_000):
+        want[x % 97] = want.get(x % 97, 0) + x
+    with LocalCluster(workers=3) as cluster:
+        task = lep.DistributedTask(cluster)
+        lost_outputs = {}
+        for replicas in (1, 2):
+            ds = task.parallelize(range(24_000), partitions=12).map_partitions(slow_pairs)
+            job = ds.reduce_by_key(operator.add, 3).submit(shuffle_replicas=replicas)
+            wait_for(lambda j=job: j.progress()[0] >= 4, 30, "a third of the maps done")
+            cluster.kill("worker", 0)
+            assert dict(job.result(timeout=90)) == want
+            kinds = [e["kind"] for e in cluster.events(job.id)]
+            lost_outputs[replicas] = kinds.count("output_lost")
+            cluster.restart("worker", 0)
+            cluster.wait_ready(3)
+        # Without copies the dead node's finished map outputs are re-made; with a
+        # copy on another node none is: only the attempts it was running re-run.
+        assert lost_outputs[1] > 0
+        assert lost_outputs[2] == 0

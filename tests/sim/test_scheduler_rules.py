@@ -439,3 +439,34 @@ def test_a_stale_fetch_failure_re_makes_an_output_still_recorded_and_is_not_coun
     drv.step(FetchFailed(r2, readers[1].worker, 0, 0, src, 0.6, stale=True))
     assert len([c for c in drv.proposed if isinstance(c, OutputLost)]) == 1
     assert drv.sm.job("j").status == "running"  # type: ignore[union-attr]
+
+
+def test_a_map_output_with_a_live_replica_survives_its_worker_and_is_read_there() -> None:
+    drv = _started()
+    drv.step(WorkerJoined("w3", "a3", 2, 0.0))
+    drv.submit("j", SHUFFLE_PLAN)
+    maps = list(drv.dispatched)
+    assert len(maps) == 2
+
+    def replica_of(worker: str) -> str:
+        return next(w for w in ("w1", "w2", "w3") if w != worker)
+
+    for d in maps:  # each map's shuffle file was copied to one other worker
+        refs = [
+            OutputRef(d.worker, f"blk{i}", 100 + i, replicas=[replica_of(d.worker)])
+            for i in range(2)
+        ]
+        drv.step(TaskSucceeded(d.attempt, d.worker, refs, 0.5))
+    assert len(drv.dispatched) == 4  # the two readers
+    lost = maps[0].worker
+    drv.step(WorkerLost(lost, 1.0))
+    # No map output is re-made: each still has a live copy ...
+    assert not [c for c in drv.proposed if isinstance(c, OutputLost)]
+    assert not [d for d in drv.dispatched[4:] if d.attempt.stage == 0]
+    # ... and readers dispatched from now on read the replica.
+    for d in drv.dispatched[4:]:
+        assert all(ref.worker != lost and ref.worker in d.addresses for ref in d.inputs)
+    # Losing the replica's holder too loses the output: only then is it re-made.
+    drv.step(WorkerLost(replica_of(lost), 2.0))
+    remade = {c.partition for c in drv.proposed if isinstance(c, OutputLost)}
+    assert maps[0].attempt.partition in remade

@@ -115,6 +115,7 @@ class DistributedTask:
         task_timeout_s: float | None = None,
         progress: bool | None = None,
         limits: SourceLimits | None = None,
+        shuffle_replicas: int = 1,
     ) -> None:
         self.cluster: JobRunner = _check_runner(cluster)
         self.options = JobOptions(
@@ -122,6 +123,7 @@ class DistributedTask:
             retry_exceptions=bool(retry_exceptions),
             speculation=bool(speculation),
             task_timeout_s=task_timeout_s,
+            shuffle_replicas=shuffle_replicas,
         )
         if progress is not None and not isinstance(progress, bool):
             raise TypeError("progress must be None, True or False")
@@ -391,7 +393,14 @@ class Dataset:
         if progress is not None and not isinstance(progress, bool):
             raise TypeError("progress must be None, True or False")
         base = self._task.options
-        known = {"max_retries", "retry_exceptions", "speculation", "task_timeout_s", "name"}
+        known = {
+            "max_retries",
+            "retry_exceptions",
+            "speculation",
+            "task_timeout_s",
+            "name",
+            "shuffle_replicas",
+        }
         unknown = set(options) - known
         if unknown:
             raise TypeError(f"unknown job option(s): {', '.join(sorted(unknown))}")
@@ -401,6 +410,7 @@ class Dataset:
             speculation=bool(options.get("speculation", base.speculation)),
             name=str(options.get("name", base.name)),
             task_timeout_s=options.get("task_timeout_s", base.task_timeout_s),
+            shuffle_replicas=options.get("shuffle_replicas", base.shuffle_replicas),
         )
         plan = self.plan_bytes(action, op, output)  # TypeError if a function cannot be pickled
         if len(plan) > PLAN_BYTES_MAX:

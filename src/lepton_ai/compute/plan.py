@@ -44,6 +44,7 @@ STAGES_MAX = 64  # shuffles per job + 1
 # (consensus ``batch_bytes_max``, 1 MiB): the data a job carries goes to storage,
 # so only the functions and small inputs count here. Checked before submitting.
 PLAN_BYTES_MAX = 768 * 1024
+SHUFFLE_REPLICAS_MAX = 3
 REDUCE_FAN_IN = 16  # partials one task of a reduce's merge tree folds
 
 
@@ -67,8 +68,16 @@ class JobOptions(msgspec.Struct, frozen=True, kw_only=True):
     speculation: bool = True
     name: str = ""
     task_timeout_s: float | None = None
+    # Copies of each map task's shuffle file (on distinct nodes): with 2, a node's
+    # death loses no finished map output, at the price of copying it once more.
+    shuffle_replicas: int = 1
 
     def __post_init__(self) -> None:
+        r = self.shuffle_replicas
+        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= SHUFFLE_REPLICAS_MAX:
+            raise ValueError(
+                f"shuffle_replicas must be an int in 1..{SHUFFLE_REPLICAS_MAX}, got {r!r}"
+            )
         if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int):
             raise TypeError("max_retries must be an int")
         if self.max_retries < 0:

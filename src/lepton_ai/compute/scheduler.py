@@ -18,6 +18,8 @@ from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
+import msgspec
+
 from lepton_ai.compute.plan import JobOptions, JobPlan, decode_plan
 from lepton_ai.compute.scheduler_events import (
     Applied,
@@ -360,8 +362,17 @@ class Scheduler:
         for parent in job.tasks[task.stage - 1]:
             if parent.outcome is not None:
                 ref = parent.outcome.outputs[task.partition]
-                sizes[ref.worker] = sizes.get(ref.worker, 0) + ref.size_bytes
+                for holder in (ref.worker, *ref.replicas):
+                    sizes[holder] = sizes.get(holder, 0) + ref.size_bytes
         return sizes
+
+    def _holder(self, outcome: TaskOutcome) -> str | None:
+        """A live worker holding a map task's output: where it was made, else a live
+        replica (``shuffle_replicas``), else None (the output is lost)."""
+        if outcome.worker in self._workers:
+            return outcome.worker
+        replicas = outcome.outputs[0].replicas if outcome.outputs else []
+        return next((w for w in replicas if w in self._workers), None)
 
     def _pick_worker(
         self, job: _Job, task: _Task, exclude: str | None, idle_executor: bool = False
@@ -395,7 +406,11 @@ class Scheduler:
         for parent in job.tasks[task.stage - 1]:
             if parent.outcome is None:
                 raise AssertionError("dispatching a shuffle reader before its inputs exist")
-            refs.append(parent.outcome.outputs[task.partition])
+            ref = parent.outcome.outputs[task.partition]
+            holder = self._holder(parent.outcome)
+            if holder is not None and holder != ref.worker:
+                ref = msgspec.structs.replace(ref, worker=holder)  # read the replica
+            refs.append(ref)
         addresses = {
             r.worker: self._workers[r.worker].address for r in refs if r.worker in self._workers
         }
@@ -519,7 +534,7 @@ class Scheduler:
             return
         producer = job.tasks[ev.map_stage][ev.map_partition]
         outcome = producer.outcome
-        if producer.done and outcome is not None and outcome.worker == ev.source_worker:
+        if producer.done and outcome is not None and _held_on(outcome, ev.source_worker):
             # Also when stale: if the output is still recorded where it was lost,
             # re-making it is the only way on (re-queuing the reader would fetch
             # from the dead worker again, for ever).
@@ -567,7 +582,9 @@ class Scheduler:
                 if not consumer_needed:
                     break
                 for task in job.tasks[s]:
-                    if task.done and task.outcome is not None and task.outcome.worker == worker:
+                    out = task.outcome
+                    lost = out is not None and _held_on(out, worker) and self._holder(out) is None
+                    if task.done and out is not None and lost:  # no live copy left
                         self._invalidate(job, task, now)
 
     # ------------------------------------------------------------------ workers
@@ -670,7 +687,7 @@ class Scheduler:
             self._cancel(run)  # the backup or original that lost; its slot frees on its report
         task.runs.clear()
         is_map = task.stage < len(job.tasks) - 1
-        if is_map and cmd.worker not in self._workers and self._grace_over(ev.now):
+        if is_map and self._holder(task.outcome) is None and self._grace_over(ev.now):
             self._invalidate(job, task, ev.now)  # recorded on a worker that is already gone
             return
         if job.stage_complete(task.stage):
@@ -732,7 +749,9 @@ class Scheduler:
                 for job in self._jobs.values()
                 for stage in job.tasks[:-1]
                 for t in stage
-                if t.outcome is not None and t.outcome.worker not in known
+                if t.outcome is not None
+                and t.outcome.worker not in known
+                and self._holder(t.outcome) is None
             }
             for worker in sorted(gone):
                 self._invalidate_worker_outputs(worker, now)
@@ -824,3 +843,10 @@ class Scheduler:
             cached = (len(durations), median)
             job.medians[stage] = cached
         return max(self.config.speculation_multiplier * cached[1], self.config.speculation_min_s)
+
+
+def _held_on(outcome: TaskOutcome, worker: str) -> bool:
+    """Whether ``worker`` made or holds a replica of a map task's output."""
+    return outcome.worker == worker or bool(
+        outcome.outputs and worker in outcome.outputs[0].replicas
+    )

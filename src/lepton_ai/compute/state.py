@@ -52,6 +52,9 @@ class OutputRef(msgspec.Struct, frozen=True):
     size_bytes: int
     data: bytes | None = None
     obj: ObjectMeta | None = None
+    # Other workers holding a copy of a map task's shuffle file (``shuffle_replicas``):
+    # the output survives the loss of ``worker`` while one of them lives.
+    replicas: list[str] = []
 
 
 class ErrorInfo(msgspec.Struct, frozen=True):

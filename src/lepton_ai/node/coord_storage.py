@@ -241,7 +241,7 @@ class StorageControl:
 
     def _push_directory(self) -> None:
         self._directory_dirty = False
-        nodes = [NodeAddr(n, v.address) for n, v in sorted(self.live_views().items())]
+        nodes = [NodeAddr(n, v.address, v.worker_id) for n, v in sorted(self.live_views().items())]
         for view in self.c.workers.values():
             view.conn.send_nowait(NodeDirectory(nodes))
 

@@ -429,7 +429,8 @@ class Coordinator:
         if a.job_id not in view.plans_sent:
             rec = self.machine.jobs.job(a.job_id)
             if rec is not None:
-                batch.plans.append(JobPlanBlob(a.job_id, rec.plan))
+                replicas = rec.options.shuffle_replicas
+                batch.plans.append(JobPlanBlob(a.job_id, rec.plan, replicas))
                 view.plans_sent.add(a.job_id)
         batch.tasks.append(d)
         if d.inputs:

@@ -29,6 +29,7 @@ from lepton_ai.compute.scheduler_events import (
     TaskSucceeded,
 )
 from lepton_ai.compute.state import OutputRef
+from lepton_ai.node.shuffle_copy import PutShuffle
 from lepton_ai.storage.control import (
     CommitObject,
     DeleteObject,
@@ -120,6 +121,7 @@ class Reports(msgspec.Struct, frozen=True, tag=True):
 class JobPlanBlob(msgspec.Struct, frozen=True):
     job_id: str
     plan: bytes
+    shuffle_replicas: int = 1  # the job's option: copies of each map output
 
 
 class RunTasks(msgspec.Struct, frozen=True, tag=True):
@@ -324,10 +326,11 @@ class BlockData(msgspec.Struct, frozen=True, tag=True):
     data: list[bytes]
 
 
-# The node's data port: shuffle buckets and stored objects (``storage.messages``).
+# The node's data port: shuffle buckets, copies of shuffle files and stored objects.
 ShuffleMessage = (
     FetchBlocks
     | BlockData
+    | PutShuffle
     | PutObject
     | Chunk
     | GetObject

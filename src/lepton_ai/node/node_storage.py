@@ -119,6 +119,7 @@ class NodeStorage:
         self.client = DataClient(token, DataClientConfig())
         self._notify = notify
         self.directory: dict[str, str] = {}  # live node id -> data-plane address
+        self.workers: dict[str, str] = {}  # live node id -> its agent's worker id
         self.address = ""  # this node's data-plane address (set once serving)
         self._copies = asyncio.Semaphore(config.copies_parallel_max)
         self._copy_tasks: set[asyncio.Task[None]] = set()
@@ -138,6 +139,7 @@ class NodeStorage:
         """Handle a leader message of the storage layer; False if it is not one."""
         if isinstance(msg, NodeDirectory):
             self.directory = {n.node: n.address for n in msg.nodes}
+            self.workers = {n.node: n.worker for n in msg.nodes}
         elif isinstance(msg, DropObjects):
             for oid in msg.oids:
                 self.store.delete(oid)

@@ -88,7 +88,13 @@ from lepton_ai.node.messages import (
 from lepton_ai.node.netutil import REPORT_BATCH_BYTES_MAX, node_wire_config, parse_address
 from lepton_ai.node.node_storage import NodeStorage, NodeStorageConfig, open_node_dir
 from lepton_ai.node.process import watch_parent
-from lepton_ai.storage.blockstore import BlockCorrupt, BlockMissing, BlockStore
+from lepton_ai.node.shuffle_copy import (
+    PutShuffle,
+    ShuffleCopyFailed,
+    receive_shuffle,
+    send_shuffle,
+)
+from lepton_ai.storage.blockstore import BlockCorrupt, BlockMissing, BlockStore, ShuffleKey
 from lepton_ai.wire import (
     Codec,
     Connection,
@@ -218,6 +224,7 @@ class WorkerAgent:
         self._submitted: list[dict[TaskAttempt, Dispatch]] = [{} for _ in self.slots]
         self.plans: OrderedDict[str, bytes] = OrderedDict()
         self._decoded: dict[str, JobPlan] = {}  # plans read here (stored inputs), bounded
+        self._shuffle_replicas: dict[str, int] = {}  # job -> copies of its map outputs
         self.outbox: list[TaskReport] = []
         self._outbox_ready = asyncio.Event()
         self._conn: Connection[WorkerMessage] | None = None
@@ -540,8 +547,10 @@ class WorkerAgent:
             for blob in msg.plans:
                 self.plans[blob.job_id] = blob.plan
                 self.plans.move_to_end(blob.job_id)
+                self._shuffle_replicas[blob.job_id] = blob.shuffle_replicas
             while len(self.plans) > self.config.plans_max:
-                self.plans.popitem(last=False)
+                old, _ = self.plans.popitem(last=False)
+                self._shuffle_replicas.pop(old, None)
             for d in msg.tasks:
                 self._enqueue(d)
         elif isinstance(msg, CancelTasks):
@@ -551,6 +560,7 @@ class WorkerAgent:
             for job_id in msg.job_ids:
                 self.plans.pop(job_id, None)
                 self._decoded.pop(job_id, None)
+                self._shuffle_replicas.pop(job_id, None)
                 self.store.delete_job(job_id)
             for slot in self.slots:
                 slot.forget(msg.job_ids)
@@ -659,7 +669,7 @@ class WorkerAgent:
             reply = future.result()
             if isinstance(reply, ExecDone):
                 self._note_duration(a, reply.duration_s)
-                if any(o.obj is not None for o in reply.outputs):
+                if self._copies_wanted(d, reply):
                     self._finish_stored(d, reply, generation)
                     return
             report = self._translate(d, reply)
@@ -669,11 +679,28 @@ class WorkerAgent:
             # wrote would otherwise outlive the job.
             self.store.delete_job(a.job_id)
 
+    def _copies_wanted(self, d: Dispatch, reply: ExecDone) -> bool:
+        """A stored result to replicate, or a shuffle file the job wants copied."""
+        if any(o.obj is not None for o in reply.outputs):
+            return True
+        shuffle = bool(reply.outputs) and reply.outputs[0].data is None
+        return shuffle and self._shuffle_replicas.get(d.attempt.job_id, 1) > 1
+
     def _finish_stored(self, d: Dispatch, reply: ExecDone, generation: int) -> None:
-        """Replicate a stored result to other nodes, then report the task done."""
+        """Copy the attempt's output to other nodes, then report the task done.
+
+        A copy that fails leaves the output with fewer copies, never unreported:
+        the scheduler waits for every attempt's report.
+        """
 
         async def finish() -> None:
-            outputs = [await self._replicated(ref) for ref in reply.outputs]
+            outputs = list(reply.outputs)
+            try:
+                outputs = [await self._replicated(ref) for ref in outputs]
+                if outputs and outputs[0].obj is None and outputs[0].data is None:
+                    outputs = await self._copy_shuffle(d.attempt, outputs)
+            except (OSError, LeptonError) as exc:
+                log.warning("copies of %s's output failed: %s", d.attempt, exc)
             if generation == self._generation:
                 self._report(TaskSucceeded(d.attempt, self.worker_id, outputs, 0.0))
 
@@ -690,6 +717,30 @@ class WorkerAgent:
         holders = await self.storage.replicate(ref.obj, want)
         obj = msgspec.structs.replace(ref.obj, replicas=holders, want=want)
         return msgspec.structs.replace(ref, obj=obj)
+
+    async def _copy_shuffle(self, a: TaskAttempt, refs: list[OutputRef]) -> list[OutputRef]:
+        """Push the attempt's shuffle file to ``shuffle_replicas - 1`` other workers."""
+        want = self._shuffle_replicas.get(a.job_id, 1) - 1
+        key = ShuffleKey(a.job_id, a.stage, a.partition, a.epoch, a.attempt)
+        if want <= 0 or not self.store.has_shuffle(key):
+            return refs
+        copies: list[str] = []
+        for node, address in sorted(self.storage.directory.items()):
+            worker = self.storage.workers.get(node, "")
+            if len(copies) >= want or node == self.node_id or not worker:
+                continue
+            lock = self._fetch_locks.setdefault(address, asyncio.Lock())
+            async with lock:
+                try:
+                    await send_shuffle(await self._fetch_conn(address), self.store, key)
+                except (OSError, TimeoutError, LeptonError) as exc:
+                    log.info("shuffle copy to %s failed: %s", address, exc)
+                    old = self._fetch_conns.pop(address, None)
+                    if old is not None:
+                        await old.close()
+                    continue
+            copies.append(worker)
+        return [msgspec.structs.replace(r, replicas=copies) for r in refs] if copies else refs
 
     async def _bring_inputs(self, a: TaskAttempt, plan: bytes) -> str | None:
         """Bring a source partition stored on other nodes here; why not, or None."""
@@ -800,6 +851,13 @@ class WorkerAgent:
     async def _serve_blocks(self, conn: Connection[ShuffleMessage]) -> None:
         async for msg in conn:
             if await self.storage.server.handle(conn, msg):
+                continue
+            if isinstance(msg, PutShuffle):
+                try:
+                    await receive_shuffle(conn, self.store, msg)
+                except ShuffleCopyFailed as exc:
+                    log.warning("closing %s: %s", conn.peer, exc)
+                    return
                 continue
             if not isinstance(msg, FetchBlocks):
                 return

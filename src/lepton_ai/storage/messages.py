@@ -70,10 +70,12 @@ class ObjectMeta(msgspec.Struct, frozen=True):
 
 
 class NodeAddr(msgspec.Struct, frozen=True):
-    """A worker node's stable id and its data-plane address ``host:port``."""
+    """A worker node's stable id and its data-plane address ``host:port``; ``worker``:
+    the agent incarnation serving it now (the scheduler's worker id)."""
 
     node: str
     address: str
+    worker: str = ""
 
 
 # ------------------------------------------------------------------ data plane
