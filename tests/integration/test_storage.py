@@ -156,3 +156,70 @@ def test_objects_survive_a_whole_cluster_restart(tmp_path: pathlib.Path) -> None
     with LocalCluster(workers=2, data_dir=str(tmp_path), fsync=True) as c:
         assert c.storage.get("durable") == data
         assert [s.key for s in c.storage.list()] == ["durable"]
+
+
+def test_the_scrubber_finds_a_flipped_bit_no_reader_touched(tmp_path: pathlib.Path) -> None:
+    with LocalCluster(workers=2, data_dir=str(tmp_path), scrub_interval_s=0.5) as c:
+        data = os.urandom(2 * MB)
+        info = c.storage.put("quiet", data)
+        copies = sorted(tmp_path.rglob(f"{info.oid}.obj"))
+        assert len(copies) == 2
+        raw = bytearray(copies[0].read_bytes())
+        raw[-100] ^= 0x01
+        copies[0].write_bytes(bytes(raw))
+        before = copies[0].stat().st_mtime_ns
+
+        def repaired() -> bool:
+            kinds = [e["kind"] for e in c.events()]
+            fresh = copies[0].exists() and copies[0].stat().st_mtime_ns != before
+            return (
+                "replica_corrupt" in kinds and fresh and len(c.storage.stat("quiet").replicas) == 2
+            )
+
+        wait_for(repaired, 30.0, "the scrubber reported the bad copy and it was re-made")
+        assert copies[0].read_bytes()[-2 * MB :] == copies[1].read_bytes()[-2 * MB :]
+        assert c.storage.get("quiet") == data
+
+
+def test_bytes_of_a_put_never_committed_are_swept(tmp_path: pathlib.Path) -> None:
+    import asyncio
+
+    from lepton_ai.storage.dataclient import DataClient
+
+    with LocalCluster(workers=2, data_dir=str(tmp_path), orphan_grace_s=1.0) as c:
+        kept = c.storage.put("kept", b"k" * MB)
+        node = next(m for m in c.status()["members"] if m["role"] == "worker")
+        orphan = "ab" * 16
+
+        async def write_without_commit() -> None:
+            client = DataClient(c.token)
+            try:
+                ok, errors = await client.put(orphan, os.urandom(MB), [node["address"]])
+                assert ok == [node["address"]], errors
+            finally:
+                await client.close()
+
+        asyncio.run(write_without_commit())  # a writer that died before CommitObject
+        assert list(tmp_path.rglob(f"{orphan}.obj"))
+        wait_for(lambda: not list(tmp_path.rglob(f"{orphan}.obj")), 30.0, "the orphan swept")
+        assert len(list(tmp_path.rglob(f"{kept.oid}.obj"))) == 2
+        assert c.storage.get("kept") == b"k" * MB
+
+
+def test_a_closure_capturing_80_mb_runs(cluster: LocalCluster) -> None:
+    table = np.arange(10_000_000, dtype=np.int64)  # 80 MB captured: 100x PLAN_BYTES_MAX
+    task = lep.DistributedTask(cluster)
+    out = (
+        task.parallelize(range(8), partitions=4).map(lambda i: int(table[i * 1_000_000])).collect()
+    )
+    assert out == [i * 1_000_000 for i in range(8)]
+
+
+def test_limits_fail_at_once_and_leave_the_cluster_healthy(cluster: LocalCluster) -> None:
+
+    task = lep.DistributedTask(cluster)
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="KEY_BYTES_MAX"):
+        cluster.storage.put("k" * 10_240, b"x")
+    assert time.monotonic() - started < 5.0
+    assert task.parallelize(range(10)).map(lambda x: x + 1).collect() == list(range(1, 11))

@@ -32,7 +32,9 @@ from lepton_ai.compute.plan import (
     ShuffleOp,
     SourceOp,
     build_plan,
+    decode_plan,
     encode_plan,
+    store_large_ops,
 )
 from lepton_ai.data.outputs import OutputFormat, WriteSpec, normalize_url
 from lepton_ai.data.partition import check_partitions, split_evenly
@@ -413,6 +415,10 @@ class Dataset:
             shuffle_replicas=options.get("shuffle_replicas", base.shuffle_replicas),
         )
         plan = self.plan_bytes(action, op, output)  # TypeError if a function cannot be pickled
+        put = _blob_storer(self._task.cluster)
+        if len(plan) > PLAN_BYTES_MAX and put is not None:
+            # Functions capturing big objects: stored on the nodes, referenced here.
+            plan = encode_plan(store_large_ops(decode_plan(plan), put))
         if len(plan) > PLAN_BYTES_MAX:
             raise LimitExceeded(
                 f"the job's plan is {len(plan)} bytes, over PLAN_BYTES_MAX={PLAN_BYTES_MAX}: "

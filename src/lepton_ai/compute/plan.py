@@ -33,6 +33,7 @@ import msgspec
 from lepton_ai.data.outputs import WriteSpec
 from lepton_ai.data.partition import PARTITIONS_MAX
 from lepton_ai.data.sources import Source
+from lepton_ai.storage.messages import ObjectMeta
 
 NarrowKind = Literal["map", "filter", "flat_map", "map_partitions"]
 ShuffleMode = Literal["reduce", "group", "partial"]
@@ -45,6 +46,7 @@ STAGES_MAX = 64  # shuffles per job + 1
 # so only the functions and small inputs count here. Checked before submitting.
 PLAN_BYTES_MAX = 768 * 1024
 SHUFFLE_REPLICAS_MAX = 3
+OPS_INLINE_BYTES_MAX = 64 * 1024  # a stage's pickled functions kept in the plan, at most
 REDUCE_FAN_IN = 16  # partials one task of a reduce's merge tree folds
 
 
@@ -126,6 +128,9 @@ class StageSpec(msgspec.Struct, frozen=True):
     Exactly one of ``sources`` (one per partition) / ``shuffle_read`` is set, and
     exactly one of ``shuffle_write`` / ``result``. ``ops`` is a cloudpickled
     ``list[tuple[NarrowKind, Callable]]``; ``op_names`` is for display only.
+    ``ops_ref``: the same pickle stored in the cluster's storage instead (``ops``
+    is then empty): functions capturing large objects (a model, a lookup table)
+    would otherwise make the plan, one log command, too big.
     """
 
     stage_id: int
@@ -136,6 +141,7 @@ class StageSpec(msgspec.Struct, frozen=True):
     shuffle_read: ShuffleRead | None = None
     shuffle_write: ShuffleWrite | None = None
     result: ResultSpec | None = None
+    ops_ref: ObjectMeta | None = None
 
     @property
     def parent(self) -> int | None:
@@ -180,6 +186,18 @@ def decode_plan(data: bytes) -> JobPlan:
         raise ValueError(f"malformed job plan: {exc}") from exc
     validate_plan(plan)
     return plan
+
+
+def store_large_ops(plan: JobPlan, put: Callable[[bytes], Any]) -> JobPlan:
+    """The plan with every stage's functions over ``OPS_INLINE_BYTES_MAX`` stored by
+    ``put(bytes) -> ObjectMeta`` and referenced (``StageSpec.ops_ref``)."""
+    stages = [
+        msgspec.structs.replace(s, ops=b"", ops_ref=put(s.ops))
+        if len(s.ops) > OPS_INLINE_BYTES_MAX
+        else s
+        for s in plan.stages
+    ]
+    return msgspec.structs.replace(plan, stages=stages)
 
 
 def validate_plan(plan: JobPlan) -> None:

@@ -43,6 +43,8 @@ _STAGE_CACHE_MAX = 64  # unpickled stage functions kept per executor
 _STAGE_CACHE_BYTES_MAX = 256 * 1024 * 1024  # ... and their total pickled size
 _stage_cache: OrderedDict[bytes, list[tuple[str, Callable[..., Any]]]] = OrderedDict()
 _op_cache: OrderedDict[bytes, Callable[[Any, Any], Any]] = OrderedDict()
+_REF_CACHE_MAX = 4  # stored (large) stage functions kept as bytes, by object id
+_ref_cache: OrderedDict[str, bytes] = OrderedDict()
 
 _SIMPLE_KEYS = frozenset({str, int})
 _SIMPLE_VALUES = frozenset({str, int, float, bytes, bool, type(None)})
@@ -226,14 +228,14 @@ def run_task(
         raise ValueError(f"stage {stage_id} has no partition {partition}")
     if stage.sources is not None:
         items: Iterable[Any] = read_source(stage.sources[partition], fetch_blob=fetch_blob)
-        return _run_user(stage, partition, lambda: items, where)
+        return _run_user(stage, partition, lambda: items, where, fetch_blob)
     read = stage.shuffle_read
     if read is None:
         raise ValueError(f"stage {stage_id} has neither sources nor a shuffle read")
     if isinstance(inputs, Sized) and len(inputs) != read.num_maps:
         raise BadTaskInput(f"expected {read.num_maps} shuffle inputs, got {len(inputs)}")
     decoded = _decode_inputs(inputs, read.num_maps)
-    return _run_user(stage, partition, lambda: _merge_buckets(read, decoded), where)
+    return _run_user(stage, partition, lambda: _merge_buckets(read, decoded), where, fetch_blob)
 
 
 def _decode_inputs(inputs: Iterable[bytes], num_maps: int) -> Iterator[dict[Any, Any]]:
@@ -254,9 +256,20 @@ def _run_user(
     partition: int,
     make_items: Callable[[], Iterable[Any]],
     where: tuple[str, int, str] = ("", 0, "a0"),
+    fetch_blob: BlobFetcher | None = None,
 ) -> TaskOutput:
+    blob = stage.ops
+    if stage.ops_ref is not None:
+        # Stored functions: reading them is infrastructure (a failure is retried),
+        # unpickling them is the user's.
+        if fetch_blob is None:
+            raise ValueError("the stage's functions are stored and no fetch_blob was given")
+        blob = _ref_cache.get(stage.ops_ref.oid) or fetch_blob(stage.ops_ref.oid)
+        _ref_cache[stage.ops_ref.oid] = blob
+        while len(_ref_cache) > _REF_CACHE_MAX:
+            _ref_cache.popitem(last=False)
     try:
-        ops = _cached(_stage_cache, stage.ops)
+        ops = _cached(_stage_cache, blob)
     except Exception as exc:  # a function that cannot load here never will: user error
         raise UserCodeError.from_exception(exc) from exc
     try:

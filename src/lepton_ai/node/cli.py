@@ -101,6 +101,18 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-fsync", action="store_true", help="do not fsync stored objects (tests only)"
     )
+    p.add_argument(
+        "--scrub-interval-s",
+        type=float,
+        default=60.0,
+        help="pause between two scrubs (re-reads checking every chunk) of the stored objects",
+    )
+    p.add_argument(
+        "--orphan-grace-s",
+        type=float,
+        default=120.0,
+        help="age after which an object no committed reference lists here is deleted",
+    )
     p.add_argument("--quiet", action="store_true", help="do not print the worker id")
 
 

@@ -140,6 +140,10 @@ class CoordinatorClient:
         else:
             conn.writer.close()
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         if self._closed:
             return

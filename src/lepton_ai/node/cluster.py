@@ -80,6 +80,8 @@ class Cluster:
         self._local_events: list[Event] = []
         self.slots_total = 0
         self._storage: StorageClient | None = None
+        global _current
+        _current = weakref.ref(self)  # what ``lep://`` URLs in this process refer to
 
     # -- hooks -----------------------------------------------------------------------
     def attach_kv(self, kv: Any) -> None:
@@ -208,6 +210,10 @@ class Cluster:
     def restart(self, role: str, id: int | str = 0) -> int:
         raise LeptonError("restart needs the process owner: use the LocalCluster that started it")
 
+    @property
+    def closed(self) -> bool:
+        return self.client.closed
+
     def close(self) -> None:
         if self._storage is not None:
             with contextlib.suppress(Exception):
@@ -284,6 +290,14 @@ class _Proc:
 
 
 _live_clusters: weakref.WeakSet[LocalCluster] = weakref.WeakSet()
+_current: weakref.ref[Cluster] | None = None
+
+
+def current() -> Cluster | None:
+    """The cluster handle this process made last, if it is still open (``lep://``
+    URLs without options refer to it, as Ray's calls refer to ``ray.init``'s)."""
+    cluster = _current() if _current is not None else None
+    return cluster if cluster is not None and not cluster.closed else None
 
 
 @atexit.register
@@ -312,13 +326,21 @@ class LocalCluster(Cluster):
         start_timeout_s: float = 60.0,
         job_retention_s: float = 0.0,
         storage_bytes_max: int = 0,
+        scrub_interval_s: float = 60.0,
+        orphan_grace_s: float = 120.0,
     ) -> None:
         """``spares_per_worker``: warm executors each agent keeps to replace a dead one
         at once (0 saves ~20 MB per worker). ``fsync``: fsync the coordinator's log
         (off by default: a LocalCluster's state dies with it anyway).
         ``job_retention_s``: finished jobs older than this are deleted (0: kept
         until ``lepton job rm`` or the count limit). ``storage_bytes_max``: capacity of
-        each worker's object store (0: the disk's free space less a reserve)."""
+        each worker's object store (0: the disk's free space less a reserve).
+        ``scrub_interval_s``: pause between two passes of a node's scrubber over its
+        objects; ``orphan_grace_s``: how long bytes no committed object lists (a put
+        whose writer died) stay on a node."""
+        if not scrub_interval_s > 0 or not orphan_grace_s > 0:
+            raise ValueError("scrub_interval_s and orphan_grace_s must be > 0")
+        self.storage_timing = (float(scrub_interval_s), float(orphan_grace_s))
         if not isinstance(storage_bytes_max, int) or storage_bytes_max < 0:
             raise ValueError(f"storage_bytes_max must be an int >= 0, got {storage_bytes_max!r}")
         self.storage_bytes_max = storage_bytes_max
@@ -419,6 +441,8 @@ class LocalCluster(Cluster):
         ]
         if self.storage_bytes_max:
             args += ["--storage-bytes-max", str(self.storage_bytes_max)]
+        scrub_s, grace_s = self.storage_timing
+        args += ["--scrub-interval-s", repr(scrub_s), "--orphan-grace-s", repr(grace_s)]
         if not self.fsync:
             args.append("--no-fsync")
         return py + args, ()

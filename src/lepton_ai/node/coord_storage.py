@@ -118,7 +118,8 @@ def input_keys(plan: bytes) -> set[str]:
         stages = decode_plan(plan).stages
     except ValueError:
         return set()
-    return {s.key for s in stages[0].sources or [] if isinstance(s, BlobSource)}
+    keys = {s.key for s in stages[0].sources or [] if isinstance(s, BlobSource)}
+    return keys | {s.ops_ref.key for s in stages if s.ops_ref is not None}
 
 
 def result_key(job_id: str, partition: int) -> str:

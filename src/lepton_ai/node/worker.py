@@ -95,6 +95,7 @@ from lepton_ai.node.shuffle_copy import (
     send_shuffle,
 )
 from lepton_ai.storage.blockstore import BlockCorrupt, BlockMissing, BlockStore, ShuffleKey
+from lepton_ai.storage.messages import ObjectMeta
 from lepton_ai.wire import (
     Codec,
     Connection,
@@ -743,27 +744,31 @@ class WorkerAgent:
         return [msgspec.structs.replace(r, replicas=copies) for r in refs] if copies else refs
 
     async def _bring_inputs(self, a: TaskAttempt, plan: bytes) -> str | None:
-        """Bring a source partition stored on other nodes here; why not, or None."""
-        if a.stage != 0:
-            return None
-        source = self._source_of(a, plan)
-        if not isinstance(source, BlobSource) or source.obj is None:
-            return None
-        try:
-            await self.storage.bring_local(source.obj)
-        except (DataLost, StorageFull, OSError, LeptonError) as exc:
-            return f"input {source.key} not readable: {exc}"
+        """Bring what the attempt reads from storage (its source partition, its
+        stage's functions) to this node; why not, or None."""
+        for key, meta in self._stored_inputs(a, plan):
+            try:
+                await self.storage.bring_local(meta)
+            except (DataLost, StorageFull, OSError, LeptonError) as exc:
+                return f"input {key} not readable: {exc}"
         return None
 
-    def _source_of(self, a: TaskAttempt, plan: bytes) -> object:
+    def _stored_inputs(self, a: TaskAttempt, plan: bytes) -> list[tuple[str, ObjectMeta]]:
         decoded = self._decoded.get(a.job_id)
         if decoded is None:
             decoded = decode_plan(plan)
             self._decoded[a.job_id] = decoded
             while len(self._decoded) > self.config.plans_max:
                 del self._decoded[next(iter(self._decoded))]
-        sources = decoded.stages[0].sources or []
-        return sources[a.partition] if 0 <= a.partition < len(sources) else None
+        if not 0 <= a.stage < len(decoded.stages):
+            return []
+        stage = decoded.stages[a.stage]
+        out = [] if stage.ops_ref is None else [(stage.ops_ref.key, stage.ops_ref)]
+        sources = stage.sources or []
+        source = sources[a.partition] if 0 <= a.partition < len(sources) else None
+        if isinstance(source, BlobSource) and source.obj is not None:
+            out.append((source.key, source.obj))
+        return out
 
     def _translate(self, d: Dispatch, reply: ExecDone | ExecFailed) -> TaskReport:
         a, w = d.attempt, self.worker_id
@@ -926,13 +931,22 @@ def run_from_args(args: Any) -> None:
             f"--slots must be >= 1 and --spares >= 0 (got {args.slots}, {args.spares})"
         )
     capacity = int(getattr(args, "storage_bytes_max", 0) or 0)
-    if capacity < 0:
-        raise ValueError(f"--storage-bytes-max must be >= 0, got {capacity}")
+    scrub_s = float(getattr(args, "scrub_interval_s", 60.0))
+    grace_s = float(getattr(args, "orphan_grace_s", 120.0))
+    if capacity < 0 or scrub_s <= 0 or grace_s <= 0:
+        raise ValueError(
+            f"--storage-bytes-max must be >= 0, --scrub-interval-s and --orphan-grace-s > 0 "
+            f"(got {capacity}, {scrub_s}, {grace_s})"
+        )
     config = WorkerConfig(
         slots=args.slots,
         executor=ExecutorConfig(spares=args.spares),
         storage=NodeStorageConfig(
-            capacity_bytes=capacity, fsync=not getattr(args, "no_fsync", False)
+            capacity_bytes=capacity,
+            fsync=not getattr(args, "no_fsync", False),
+            scrub_interval_s=scrub_s,
+            orphan_grace_s=grace_s,
+            orphan_check_interval_s=min(30.0, grace_s / 2),
         ),
     )
     # The name names the node's directory (its stored objects): stable across

@@ -195,6 +195,11 @@ class LeptonFileSystem(AbstractFileSystem):  # type: ignore[misc]  # fsspec is u
     def cluster(self) -> Cluster:
         if self._cluster is not None:
             return self._cluster
+        from lepton_ai.node.cluster import current
+
+        default = None if self._address or self._state_file else current()
+        if default is not None:
+            return default  # the driver's own cluster (lep.LocalCluster / lep.connect)
         if self._address or os.environ.get(ADDRESS_ENV):
             # Cheap, so looked up on every use: fsspec caches instances, and one made
             # without options must follow $LEPTON_ADDRESS when it changes.
