@@ -178,14 +178,16 @@ def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def _kill_summary(runs: list[dict[str, Any]], reference: str, key: str) -> dict[str, Any]:
+def _kill_summary(
+    runs: list[dict[str, Any]], reference: str, key: str, base: str = "wordcount_s"
+) -> dict[str, Any]:
     # A run whose kill timer never fired (the job ended first) says nothing about faults.
     kills = [r[key] for r in runs if key in r and r[key].get("kill_at_s") is not None]
     slowdowns, budgets = [], []
     for r in runs:
         k = r.get(key)
         if k and k.get("kill_at_s") is not None and k.get("completed"):
-            slowdowns.append(k["wall_s"] - r["wordcount_s"])
+            slowdowns.append(k["wall_s"] - r[base])
             budgets.append(k["partition_s"] + 1.0)
     return {
         "runs": len(kills),
@@ -226,6 +228,13 @@ def aggregate(results: dict[str, list[dict[str, Any]]], reference: str) -> dict[
             agg["kill"] = _kill_summary(runs, reference, "kill")
         if any("kill_node" in r for r in runs):
             agg["kill_node"] = _kill_summary(runs, reference, "kill_node")
+        if any("kill_node_replicated" in r for r in runs):
+            agg["kill_node_replicated"] = _kill_summary(
+                runs, reference, "kill_node_replicated", "wordcount_replicated_s"
+            )
+            agg["wordcount_replicated_s"] = _median(
+                [r["wordcount_replicated_s"] for r in runs if "wordcount_replicated_s" in r]
+            )
         out[peer] = agg
     return out
 
@@ -281,6 +290,17 @@ def check_targets(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "value": kill.get("slowdown_s"),
         "target": f"<= {kill.get('budget_s')}",
         "met": met,
+    }
+    node = lep.get("kill_node_replicated", {})
+    checks["node_kill_replicated_shuffle"] = {
+        "value": node.get("slowdown_s"),
+        "target": f"<= {node.get('budget_s')}",
+        "met": bool(
+            node.get("runs")
+            and node.get("correct") == node.get("runs")
+            and node.get("slowdown_s") is not None
+            and node["slowdown_s"] <= node["budget_s"]
+        ),
     }
     return checks
 
@@ -376,6 +396,17 @@ def _table(doc: dict[str, Any]) -> list[str]:
         "| word count, a whole worker node (agent + executor) SIGKILLed at 40%, not restarted | "
         + " | ".join(_kill_cell(s, p, "kill_node") for p in PEER_ORDER)
         + " | (no peer can inject this) |",
+        "| the same node kill with `shuffle_replicas=2` (slowdown vs its own fault-free run) | "
+        + " | ".join(_kill_cell(s, p, "kill_node_replicated") for p in PEER_ORDER)
+        + " | correct, <= lost work + 1 s |",
+        _row("word count, fault-free (s)", s, "wordcount_s", _fmt, ""),
+        _row(
+            "word count with `shuffle_replicas=2`, fault-free (s)",
+            s,
+            "wordcount_replicated_s",
+            _fmt,
+            "(the price of the copies)",
+        ),
     ]
 
 
