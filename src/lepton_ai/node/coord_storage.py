@@ -39,6 +39,7 @@ from lepton_ai.data.sources import BlobSource
 from lepton_ai.errors import LeptonError
 from lepton_ai.heal.replication import (
     CopyReplica,
+    DataLostReport,
     DropReplica,
     NodeView,
     ReplicationConfig,
@@ -354,8 +355,17 @@ class StorageControl:
         res = await self.propose(ObjectPut(meta, if_absent=msg.if_absent))
         if isinstance(res, ErrorReply):
             return res
+        if not res.accepted and res.reason.startswith("duplicate put"):
+            # A retry of a commit that went through (its reply was lost in a
+            # failover): the object is there, as the writer wanted.
+            current = self.state.get(meta.key)
+            return ObjectInfo(current or meta, self.addrs((current or meta).replicas))
         if not res.accepted:
-            kind = "exists" if "exists" in res.reason else "invalid"
+            kind = "invalid"
+            if res.reason == "key exists":
+                kind = "exists"
+            elif res.reason.startswith("too many objects"):
+                kind = "limit"
             return ErrorReply(kind, res.reason)
         return ObjectInfo(meta, self.addrs(meta.replicas))
 
@@ -472,6 +482,9 @@ class StorageControl:
                 self.c.event("replica_copy", f"object {action.oid} to {action.target}")
             elif isinstance(action, DropReplica) and self.c._tg is not None:
                 self.c._tg.create_task(self._drop_replica(action.oid, action.node))
+            elif isinstance(action, DataLostReport):
+                where = ", ".join(action.replicas) or "no node"
+                self.c.event("data_lost", f"object {action.key}: no live copy (was on {where})")
         for node, batch in orders.items():
             view = live.get(node)
             if view is not None:
