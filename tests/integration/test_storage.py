@@ -223,3 +223,15 @@ def test_limits_fail_at_once_and_leave_the_cluster_healthy(cluster: LocalCluster
         cluster.storage.put("k" * 10_240, b"x")
     assert time.monotonic() - started < 5.0
     assert task.parallelize(range(10)).map(lambda x: x + 1).collect() == list(range(1, 11))
+
+
+def test_a_shuffle_10x_past_its_partition_bound_fails_at_once(cluster: LocalCluster) -> None:
+    from lepton_ai.compute.plan import SHUFFLE_PARTITIONS_MAX
+    from lepton_ai.errors import LimitExceeded
+
+    pairs = lep.DistributedTask(cluster).parallelize(range(100), 4).map(lambda x: (x % 7, x))
+    with pytest.raises(LimitExceeded, match="SHUFFLE_PARTITIONS_MAX"):
+        pairs.reduce_by_key(lambda a, b: a + b, partitions=10 * SHUFFLE_PARTITIONS_MAX)
+    # At the bound itself, the map tasks' reports (one bucket per reducer) fit the log.
+    out = pairs.reduce_by_key(lambda a, b: a + b, partitions=SHUFFLE_PARTITIONS_MAX).collect()
+    assert dict(out) == {k: sum(x for x in range(100) if x % 7 == k) for k in range(7)}

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from lepton_ai.compute.plan import (
     PLAN_BYTES_MAX,
+    SHUFFLE_PARTITIONS_MAX,
     ActionKind,
     JobOptions,
     LogicalOp,
@@ -294,13 +295,28 @@ class Dataset:
         first. Keys must be hashable; see ``data.partition.stable_hash``.
         """
         _check_callable(op, "reduce_by_key op")
-        parts = self.num_partitions if partitions is None else check_partitions(partitions)
-        return Dataset(self._task, (*self._ops, ShuffleOp("reduce", max(1, parts), op)))
+        parts = self._shuffle_partitions(partitions)
+        return Dataset(self._task, (*self._ops, ShuffleOp("reduce", parts, op)))
 
     def group_by_key(self, partitions: int | None = None) -> Dataset:
         """(key, value) items -> (key, [values...]) per key; value order is unspecified."""
-        parts = self.num_partitions if partitions is None else check_partitions(partitions)
-        return Dataset(self._task, (*self._ops, ShuffleOp("group", max(1, parts))))
+        return Dataset(
+            self._task, (*self._ops, ShuffleOp("group", self._shuffle_partitions(partitions)))
+        )
+
+    def _shuffle_partitions(self, partitions: int | None) -> int:
+        """Reducers of a shuffle: given, else as many as this dataset's partitions, at
+        most ``SHUFFLE_PARTITIONS_MAX`` (each map task's report, one log command, names
+        one bucket per reducer)."""
+        if partitions is None:
+            return max(1, min(self.num_partitions, SHUFFLE_PARTITIONS_MAX))
+        parts = check_partitions(partitions)
+        if parts > SHUFFLE_PARTITIONS_MAX:
+            raise LimitExceeded(
+                f"a shuffle has at most SHUFFLE_PARTITIONS_MAX={SHUFFLE_PARTITIONS_MAX} "
+                f"partitions, got {parts}"
+            )
+        return parts
 
     # ------------------------------------------------------------- actions
 

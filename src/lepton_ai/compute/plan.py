@@ -46,6 +46,10 @@ STAGES_MAX = 64  # shuffles per job + 1
 # so only the functions and small inputs count here. Checked before submitting.
 PLAN_BYTES_MAX = 768 * 1024
 SHUFFLE_REPLICAS_MAX = 3
+# A map task's report (one log command) names one bucket per reducer (~45 bytes
+# each), and the job's state holds maps x reducers of them: both stay bounded.
+SHUFFLE_PARTITIONS_MAX = 10_000
+SHUFFLE_BLOCKS_MAX = 10_000_000  # ~1 GB of refs in each coordinator at worst
 OPS_INLINE_BYTES_MAX = 64 * 1024  # a stage's pickled functions kept in the plan, at most
 REDUCE_FAN_IN = 16  # partials one task of a reduce's merge tree folds
 
@@ -221,6 +225,13 @@ def validate_plan(plan: JobPlan) -> None:
                 raise ValueError("stage 0 needs one source per partition")
             continue
         prev = plan.stages[i - 1]
+        if s.num_partitions > SHUFFLE_PARTITIONS_MAX:
+            raise ValueError(f"stage {i}: over SHUFFLE_PARTITIONS_MAX={SHUFFLE_PARTITIONS_MAX}")
+        if s.num_partitions * prev.num_partitions > SHUFFLE_BLOCKS_MAX:
+            raise ValueError(
+                f"stage {i}: {prev.num_partitions} maps x {s.num_partitions} reducers is over "
+                f"SHUFFLE_BLOCKS_MAX={SHUFFLE_BLOCKS_MAX}; use fewer partitions"
+            )
         rd = s.shuffle_read
         if rd is None or rd.parent != i - 1 or rd.num_maps != prev.num_partitions:
             raise ValueError(f"stage {i}: must read the shuffle of stage {i - 1}")

@@ -36,7 +36,7 @@ JobStatus = Literal["running", "finished", "failed"]
 ErrorKind = Literal["user", "infra", "lost", "invalid"]
 
 
-class OutputRef(msgspec.Struct, frozen=True):
+class OutputRef(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
     """Where one output of a task lives.
 
     A map task reports one ref per shuffle bucket (index = reducer partition):
