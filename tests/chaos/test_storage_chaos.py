@@ -113,11 +113,14 @@ def test_a_job_on_stored_inputs_survives_a_node_that_held_them() -> None:
 @pytest.mark.timeout(120)
 def test_put_and_get_go_on_through_a_leader_failover() -> None:
     with LocalCluster(workers=2) as cluster:
+        old_leader = cluster.leader_id()
         data = {f"k{i}": os.urandom(256 * 1024) for i in range(20)}
         for i, (k, v) in enumerate(data.items()):
             if i == 8:
                 cluster.kill("leader")
             cluster.storage.put(k, v)
+        cluster.restart("coordinator", old_leader)  # a quorum for the second failover
+        cluster.kill("leader")  # and reads at once after another failover
         for k, v in data.items():
             assert cluster.storage.get(k) == v
         assert sorted(s.key for s in cluster.storage.list("k")) == sorted(data)

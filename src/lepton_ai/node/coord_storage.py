@@ -15,6 +15,7 @@ deleted when the job fails or is forgotten.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -107,6 +108,7 @@ class StorageControlConfig:
     # replicas before would take live nodes for dead ones and copy needlessly.
     repair_grace_s: float = 2.0
     repair_interval_s: float = 0.5
+    place_wait_s: float = 5.0  # after becoming leader: how long a put waits for nodes
     tmp_ttl_s: float = 3600.0  # unreferenced ``_tmp/`` objects older than this go
     tmp_sweep_interval_s: float = 60.0
     tmp_sweep_max: int = 1000  # ``_tmp/`` objects examined per sweep
@@ -283,6 +285,7 @@ class StorageControl:
     async def handle(self, msg: object) -> ClientReply | None:
         """Answer a storage request; None if ``msg`` is not one."""
         if isinstance(msg, PlaceObject):
+            await self._nodes_settled(msg.replicas)
             return self._place(msg)
         if isinstance(msg, CommitObject):
             return await self._commit(msg)
@@ -296,11 +299,34 @@ class StorageControl:
             except LeptonError as exc:
                 return ErrorReply("unavailable", f"log unavailable: {exc}")
             if isinstance(msg, StatObject):
+                meta = self.state.by_oid(msg.oid) if msg.oid else self.state.get(msg.key)
+                if meta is not None:
+                    await self._replica_settled(meta)
                 return self._stat(msg)
             if isinstance(msg, ListObjects):
                 return self._list(msg)
             return self._check(msg)
         return None
+
+    async def _nodes_settled(self, replicas: int) -> None:
+        """Just after a leader change the agents are still re-registering: wait (up to
+        ``place_wait_s``) for enough nodes, rather than refuse a put that would fit."""
+        deadline = self.leading_since + self.config.place_wait_s
+        while len(self._usable_nodes()) < max(1, replicas):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self.c.members_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.c.members_changed.wait(), left)
+
+    async def _replica_settled(self, meta: ObjectMeta) -> None:
+        """As ``_nodes_settled``, for a read: wait for a node holding a copy to rejoin."""
+        deadline = self.leading_since + self.config.place_wait_s
+        while not self.addrs(meta.replicas) and time.monotonic() < deadline:
+            self.c.members_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.c.members_changed.wait(), deadline - time.monotonic())
 
     def _place(self, msg: PlaceObject) -> ClientReply:
         if msg.size < 0 or msg.replicas < 0:

@@ -38,10 +38,8 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
-
 from lepton_ai import eventloop
-from lepton_ai.compute.plan import JobPlan, decode_plan
+from lepton_ai.compute.plan import JobPlan
 from lepton_ai.compute.scheduler_events import (
     Dispatch,
     FailureKind,
@@ -52,9 +50,8 @@ from lepton_ai.compute.scheduler_events import (
     TaskStarted,
     TaskSucceeded,
 )
-from lepton_ai.compute.state import OutputRef
-from lepton_ai.data.sources import BlobSource
-from lepton_ai.errors import DataLost, LeptonError, StorageFull
+from lepton_ai.errors import LeptonError
+from lepton_ai.node.agent_data import SHUFFLE_CODEC, DataPort
 from lepton_ai.node.executors import (
     ExecutorConfig,
     ExecutorDied,
@@ -63,7 +60,6 @@ from lepton_ai.node.executors import (
     SparePool,
 )
 from lepton_ai.node.messages import (
-    BlockData,
     CancelTasks,
     ClientReply,
     ClusterInfo,
@@ -71,9 +67,7 @@ from lepton_ai.node.messages import (
     ErrorReply,
     ExecDone,
     ExecFailed,
-    ExecRun,
     ExecutorInfo,
-    FetchBlocks,
     GetStatus,
     Heartbeat,
     Register,
@@ -88,14 +82,7 @@ from lepton_ai.node.messages import (
 from lepton_ai.node.netutil import REPORT_BATCH_BYTES_MAX, node_wire_config, parse_address
 from lepton_ai.node.node_storage import NodeStorage, NodeStorageConfig, open_node_dir
 from lepton_ai.node.process import watch_parent
-from lepton_ai.node.shuffle_copy import (
-    PutShuffle,
-    ShuffleCopyFailed,
-    receive_shuffle,
-    send_shuffle,
-)
-from lepton_ai.storage.blockstore import BlockCorrupt, BlockMissing, BlockStore, ShuffleKey
-from lepton_ai.storage.messages import ObjectMeta
+from lepton_ai.storage.blockstore import BlockStore
 from lepton_ai.wire import (
     Codec,
     Connection,
@@ -109,7 +96,7 @@ from lepton_ai.wire import (
 log = logging.getLogger("lepton_ai.worker")
 
 _COORD_CODEC = Codec[WorkerMessage](WorkerMessage)
-_SHUFFLE_CODEC = Codec[ShuffleMessage](ShuffleMessage)
+
 _CLIENT_CODEC = Codec[ClientReply](ClientReply)
 
 
@@ -155,7 +142,7 @@ class WorkerConfig:
     leader_watch: LeaderWatchConfig = field(default_factory=LeaderWatchConfig)
 
 
-class WorkerAgent:
+class WorkerAgent(DataPort):
     """``join``: one coordinator address, or several comma-separated (follow the leader)."""
 
     def __init__(
@@ -224,7 +211,9 @@ class WorkerAgent:
         # Handed to executor i and not answered yet (it runs them in this order).
         self._submitted: list[dict[TaskAttempt, Dispatch]] = [{} for _ in self.slots]
         self.plans: OrderedDict[str, bytes] = OrderedDict()
-        self._decoded: dict[str, JobPlan] = {}  # plans read here (stored inputs), bounded
+        self._decoded: OrderedDict[str, JobPlan] = (
+            OrderedDict()
+        )  # plans read here (stored inputs), bounded
         self._shuffle_replicas: dict[str, int] = {}  # job -> copies of its map outputs
         self.outbox: list[TaskReport] = []
         self._outbox_ready = asyncio.Event()
@@ -244,7 +233,7 @@ class WorkerAgent:
             "127.0.0.1" if self.join[0] in ("127.0.0.1", "localhost") else "0.0.0.0",
             0,
             token=self.token,
-            codec=_SHUFFLE_CODEC,
+            codec=SHUFFLE_CODEC,
             handler=self._serve_blocks,
             config=self.config.wire,
         )
@@ -709,67 +698,6 @@ class WorkerAgent:
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
 
-    async def _replicated(self, ref: OutputRef) -> OutputRef:
-        """``ref`` with its stored object copied to ``result_replicas`` nodes."""
-        if ref.obj is None:
-            return ref
-        self.storage.store.note_external(ref.obj.oid)  # an executor wrote it
-        want = min(self.config.storage.result_replicas, max(1, len(self.storage.directory)))
-        holders = await self.storage.replicate(ref.obj, want)
-        obj = msgspec.structs.replace(ref.obj, replicas=holders, want=want)
-        return msgspec.structs.replace(ref, obj=obj)
-
-    async def _copy_shuffle(self, a: TaskAttempt, refs: list[OutputRef]) -> list[OutputRef]:
-        """Push the attempt's shuffle file to ``shuffle_replicas - 1`` other workers."""
-        want = self._shuffle_replicas.get(a.job_id, 1) - 1
-        key = ShuffleKey(a.job_id, a.stage, a.partition, a.epoch, a.attempt)
-        if want <= 0 or not self.store.has_shuffle(key):
-            return refs
-        copies: list[str] = []
-        for node, address in sorted(self.storage.directory.items()):
-            worker = self.storage.workers.get(node, "")
-            if len(copies) >= want or node == self.node_id or not worker:
-                continue
-            lock = self._fetch_locks.setdefault(address, asyncio.Lock())
-            async with lock:
-                try:
-                    await send_shuffle(await self._fetch_conn(address), self.store, key)
-                except (OSError, TimeoutError, LeptonError) as exc:
-                    log.info("shuffle copy to %s failed: %s", address, exc)
-                    old = self._fetch_conns.pop(address, None)
-                    if old is not None:
-                        await old.close()
-                    continue
-            copies.append(worker)
-        return [msgspec.structs.replace(r, replicas=copies) for r in refs] if copies else refs
-
-    async def _bring_inputs(self, a: TaskAttempt, plan: bytes) -> str | None:
-        """Bring what the attempt reads from storage (its source partition, its
-        stage's functions) to this node; why not, or None."""
-        for key, meta in self._stored_inputs(a, plan):
-            try:
-                await self.storage.bring_local(meta)
-            except (DataLost, StorageFull, OSError, LeptonError) as exc:
-                return f"input {key} not readable: {exc}"
-        return None
-
-    def _stored_inputs(self, a: TaskAttempt, plan: bytes) -> list[tuple[str, ObjectMeta]]:
-        decoded = self._decoded.get(a.job_id)
-        if decoded is None:
-            decoded = decode_plan(plan)
-            self._decoded[a.job_id] = decoded
-            while len(self._decoded) > self.config.plans_max:
-                del self._decoded[next(iter(self._decoded))]
-        if not 0 <= a.stage < len(decoded.stages):
-            return []
-        stage = decoded.stages[a.stage]
-        out = [] if stage.ops_ref is None else [(stage.ops_ref.key, stage.ops_ref)]
-        sources = stage.sources or []
-        source = sources[a.partition] if 0 <= a.partition < len(sources) else None
-        if isinstance(source, BlobSource) and source.obj is not None:
-            out.append((source.key, source.obj))
-        return out
-
     def _translate(self, d: Dispatch, reply: ExecDone | ExecFailed) -> TaskReport:
         a, w = d.attempt, self.worker_id
         if isinstance(reply, ExecDone):
@@ -791,94 +719,6 @@ class WorkerAgent:
             exc_type=reply.exc_type,
             traceback=reply.traceback,
         )
-
-    async def _gather_inputs(self, d: Dispatch) -> ExecRun | FetchFailed:
-        """The attempt's run message: remote inputs fetched here, this node's own
-        blocks named for the executor to read (``ExecRun.local``)."""
-        a = d.attempt
-        out: list[bytes] = [b""] * len(d.inputs)
-        local: dict[int, str] = {}
-        remote: dict[str, list[int]] = {}
-        for m, ref in enumerate(d.inputs):
-            if ref.size_bytes == 0:
-                continue
-            if ref.worker == self.worker_id:
-                local[m] = ref.block
-            else:
-                remote.setdefault(ref.worker, []).append(m)
-        for worker, maps in remote.items():
-            bad = await self._fetch_remote(d, worker, maps, out)
-            if bad is not None:
-                return FetchFailed(a, self.worker_id, a.stage - 1, bad, worker, 0.0)
-        return ExecRun(a, out, local)
-
-    async def _fetch_remote(
-        self, d: Dispatch, worker: str, maps: list[int], out: list[bytes]
-    ) -> int | None:
-        """Fill ``out`` for ``maps`` from ``worker``; the first map that failed, or None."""
-        address = d.addresses.get(worker)
-        if address is None:
-            return maps[0]
-        lock = self._fetch_locks.setdefault(address, asyncio.Lock())
-        async with lock:
-            try:
-                conn = await self._fetch_conn(address)
-                await conn.send(FetchBlocks(d.attempt.job_id, [d.inputs[m].block for m in maps]))
-                reply = await conn.recv()
-            except (OSError, TimeoutError, LeptonError):
-                old = self._fetch_conns.pop(address, None)
-                if old is not None:
-                    await old.close()
-                return maps[0]
-        if not isinstance(reply, BlockData) or len(reply.status) != len(maps):
-            return maps[0]
-        for m, status, data in zip(maps, reply.status, reply.data, strict=True):
-            if status != "ok":
-                return m
-            out[m] = data
-        return None
-
-    async def _fetch_conn(self, address: str) -> Connection[ShuffleMessage]:
-        conn = self._fetch_conns.get(address)
-        if conn is not None and not conn.closed:
-            return conn
-        if len(self._fetch_conns) >= self.config.fetch_connections_max:
-            _, oldest = self._fetch_conns.popitem()
-            await oldest.close()
-        host, port = parse_address(address)
-        conn = await connect(
-            host, port, token=self.token, codec=_SHUFFLE_CODEC, config=self.config.wire
-        )
-        self._fetch_conns[address] = conn
-        return conn
-
-    # -- the shuffle server ----------------------------------------------------------
-    async def _serve_blocks(self, conn: Connection[ShuffleMessage]) -> None:
-        async for msg in conn:
-            if await self.storage.server.handle(conn, msg):
-                continue
-            if isinstance(msg, PutShuffle):
-                try:
-                    await receive_shuffle(conn, self.store, msg)
-                except ShuffleCopyFailed as exc:
-                    log.warning("closing %s: %s", conn.peer, exc)
-                    return
-                continue
-            if not isinstance(msg, FetchBlocks):
-                return
-            status: list[str] = []
-            data: list[bytes] = []
-            for block in msg.blocks:
-                try:
-                    data.append(self.store.read_block(msg.job_id, block))
-                    status.append("ok")
-                except BlockMissing:
-                    status.append("missing")
-                    data.append(b"")
-                except (BlockCorrupt, ValueError):
-                    status.append("corrupt")
-                    data.append(b"")
-            await conn.send(BlockData(status, data))
 
 
 def _my_ip() -> str:
