@@ -55,7 +55,11 @@ def run(coro: Awaitable[Any], timeout: float = 30.0) -> Any:
     return asyncio.run(bounded())
 
 
-Tamper = Callable[[Connection[Any]], None]
+SendChunk = Callable[[Connection[Any], int, int, bytes], None]
+# Given the server's chunk sender, the one a new connection uses instead.
+Tamper = Callable[[SendChunk], SendChunk]
+# The streaming data plane alone (short-circuit reads and writes of files off).
+STREAM = DataClientConfig(short_circuit=False)
 
 
 @dataclass
@@ -68,6 +72,7 @@ class Node:
     corrupt: list[str] = field(default_factory=list)
     connections: int = 0
     tamper: Tamper | None = None
+    hooks: dict[Connection[Any], SendChunk] = field(default_factory=dict)
     open_conns: set[Connection[Any]] = field(default_factory=set)
     handlers: set[asyncio.Future[None]] = field(default_factory=set)
 
@@ -88,6 +93,12 @@ async def start_node(
     store = ObjectStore(root, store_config)
     node = Node(store, ObjectServer(store, server_config), None, "")  # type: ignore[arg-type]
     node.server.on_corrupt = node.corrupt.append
+    send_chunk = node.server._send_chunk
+
+    def hooked(conn: Connection[Any], index: int, crc: int, data: bytes) -> None:
+        node.hooks.get(conn, send_chunk)(conn, index, crc, data)
+
+    node.server._send_chunk = hooked  # type: ignore[method-assign]
 
     async def handler(conn: Connection[ObjectMessage]) -> None:
         node.connections += 1
@@ -95,7 +106,7 @@ async def start_node(
         node.handlers.add(done)
         node.open_conns.add(conn)
         if node.tamper is not None:
-            node.tamper(conn)
+            node.hooks[conn] = node.tamper(send_chunk)
         try:
             async for msg in conn:
                 node.seen.append(msg)
@@ -130,19 +141,17 @@ async def raw(node: Node) -> Connection[ObjectMessage]:
 def stop_after_chunks(k: int) -> Tamper:
     """The server's connection is torn down when it tries to send chunk ``k`` of a stream."""
 
-    def tamper(conn: Connection[Any]) -> None:
-        send = conn.send_nowait
+    def tamper(send: SendChunk) -> SendChunk:
         sent = [0]
 
-        def send_nowait(msg: Any) -> None:
-            if isinstance(msg, Chunk):
-                if sent[0] >= k:
-                    conn.writer.transport.abort()
-                    return
-                sent[0] += 1
-            send(msg)
+        def hook(conn: Connection[Any], index: int, crc: int, data: bytes) -> None:
+            if sent[0] >= k:
+                conn.writer.transport.abort()
+                return
+            sent[0] += 1
+            send(conn, index, crc, data)
 
-        conn.send_nowait = send_nowait  # type: ignore[method-assign]
+        return hook
 
     return tamper
 
@@ -150,17 +159,15 @@ def stop_after_chunks(k: int) -> Tamper:
 def flip_in_transit(index: int) -> Tamper:
     """Chunk ``index`` leaves the server with a flipped byte (its crc unchanged)."""
 
-    def tamper(conn: Connection[Any]) -> None:
-        send = conn.send_nowait
+    def tamper(send: SendChunk) -> SendChunk:
+        def hook(conn: Connection[Any], i: int, crc: int, data: bytes) -> None:
+            if i == index:
+                damaged = bytearray(data)
+                damaged[0] ^= 0xFF
+                data = bytes(damaged)
+            send(conn, i, crc, data)
 
-        def send_nowait(msg: Any) -> None:
-            if isinstance(msg, Chunk) and msg.index == index:
-                data = bytearray(msg.data)
-                data[0] ^= 0xFF
-                msg = Chunk(msg.index, msg.crc, bytes(data))
-            send(msg)
-
-        conn.send_nowait = send_nowait  # type: ignore[method-assign]
+        return hook
 
     return tamper
 
@@ -242,7 +249,7 @@ def test_get_fails_over_mid_stream_when_a_server_dies(tmp_path: Path) -> None:
             client = DataClient(TOKEN)
             (await client.put(o, data, [a.address, b.address], CB)).require(2)
             a.tamper = stop_after_chunks(3)  # new connections only: a fresh client
-            client = DataClient(TOKEN)
+            client = DataClient(TOKEN, STREAM)
             assert await client.get(o, [a.address, b.address]) == data
             gets = [m for m in b.seen if isinstance(m, GetObject)]
             assert gets == [GetObject(o, 3)]  # went on from chunk 3, not from 0
@@ -257,7 +264,7 @@ def test_get_fails_over_on_a_chunk_corrupt_on_disk(tmp_path: Path) -> None:
 
     async def go() -> None:
         async with nodes(tmp_path, 2) as (a, b):
-            client = DataClient(TOKEN)
+            client = DataClient(TOKEN, STREAM)
             (await client.put(o, data, [a.address, b.address], CB)).require(2)
             flip_on_disk(a.store, o, 4)
             assert await client.get(o, [a.address, b.address]) == data
@@ -280,7 +287,7 @@ def test_get_fails_over_on_a_chunk_damaged_in_transit(tmp_path: Path) -> None:
             client = DataClient(TOKEN)
             (await client.put(o, data, [a.address, b.address], CB)).require(2)
             a.tamper = flip_in_transit(2)
-            client = DataClient(TOKEN)
+            client = DataClient(TOKEN, STREAM)
             got = b"".join([c async for c in client.iter_chunks(o, [a.address, b.address])])
             assert got == data
             assert [m for m in b.seen if isinstance(m, GetObject)] == [GetObject(o, 2)]
@@ -535,3 +542,221 @@ def test_a_big_put_refused_at_once_gets_its_answer_quickly(tmp_path: Path) -> No
             return took
 
     assert run(go()) < 1.0
+
+
+# -- short-circuit: a client on the node's host reads and writes the object files ------
+
+
+def count_chunks_sent(counter: list[int]) -> Tamper:
+    def tamper(send: SendChunk) -> SendChunk:
+        def hook(conn: Connection[Any], index: int, crc: int, data: bytes) -> None:
+            counter[0] += 1
+            send(conn, index, crc, data)
+
+        return hook
+
+    return tamper
+
+
+def no_temporaries(node: Node) -> bool:
+    return not list((node.store.root / "tmp").iterdir()) and node.store.reserved_bytes == 0
+
+
+async def settled(node: Node) -> bool:
+    """The server dropped every put in progress (it notices a closed connection soon)."""
+    for _ in range(200):
+        if no_temporaries(node):
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
+def test_chunk_frame_head_is_msgspecs_encoding() -> None:
+    from lepton_ai.storage.messages import chunk_frame_head
+    from lepton_ai.wire import encode, encode_frame
+
+    for n in (0, 1, 255, 256, 65535, 65536, 1 << 20):
+        data = os.urandom(n)
+        assert chunk_frame_head(9, 123456789, n) + data == encode_frame(
+            encode(Chunk(9, 123456789, data))
+        )
+
+
+@pytest.mark.parametrize("size", [0, 1, CB, 37 * CB + 5])
+def test_short_circuit_put_and_get(tmp_path: Path, size: int) -> None:
+    data = os.urandom(size)
+    o = oid()
+    sent = [0]
+
+    async def go() -> None:
+        async with nodes(tmp_path, 2) as (a, b):
+            a.tamper = b.tamper = count_chunks_sent(sent)
+            client = DataClient(TOKEN)
+            (await client.put(o, data, [a.address, b.address], CB)).require(2)
+            for node in (a, b):
+                assert [m for m in node.seen if isinstance(m, PutObject)] == [
+                    PutObject(o, size, CB, crc32c(data), local_ok=True)
+                ]
+                assert node.store.read_all(o) == data
+                assert no_temporaries(node)
+                assert await client.get(o, [node.address]) == data
+            if size > CB:
+                assert await client.get_range(o, [a.address], 1, 2) == data[CB : 3 * CB]
+                chunks = [c async for c in client.iter_chunks(o, [b.address], 1)]
+                assert b"".join(chunks) == data[CB:]
+            gets = [m for m in a.seen if isinstance(m, GetObject)]
+            assert gets and all(m.local_ok for m in gets)
+            assert sent == [0]  # no chunk went over a socket
+            assert a.connections == 1  # the short-circuit conversations keep the connection
+            await client.close()
+
+    run(go())
+
+
+def test_short_circuit_get_of_a_corrupt_file_streams_from_that_node(tmp_path: Path) -> None:
+    """The local read stops at the bad chunk; the same node is asked to stream from it,
+    finds the damage itself (deleted, reported), and the next replica serves the rest."""
+    data = os.urandom(10 * CB)
+    o = oid()
+
+    async def go() -> None:
+        async with nodes(tmp_path, 2) as (a, b):
+            client = DataClient(TOKEN)
+            (await client.put(o, data, [a.address, b.address], CB)).require(2)
+            flip_on_disk(a.store, o, 4)
+            assert await client.get(o, [a.address, b.address]) == data
+            assert [m for m in a.seen if isinstance(m, GetObject)] == [
+                GetObject(o, 0, local_ok=True),
+                GetObject(o, 4, local_ok=False),
+            ]
+            assert [m for m in b.seen if isinstance(m, GetObject)] == [
+                GetObject(o, 4, local_ok=True)
+            ]
+            assert a.corrupt == [o] and not a.store.has(o)
+            # Chunks read one by one (iter_chunks, fetch_to_store) take the same path.
+            flip_on_disk(b.store, o, 7)
+            local = ObjectStore(tmp_path / "local", FAST)
+            with pytest.raises(DataLost, match="corrupt"):
+                await client.fetch_to_store(o, [b.address], local)
+            assert b.corrupt == [o] and not local.has(o) and local.reserved_bytes == 0
+            await client.close()
+
+    run(go())
+
+
+def test_short_circuit_get_of_a_vanished_file_falls_back(tmp_path: Path) -> None:
+    data = os.urandom(6 * CB + 3)
+    o = oid()
+
+    async def go() -> None:
+        async with nodes(tmp_path, 2) as (a, b):
+            client = DataClient(TOKEN)
+            (await client.put(o, data, [a.address, b.address], CB)).require(2)
+            opened = a.server._open
+
+            async def vanish(oid_: str) -> Any:
+                reader = await opened(oid_)
+                os.unlink(reader.path)  # gone once the server has answered with its path
+                return reader
+
+            a.server._open = vanish  # type: ignore[method-assign]
+            assert await client.get(o, [a.address, b.address]) == data
+            assert [m.local_ok for m in a.seen if isinstance(m, GetObject)] == [True, False]
+            assert [m.local_ok for m in b.seen if isinstance(m, GetObject)] == [True]
+            with pytest.raises(DataLost) as info:
+                await client.get(o, [a.address])
+            assert "missing" in str(info.value)
+            await client.close()
+
+    run(go())
+
+
+def test_short_circuit_put_refused_when_full(tmp_path: Path) -> None:
+    data = os.urandom(64 * CB)
+    o = oid()
+
+    async def go() -> None:
+        small = ObjectStoreConfig(capacity_bytes=file_bytes(len(data), CB) - 1, fsync=False)
+        full = await start_node(tmp_path / "full", store_config=small)
+        async with nodes(tmp_path, 1) as (roomy,):
+            client = DataClient(TOKEN)
+            result = await client.put(o, data, [full.address, roomy.address], CB)
+            assert result.ok == [roomy.address]
+            assert isinstance(result.errors[full.address], TargetFull)
+            assert await settled(full) and not full.store.has(o) and full.store.used_bytes == 0
+            assert roomy.store.read_all(o) == data
+            await client.close()
+        await full.stop()
+
+    run(go())
+
+
+def test_short_circuit_put_streams_when_the_file_cannot_be_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lepton_ai.storage import dataclient
+
+    data = os.urandom(5 * CB + 1)
+    o = oid()
+
+    def refuse(path: str, *args: Any, **kwargs: Any) -> None:
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(dataclient, "write_object_file", refuse)
+
+    async def go() -> None:
+        async with nodes(tmp_path, 1) as (a,):
+            client = DataClient(TOKEN)
+            (await client.put(o, data, [a.address], CB)).require(1)
+            puts = [m for m in a.seen if isinstance(m, PutObject)]
+            assert [p.local_ok for p in puts] == [True, False]  # then streamed, anew
+            assert a.store.read_all(o) == data and await settled(a)
+            await client.close()
+
+    run(go())
+
+
+def test_short_circuit_put_of_a_bad_file_is_refused_and_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lepton_ai.storage import dataclient
+
+    data = os.urandom(3 * CB)
+    o = oid()
+
+    def garbage(path: str, *args: Any, **kwargs: Any) -> None:
+        with open(path, "r+b") as f:
+            f.write(b"LOBJ but not an object")
+
+    monkeypatch.setattr(dataclient, "write_object_file", garbage)
+
+    async def go() -> None:
+        async with nodes(tmp_path, 1) as (a,):
+            client = DataClient(TOKEN)
+            result = await client.put(o, data, [a.address], CB)
+            assert result.ok == [] and result.errors[a.address].kind == "corrupt"
+            assert not a.store.has(o) and await settled(a)
+            await client.close()
+
+    run(go())
+
+
+def test_short_circuit_off_at_the_server_streams(tmp_path: Path) -> None:
+    """A node that does not serve short-circuit (or sees another host) answers
+    ``PutLocal("")`` and a header without a path: the chunks are streamed."""
+    data = os.urandom(4 * CB + 7)
+    o = oid()
+    sent = [0]
+
+    async def go() -> None:
+        config = DataServerConfig(short_circuit=False)
+        async with nodes(tmp_path, 1, server_config=config) as (a,):
+            a.tamper = count_chunks_sent(sent)
+            client = DataClient(TOKEN)
+            (await client.put(o, data, [a.address], CB)).require(1)
+            assert a.store.read_all(o) == data
+            assert await client.get(o, [a.address]) == data
+            assert sent == [5]
+            await client.close()
+
+    run(go())

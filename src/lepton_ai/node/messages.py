@@ -49,6 +49,7 @@ from lepton_ai.storage.messages import (
     DataOk,
     DeleteObjects,
     GetObject,
+    LocalWritten,
     NodeAddr,
     ObjectHeader,
     PutDone,
@@ -334,6 +335,7 @@ ShuffleMessage = (
     | PutObject
     | Chunk
     | GetObject
+    | LocalWritten
     | ObjectHeader
     | PutDone
     | DeleteObjects

@@ -110,7 +110,7 @@ class StorageClient:
         crc = crc32c(data)
         for _ in range(PUT_ATTEMPTS_MAX):
             place = self._control(PlaceObject(len(data), replicas), Placement)
-            holders = self._write(place, data)
+            holders = self._write(place, data, crc)
             if holders:
                 meta = ObjectMeta(
                     key, place.oid, len(data), crc, place.chunk_bytes, holders, place.want, 0.0, job
@@ -119,7 +119,7 @@ class StorageClient:
                 return info.meta
         raise Unavailable(f"no storage node accepted {key!r} in {PUT_ATTEMPTS_MAX} placements")
 
-    def _write(self, place: Placement, data: memoryview) -> list[str]:
+    def _write(self, place: Placement, data: memoryview, crc: int) -> list[str]:
         """Stream to the placement's first ``want`` nodes, then its spares for those
         that failed; the node ids that confirmed (the first ``want`` of them)."""
         by_address = {t.address: t.node for t in place.targets}
@@ -128,7 +128,8 @@ class StorageClient:
         full: list[str] = []
         while queue and len(done) < place.want:
             batch, queue = queue[: place.want - len(done)], queue[place.want - len(done) :]
-            ok, errors = self._run(self._data.put(place.oid, data, batch, place.chunk_bytes))
+            put = self._data.put(place.oid, data, batch, place.chunk_bytes, crc=crc)
+            ok, errors = self._run(put)
             done += [by_address[a] for a in ok]
             full += [a for a, e in errors.items() if isinstance(e, StorageFull)]
         if not done and full:

@@ -10,7 +10,20 @@ verified are never fetched again, and unverified bytes are never returned.
 
 Only ``ObjectMessage`` types are sent; the node's port also speaks the
 shuffle protocol but answers object requests with object messages only, so
-the ``ObjectMessage`` codec decodes every answer this client waits for.
+the ``ObjectWireMessage`` codec decodes every answer this client waits for
+(chunks as ``ChunkView``: the data is a view into the frame, not a copy).
+
+Short-circuit (``DataClientConfig.short_circuit``, on by default): to a node on
+this host (``same_host``: the connection's two ends have one IP) a get asks
+for the object file's path and reads it itself, verifying the header, the crc
+table and every chunk, in one ``pread`` per up to 1 GiB, into the result; a put
+gets a temporary from the node, writes the whole object file there
+(``write_object_file``: one ``pwritev`` of header and data) and has the node
+check and install it. If the file cannot be read (vanished, no permission, a
+chunk fails its crc) the get asks the same node again to stream from the
+chunk where it stopped (so the node itself finds, deletes and reports a
+corrupt replica), then the next source; if it cannot be written the put
+streams to that node on a new connection.
 """
 
 from __future__ import annotations
@@ -20,33 +33,71 @@ import os
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, cast
+from pathlib import Path
+from typing import NamedTuple
+
+import msgspec
 
 from lepton_ai.errors import DataLost, LeptonError, ProtocolError, StorageFull
 from lepton_ai.node.netutil import node_wire_config, parse_address
 from lepton_ai.storage import checksum as crc32c
+from lepton_ai.storage.dataserver import write_chunk_frame
 from lepton_ai.storage.messages import (
     CHUNK_BYTES_DEFAULT,
     CHUNK_BYTES_MAX,
-    Chunk,
+    ChunkView,
     DataError,
     DataOk,
     DeleteObjects,
     GetObject,
+    LocalWritten,
     ObjectHeader,
-    ObjectMessage,
+    ObjectWireMessage,
     PutDone,
+    PutLocal,
     PutObject,
     check_oid,
     chunk_count,
+    same_host,
 )
-from lepton_ai.storage.objects import ObjectStore
+from lepton_ai.storage.objects import (
+    ChunkCorrupt,
+    ObjectCorrupt,
+    ObjectFileWriter,
+    ObjectMissing,
+    ObjectReader,
+    ObjectStore,
+    ObjectStoreConfig,
+    write_object_file,
+)
 from lepton_ai.wire import Codec, Connection, ConnectionClosed, connect
 
-_CODEC = Codec[ObjectMessage](ObjectMessage)
+_CODEC = Codec[ObjectWireMessage](ObjectWireMessage)
 # What a failing peer or network can raise; anything else is our own bug.
 _NET_ERRORS = (ConnectionClosed, ProtocolError, OSError, TimeoutError)
 ChunkSource = Callable[[int], Awaitable[tuple[int, bytes | memoryview]]]
+# Writes the whole object file at the path a node gave (run in a thread). OSError:
+# the file cannot be written (the put then streams); anything else fails the put.
+LocalWrite = Callable[[str], None]
+# Limits a short-circuit reader applies to the file's header (the format's own).
+_LOCAL_READ = ObjectStoreConfig()
+# Most bytes read from a local object file by one pread (Linux reads < 2 GiB at once).
+_LOCAL_SPAN_BYTES = 1 << 30
+Conn = Connection[ObjectWireMessage]
+
+
+class _Fallback:
+    """A short-circuit put could not write the node's file: stream instead."""
+
+
+_FALLBACK = _Fallback()
+
+
+class _Streaming:
+    """The node answered a short-circuit put with ``PutLocal("")``: send the chunks."""
+
+
+_STREAMING = _Streaming()
 
 
 @dataclass(frozen=True)
@@ -67,6 +118,8 @@ class DataClientConfig:
     delete_batch_max: int = 10_000
     # Ask targets to fsync every put before answering PutDone.
     fsync: bool = False
+    # Read and write the object files of nodes on this host directly (see above).
+    short_circuit: bool = True
 
 
 class DataRequestFailed(LeptonError):
@@ -124,13 +177,13 @@ class DataClient:
         self.config = config or DataClientConfig()
         self._token = token
         self._wire = node_wire_config(self.config.connect_timeout_s)
-        self._idle: OrderedDict[str, list[Connection[ObjectMessage]]] = OrderedDict()
+        self._idle: OrderedDict[str, list[Conn]] = OrderedDict()
         self._idle_count = 0
         self._slots = asyncio.Semaphore(self.config.connections_max)
         self._closed = False
 
     # -- connections -----------------------------------------------------------------
-    async def _checkout(self, address: str) -> Connection[ObjectMessage]:
+    async def _checkout(self, address: str) -> Conn:
         """An idle live connection to ``address``, or a new one (caller holds a slot)."""
         if self._closed:
             raise ConnectionClosed("data client is closed")
@@ -145,7 +198,7 @@ class DataClient:
         host, port = parse_address(address)
         return await connect(host, port, token=self._token, codec=_CODEC, config=self._wire)
 
-    def _checkin(self, address: str, conn: Connection[ObjectMessage]) -> None:
+    def _checkin(self, address: str, conn: Conn) -> None:
         """Keep a connection whose conversation ended cleanly, within the idle bounds."""
         pooled = self._idle.setdefault(address, [])
         self._idle.move_to_end(address)
@@ -162,7 +215,7 @@ class DataClient:
             conns.pop(0).writer.close()
             self._idle_count -= 1
 
-    async def _recv(self, conn: Connection[ObjectMessage]) -> ObjectMessage:
+    async def _recv(self, conn: Conn) -> ObjectWireMessage:
         return await asyncio.wait_for(conn.recv(), self.config.reply_timeout_s)
 
     async def close(self) -> None:
@@ -181,19 +234,27 @@ class DataClient:
         data: bytes | bytearray | memoryview,
         targets: Sequence[str],
         chunk_bytes: int | None = None,
+        *,
+        crc: int | None = None,
     ) -> PutResult:
-        """Store ``data`` on every target at once; see ``PutResult.require``."""
+        """Store ``data`` on every target at once; see ``PutResult.require``.
+
+        ``crc``: the crc32c of ``data`` if the caller has it already.
+        """
         check_oid(oid)
         cb = self._chunk_bytes(chunk_bytes)
         view = memoryview(data).cast("B")
         crcs = [crc32c.crc32c(view[i : i + cb]) for i in range(0, len(view), cb)]
-        whole = crc32c.crc32c(view)
+        whole = crc32c.crc32c(view) if crc is None else crc
 
         async def chunk(index: int) -> tuple[int, memoryview]:
             return crcs[index], view[index * cb : (index + 1) * cb]
 
+        def local(path: str) -> None:
+            write_object_file(path, oid, view, cb, crcs=crcs, crc=whole)
+
         put = PutObject(oid, len(view), cb, whole, fsync=self.config.fsync)
-        return await self._put_all(put, targets, chunk)
+        return await self._put_all(put, targets, chunk, local)
 
     async def put_file(
         self,
@@ -209,15 +270,29 @@ class DataClient:
         try:
             size, crcs, whole = await asyncio.to_thread(_file_crcs, fd, cb)
 
-            async def chunk(index: int) -> tuple[int, bytes]:
-                data = await asyncio.to_thread(os.pread, fd, cb, index * cb)
-                expect = min(cb, size - index * cb)
-                if len(data) != expect:
+            def read(index: int) -> bytes:
+                data = os.pread(fd, cb, index * cb)
+                if len(data) != min(cb, size - index * cb):
                     raise PutFailed(f"{path} changed during put_file of {oid}")
-                return crcs[index], data
+                return data
+
+            async def chunk(index: int) -> tuple[int, bytes]:
+                return crcs[index], await asyncio.to_thread(read, index)
+
+            def local(target: str) -> None:
+                writer = ObjectFileWriter(target, oid, size, cb, crc=whole, create=False)
+                try:
+                    for index, crc in enumerate(crcs):
+                        try:
+                            writer.write_chunk(index, crc, read(index))
+                        except ChunkCorrupt as exc:  # the file changed since its crcs
+                            raise PutFailed(f"{path} changed during put_file of {oid}") from exc
+                    writer.finish(fsync=False)
+                finally:
+                    writer.close()
 
             put = PutObject(oid, size, cb, whole, fsync=self.config.fsync)
-            return await self._put_all(put, targets, chunk)
+            return await self._put_all(put, targets, chunk, local)
         finally:
             os.close(fd)
 
@@ -231,8 +306,25 @@ class DataClient:
             async def chunk(index: int) -> tuple[int, bytes]:
                 return await asyncio.to_thread(reader.read_chunk, index)
 
+            def local(path: str) -> None:
+                writer = ObjectFileWriter(
+                    path,
+                    oid,
+                    reader.size,
+                    reader.chunk_bytes,
+                    crc=reader.crc,
+                    create=False,
+                    verify=False,  # read_chunk verified each chunk
+                )
+                try:
+                    for index in range(reader.chunks):
+                        writer.write_chunk(index, *reader.read_chunk(index))
+                    writer.finish(fsync=False)
+                finally:
+                    writer.close()
+
             put = PutObject(oid, reader.size, reader.chunk_bytes, reader.crc, self.config.fsync)
-            return await self._put_all(put, targets, chunk)
+            return await self._put_all(put, targets, chunk, local)
 
     def _chunk_bytes(self, chunk_bytes: int | None) -> int:
         cb = self.config.chunk_bytes if chunk_bytes is None else chunk_bytes
@@ -241,13 +333,17 @@ class DataClient:
         return cb
 
     async def _put_all(
-        self, put: PutObject, targets: Sequence[str], chunk: ChunkSource
+        self,
+        put: PutObject,
+        targets: Sequence[str],
+        chunk: ChunkSource,
+        local: LocalWrite | None = None,
     ) -> PutResult:
         unique = list(dict.fromkeys(targets))
         # return_exceptions: a failing chunk source (a corrupt local replica) must
         # not leave the other targets' streams running after we raise.
         outcomes = await asyncio.gather(
-            *(self._put_one(a, put, chunk) for a in unique), return_exceptions=True
+            *(self._put_one(a, put, chunk, local) for a in unique), return_exceptions=True
         )
         ok: list[str] = []
         errors: dict[str, DataRequestFailed] = {}
@@ -261,55 +357,107 @@ class DataClient:
         return PutResult(ok, errors)
 
     async def _put_one(
-        self, address: str, put: PutObject, chunk: ChunkSource
+        self, address: str, put: PutObject, chunk: ChunkSource, local: LocalWrite | None
     ) -> DataRequestFailed | None:
-        """Stream one put to ``address``; None when it confirmed, else why not."""
+        """Put to ``address``; None when it confirmed, else why not."""
         async with self._slots:
-            try:
-                conn = await self._checkout(address)
-            except _NET_ERRORS as exc:
-                return DataRequestFailed(address, "unreachable", f"cannot connect: {exc!r}")
+            if not self.config.short_circuit:
+                local = None
+            outcome = await self._put_once(address, put, chunk, local)
+            if isinstance(outcome, _Fallback):
+                outcome = await self._put_once(address, put, chunk, None)
+            assert not isinstance(outcome, _Fallback)
+            return outcome
+
+    async def _put_once(
+        self, address: str, put: PutObject, chunk: ChunkSource, local: LocalWrite | None
+    ) -> DataRequestFailed | _Fallback | None:
+        """One put conversation with ``address`` (the caller holds a slot)."""
+        try:
+            conn = await self._checkout(address)
+        except _NET_ERRORS as exc:
+            return DataRequestFailed(address, "unreachable", f"cannot connect: {exc!r}")
+        clean = False
+        reply: asyncio.Future[ObjectWireMessage] | None = None
+        try:
+            request: PutObject | None = put
+            if local is not None and same_host(conn.writer):
+                request = None  # sent here: the answer says how the put goes on
+                outcome = await self._put_local(address, conn, put, local)
+                if not isinstance(outcome, _Streaming):
+                    clean = outcome is None
+                    return outcome
             # The answer is awaited while sending: a target that refuses the put
             # (full, busy) answers at once, and the stream stops there.
             reply = asyncio.ensure_future(self._recv(conn))
-            clean = False
+            sent = await self._send_put(conn, request, put, chunk, reply)
             try:
-                sent = await self._send_put(conn, put, chunk, reply)
-                try:
-                    answer = await reply
-                except _NET_ERRORS as exc:
-                    return DataRequestFailed(address, "unreachable", f"{sent or exc!r}")
-                if isinstance(answer, PutDone) and answer.oid == put.oid and sent is None:
-                    clean = True
-                    return None
-                if isinstance(answer, DataError):
-                    return _target_error(address, answer.kind, answer.message)
-                return DataRequestFailed(
-                    address, "unreachable", f"answered {type(answer).__name__}"
-                )
-            finally:
+                answer = await reply
+            except _NET_ERRORS as exc:
+                return DataRequestFailed(address, "unreachable", f"{sent or exc!r}")
+            if isinstance(answer, PutDone) and answer.oid == put.oid and sent is None:
+                clean = True
+                return None
+            if isinstance(answer, DataError):
+                return _target_error(address, answer.kind, answer.message)
+            return DataRequestFailed(address, "unreachable", f"answered {type(answer).__name__}")
+        finally:
+            if reply is not None:
                 reply.cancel()
                 if reply.done() and not reply.cancelled():
                     reply.exception()  # retrieved: the failure is already reported
-                if clean:
-                    self._checkin(address, conn)
-                else:
-                    await conn.close()
+            if clean:
+                self._checkin(address, conn)
+            else:
+                await conn.close()
+
+    async def _put_local(
+        self, address: str, conn: Conn, put: PutObject, local: LocalWrite
+    ) -> DataRequestFailed | _Fallback | _Streaming | None:
+        """A short-circuit put: None when the node installed the file we wrote."""
+        try:
+            await conn.send(msgspec.structs.replace(put, local_ok=True))
+            answer = await self._recv(conn)
+        except _NET_ERRORS as exc:
+            return DataRequestFailed(address, "unreachable", repr(exc))
+        if isinstance(answer, DataError):
+            return _target_error(address, answer.kind, answer.message)
+        if not isinstance(answer, PutLocal) or answer.oid != put.oid:
+            return DataRequestFailed(address, "unreachable", f"answered {type(answer).__name__}")
+        if not answer.path:
+            return _STREAMING  # the node does not see one host: stream the chunks
+        try:
+            await asyncio.to_thread(local, answer.path)
+        except OSError:
+            return _FALLBACK  # the caller closes the connection: the node drops the put
+        try:
+            await conn.send(LocalWritten(put.oid))
+            answer = await self._recv(conn)
+        except _NET_ERRORS as exc:
+            return DataRequestFailed(address, "unreachable", repr(exc))
+        if isinstance(answer, PutDone) and answer.oid == put.oid:
+            return None
+        if isinstance(answer, DataError):
+            return _target_error(address, answer.kind, answer.message)
+        return DataRequestFailed(address, "unreachable", f"answered {type(answer).__name__}")
 
     async def _send_put(
         self,
-        conn: Connection[ObjectMessage],
+        conn: Conn,
+        request: PutObject | None,
         put: PutObject,
         chunk: ChunkSource,
-        reply: asyncio.Future[ObjectMessage],
+        reply: asyncio.Future[ObjectWireMessage],
     ) -> str | None:
-        """Send the put and its chunks until done or answered; a send failure as text.
+        """Send the put (``request``, unless already sent) and its chunks until done or
+        answered; a send failure as text.
 
         Errors of the chunk source (a local file or replica) are not the
         target's fault: they propagate and fail the whole put.
         """
         try:
-            conn.send_nowait(put)
+            if request is not None:
+                conn.send_nowait(request)
         except _NET_ERRORS as exc:
             return f"send failed: {exc!r}"
         for index in range(chunk_count(put.size, put.chunk_bytes)):
@@ -317,8 +465,7 @@ class DataClient:
                 return "answered before the last chunk"
             crc, data = await chunk(index)
             try:
-                # msgspec encodes any buffer as bin: no bytes() copy of the slice first.
-                conn.send_nowait(Chunk(index, crc, cast(bytes, data)))
+                write_chunk_frame(conn, index, crc, data)
                 await asyncio.wait_for(conn.drain(), self.config.reply_timeout_s)
             except _NET_ERRORS as exc:
                 return f"send failed: {exc!r}"
@@ -327,19 +474,27 @@ class DataClient:
     # -- get -------------------------------------------------------------------------
     async def get(self, oid: str, sources: Sequence[str]) -> bytes:
         """The verified content of ``oid`` from the first source that can serve each chunk."""
-        # Verified chunks joined once at the end: one allocation and copy of the
-        # result. Filling a preallocated bytearray and converting it to bytes
-        # costs two (measured: 64 MiB in 1 MiB chunks, 34 ms vs 86-160 ms).
         return await self.get_range(oid, sources, 0)
 
     async def get_range(
         self, oid: str, sources: Sequence[str], first: int, count: int = -1
     ) -> bytes:
-        """Verified chunks ``first .. first + count - 1`` (``count`` < 0: to the end), joined."""
+        """Verified chunks ``first .. first + count - 1`` (``count`` < 0: to the end), joined.
+
+        Read short-circuit, the result is the bytes one ``pread`` made (a single
+        copy); streamed, the chunks are views into their frames, joined once.
+        """
         if count == 0:
             return b""
-        parts = [data async for data in self.iter_chunks(oid, sources, first, count)]
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        stream = _FailoverStream(self, oid, sources, first, None if count < 0 else first + count)
+        try:
+            await stream.open()
+            parts = await stream.read_rest()
+        finally:
+            await stream.close()
+        if len(parts) == 1 and isinstance(parts[0], bytes):
+            return parts[0]
+        return b"".join(parts)
 
     async def iter_chunks(
         self, oid: str, sources: Sequence[str], first: int = 0, count: int = -1
@@ -350,7 +505,7 @@ class DataClient:
         try:
             await stream.open()
             while (data := await stream.next_chunk()) is not None:
-                yield data
+                yield data if isinstance(data, bytes) else bytes(data)
         finally:
             await stream.close()
 
@@ -419,8 +574,10 @@ class _FailoverStream:
     """One object's verified chunks in order, from ``sources`` tried in turn.
 
     Each source is tried once; when one fails, the next is asked for the
-    chunks from the first one not yet verified. Holds one connection slot from
-    ``open`` to ``close``.
+    chunks from the first one not yet verified. A source on this host may
+    hand over its file (short-circuit): read here until done or a failure,
+    then the same source is asked once more to stream from where the read
+    stopped. Holds one connection slot from ``open`` to ``close``.
     """
 
     def __init__(
@@ -441,9 +598,11 @@ class _FailoverStream:
         self.header: ObjectHeader | None = None
         self.errors: dict[str, str] = {}
         self._pending = list(dict.fromkeys(sources))
-        self._conn: Connection[ObjectMessage] | None = None
+        self._conn: Conn | None = None
         self._address = ""
         self._slot = False
+        self._local: ObjectReader | None = None  # a short-circuit source's open file
+        self._no_local: set[str] = set()  # sources whose file failed: stream from them
         # Whole-object crc of the chunks so far: checked after the last one when
         # reading from chunk 0, so replicas that disagree cannot pass unnoticed.
         self._running: int | None = 0 if first == 0 and end is None else None
@@ -466,13 +625,18 @@ class _FailoverStream:
         """One past the last chunk this stream delivers."""
         return self.chunks if self._end is None else min(self._end, self.chunks)
 
-    def _request(self) -> GetObject:
-        if self._end is None:
-            return GetObject(self.oid, self.next)
-        return GetObject(self.oid, self.next, max(0, self._end - self.next))
+    def _request(self, conn: Conn) -> GetObject:
+        local_ok = (
+            self.client.config.short_circuit
+            and self._address not in self._no_local
+            and same_host(conn.writer)
+        )
+        count = -1 if self._end is None else max(0, self._end - self.next)
+        return GetObject(self.oid, self.next, count, local_ok)
 
     async def _next_source(self) -> None:
-        """Connect to the next source and read its header (sets ``self._conn``)."""
+        """Connect to the next source and read its header (sets ``self._conn``, or
+        ``self._local`` when the source hands over its file)."""
         if not self._pending:
             said = "; ".join(f"{a}: {why}" for a, why in self.errors.items()) or "no sources"
             raise DataLost(f"object {self.oid}: every source failed ({said})")
@@ -484,7 +648,7 @@ class _FailoverStream:
             return
         self._conn = conn
         try:
-            await conn.send(self._request())
+            await conn.send(self._request(conn))
             answer = await self.client._recv(conn)
         except _NET_ERRORS as exc:
             await self._fail(repr(exc), reusable=False)
@@ -492,19 +656,100 @@ class _FailoverStream:
         if isinstance(answer, DataError):
             # After "invalid" the server closes the connection; other kinds end cleanly.
             await self._fail(f"{answer.kind}: {answer.message}", reusable=answer.kind != "invalid")
-        elif not isinstance(answer, ObjectHeader) or answer.oid != self.oid:
+            return
+        if not isinstance(answer, ObjectHeader) or answer.oid != self.oid:
             await self._fail(f"unexpected answer {type(answer).__name__}", reusable=False)
-        elif self.header is not None and answer != self.header:
-            await self._fail(f"holds a different object: {answer}", reusable=False)
-        else:
-            self.header = answer
-            if self.next >= self.stop:  # nothing to stream: the conversation is over
-                self._conn = None
-                self.client._checkin(address, conn)
+            return
+        path = answer.path
+        header = msgspec.structs.replace(answer, path="") if path else answer
+        if self.header is not None and header != self.header:
+            await self._fail(f"holds a different object: {header}", reusable=False)
+            return
+        self.header = header
+        if path or self.next >= self.stop:  # nothing to stream: the conversation is over
+            self._conn = None
+            self.client._checkin(address, conn)
+        if path and self.next < self.stop:
+            await self._open_local(path)
 
-    async def next_chunk(self) -> bytes | None:
+    async def _open_local(self, path: str) -> None:
+        assert self.header is not None
+        try:
+            reader = await asyncio.to_thread(ObjectReader, self.oid, Path(path), _LOCAL_READ)
+        except (ObjectMissing, ObjectCorrupt, OSError) as exc:
+            self._local_failed(f"cannot open {path}: {exc}")
+            return
+        if (reader.size, reader.chunk_bytes, reader.crc) != (
+            self.header.size,
+            self.header.chunk_bytes,
+            self.header.crc,
+        ):
+            reader.close()
+            self._local_failed(f"{path} holds a different object")
+            return
+        self._local = reader
+
+    def _local_failed(self, why: str) -> None:
+        """The source's file could not be read: ask that source to stream it, next."""
+        self.errors[self._address] = f"local read: {why}"
+        self._close_local()
+        self._no_local.add(self._address)
+        self._pending.insert(0, self._address)
+
+    def _close_local(self) -> None:
+        reader, self._local = self._local, None
+        if reader is not None:
+            reader.close()
+
+    async def _read_local(self, stop: int) -> bytes | memoryview | None:
+        """Verified chunks ``self.next .. stop - 1`` from the local file (all read in one
+        ``pread``), or those before the first that failed (None if none)."""
+        reader = self._local
+        assert reader is not None
+        first = self.next
+        try:
+            data, good, running = await asyncio.to_thread(
+                _read_span, reader, first, stop, self._running
+            )
+        except OSError as exc:
+            self._local_failed(f"at chunk {first}: {exc!r}")
+            return None
+        self.next += good
+        self._running = running
+        if self.next == self.stop:
+            self._close_local()
+            self._check_whole()
+        if good == stop - first:
+            return data
+        self._local_failed(f"chunk {first + good} failed its crc32c or is truncated")
+        assert self.header is not None
+        return memoryview(data)[: good * self.header.chunk_bytes] if good else None
+
+    async def read_rest(self) -> list[bytes | memoryview]:
+        """Every chunk still to come, as few buffers as the sources allow."""
+        parts: list[bytes | memoryview] = []
+        while self.header is None or self.next < self.stop:
+            if self._local is not None:
+                assert self.header is not None
+                per = max(1, _LOCAL_SPAN_BYTES // self.header.chunk_bytes)
+                data = await self._read_local(min(self.stop, self.next + per))
+                if data is not None:
+                    parts.append(data)
+                continue
+            chunk = await self.next_chunk()
+            if chunk is None:
+                break
+            parts.append(chunk)
+        return parts
+
+    async def next_chunk(self) -> bytes | memoryview | None:
         """The next verified chunk, or None after the last; ``DataLost`` if no source can."""
         while self.header is None or self.next < self.stop:
+            if self._local is not None:
+                data = await self._read_local(self.next + 1)
+                if data is not None:
+                    return data
+                continue
             if self._conn is None:
                 await self._next_source()
                 continue
@@ -521,7 +766,7 @@ class _FailoverStream:
             if why:
                 await self._fail(f"at chunk {self.next}: {why}", reusable=False)
                 continue
-            assert isinstance(msg, Chunk)
+            assert isinstance(msg, ChunkView)
             self.next += 1
             if self._running is not None:
                 self._running = crc32c.crc32c(msg.data, self._running)
@@ -537,10 +782,10 @@ class _FailoverStream:
         if self._running is not None and self._running != self.header.crc:
             raise DataLost(f"object {self.oid}: chunks verified but the whole-object crc differs")
 
-    def _check(self, msg: ObjectMessage) -> str:
+    def _check(self, msg: ObjectWireMessage) -> str:
         """Why ``msg`` is not the next chunk, verified; "" if it is."""
         assert self.header is not None
-        if not isinstance(msg, Chunk) or msg.index != self.next:
+        if not isinstance(msg, ChunkView) or msg.index != self.next:
             return f"unexpected {type(msg).__name__}"
         expect = min(
             self.header.chunk_bytes, self.header.size - self.next * self.header.chunk_bytes
@@ -563,9 +808,21 @@ class _FailoverStream:
 
     async def close(self) -> None:
         """Release the slot; a connection still mid-stream cannot be reused."""
+        self._close_local()
         conn, self._conn = self._conn, None
         if conn is not None:
             await conn.close()
         if self._slot:
             self._slot = False
             self.client._slots.release()
+
+
+def _read_span(
+    reader: ObjectReader, first: int, stop: int, running: int | None
+) -> tuple[bytes, int, int | None]:
+    """``ObjectReader.read_span`` and the whole-object crc carried over its good chunks."""
+    data, good = reader.read_span(first, stop)
+    if running is not None and good:
+        end = min(good * reader.chunk_bytes, len(data))
+        running = crc32c.crc32c(memoryview(data)[:end], running)
+    return data, good, running

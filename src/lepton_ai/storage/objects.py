@@ -31,12 +31,13 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import stat
 import struct
 import sys
 import threading
 import time
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -199,6 +200,28 @@ class ObjectReader:
             raise ObjectCorrupt(f"object {self.oid}: chunk {index} failed its checksum")
         return crc, data
 
+    def read_span(self, first: int, stop: int) -> tuple[bytes, int]:
+        """Chunks ``first .. stop - 1`` read at once (one copy, into the result), and how
+        many of them, from ``first``, are whole and pass their checksums: the data up to
+        there is verified, the chunk after it is not (truncated or corrupt)."""
+        if not 0 <= first <= stop <= self.chunks:
+            raise ValueError(f"chunks {first}..{stop} outside 0..{self.chunks}")
+        start = first * self.chunk_bytes
+        length = min(stop * self.chunk_bytes, self.size) - start
+        data = os.pread(self._fd, length, self._offset + start) if length else b""
+        view = memoryview(data)
+        good = 0
+        for index in range(first, stop):
+            lo = (index - first) * self.chunk_bytes
+            piece = view[lo : lo + self.chunk_length(index)]
+            if len(piece) != self.chunk_length(index) or crc32c.crc32c(piece) != self.table[index]:
+                break
+            good += 1
+        return data, good
+
+    def fileno(self) -> int:
+        return self._fd
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
@@ -211,15 +234,26 @@ class ObjectReader:
         self.close()
 
 
-class ObjectWriter:
-    """A put in progress: chunks in order, then ``commit`` or ``abort``.
+class ObjectFileWriter:
+    """Writes one object file at ``path`` in the on-disk format, chunk by chunk, no store.
 
-    Holds a space reservation in its store until it ends either way; as a
-    context manager it aborts if the block exits without a commit.
+    ``create``: make ``path`` (it must not exist); else ``path`` must be an
+    existing empty regular file (a temporary a node made for a short-circuit
+    put: it is never truncated nor followed if a symlink). ``verify``: check
+    each chunk's crc32c against its data (off when the caller just computed it).
+    ``finish`` writes the header; renaming the file into place is the caller's.
     """
 
     def __init__(
-        self, store: ObjectStore, oid: str, size: int, chunk_bytes: int, *, crc: int, tmp: Path
+        self,
+        path: str | os.PathLike[str],
+        oid: str,
+        size: int,
+        chunk_bytes: int,
+        *,
+        crc: int,
+        create: bool = True,
+        verify: bool = True,
     ) -> None:
         self.oid = oid
         self.size = size
@@ -227,14 +261,11 @@ class ObjectWriter:
         self.crc = crc
         self.chunks = chunk_count(size, chunk_bytes)
         self.file_bytes = file_bytes(size, chunk_bytes)
-        self._store = store
-        self._tmp = tmp
-        self._fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self.verify = verify
+        self._fd = _open_for_object(path, create)
         self._table = array("I", bytes(_CRC.size * self.chunks))
         self._running_crc = 0
         self._next = 0
-        self._done = False
-        self.fsync = store.config.fsync
 
     @property
     def next_index(self) -> int:
@@ -242,7 +273,7 @@ class ObjectWriter:
 
     def write_chunk(self, index: int, crc: int, data: bytes | bytearray | memoryview) -> None:
         """Verify and write chunk ``index``: ValueError if out of order or of the wrong size."""
-        if self._done:
+        if self._fd < 0:
             raise ValueError(f"put of {self.oid} has already ended")
         if index != self._next:
             raise ValueError(f"chunk {index} of {self.oid} out of order: expected {self._next}")
@@ -251,11 +282,12 @@ class ObjectWriter:
         expect = min(self.chunk_bytes, self.size - index * self.chunk_bytes)
         if len(data) != expect:
             raise ValueError(f"chunk {index} of {self.oid} is {len(data)} bytes, not {expect}")
-        if crc32c.crc32c(data) != crc:
-            raise ChunkCorrupt(f"chunk {index} of {self.oid} does not match its crc32c")
+        if self.verify:
+            if crc32c.crc32c(data) != crc:
+                raise ChunkCorrupt(f"chunk {index} of {self.oid} does not match its crc32c")
+            self._running_crc = crc32c.crc32c(data, self._running_crc)
         self._write(data, _data_offset(self.chunks) + index * self.chunk_bytes)
         self._table[index] = crc
-        self._running_crc = crc32c.crc32c(data, self._running_crc)
         self._next += 1
 
     def _write(self, data: bytes | bytearray | memoryview, offset: int) -> None:
@@ -263,28 +295,160 @@ class ObjectWriter:
             _pwrite_all(self._fd, data, offset)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                self.abort()
-                raise StorageFull(
-                    f"object store {self._store.root}: disk full writing {self.oid} "
-                    f"({self.size} bytes)"
-                ) from exc
+                self._disk_full(exc)
             raise
+
+    def _disk_full(self, exc: OSError) -> None:
+        raise StorageFull(f"disk full writing object {self.oid} ({self.size} bytes)") from exc
+
+    def finish(self, fsync: bool) -> None:
+        """Check the chunks are complete, write the header, fsync if asked, close the file."""
+        if self._fd < 0:
+            raise ValueError(f"put of {self.oid} has already ended")
+        if self._next != self.chunks:
+            raise ValueError(f"put of {self.oid} ended after {self._next}/{self.chunks} chunks")
+        if self.verify and self._running_crc != self.crc:
+            raise ChunkCorrupt(f"object {self.oid} does not match its whole-object crc32c")
+        self._write(_encode_header(self.size, self.chunk_bytes, self.crc, self._table), 0)
+        if fsync:
+            os.fsync(self._fd)
+        self.close()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _open_for_object(path: str | os.PathLike[str], create: bool) -> int:
+    if create:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != 0:
+            raise FileExistsError(errno.EEXIST, "not an empty regular file", os.fspath(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def write_object_file(
+    path: str | os.PathLike[str],
+    oid: str,
+    data: bytes | bytearray | memoryview,
+    chunk_bytes: int,
+    *,
+    crcs: Sequence[int],
+    crc: int,
+    create: bool = False,
+    fsync: bool = False,
+) -> None:
+    """Write a whole object file (header, chunk crc table, data) at ``path`` at once.
+
+    The writer of a short-circuit put: ``crcs`` (each chunk's crc32c) and
+    ``crc`` (the whole content's) were computed from ``data`` by the caller,
+    so they are not computed again. ``create``: as ``ObjectFileWriter``.
+    One ``pwritev`` of the header and the caller's buffer: the data is copied
+    once, by the kernel.
+    """
+    view = memoryview(data).cast("B")
+    size = len(view)
+    if len(crcs) != chunk_count(size, chunk_bytes):
+        raise ValueError(f"{len(crcs)} chunk crcs for {size} bytes in chunks of {chunk_bytes}")
+    header = _encode_header(size, chunk_bytes, crc, array("I", crcs))
+    fd = _open_for_object(path, create)
+    try:
+        parts = [memoryview(header), view]
+        offset = 0
+        while parts:
+            written = os.pwritev(fd, parts[:2], offset)
+            offset += written
+            while parts and written >= len(parts[0]):
+                written -= len(parts[0])
+                parts.pop(0)
+            if parts:
+                parts[0] = parts[0][written:]
+        if fsync:
+            os.fsync(fd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageFull(f"disk full writing object {oid} ({size} bytes)") from exc
+        raise
+    finally:
+        os.close(fd)
+
+
+class ObjectWriter(ObjectFileWriter):
+    """A put in progress: chunks in order, then ``commit`` or ``abort``.
+
+    Holds a space reservation in its store until it ends either way; as a
+    context manager it aborts if the block exits without a commit. For a
+    short-circuit put another process writes the file at ``tmp_path`` and
+    ``commit_local`` checks and installs it.
+    """
+
+    def __init__(
+        self, store: ObjectStore, oid: str, size: int, chunk_bytes: int, *, crc: int, tmp: Path
+    ) -> None:
+        super().__init__(tmp, oid, size, chunk_bytes, crc=crc)
+        self._store = store
+        self._tmp = tmp
+        self._done = False
+        self.fsync = store.config.fsync
+
+    def write_chunk(self, index: int, crc: int, data: bytes | bytearray | memoryview) -> None:
+        if self._done:
+            raise ValueError(f"put of {self.oid} has already ended")
+        super().write_chunk(index, crc, data)
+
+    def _disk_full(self, exc: OSError) -> None:
+        self.abort()
+        raise StorageFull(
+            f"object store {self._store.root}: disk full writing {self.oid} ({self.size} bytes)"
+        ) from exc
 
     def commit(self) -> None:
         """Write the header, fsync if configured, and rename into place."""
         if self._done:
             raise ValueError(f"put of {self.oid} has already ended")
         try:
-            if self._next != self.chunks:
-                raise ValueError(f"put of {self.oid} ended after {self._next}/{self.chunks} chunks")
-            if self._running_crc != self.crc:
-                raise ChunkCorrupt(f"object {self.oid} does not match its whole-object crc32c")
-            header = _encode_header(self.size, self.chunk_bytes, self.crc, self._table)
-            self._write(header, 0)
-            if self.fsync:
-                os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = -1
+            self.finish(self.fsync)
+            self._store._install(self)
+        except BaseException:
+            self.abort()
+            raise
+        self._done = True
+        self._store._release(self)
+
+    def commit_local(self, verify_chunks: bool = False) -> None:
+        """Install the object file another process wrote at ``tmp_path`` (short-circuit put).
+
+        Checks what a reader checks when it opens an object (magic, sizes, the
+        header and table crc, the file's length) and that it is the object this
+        put declared; ``verify_chunks``: also every chunk's crc32c and the whole
+        object's. ``ObjectCorrupt``/``ValueError`` (and the put aborted) if not.
+        """
+        if self._done:
+            raise ValueError(f"put of {self.oid} has already ended")
+        try:
+            self.close()  # ours was never written: the writer used its own descriptor
+            with ObjectReader(self.oid, self._tmp, self._store.config) as r:
+                if (r.size, r.chunk_bytes, r.crc) != (self.size, self.chunk_bytes, self.crc):
+                    raise ValueError(
+                        f"object {self.oid}: the file written holds {r.size} bytes in chunks "
+                        f"of {r.chunk_bytes}, crc {r.crc:08x}; the put declared {self.size}, "
+                        f"{self.chunk_bytes}, {self.crc:08x}"
+                    )
+                if verify_chunks:
+                    whole = 0
+                    for i in range(r.chunks):
+                        whole = crc32c.crc32c(r.read_chunk(i)[1], whole)
+                    if whole != self.crc:
+                        raise ObjectCorrupt(f"object {self.oid}: whole-object crc32c differs")
+                if self.fsync:
+                    os.fsync(r.fileno())
             self._store._install(self)
         except BaseException:
             self.abort()
@@ -301,9 +465,7 @@ class ObjectWriter:
         if self._done:
             return
         self._done = True
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self.close()
         self._tmp.unlink(missing_ok=True)
         self._store._release(self)
 
