@@ -26,6 +26,7 @@ import json
 import math
 import pickle
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import IO, Any, Literal
 
@@ -99,7 +100,9 @@ class ParquetSource(msgspec.Struct, frozen=True, tag="parquet"):
 
 Source = RangeSource | InlineSource | BlobSource | TextSource | ParquetSource
 BlobFetcher = Callable[[str], bytes]
-BlobStorer = Callable[[bytes], "str | ObjectMeta"]
+# ``put_blob(data)``: the key, the stored object, or a future of either (stored in
+# the background while the caller goes on).
+BlobStorer = Callable[[bytes], "str | ObjectMeta | Future[str | ObjectMeta] | Future[ObjectMeta]"]
 
 
 # ---------------------------------------------------------------- client side
@@ -130,7 +133,7 @@ def inline_sources(
 
     from lepton_ai.errors import LimitExceeded
 
-    out: list[Source] = []
+    out: list[Source | tuple[Any, int, int]] = []
     total = 0
     for chunk in chunks:
         try:
@@ -140,7 +143,7 @@ def inline_sources(
             data = cloudpickle.dumps(chunk, protocol=5)
         big = len(data) > limits.inline_chunk_bytes_max
         if put_blob is not None and (big or total + len(data) > limits.inline_bytes_max):
-            out.append(_stored(put_blob(data), len(data), len(chunk)))
+            out.append((put_blob(data), len(data), len(chunk)))  # resolved below
             continue
         total += len(data)
         if total > limits.inline_bytes_max:
@@ -150,13 +153,15 @@ def inline_sources(
                 "storage; write it to files and use read_text()"
             )
         out.append(InlineSource(data, len(chunk)))
-    return out
+    return [s if not isinstance(s, tuple) else _stored(*s) for s in out]
 
 
-def _stored(ref: str | ObjectMeta, size: int, count: int) -> BlobSource:
+def _stored(ref: Any, size: int, count: int) -> BlobSource:
+    if isinstance(ref, Future):
+        ref = ref.result()
     if isinstance(ref, ObjectMeta):
         return BlobSource(ref.key, size, count, ref)
-    return BlobSource(ref, size, count)
+    return BlobSource(str(ref), size, count)
 
 
 def resolve_files(path: str, limits: SourceLimits) -> tuple[Any, list[tuple[str, int]]]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import contextlib
 import os
 import shutil
@@ -105,9 +106,10 @@ class Cluster:
         """Run a data-plane coroutine on the client's loop (its own timeouts bound it)."""
         return asyncio.run_coroutine_threadsafe(coro, self.client.loop).result()
 
-    def put_blob(self, data: bytes) -> ObjectMeta:
-        """Where ``parallelize`` keeps big input chunks: stored objects, not the log."""
-        return self.storage.put_temp(data)
+    def put_blob(self, data: bytes) -> concurrent.futures.Future[ObjectMeta]:
+        """Where ``parallelize`` keeps big input chunks: stored objects, not the log
+        (written in the background while the next chunk is pickled)."""
+        return self.storage.put_temp_soon(data)
 
     def fetch_object(self, meta: ObjectMeta) -> bytes:
         """A stored job result part (``Job.result``)."""

@@ -13,6 +13,7 @@ first failed, if a node dies or a chunk fails its checksum mid-stream.
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import os
 import uuid
@@ -44,6 +45,7 @@ Runner = Callable[[Coroutine[Any, Any, Any]], Any]  # run a coroutine on the cli
 TMP_INPUTS = "_tmp/inputs/"
 LIST_PAGE = 1000
 PUT_ATTEMPTS_MAX = 3  # placements tried when a node fails during a put
+PUTS_IN_BACKGROUND_MAX = 2  # put_temp_soon writes at once
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ class StorageClient:
         self._request = request
         self._run = run
         self._data = DataClient(token, DataClientConfig())
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.timeout_s = 30.0
 
     # -- writing ---------------------------------------------------------------------
@@ -103,6 +106,16 @@ class StorageClient:
         """Store a job input (``parallelize``) under ``_tmp/inputs/``: deleted by the
         leader once no running job reads it and its time to live is over."""
         return self._put(f"{TMP_INPUTS}{uuid.uuid4().hex}", memoryview(data), 0, False, "")
+
+    def put_temp_soon(self, data: bytes) -> concurrent.futures.Future[ObjectMeta]:
+        """``put_temp`` in the background: the caller pickles the next chunk while
+        this one is written (the writes release the GIL). At most
+        ``PUTS_IN_BACKGROUND_MAX`` run at once; the caller bounds how many wait."""
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                PUTS_IN_BACKGROUND_MAX, thread_name_prefix="lepton-put"
+            )
+        return self._pool.submit(self.put_temp, data)
 
     def _put(
         self, key: str, data: memoryview, replicas: int, if_absent: bool, job: str
@@ -199,6 +212,8 @@ class StorageClient:
         return data
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         self._run(self._data.close())
 
 
