@@ -19,6 +19,7 @@ fetching the result belong to ``lepton_ai.compute.job.Job``.
 
 from __future__ import annotations
 
+import concurrent.futures
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -81,6 +82,11 @@ def _blob_storer(cluster: object) -> BlobStorer | None:
     """
     put = getattr(cluster, "put_blob", None)
     return put if callable(put) else None
+
+
+def _now(ref: Any) -> Any:
+    """A ``put_blob`` result, waited for if it is a future."""
+    return ref.result() if isinstance(ref, concurrent.futures.Future) else ref
 
 
 def _check_callable(fn: object, what: str) -> None:
@@ -434,7 +440,7 @@ class Dataset:
         put = _blob_storer(self._task.cluster)
         if len(plan) > PLAN_BYTES_MAX and put is not None:
             # Functions capturing big objects: stored on the nodes, referenced here.
-            plan = encode_plan(store_large_ops(decode_plan(plan), put))
+            plan = encode_plan(store_large_ops(decode_plan(plan), lambda b: _now(put(b))))
         if len(plan) > PLAN_BYTES_MAX:
             raise LimitExceeded(
                 f"the job's plan is {len(plan)} bytes, over PLAN_BYTES_MAX={PLAN_BYTES_MAX}: "
