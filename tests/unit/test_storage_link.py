@@ -97,3 +97,19 @@ def test_replicas_agree_through_a_snapshot() -> None:
     copy.restore(local.snapshot())
     assert copy.snapshot() == local.snapshot()
     assert [m.key for m in copy.storage.list("out/")] == [m.key for m in a.storage.list("out/")]
+
+
+def test_an_output_survives_its_job_evicted_by_its_own_finish() -> None:
+    from lepton_ai.compute.state import JobStateConfig
+
+    machine = CoordinatorMachine(JobStateConfig(finished_jobs_max=1))
+    run(machine, [JobSubmitted("writer", WRITE, JobOptions())])
+    run(machine, [JobSubmitted("other", COLLECT, JobOptions())])
+    run(machine, [result("other", 0, "c"), result("other", 1, "d"), JobFinished("other", 1.0)])
+    # The writer was submitted first: finishing it evicts its own record at once.
+    run(machine, [result("writer", 0, "a"), result("writer", 1, "b"), JobFinished("writer", 2.0)])
+    assert machine.jobs.job("writer") is None
+    assert [m.key for m in machine.storage.list("out/")] == [
+        "out/x/part-00000.jsonl",
+        "out/x/part-00001.jsonl",
+    ]

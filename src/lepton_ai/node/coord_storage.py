@@ -135,11 +135,14 @@ def link_job_command(
     cmd: JobCommand,
     result: ApplyResult,
     jobs_before: set[str] | None,
+    *,
+    plan: bytes | None = None,
 ) -> list[ObjectMeta]:
     """Storage effects of an applied job command; the objects it removed.
 
     Deterministic (run in ``apply`` on every replica): ``jobs_before`` is the set
-    of job ids before a command that can close or evict jobs.
+    of job ids before a command that can close or evict jobs, ``plan`` the plan of
+    the job a ``JobFinished`` closes (read before: closing may evict its record).
     """
     removed: list[ObjectMeta] = []
     if not result.accepted:
@@ -159,8 +162,8 @@ def link_job_command(
                 cmd.job_id,
             )
             removed += storage.apply_command(ObjectPut(meta)).removed
-    if isinstance(cmd, JobFinished):
-        removed += commit_output(storage, jobs, cmd.job_id)
+    if isinstance(cmd, JobFinished) and plan is not None:
+        removed += commit_output(storage, plan, cmd.job_id)
     gone: set[str] = set()
     if jobs_before is not None:
         gone = jobs_before - set(jobs.state.jobs)
@@ -175,15 +178,13 @@ def link_job_command(
     return removed
 
 
-def commit_output(
-    storage: StorageStateMachine, jobs: JobStateMachine, job_id: str
-) -> list[ObjectMeta]:
+def commit_output(storage: StorageStateMachine, plan: bytes, job_id: str) -> list[ObjectMeta]:
     """A finished ``write`` to ``lep://prefix``: its parts (the job's stored results)
     become ``prefix/part-NNNNN.ext``, and what was under the prefix goes, all in this
     one command; the objects it removed."""
-    rec = jobs.job(job_id)
-    spec = decode_plan(rec.plan).result_stage.result if rec is not None else None
-    if rec is None or spec is None or spec.write is None or not spec.write.url.startswith(LEP):
+    result_stage = decode_plan(plan).result_stage
+    spec = result_stage.result
+    if spec is None or spec.write is None or not spec.write.url.startswith(LEP):
         return []
     prefix = stored_prefix(spec.write.url)
     removed: list[ObjectMeta] = []
@@ -193,7 +194,7 @@ def commit_output(
         removed += gone
         if len(old) < storage.config.list_max or not gone:
             break
-    for partition in range(len(rec.outcomes[-1])):
+    for partition in range(result_stage.num_partitions):
         part = storage.get(result_key(job_id, partition))
         if part is None:
             continue  # not stored: the job's record still holds it (cannot happen)

@@ -190,8 +190,10 @@ def apply_job_command(machine: HostedMachine, cmd: JobCommand) -> bytes:
     """Apply a job command and its storage effects (a stored result becomes an
     object; a closed or forgotten job's objects go); run the hooks."""
     before = set(machine.jobs.state.jobs) if closes_jobs(cmd) else None
+    rec = machine.jobs.job(cmd.job_id) if isinstance(cmd, JobFinished) else None
     result = machine.jobs.apply_command(cmd)
-    removed = link_job_command(machine.storage, machine.jobs, cmd, result, before)
+    plan = rec.plan if rec is not None else None
+    removed = link_job_command(machine.storage, machine.jobs, cmd, result, before, plan=plan)
     if machine.listener is not None:
         machine.listener(cmd, result)
     if removed and machine.storage_listener is not None:
