@@ -1,4 +1,6 @@
-"""Self-healing layer: reconcilers that drive observed state to desired state.
+"""Self-healing layer: reconcilers (pure cores run by the leader) that drive observed
+state to desired state.
 
-They restart, reschedule and re-replicate.
+``replication``: copies objects short of replicas from a live copy and drops
+excess ones. ``backoff``: the one back-off of every retry loop.
 """
