@@ -26,13 +26,15 @@ import json
 import math
 import pickle
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import IO, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 import msgspec
 
 from lepton_ai.storage.messages import ObjectMeta
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 TextFormat = Literal["text", "jsonl", "csv"]
 
@@ -157,6 +159,8 @@ def inline_sources(
 
 
 def _stored(ref: Any, size: int, count: int) -> BlobSource:
+    from concurrent.futures import Future  # here: executors import this module, not it
+
     if isinstance(ref, Future):
         ref = ref.result()
     if isinstance(ref, ObjectMeta):

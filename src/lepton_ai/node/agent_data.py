@@ -28,10 +28,9 @@ from lepton_ai.compute.scheduler_events import Dispatch, FetchFailed, TaskAttemp
 from lepton_ai.compute.state import OutputRef
 from lepton_ai.data.sources import BlobSource
 from lepton_ai.errors import DataLost, LeptonError, StorageFull
-from lepton_ai.node.messages import BlockData, ExecRun, FetchBlocks, ShuffleMessage
+from lepton_ai.node.messages import BlockData, ExecRun, FetchBlocks, PutShuffle, ShuffleMessage
 from lepton_ai.node.netutil import parse_address
 from lepton_ai.node.shuffle_copy import (
-    PutShuffle,
     ShuffleCopyFailed,
     receive_shuffle,
     send_shuffle,

@@ -29,7 +29,6 @@ from lepton_ai.compute.scheduler_events import (
     TaskSucceeded,
 )
 from lepton_ai.compute.state import OutputRef
-from lepton_ai.node.shuffle_copy import PutShuffle
 from lepton_ai.storage.control import (
     CommitObject,
     DeleteObject,
@@ -313,6 +312,16 @@ ClientReply = (
 )
 
 # ------------------------------------------------------------ shuffle server
+
+
+class PutShuffle(msgspec.Struct, frozen=True, tag=True):
+    """Agent -> agent (``node.shuffle_copy``): store the shuffle file ``stem`` of
+    ``job_id`` (``size`` bytes; chunks follow)."""
+
+    job_id: str
+    stem: str
+    size: int
+    chunk_bytes: int
 
 
 class FetchBlocks(msgspec.Struct, frozen=True, tag=True):

@@ -16,24 +16,14 @@ import contextlib
 import os
 from typing import Any
 
-import msgspec
-
 from lepton_ai.errors import LeptonError
+from lepton_ai.node.messages import PutShuffle
 from lepton_ai.storage import checksum
 from lepton_ai.storage.blockstore import BlockStore, ShuffleKey, parse_block
 from lepton_ai.storage.messages import CHUNK_BYTES_DEFAULT, Chunk, DataError, DataOk, chunk_count
 from lepton_ai.wire import Connection
 
 CHUNK_BYTES = CHUNK_BYTES_DEFAULT
-
-
-class PutShuffle(msgspec.Struct, frozen=True, tag=True):
-    """Store the shuffle file ``stem`` of ``job_id`` (``size`` bytes; chunks follow)."""
-
-    job_id: str
-    stem: str
-    size: int
-    chunk_bytes: int
 
 
 class ShuffleCopyFailed(LeptonError):
