@@ -177,17 +177,21 @@ class LeptonPeer(Peer):
             ds = self.task.read_text(pattern, partitions=len(paths)).map_partitions(bc.count_lines)
         else:
             ds = self.task.parallelize(paths, partitions=len(paths)).map(bc.count_file)
-        result: Counter[str] = ds.reduce(bc.merge_counts, shuffle_replicas=self.shuffle_replicas)
+        options = (
+            {} if self.shuffle_replicas is None else {"shuffle_replicas": self.shuffle_replicas}
+        )
+        result: Counter[str] = ds.reduce(bc.merge_counts, **options)
         return result
 
-    # "node_replicated": the node kill with every map output copied to another node
-    # (``shuffle_replicas=2``): only the attempts the node was running are lost.
-    kill_variants = ("worker", "node_replicated", "node")
-    shuffle_replicas = 1
+    # "node": a whole node killed, with the default shuffle_replicas=2 (every map
+    # output also on the other node: only the attempts it was running are lost);
+    # "node_unreplicated": the same with shuffle_replicas=1 (its outputs are re-made).
+    kill_variants = ("worker", "node_unreplicated", "node")
+    shuffle_replicas: int | None = None  # None: the default
 
     def prepare(self, variant: str) -> None:
         """Before each fault scenario: a full cluster, and the variant's replication."""
-        self.shuffle_replicas = 2 if variant == "node_replicated" else 1
+        self.shuffle_replicas = 1 if variant == "node_unreplicated" else None
         for m in self.cluster.status()["members"]:
             if m["role"] == "worker" and m["health"] == "down":
                 self.cluster.restart("worker", m["id"])
@@ -293,20 +297,17 @@ def measure(name: str, spec: dict[str, Any]) -> dict[str, Any]:
             res["wordcount_digest"] = bc.digest(counts)
             res["wordcount_distinct"] = len(counts)
             timeout_s = max(KILL_TIMEOUT_MIN_S, KILL_TIMEOUT_FACTOR * wall)
-            if "node_replicated" in peer.kill_variants:
-                # The price of replicated shuffle, fault-free (the base of its kill run).
-                peer.prepare("node_replicated")
-                counts, res["wordcount_replicated_s"] = _timed(lambda: peer.wordcount(paths))
+            if "node_unreplicated" in peer.kill_variants:
+                # Without the shuffle copies, fault-free (the base of its kill run).
+                peer.prepare("node_unreplicated")
+                counts, res["wordcount_unreplicated_s"] = _timed(lambda: peer.wordcount(paths))
                 if bc.digest(counts) != res["wordcount_digest"]:
-                    raise AssertionError("replicated-shuffle word count differs")
+                    raise AssertionError("unreplicated-shuffle word count differs")
             for variant in peer.kill_variants:  # "node" last: it leaves the cluster smaller
                 key = "kill" if variant == "worker" else f"kill_{variant}"
                 getattr(peer, "prepare", lambda v: None)(variant)
-                wall = (
-                    res["wordcount_replicated_s"]
-                    if variant == "node_replicated"
-                    else (res["wordcount_s"])
-                )
+                base = "wordcount_unreplicated_s" if variant == "node_unreplicated" else ""
+                wall = res[base or "wordcount_s"]
                 delay_s = spec["kill_fraction"] * wall
                 res[key] = _wordcount_with_kill(peer, paths, delay_s, variant, timeout_s)
                 res[key]["partition_s"] = wall * WORKERS / len(paths)

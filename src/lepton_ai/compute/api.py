@@ -110,6 +110,8 @@ class DistributedTask:
     ``max_retries=3``, ``retry_exceptions=False``, ``speculation=True``,
     ``task_timeout_s=None`` (seconds an attempt may run before it is killed and
     retried as an infrastructure failure; see ``plan.JobOptions``),
+    ``shuffle_replicas=2`` (copies of each map output on distinct nodes: a node's
+    death then costs only the attempts it was running; 1 saves the copies),
     ``progress=None`` (None: a rich progress bar when stderr is a TTY and the
     job runs longer than a second; False: never; True: always).
     """
@@ -124,7 +126,7 @@ class DistributedTask:
         task_timeout_s: float | None = None,
         progress: bool | None = None,
         limits: SourceLimits | None = None,
-        shuffle_replicas: int = 1,
+        shuffle_replicas: int = 2,
     ) -> None:
         self.cluster: JobRunner = _check_runner(cluster)
         self.options = JobOptions(
@@ -336,7 +338,8 @@ class Dataset:
 
         ``action`` is ``"collect"`` (default), ``"count"`` or ``"reduce"`` (with
         ``op``, None = sum). Options as for ``DistributedTask`` (``max_retries``,
-        ``retry_exceptions``, ``speculation``, ``task_timeout_s``, ``progress``, plus ``name``).
+        ``retry_exceptions``, ``speculation``, ``task_timeout_s``, ``shuffle_replicas``,
+        ``progress``, plus ``name``).
         """
         if action not in ("collect", "count", "reduce"):
             raise ValueError(f"action must be collect, count or reduce, got {action!r}")

@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("lepton_ai.worker")
 
 SHUFFLE_CODEC = Codec[ShuffleMessage](ShuffleMessage)
+COPY_TIMEOUT_BASE_S = 5.0  # a shuffle file copy may take this long, plus its size at ...
+COPY_BYTES_PER_S_MIN = 20 * 1024 * 1024  # ... this rate, before it is given up
 
 
 class DataPort:
@@ -86,7 +88,12 @@ class DataPort:
             lock = self._fetch_locks.setdefault(address, asyncio.Lock())
             async with lock:
                 try:
-                    await send_shuffle(await self._fetch_conn(address), self.store, key)
+                    # Bounded: a paused peer must not hold this attempt's report for ever
+                    # (the copy is then given up; the output keeps its other copies).
+                    size = self.store.shuffle_path(key).stat().st_size
+                    limit = COPY_TIMEOUT_BASE_S + size / COPY_BYTES_PER_S_MIN
+                    conn = await self._fetch_conn(address)
+                    await asyncio.wait_for(send_shuffle(conn, self.store, key), limit)
                 except (OSError, TimeoutError, LeptonError) as exc:
                     log.info("shuffle copy to %s failed: %s", address, exc)
                     old = self._fetch_conns.pop(address, None)

@@ -121,7 +121,7 @@ class Reports(msgspec.Struct, frozen=True, tag=True):
 class JobPlanBlob(msgspec.Struct, frozen=True):
     job_id: str
     plan: bytes
-    shuffle_replicas: int = 1  # the job's option: copies of each map output
+    shuffle_replicas: int = 1  # the job's option: copies of each map output (1 if unsaid)
 
 
 class RunTasks(msgspec.Struct, frozen=True, tag=True):
