@@ -25,6 +25,7 @@ import csv
 import json
 import math
 import pickle
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, Literal
@@ -47,6 +48,7 @@ class SourceLimits:
     # commands are bounded (consensus batch_bytes_max, 1 MiB); more goes to storage.
     inline_bytes_max: int = 256 * 1024
     inline_chunk_bytes_max: int = 64 * 1024  # bigger chunks go to storage
+    stores_pending_max: int = 2  # chunks pickled ahead while earlier ones are stored
     text_split_bytes_default: int = 32 * 1024 * 1024  # when partitions is not given
     text_files_max: int = 100_000
     read_chunk_bytes: int = 1 << 16  # step when extending a split to its last line's end
@@ -136,6 +138,7 @@ def inline_sources(
     from lepton_ai.errors import LimitExceeded
 
     out: list[Source | tuple[Any, int, int]] = []
+    pending: deque[Any] = deque()
     total = 0
     for chunk in chunks:
         try:
@@ -145,7 +148,9 @@ def inline_sources(
             data = cloudpickle.dumps(chunk, protocol=5)
         big = len(data) > limits.inline_chunk_bytes_max
         if put_blob is not None and (big or total + len(data) > limits.inline_bytes_max):
-            out.append((put_blob(data), len(data), len(chunk)))  # resolved below
+            ref = put_blob(data)
+            out.append((ref, len(data), len(chunk)))  # resolved below
+            _wait_for_room(pending, ref, limits.stores_pending_max)
             continue
         total += len(data)
         if total > limits.inline_bytes_max:
@@ -156,6 +161,17 @@ def inline_sources(
             )
         out.append(InlineSource(data, len(chunk)))
     return [s if not isinstance(s, tuple) else _stored(*s) for s in out]
+
+
+def _wait_for_room(pending: deque[Any], ref: Any, pending_max: int) -> None:
+    """Bound the pickled chunks held while they are stored in the background: at
+    most ``pending_max`` unfinished stores (each holds its chunk's bytes)."""
+    if hasattr(ref, "result"):
+        pending.append(ref)
+    while pending and pending[0].done():
+        pending.popleft()
+    while len(pending) > pending_max:
+        pending.popleft().result()
 
 
 def _stored(ref: Any, size: int, count: int) -> BlobSource:
