@@ -160,7 +160,8 @@ def pairs_last_slow(chunk: range) -> Any:
 def test_corrupt_and_missing_shuffle_files_rerun_their_map_tasks(cluster: LocalCluster) -> None:
     task = lep.DistributedTask(cluster, progress=False)
     ds = task.parallelize(range(2000), partitions=8).map_partitions(pairs_last_slow)
-    job = ds.reduce_by_key(operator.add, partitions=3).submit()
+    # One copy of each map output: the damage below must be what readers find.
+    job = ds.reduce_by_key(operator.add, partitions=3).submit(shuffle_replicas=1)
     root = Path(cluster.data_dir) / "workers"
     deadline = time.monotonic() + 10
     damaged = 0

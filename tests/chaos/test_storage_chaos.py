@@ -153,3 +153,20 @@ def test_replicated_shuffle_loses_no_finished_map_output_with_its_node() -> None
         # copy on another node none is: only the attempts it was running re-run.
         assert lost_outputs[1] > 0
         assert lost_outputs[2] == 0
+
+
+@pytest.mark.timeout(120)
+def test_reads_pass_over_a_paused_node() -> None:
+    with LocalCluster(workers=3) as cluster:
+        data = {f"k{i}": os.urandom(1 << 20) for i in range(6)}
+        for k, v in data.items():
+            cluster.storage.put(k, v)
+        cluster.pause("worker", 0)  # a hang: its kernel still accepts connections
+        try:
+            started = time.monotonic()
+            for k, v in data.items():
+                assert cluster.storage.get(k) == v
+            # Not 30 s per read (the reply timeout): a silent node is passed over.
+            assert time.monotonic() - started < 20.0
+        finally:
+            cluster.resume("worker", 0)

@@ -235,8 +235,14 @@ class StorageControl:
         return {v.node: v for v in self.c.workers.values() if v.node}
 
     def addrs(self, nodes: list[str]) -> list[NodeAddr]:
+        """The live ones of ``nodes``, the least suspect first (the failure detector's
+        phi): a reader tries a node gone quiet only after the others."""
         live = self.live_views()
-        return [NodeAddr(n, live[n].address) for n in nodes if n in live]
+        now = time.monotonic()
+        held = sorted(
+            (self.c.phi.phi(live[n].worker_id, now), i, n) for i, n in enumerate(nodes) if n in live
+        )
+        return [NodeAddr(n, live[n].address) for _, _, n in held]
 
     def members_changed(self) -> None:
         """A node joined or was lost: every agent gets the new directory (batched)."""

@@ -113,6 +113,11 @@ class DataClientConfig:
     connect_timeout_s: float = 5.0
     # Longest wait for any answer or chunk before the peer counts as failed.
     reply_timeout_s: float = 30.0
+    # A node that does not answer a request's first reply within this long (a paused
+    # or overloaded node: its kernel still accepts the connection) is passed over
+    # for the next copy: a read does not wait out ``reply_timeout_s`` there.
+    first_reply_timeout_s: float = 5.0
+    chunk_timeout_s: float = 10.0  # between two chunks of a read
     chunk_bytes: int = CHUNK_BYTES_DEFAULT
     # Most oids in one DeleteObjects request (the server's bound is higher).
     delete_batch_max: int = 10_000
@@ -215,8 +220,9 @@ class DataClient:
             conns.pop(0).writer.close()
             self._idle_count -= 1
 
-    async def _recv(self, conn: Conn) -> ObjectWireMessage:
-        return await asyncio.wait_for(conn.recv(), self.config.reply_timeout_s)
+    async def _recv(self, conn: Conn, timeout_s: float | None = None) -> ObjectWireMessage:
+        limit = self.config.reply_timeout_s if timeout_s is None else timeout_s
+        return await asyncio.wait_for(conn.recv(), limit)
 
     async def close(self) -> None:
         """Close the idle connections; those in use close when their request ends."""
@@ -417,7 +423,7 @@ class DataClient:
         """A short-circuit put: None when the node installed the file we wrote."""
         try:
             await conn.send(msgspec.structs.replace(put, local_ok=True))
-            answer = await self._recv(conn)
+            answer = await self._recv(conn, self.config.first_reply_timeout_s)
         except _NET_ERRORS as exc:
             return DataRequestFailed(address, "unreachable", repr(exc))
         if isinstance(answer, DataError):
@@ -649,7 +655,7 @@ class _FailoverStream:
         self._conn = conn
         try:
             await conn.send(self._request(conn))
-            answer = await self.client._recv(conn)
+            answer = await self.client._recv(conn, self.client.config.first_reply_timeout_s)
         except _NET_ERRORS as exc:
             await self._fail(repr(exc), reusable=False)
             return
@@ -754,7 +760,7 @@ class _FailoverStream:
                 await self._next_source()
                 continue
             try:
-                msg = await self.client._recv(self._conn)
+                msg = await self.client._recv(self._conn, self.client.config.chunk_timeout_s)
             except _NET_ERRORS as exc:
                 await self._fail(f"at chunk {self.next}: {exc!r}", reusable=False)
                 continue
