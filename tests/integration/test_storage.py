@@ -79,6 +79,21 @@ def test_path_and_file_objects(cluster: LocalCluster, tmp_path: pathlib.Path) ->
     assert cluster.storage.get("models/m1") == cluster.storage.get("models/m2") == src.read_bytes()
 
 
+def test_a_big_file_is_streamed_in_and_out(cluster: LocalCluster, tmp_path: pathlib.Path) -> None:
+    src = tmp_path / "big.bin"
+    block = os.urandom(MB)
+    with open(src, "wb") as f:
+        for i in range(150):  # 150 MB, written by blocks
+            f.write(bytes([i % 256]) + block[1:])
+    info = cluster.storage.put("big/file", src)
+    assert info.size == 150 * MB and len(info.replicas) == 2
+    with cluster.storage.open("big/file") as obj, open(src, "rb") as local:
+        for _ in range(150):
+            assert obj.read(MB) == local.read(MB)
+        assert obj.read(1) == b""
+    cluster.storage.delete("big/file")
+
+
 def test_200mb_of_parallelized_strings_and_an_array(cluster: LocalCluster) -> None:
     task = lep.DistributedTask(cluster)
     lines = [f"{i:09d}-" + "y" * 90 for i in range(2_000_000)]  # ~200 MB of str

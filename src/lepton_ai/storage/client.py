@@ -19,6 +19,7 @@ import os
 import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from lepton_ai.errors import DataLost, StorageFull, Unavailable
@@ -46,6 +47,7 @@ TMP_INPUTS = "_tmp/inputs/"
 LIST_PAGE = 1000
 PUT_ATTEMPTS_MAX = 3  # placements tried when a node fails during a put
 PUTS_IN_BACKGROUND_MAX = 2  # put_temp_soon writes at once
+FILE_READ_BYTES = 8 << 20  # read size while checksumming a file to put
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,9 @@ class StorageClient:
         _check_key(key)
         if replicas is not None and (not isinstance(replicas, int) or replicas < 1):
             raise ValueError(f"replicas must be an int >= 1, got {replicas!r}")
+        if isinstance(data, os.PathLike):
+            # Streamed from the file, a chunk at a time: its size is not bounded by memory.
+            return ObjectStat.of(self._put(key, Path(data), replicas or 0, if_absent, ""))
         return ObjectStat.of(self._put(key, _as_bytes(data), replicas or 0, if_absent, ""))
 
     def put_temp(self, data: bytes) -> ObjectMeta:
@@ -118,21 +123,21 @@ class StorageClient:
         return self._pool.submit(self.put_temp, data)
 
     def _put(
-        self, key: str, data: memoryview, replicas: int, if_absent: bool, job: str
+        self, key: str, data: memoryview | Path, replicas: int, if_absent: bool, job: str
     ) -> ObjectMeta:
-        crc = crc32c(data)
+        size, crc = _size_and_crc(data)
         for _ in range(PUT_ATTEMPTS_MAX):
-            place = self._control(PlaceObject(len(data), replicas), Placement)
+            place = self._control(PlaceObject(size, replicas), Placement)
             holders = self._write(place, data, crc)
             if holders:
                 meta = ObjectMeta(
-                    key, place.oid, len(data), crc, place.chunk_bytes, holders, place.want, 0.0, job
+                    key, place.oid, size, crc, place.chunk_bytes, holders, place.want, 0.0, job
                 )
                 info = self._control(CommitObject(meta, if_absent), ObjectInfo)
                 return info.meta
         raise Unavailable(f"no storage node accepted {key!r} in {PUT_ATTEMPTS_MAX} placements")
 
-    def _write(self, place: Placement, data: memoryview, crc: int) -> list[str]:
+    def _write(self, place: Placement, data: memoryview | Path, crc: int) -> list[str]:
         """Stream to the placement's first ``want`` nodes, then its spares for those
         that failed; the node ids that confirmed (the first ``want`` of them)."""
         by_address = {t.address: t.node for t in place.targets}
@@ -141,14 +146,17 @@ class StorageClient:
         full: list[str] = []
         while queue and len(done) < place.want:
             batch, queue = queue[: place.want - len(done)], queue[place.want - len(done) :]
-            put = self._data.put(place.oid, data, batch, place.chunk_bytes, crc=crc)
-            ok, errors = self._run(put)
+            if isinstance(data, Path):
+                ok, errors = self._run(
+                    self._data.put_file(place.oid, data, batch, place.chunk_bytes)
+                )
+            else:
+                put = self._data.put(place.oid, data, batch, place.chunk_bytes, crc=crc)
+                ok, errors = self._run(put)
             done += [by_address[a] for a in ok]
             full += [a for a, e in errors.items() if isinstance(e, StorageFull)]
         if not done and full:
-            raise StorageFull(
-                f"every node placed for {len(data)} bytes is full ({', '.join(full)})"
-            )
+            raise StorageFull(f"every node placed for the object is full ({', '.join(full)})")
         return done
 
     # -- reading ---------------------------------------------------------------------
@@ -274,12 +282,21 @@ def _check_key(key: object) -> None:
         raise ValueError(f"object key {key!r} starts with '/' or holds a NUL")
 
 
+def _size_and_crc(data: memoryview | Path) -> tuple[int, int]:
+    """Size and crc32c of the bytes or of the file (read in chunks: bounded memory)."""
+    if not isinstance(data, Path):
+        return len(data), crc32c(data)
+    crc = size = 0
+    with open(data, "rb") as f:
+        while block := f.read(FILE_READ_BYTES):
+            crc = crc32c(block, crc)
+            size += len(block)
+    return size, crc
+
+
 def _as_bytes(data: object) -> memoryview:
     if isinstance(data, bytes | bytearray | memoryview):
         return memoryview(data).cast("B")
-    if isinstance(data, os.PathLike):
-        with open(data, "rb") as f:
-            return memoryview(f.read())
     read = getattr(data, "read", None)
     if callable(read):
         raw = read()
