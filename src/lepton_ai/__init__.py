@@ -26,26 +26,35 @@ _EXPORTS: dict[str, str] = {
     "JobFailed": "lepton_ai.errors",
     "Unavailable": "lepton_ai.errors",
     "LeptonError": "lepton_ai.errors",
+    "StorageFull": "lepton_ai.errors",
+    "DataLost": "lepton_ai.errors",
+    "LimitExceeded": "lepton_ai.errors",
     "Deployment": "lepton_ai.serve.deployment",
 }
 
 __all__ = [
     "Cluster",
+    "DataLost",
     "Dataset",
     "Deployment",
     "DistributedTask",
     "Job",
     "JobFailed",
     "LeptonError",
+    "LimitExceeded",
     "LocalCluster",
+    "StorageFull",
     "TaskError",
     "Unavailable",
     "connect",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
+    from lepton_ai.errors import DataLost as DataLost
     from lepton_ai.errors import JobFailed as JobFailed
     from lepton_ai.errors import LeptonError as LeptonError
+    from lepton_ai.errors import LimitExceeded as LimitExceeded
+    from lepton_ai.errors import StorageFull as StorageFull
     from lepton_ai.errors import TaskError as TaskError
     from lepton_ai.errors import Unavailable as Unavailable
 
