@@ -19,7 +19,6 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -71,10 +70,8 @@ from lepton_ai.storage.control import (
 )
 from lepton_ai.storage.messages import (
     CHUNK_BYTES_DEFAULT,
-    KEY_BYTES_MAX,
     NodeAddr,
     ObjectMeta,
-    check_oid,
 )
 from lepton_ai.storage.meta import (
     JobObjectsDeleted,
@@ -85,6 +82,7 @@ from lepton_ai.storage.meta import (
     StorageCommand,
     StorageResult,
     StorageStateMachine,
+    check_key,
     decode_storage_result,
     encode_storage_command,
 )
@@ -369,10 +367,10 @@ class StorageControl:
 
     async def _commit(self, msg: CommitObject) -> ClientReply:
         meta = msg.meta
-        why = check_key(meta.key)
-        if why is None and not meta.replicas:
-            why = "an object needs at least one replica"
-        if why is not None:
+        # The state machine checks the key and the rest as well; these two here so
+        # that a bad request costs no log slot.
+        why = check_key(meta.key) or ("" if meta.replicas else "an object needs a replica")
+        if why:
             return ErrorReply("invalid", why)
         meta = ObjectMeta(
             meta.key,
@@ -522,25 +520,3 @@ class StorageControl:
             view = live.get(node)
             if view is not None:
                 view.conn.send_nowait(CopyObjects(batch))
-
-
-def check_key(key: object) -> str | None:
-    """Why ``key`` is not a valid object key, or None."""
-    if not isinstance(key, str) or not key:
-        return "an object key is a non-empty string"
-    if len(key.encode("utf-8", "surrogatepass")) > KEY_BYTES_MAX:
-        return f"object key over KEY_BYTES_MAX={KEY_BYTES_MAX} bytes"
-    if key.startswith("/") or "\x00" in key:
-        return f"object key {key!r} starts with '/' or holds a NUL"
-    return None
-
-
-def valid_oid(oid: str) -> bool:
-    try:
-        check_oid(oid)
-    except ValueError:
-        return False
-    return True
-
-
-RemovedListener = Callable[[list[ObjectMeta]], None]

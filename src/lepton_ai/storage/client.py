@@ -37,7 +37,8 @@ from lepton_ai.storage.control import (
     StorageReport,
 )
 from lepton_ai.storage.dataclient import DataClient, DataClientConfig
-from lepton_ai.storage.messages import KEY_BYTES_MAX, ObjectMeta
+from lepton_ai.storage.messages import ObjectMeta
+from lepton_ai.storage.meta import check_key
 
 T = TypeVar("T")
 Request = Callable[[Any, float], Any]  # one control request, ErrorReply already raised
@@ -274,12 +275,12 @@ class ObjectFile(io.RawIOBase):
 
 
 def _check_key(key: object) -> None:
+    """At the call, with the state machine's own rule (``storage.meta.check_key``)."""
     if not isinstance(key, str) or not key:
         raise TypeError(f"an object key is a non-empty str, got {key!r}")
-    if len(key.encode("utf-8", "surrogatepass")) > KEY_BYTES_MAX:
-        raise ValueError(f"object key over KEY_BYTES_MAX={KEY_BYTES_MAX} bytes")
-    if key.startswith("/") or "\x00" in key:
-        raise ValueError(f"object key {key!r} starts with '/' or holds a NUL")
+    why = check_key(key)
+    if why:
+        raise ValueError(f"object key {key[:80]!r}: {why}")
 
 
 def _size_and_crc(data: memoryview | Path) -> tuple[int, int]:
