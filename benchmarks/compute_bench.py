@@ -129,14 +129,20 @@ def _kill_marked(marker: str) -> int:
     return killed
 
 
-def run_child(peer: str, spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+def run_child(
+    peer: str, spec: dict[str, Any], timeout_s: float, program: list[str] | None = None
+) -> dict[str, Any]:
+    """One peer's measurements in a child (own session, marker, leaked processes killed
+    by marker only, the load average kept with the result). ``program``: the script
+    and its leading arguments (default ``bench_peers.py PEER``); ``--spec`` follows."""
     marker = uuid.uuid4().hex
     load_before = os.getloadavg()[0]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH), env.get("PYTHONPATH")]))
     env[MARKER_ENV] = marker
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    cmd = [str(VENV_PY), str(BENCH / "bench_peers.py"), peer, "--spec", json.dumps(spec)]
+    program = program or [str(BENCH / "bench_peers.py"), peer]
+    cmd = [str(VENV_PY), *program, "--spec", json.dumps(spec)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         cmd,

@@ -36,7 +36,6 @@ import os
 import platform
 import random
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
@@ -379,49 +378,9 @@ def child_main(kind: str, spec: dict[str, Any]) -> None:
 
 
 def run_child(kind: str, spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    """``compute_bench.run_child`` for this script's children (own session, marker,
-    leaked processes killed by marker only, the load average kept with the result)."""
-    marker = uuid.uuid4().hex
-    load_before = os.getloadavg()[0]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH), env.get("PYTHONPATH")]))
-    env[cb.MARKER_ENV] = marker
-    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    cmd = [str(VENV_PY), str(Path(__file__).resolve()), "--child", kind, "--spec", json.dumps(spec)]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        cmd,
-        env=env,
-        cwd=BENCH,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout_s)
-        result = None
-        for line in out.splitlines():
-            if line.startswith("RESULT "):
-                result = json.loads(line[len("RESULT ") :])
-        if result is None:
-            result = {"peer": kind, "error": f"exit {proc.returncode}: {err.strip()[-400:]}"}
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        result = {"peer": kind, "error": f"timed out after {timeout_s:.0f} s"}
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    leaked = cb._kill_marked(marker)
-    if leaked:
-        result["leaked_processes"] = leaked
-    result["child_wall_s"] = time.perf_counter() - t0
-    result["load_avg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-    if result.get("error"):
-        print(f"  {kind}: ERROR {result['error'][:300]}", flush=True)
-    return result
+    """``compute_bench.run_child`` running this script's ``--child KIND``."""
+    program = [str(Path(__file__).resolve()), "--child", kind]
+    return cb.run_child(kind, spec, timeout_s, program)
 
 
 def _median(values: list[float]) -> float | None:
