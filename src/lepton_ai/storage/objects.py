@@ -497,6 +497,9 @@ class ObjectStore:
         self._tmp_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._sizes: dict[str, int] = {}
+        # Their sum, kept as they change: read at every heartbeat and every put, and a
+        # node may hold a million objects.
+        self._used = 0
         self._reserved = 0
         self._puts = 0
         self._seq = itertools.count()
@@ -519,7 +522,7 @@ class ObjectStore:
     def used_bytes(self) -> int:
         """Bytes of committed object files this store knows of."""
         with self._lock:
-            return sum(self._sizes.values())
+            return self._used
 
     @property
     def object_count(self) -> int:
@@ -535,7 +538,7 @@ class ObjectStore:
     @property
     def free_bytes(self) -> int:
         with self._lock:
-            return max(0, self._capacity - sum(self._sizes.values()) - self._reserved)
+            return max(0, self._capacity - self._used - self._reserved)
 
     def rescan(self) -> None:
         """Recount the committed objects from the disk (objects other processes wrote)."""
@@ -549,6 +552,7 @@ class ObjectStore:
                     sizes[oid] = entry.stat().st_size
         with self._lock:
             self._sizes = sizes
+            self._used = sum(sizes.values())
 
     def note_external(self, oid: str) -> bool:
         """Account an object another process committed; False if it is not on disk."""
@@ -557,8 +561,13 @@ class ObjectStore:
         except FileNotFoundError:
             return False
         with self._lock:
-            self._sizes[oid] = size
+            self._set_size(oid, size)
         return True
+
+    def _set_size(self, oid: str, size: int) -> None:
+        """Account ``oid`` at ``size`` bytes (the lock held)."""
+        self._used += size - self._sizes.get(oid, 0)
+        self._sizes[oid] = size
 
     def _release(self, writer: ObjectWriter) -> None:
         with self._lock:
@@ -567,7 +576,7 @@ class ObjectStore:
 
     def _reserve(self, oid: str, need: int, size: int) -> None:
         with self._lock:
-            used = sum(self._sizes.values())
+            used = self._used
             if used + self._reserved + need > self._capacity:
                 raise StorageFull(
                     f"object store {self.root}: no room for {oid} ({size} bytes): "
@@ -632,7 +641,7 @@ class ObjectStore:
                 if created:
                     _fsync_dir(self._objects_dir)
         with self._lock:
-            self._sizes[writer.oid] = writer.file_bytes
+            self._set_size(writer.oid, writer.file_bytes)
 
     def _same_object(self, writer: ObjectWriter) -> bool:
         """True if the stored ``writer.oid`` holds the same content; raise if it differs."""
@@ -683,7 +692,8 @@ class ObjectStore:
         reader = ObjectReader(oid, self.path(oid), self.config)
         with self._lock:
             # An object another process committed is accounted once it is seen.
-            self._sizes.setdefault(oid, reader.file_bytes)
+            if oid not in self._sizes:
+                self._set_size(oid, reader.file_bytes)
         return reader
 
     def read_all(self, oid: str) -> bytes:
@@ -716,7 +726,7 @@ class ObjectStore:
         """Remove ``oid`` and free its space; a missing object is fine."""
         self.path(oid).unlink(missing_ok=True)
         with self._lock:
-            self._sizes.pop(oid, None)
+            self._used -= self._sizes.pop(oid, 0)
 
     def _remove_stale_tmp(self) -> None:
         cutoff = time.time() - self.config.tmp_max_age_s
