@@ -8,6 +8,7 @@ computation, the detection time and that no process is left running.
 
 from __future__ import annotations
 
+import functools
 import operator
 import os
 import signal
@@ -150,16 +151,26 @@ def test_sigstop_worker_mid_job_is_detected_as_a_hang(cluster: LocalCluster) -> 
     assert len(joined) >= 3
 
 
-def pairs_last_slow(chunk: range) -> Any:
+def pairs_gated(gate: str, chunk: range) -> Any:
+    """The first partition waits for ``gate`` to exist, holding the reduce stage
+    back until the test has damaged the other outputs (a fixed sleep raced a slow
+    machine: the job could finish before six outputs were seen at once)."""
     if chunk[0] == 0:
-        time.sleep(1.0)  # hold the reduce stage back while the other outputs are damaged
+        deadline = time.monotonic() + 30
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.02)
     return ((x % 13, x) for x in chunk)
 
 
 @pytest.mark.timeout(90)
-def test_corrupt_and_missing_shuffle_files_rerun_their_map_tasks(cluster: LocalCluster) -> None:
+def test_corrupt_and_missing_shuffle_files_rerun_their_map_tasks(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
     task = lep.DistributedTask(cluster, progress=False)
-    ds = task.parallelize(range(2000), partitions=8).map_partitions(pairs_last_slow)
+    ds = task.parallelize(range(2000), partitions=8).map_partitions(
+        functools.partial(pairs_gated, str(gate))
+    )
     # One copy of each map output: the damage below must be what readers find.
     job = ds.reduce_by_key(operator.add, partitions=3).submit(shuffle_replicas=1)
     root = Path(cluster.data_dir) / "workers"
@@ -174,6 +185,7 @@ def test_corrupt_and_missing_shuffle_files_rerun_their_map_tasks(cluster: LocalC
             time.sleep(0.02)
             continue
         damaged = _damage(files[0], files[1:4])
+    gate.touch()  # release the held map task whatever happened
     assert damaged >= 2, "map outputs did not appear"
     want: dict[int, int] = {}
     for x in range(2000):

@@ -303,16 +303,31 @@ class ExecutorSlot:
                 await writer.drain()
         return future
 
-    def cancel(self, attempt: TaskAttempt) -> bool:
+    def cancel(self, attempt: TaskAttempt, queued_only: bool = False) -> bool:
         """Stop ``attempt`` if it is ours: kill the executor if it is running it (the
-        only way to stop arbitrary user code), else ask the executor to drop it."""
+        only way to stop arbitrary user code), else ask the executor to drop it.
+
+        With ``queued_only`` (work stealing) a queued attempt is answered here at
+        once: the executor reads the cancellation only between tasks, so behind a
+        hung task the thief would otherwise idle as long as the hang lasts. Its
+        late reply, if it ever comes, finds nothing outstanding and is dropped.
+        """
         if attempt not in self.outstanding:
             return False
         if self.is_running(attempt):
+            if queued_only:
+                return True
             self.cancelled = True
             self.signal(signal.SIGKILL)
-        elif self._writer is not None and self._ready.is_set() and not self._writer.is_closing():
+            return True
+        if self._writer is not None and self._ready.is_set() and not self._writer.is_closing():
             self._writer.write(_frame(ExecCancel([attempt]), self.config.frame_bytes_max))
+        if queued_only:
+            pending = self.outstanding.pop(attempt)
+            self._inflight_bytes -= pending.size_bytes
+            if not pending.future.done():
+                pending.future.set_exception(ExecutorDied("given up for work stealing", True))
+            self.on_capacity()
         return True
 
     def forget(self, job_ids: list[str]) -> None:

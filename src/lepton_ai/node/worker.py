@@ -578,9 +578,7 @@ class WorkerAgent(DataPort):
                     return
         for slot, submitted in zip(self.slots, self._submitted, strict=True):
             if a in submitted:
-                if queued_only and slot.is_running(a):
-                    return
-                slot.cancel(a)  # its reply (or the executor's death) reports it
+                slot.cancel(a, queued_only)  # its reply (or the executor's death) reports it
                 return
 
     # -- running tasks ---------------------------------------------------------------
