@@ -15,6 +15,7 @@ from collections.abc import Sequence
 # Modules that contribute subcommands; a module that does not exist yet is skipped
 # so that one layer's command set never breaks another's.
 _COMMAND_MODULES = (
+    "lepton_ai.node.programs",  # lepton coordinator, lepton worker
     "lepton_ai.node.cli",
     "lepton_ai.consensus.cli",
     "lepton_ai.serve.cli",

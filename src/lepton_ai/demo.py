@@ -273,7 +273,8 @@ class FaultDriver:
             ).t_s
         if m is not None and not _is_down(m) and m["pid"] != fault.pid:
             # An executor's agent restarts it in the same slot at once, under a new
-            # pid; a worker node comes back only if something restarts it.
+            # pid; the cluster's supervisor restarts a dead worker node (and a dead
+            # coordinator: its ``member_restarted`` event comes from the cluster).
             fault.replacement_pid = m["pid"]
             fault.replaced_s = self.tl.add(
                 "replaced", f"{fault.role} {fault.member_id} running again as pid {m['pid']}"
@@ -324,7 +325,7 @@ def _watch_after(driver: FaultDriver, deadline: float) -> None:
     def settled(f: Fault) -> bool:
         if f.injected_s is None or f.injected_s < 0:
             return True
-        return f.detected_s is not None and (f.role != "executor" or f.replaced_s is not None)
+        return f.detected_s is not None and (f.role == "leader" or f.replaced_s is not None)
 
     while not all(settled(f) for f in driver.faults) and time.perf_counter() < deadline:
         driver.step(None, 0.0)

@@ -18,13 +18,15 @@ from lepton_ai.node.process import pid_alive
 def test_up_status_chaos_down(tmp_path: Path) -> None:
     env = dict(os.environ, LEPTON_STATE_FILE=str(tmp_path / "state.json"))
     env.pop("LEPTON_TOKEN", None)
-    # One coordinator (the default, 3, is test_ha_cli's): its pids are [coordinator, w0, w1].
+    # One coordinator (the default, 3, is test_ha_cli's): its pids are
+    # [supervisor, coordinator, w0, w1].
     up = lepton("cluster", "up", "--workers", "2", "--coordinators", "1", "--json", env=env)
     assert up.returncode == 0, up.stderr
     state = json.loads(up.stdout)
     pids: list[int] = list(state["pids"])
     try:
-        assert len(pids) == 3 and all(pid_alive(p) for p in pids)
+        assert len(pids) == 4 and all(pid_alive(p) for p in pids)
+        assert state["supervisor"] == pids[0]
         again = lepton("cluster", "up", env=env)
         assert again.returncode != 0 and "already up" in again.stderr
 

@@ -23,7 +23,8 @@ def test_three_coordinators_from_the_cli_survive_a_leader_kill(tmp_path: Path) -
     state = json.loads(up.stdout)
     pids: list[int] = list(state["pids"])
     try:
-        assert len(pids) == 5 and len(state["address"].split(",")) == 3
+        # [supervisor, 3 coordinators, 2 workers]
+        assert len(pids) == 6 and len(state["address"].split(",")) == 3
         st = json.loads(lepton("cluster", "status", "--json", env=env).stdout)
         coordinators = [m for m in st["members"] if m["role"] == "coordinator"]
         assert sorted(m["health"] for m in coordinators) == ["follower", "follower", "leader"]
@@ -50,6 +51,22 @@ def test_three_coordinators_from_the_cli_survive_a_leader_kill(tmp_path: Path) -
                 break
             time.sleep(0.2)
         assert leader is not None, st
+        # The supervisor started the killed one again: it is back as a follower,
+        # and status says it was restarted once and why.
+        killed_id = next(m["id"] for m in coordinators if m["pid"] == old)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            st = json.loads(lepton("cluster", "status", "--json", env=env).stdout)
+            back = next(
+                m for m in st["members"] if m["id"] == killed_id and m["role"] == "coordinator"
+            )
+            if back["health"] == "follower" and back["restarts"] == 1:
+                break
+            time.sleep(0.2)
+        assert back["health"] == "follower" and back["restarts"] == 1, st
+        assert back["last_exit"] == "killed by SIGKILL" and back["pid"] != old, back
+        assert st["supervisor"]["alive"], st
+        pids.append(back["pid"])
         ev = lepton("cluster", "events", "--json", env=env)
         assert ev.returncode == 0, ev.stderr
         kinds = [e["kind"] for e in json.loads(ev.stdout)["events"]]

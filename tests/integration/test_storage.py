@@ -111,7 +111,9 @@ def test_100mb_collect_comes_back_exact(cluster: LocalCluster) -> None:
 
 
 def test_reads_survive_a_node_kill_and_replicas_are_restored() -> None:
-    with LocalCluster(workers=3) as c:
+    # restart=False: the node is lost for good (its disk with it), so the copies
+    # must come from the survivors; a restarted node would bring its own back.
+    with LocalCluster(workers=3, restart=False) as c:
         data = {f"k{i}": os.urandom(2 * MB) for i in range(6)}
         for k, v in data.items():
             c.storage.put(k, v)

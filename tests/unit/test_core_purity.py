@@ -19,6 +19,7 @@ CORE_GLOBS = (
     "compute/scheduler*.py",
     "compute/state.py",
     "monitor/phi.py",
+    "node/control.py",
     "serve/policy*.py",
     "heal/*.py",
     "storage/meta.py",

@@ -19,9 +19,11 @@ from lepton_ai.consensus.messages import (
     KIND_COMMANDS,
     KIND_NOOP,
     NACK_BEHIND,
+    NACK_NOT_MEMBER,
     NACK_STALE,
     Accept,
     Accepted,
+    Announce,
     Entry,
     Heartbeat,
     HeartbeatAck,
@@ -290,6 +292,7 @@ def test_messages_round_trip_through_the_wire_union() -> None:
         Nack(src=2, ballot=(1, 1), promised=(2, 3), reason=NACK_STALE, commit=0),
         Heartbeat(src=1, ballot=(1, 1), commit=1, read_seq=4),
         InstallSnapshot(src=1, ballot=(1, 1), snapshot=Snapshot(1, (1, 2), b"d"), commit=1),
+        Announce(src=100, ballot=(1, 1), address="h:7400"),
     ]
     for m in msgs:
         data = msgspec.msgpack.encode(m)
@@ -305,3 +308,83 @@ def test_single_node_cluster_commits_alone() -> None:
     for _ in itertools.repeat(None, 4):
         committed.extend(cycle(r).committed)
     assert any(s == pid.slot and pid.matches(v) for s, v in committed)
+
+
+# -- learners and removal ---------------------------------------------------------------
+
+
+def test_learner_announces_and_the_leader_streams_it_without_a_vote() -> None:
+    standby = replica(100, (1, 2, 3), learner=True, address="h:100", announce_ticks=3)
+    standby.tick()
+    rd = cycle(standby)
+    announces = sent(rd, Announce)
+    assert sorted(to for to, _ in announces) == [1, 2, 3]
+    assert announces[0][1].address == "h:100"
+    assert not standby.is_leader and standby.role == "follower"
+    for _ in range(100):  # never campaigns
+        standby.tick()
+    assert standby.promised == (0, 0)
+
+    leader = replica(1, learners_max=1)
+    elect(leader)
+    leader.step(announces[0][1])
+    leader.step(Announce(src=101, ballot=(0, 0), address="h:101"))  # beyond learners_max
+    assert [s.node for s in leader.learner_status()] == [100]
+    assert leader.dropped_messages == 1
+    rd = cycle(leader)
+    assert any(to == 100 for to, _ in rd.messages)  # streamed like a peer
+    # The learner's acknowledgement alone makes no quorum.
+    pid = leader.propose(b"x")
+    cycle(leader)
+    leader.step(Accepted(src=100, ballot=leader.promised, through=pid.slot))
+    assert leader.commit < pid.slot
+    assert leader.learner_status()[0].match == pid.slot
+    assert set(leader.member_silence_ticks()) == {2, 3}
+
+
+def test_follower_ignores_announce_and_leader_forgets_a_silent_learner() -> None:
+    follower = replica(2)
+    follower.step(Announce(src=100, ballot=(0, 0), address="h:100"))
+    assert follower.learner_status() == [] and not follower.has_ready()
+    leader = replica(1, learner_timeout_ticks=5)
+    elect(leader)
+    leader.step(Announce(src=100, ballot=(0, 0), address="h:100"))
+    for _ in range(6):
+        leader.tick()
+    assert leader.learner_status() == []
+
+
+def test_not_member_nack_only_from_a_replica_ahead_and_it_removes() -> None:
+    ahead = replica(2, (2, 3))  # committed configuration without node 1
+    ahead.step(Prepare(src=1, ballot=(5, 1), commit=0))
+    rd = cycle(ahead)
+    assert not sent(rd, Nack)  # not ahead of the candidate: it may not know the change
+    r = replica(1)
+    r.campaign()
+    cycle(r)
+    assert not r.removed
+    # A lagging peer's verdict (commit not past ours) proves nothing.
+    r.step(Nack(src=2, ballot=r.promised, promised=(0, 0), reason=NACK_NOT_MEMBER, commit=0))
+    assert not r.removed
+    r.step(Nack(src=2, ballot=r.promised, promised=(0, 0), reason=NACK_NOT_MEMBER, commit=9))
+    assert r.removed and r.role == "follower"
+    with pytest.raises(ValueError):
+        r.campaign()
+    for _ in range(100):
+        r.tick()
+    assert r.role == "follower"
+
+
+def test_removed_leader_knows_it() -> None:
+    r = replica(1)
+    elect(r)
+    r.step(Accepted(src=2, ballot=r.promised, through=1))
+    cycle(r)
+    pid = r.remove_member(1)
+    cycle(r)
+    r.step(Accepted(src=2, ballot=r.promised, through=pid.slot))
+    r.step(Accepted(src=3, ballot=r.promised, through=pid.slot))
+    cycle(r)
+    assert not r.is_leader and r.removed
+    # A standby (never a member) outside the configuration is not "removed".
+    assert not replica(100, (1, 2, 3), learner=True).removed

@@ -19,7 +19,7 @@ from lepton_ai.compute.state import (
     encode_command,
 )
 from lepton_ai.data.outputs import WriteSpec
-from lepton_ai.node.coordinator import JobsMachine
+from lepton_ai.node.coord_machine import JobsMachine
 from lepton_ai.node.replicated import CoordinatorMachine
 from lepton_ai.storage.messages import ObjectMeta
 from lepton_ai.storage.meta import ObjectPut, encode_storage_command

@@ -70,9 +70,12 @@ from lepton_ai.consensus.core_leader import (
     Merged,
     Peer,
     entries_above,
+    expire_learners,
     has_quorum,
+    learner_status,
     merge_promises,
     noop,
+    note_learner,
     quorum_slot,
     replicate,
 )
@@ -80,6 +83,7 @@ from lepton_ai.consensus.core_log import Log
 from lepton_ai.consensus.core_types import (
     DurableState,
     InvariantError,
+    LearnerStatus,
     NotLeader,
     Overloaded,
     PaxosConfig,
@@ -90,10 +94,12 @@ from lepton_ai.consensus.messages import (
     KIND_COMMANDS,
     KIND_CONFIG,
     NACK_BEHIND,
+    NACK_NOT_MEMBER,
     NACK_STALE,
     ZERO_BALLOT,
     Accept,
     Accepted,
+    Announce,
     Ballot,
     Entry,
     Heartbeat,
@@ -110,6 +116,7 @@ from lepton_ai.consensus.messages import (
 __all__ = [
     "DurableState",
     "InvariantError",
+    "LearnerStatus",
     "NotLeader",
     "Overloaded",
     "PaxosConfig",
@@ -164,6 +171,11 @@ class Replica:
         self._out_install: Snapshot | None = None
         self._out_messages: list[tuple[int, PeerMessage]] = []
         self._out_reads_failed: list[int] = []
+        self._announce_elapsed = config.announce_ticks - 1  # the first tick announces
+        # Ever a member (bootstrap or a committed configuration): then leaving every
+        # configuration means a committed change removed this replica (``removed``).
+        self._member_seen = config.node_id in config.members
+        self._removed = False
         if durable is not None:
             self._restore(durable)
 
@@ -187,6 +199,31 @@ class Replica:
         """The committed configuration."""
         return self.log.committed_config()
 
+    @property
+    def removed(self) -> bool:
+        """True once this replica knows a committed change removed it: it saw itself in a
+        configuration and the committed one (and any pending one) leaves it out, or a
+        member further ahead refused its Prepare with ``NACK_NOT_MEMBER``. It never
+        campaigns again; the runtime should stop it (ids are never reused)."""
+        if self._removed:
+            return True
+        return self._member_seen and self.node_id not in self._known_members_with_self()
+
+    def learner_status(self) -> list[LearnerStatus]:
+        """Leader only (else empty): the learners it streams the log to, by id."""
+        return [] if self._ldr is None else learner_status(self._ldr, self.ticks)
+
+    def learner_addresses(self) -> dict[int, str]:
+        """Leader only (else empty): learner id -> announced address (do not modify)."""
+        return {} if self._ldr is None else self._ldr.learners
+
+    def member_silence_ticks(self) -> dict[int, int]:
+        """Leader only (else empty): ticks since each other member of the committed
+        configuration was last heard from (counted from this leadership's start)."""
+        if self._ldr is None:
+            return {}
+        return self._ldr.silence(self.log.committed_config(), self.node_id, self.ticks)
+
     def step(self, msg: PeerMessage) -> None:
         """Handle one message from a peer. Misbehaving input is dropped (counted in
         ``dropped_messages``), never raised: a confused peer cannot stop this replica."""
@@ -208,6 +245,21 @@ class Replica:
         self._election_elapsed += 1
         if self._election_elapsed >= self._election_timeout and self._eligible():
             self.campaign()
+        self._maybe_announce()
+
+    def _maybe_announce(self) -> None:
+        """A learner outside the committed configuration tells every member it exists,
+        so a leader (also a new one, within ``announce_ticks``) streams it the log."""
+        members = self.log.committed_config()
+        if not self.config.learner or self.removed or self.node_id in members:
+            return
+        self._announce_elapsed += 1
+        if self._announce_elapsed < self.config.announce_ticks:
+            return
+        self._announce_elapsed = 0
+        msg = Announce(src=self.node_id, ballot=self.promised, address=self.config.address)
+        for peer in members:
+            self._send(peer, msg)
 
     def campaign(self) -> None:
         """Start Phase 1 with a fresh ballot now (also used by tests and leader transfer)."""
@@ -314,6 +366,8 @@ class Replica:
             "snapshot_slot": self.log.snapshot.slot,
             "members": list(self.log.committed_config()),
             "peer_match": peers,
+            "learners": [s.node for s in self.learner_status()],
+            "removed": self.removed,
         }
 
     # -- ready loop ------------------------------------------------------------------
@@ -351,6 +405,8 @@ class Replica:
                 self._send_entries(ldr, peer)
             self._pending_self_through = self.log.last
         committed = [(s, self.log.value(s)) for s in range(self._applied + 1, self.log.commit + 1)]
+        if not self._member_seen and self.node_id in self.log.committed_config():
+            self._member_seen = True
         rd = Ready(
             persist_ballot=self.promised if self._out_ballot else None,
             persist_entries=self._out_entries,
@@ -389,6 +445,11 @@ class Replica:
         cfg = self.config
         if m.ballot[1] != m.src:
             self.dropped_messages += 1
+            return
+        if m.src not in self._known_members_with_self() and m.commit < self.log.commit:
+            # Only when this replica is ahead: one that lags may not know of the change
+            # that added the candidate, and refusing then could leave no quorum.
+            self._nack(m.src, m.ballot, NACK_NOT_MEMBER)
             return
         self.max_round = max(self.max_round, m.ballot[0])
         if m.ballot < self.promised:
@@ -520,7 +581,12 @@ class Replica:
         self.log.advance_commit(merged.chosen_through)
         self.role = LEADER
         self.leader_id = self.node_id
-        ldr = LeaderState(ballot=ballot, start_slot=top + 1, quorum_check_tick=self.ticks)
+        ldr = LeaderState(
+            ballot=ballot,
+            start_slot=top + 1,
+            quorum_check_tick=self.ticks,
+            learners_max=self.config.learners_max,
+        )
         for peer in self._known_members():
             promise = self._promises.get(peer)
             match = min(promise.commit, self.log.last) if promise is not None else 0
@@ -574,6 +640,13 @@ class Replica:
         peer.next = max(peer.next, peer.match + 1)
 
     def _on_nack(self, m: Nack) -> None:
+        if m.reason == NACK_NOT_MEMBER:
+            # Committed history is one sequence: a configuration committed further along
+            # that leaves out a member of ours means a committed change removed us.
+            if m.commit > self.log.commit and self.node_id in self.log.committed_config():
+                self._removed = True
+                self._step_down(None)
+            return
         self.max_round = max(self.max_round, m.promised[0])
         stale = m.reason == NACK_STALE and m.ballot == self.promised
         if stale and m.promised > self.promised and self.role != FOLLOWER:
@@ -588,8 +661,11 @@ class Replica:
             if self.node_id not in known:
                 self._step_down(None)  # a committed change removed this leader
                 return
-            for gone in [p for p in ldr.peers if p not in known]:
+            for gone in [p for p in ldr.peers if p not in known and p not in ldr.learners]:
                 del ldr.peers[gone]
+            committed = self.log.committed_config()
+            for promoted in [p for p in ldr.learners if p in committed]:
+                del ldr.learners[promoted]  # a member now: its peer entry stays
 
     def _active_configs(self) -> list[tuple[int, ...]]:
         configs = [self.log.committed_config()]
@@ -655,6 +731,9 @@ class Replica:
             self._broadcast_heartbeat(ldr)
         for peer in ldr.peers.values():
             peer.tick_stall(self.log.last, self.config.retransmit_ticks)
+        if ldr.learners:
+            timeout = self.config.learner_timeout_ticks
+            expire_learners(ldr, self.ticks, timeout, self._known_members_with_self())
         window = self.config.election_ticks_max
         if self.config.check_quorum and self.ticks - ldr.quorum_check_tick >= window:
             ldr.quorum_check_tick = self.ticks
@@ -739,7 +818,7 @@ class Replica:
         return sorted(self._known_members_with_self() - {self.node_id})
 
     def _eligible(self) -> bool:
-        return self.node_id in self._known_members_with_self()
+        return not self.removed and self.node_id in self._known_members_with_self()
 
     def _random_timeout(self) -> int:
         lo, hi = self.config.election_ticks_min, self.config.election_ticks_max
@@ -778,6 +857,16 @@ class Replica:
                 self.log.put(entry)
         self.log.advance_commit(self.log.held_through(durable.commit))
         self._commit_written = self.log.commit
+        held = [self.log.snapshot.members]
+        held += [m for s, m in self.log.config_slots.items() if s <= self.log.commit]
+        self._member_seen = self._member_seen or any(self.node_id in m for m in held)
+
+    def _on_announce(self, m: Announce) -> None:
+        ldr = self._ldr
+        if ldr is None or m.src in self._known_members_with_self():
+            return  # a member is streamed the log anyway; a follower leaves it to the leader
+        if not note_learner(ldr, m.src, m.address, self.ticks, self.log.commit):
+            self.dropped_messages += 1  # the learner set is full
 
 
 _HANDLERS: dict[type, Callable[[Replica, PeerMessage], None]] = {
@@ -789,4 +878,5 @@ _HANDLERS: dict[type, Callable[[Replica, PeerMessage], None]] = {
     Heartbeat: Replica._on_heartbeat,  # type: ignore[dict-item]
     HeartbeatAck: Replica._on_heartbeat_ack,  # type: ignore[dict-item]
     InstallSnapshot: Replica._on_install_snapshot,  # type: ignore[dict-item]
+    Announce: Replica._on_announce,  # type: ignore[dict-item]
 }

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lepton_ai.consensus.core_log import Log
-from lepton_ai.consensus.core_types import InvariantError, PaxosConfig
+from lepton_ai.consensus.core_types import InvariantError, LearnerStatus, PaxosConfig
 from lepton_ai.consensus.messages import (
     KIND_CONFIG,
     KIND_NOOP,
@@ -101,11 +101,54 @@ class LeaderState:
     reads: list[tuple[int, int, int]] = field(default_factory=list)
     """(request id, read round, read index) waiting for confirmation or application."""
     quorum_check_tick: int = 0
+    learners_max: int = 8
+    learners: dict[int, str] = field(default_factory=dict)
+    """Learner id -> its announced address. Each also has an entry in ``peers`` (so it is
+    streamed the log like any peer); quorums count only configuration members, so an
+    entry here never counts. Soft state: a new leader learns them from their announces."""
+
+    def silence(self, members: tuple[int, ...], node_id: int, ticks: int) -> dict[int, int]:
+        """Ticks since each member other than ``node_id`` was last heard from."""
+        return {
+            m: ticks - self.peers[m].heard_tick for m in members if m != node_id and m in self.peers
+        }
 
     def match_map(self, node_id: int) -> dict[int, int]:
         out = {p: peer.match for p, peer in self.peers.items()}
         out[node_id] = self.self_match
         return out
+
+
+def note_learner(ldr: LeaderState, node: int, address: str, ticks: int, commit: int) -> bool:
+    """A learner announced itself: stream it the log (probing from the commit point: its
+    first answer tells where it really is). False if the learner set is full."""
+    if node not in ldr.learners:
+        if len(ldr.learners) >= ldr.learners_max:
+            return False
+        ldr.peers.setdefault(node, Peer(next=commit + 1, heard_tick=ticks, probing=True))
+    ldr.learners[node] = address
+    ldr.peers[node].heard_tick = ticks
+    return True
+
+
+def learner_status(ldr: LeaderState, ticks: int) -> list[LearnerStatus]:
+    """The learners ``ldr`` streams the log to, by id (what the reconciler observes)."""
+    out: list[LearnerStatus] = []
+    for node, address in sorted(ldr.learners.items()):
+        peer = ldr.peers.get(node)
+        if peer is not None:
+            out.append(LearnerStatus(node, address, peer.match, ticks - peer.heard_tick))
+    return out
+
+
+def expire_learners(ldr: LeaderState, ticks: int, timeout_ticks: int, members: set[int]) -> None:
+    """Forget learners silent for ``timeout_ticks`` (a member being added keeps its peer)."""
+    for node in list(ldr.learners):
+        peer = ldr.peers.get(node)
+        if peer is None or ticks - peer.heard_tick >= timeout_ticks:
+            del ldr.learners[node]
+            if node not in members:
+                ldr.peers.pop(node, None)
 
 
 @dataclass(slots=True)

@@ -14,6 +14,7 @@ from lepton_ai.errors import LeptonError
 __all__ = [
     "DurableState",
     "InvariantError",
+    "LearnerStatus",
     "NotLeader",
     "Overloaded",
     "PaxosConfig",
@@ -65,6 +66,18 @@ class PaxosConfig:
     rejoining or flapping node does not depose a healthy leader."""
     check_quorum: bool = True
     """A leader that heard from no quorum for ``election_ticks_max`` ticks steps down."""
+    learner: bool = False
+    """A standby: while no configuration includes this replica it sends ``Announce`` (with
+    ``address``) to the members every ``announce_ticks``, so whichever of them leads
+    streams it the log. It never campaigns and never counts for a quorum until a
+    committed change adds it."""
+    address: str = ""
+    """This replica's address as its peers dial it; opaque to the core (only announced)."""
+    announce_ticks: int = 10
+    learners_max: int = 8
+    """Learners a leader streams the log to; announcements beyond are ignored."""
+    learner_timeout_ticks: int = 100
+    """A leader forgets a learner it has not heard from for this long."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.node_id, int) or self.node_id < 0:
@@ -85,11 +98,25 @@ class PaxosConfig:
             "catchup_entries_max",
             "snapshot_entries",
             "reads_pending_max",
+            "announce_ticks",
+            "learners_max",
+            "learner_timeout_ticks",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.log_retain_entries < 0:
             raise ValueError("log_retain_entries must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class LearnerStatus:
+    """What a leader knows of one learner (a standby): where it listens, the highest slot
+    it acknowledged holding, and how many ticks ago it was last heard from."""
+
+    node: int
+    address: str
+    match: int
+    silent_ticks: int
 
 
 @dataclass(slots=True)

@@ -172,6 +172,10 @@ class ReplicaDriver:
         self._seen_commit = 0
         self._campaign_now = False  # set by _first_campaign, acted on in the next pass
         self._extra_tasks: set[asyncio.Task[None]] = set()
+        # Links the leader opened to learners (standbys), by node: closed when the core
+        # forgets the learner, kept (as a member's) once a change adds it.
+        self._learner_links: dict[int, asyncio.Task[None]] = {}
+        self._removed_logged = False
         self._pass_end: list[Callable[[], None]] = []
         self._in_pass = False
         self.dropped_inbox = 0
@@ -229,6 +233,11 @@ class ReplicaDriver:
 
     def on_leadership(self, callback: Callable[[bool], None]) -> None:
         self._callbacks.append(callback)
+
+    @property
+    def removed(self) -> bool:
+        """A committed change removed this replica (``Replica.removed``): stop it."""
+        return self.core.removed
 
     def on_pass_end(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` at the end of every loop pass, after that pass resolved its
@@ -437,6 +446,13 @@ class ReplicaDriver:
                 # arrive as messages, in a later pass.
                 break
         self._note_leadership()
+        if self.core.is_leader:
+            self._sync_learner_links()
+        elif self._learner_links:
+            self._drop_learner_links(list(self._learner_links))  # a follower streams nothing
+        if not self._removed_logged and self.core.removed:
+            self._removed_logged = True
+            log.warning("node %s: removed from the group by a committed change", self.node_id)
         if self._proposals and not self._holding():
             self._wake.set()  # more than one pass's share; a held queue waits for a commit
 
@@ -602,10 +618,40 @@ class ReplicaDriver:
                 self.addresses.setdefault(int(node_text), address)
         self._link_members(value.members)
 
-    def _spawn_link(self, link: PeerLink) -> None:
+    def _spawn_link(self, link: PeerLink) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(link.run(), name=f"peer-link-{link.peer_id}")
         self._extra_tasks.add(task)
         task.add_done_callback(self._extra_tasks.discard)
+        return task
+
+    def _sync_learner_links(self) -> None:
+        """Link to every learner the leading core streams the log to (at the address it
+        announced), and drop the links of learners it forgot. Bounded by the core's
+        ``learners_max``."""
+        wanted = self.core.learner_addresses()
+        for node, address in wanted.items():
+            link = self.links.get(node)
+            moved = link is not None and link.address != address
+            if moved and node in self._learner_links and node not in self.addresses:
+                self._drop_learner_links([node])  # restarted elsewhere: redial
+                link = None
+            if link is None and node != self.node_id and _valid_address(address):
+                link = self._new_link(node, address)
+                self.links[node] = link
+                self._learner_links[node] = self._spawn_link(link)
+        forgotten = [n for n in self._learner_links if n not in wanted]
+        if forgotten:
+            self._drop_learner_links(forgotten)
+
+    def _drop_learner_links(self, nodes: list[int]) -> None:
+        """Close the links to ``nodes``, except those of learners a membership change
+        made members (in ``addresses``: their link is an ordinary peer link now)."""
+        for node in nodes:
+            task = self._learner_links.pop(node, None)
+            if task is None or node in self.addresses:
+                continue
+            task.cancel()
+            self.links.pop(node, None)
 
     def _fail_waiting_through(self, slot: int) -> None:
         for s in [s for s in self._waiting if s <= slot]:
@@ -645,6 +691,14 @@ def _check_address(address: str) -> None:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise ValueError(f"bad replica address {address!r}; expected host:port")
+
+
+def _valid_address(address: str) -> bool:
+    try:
+        _check_address(address)
+    except ValueError:
+        return False
+    return True
 
 
 def _resolver(fut: asyncio.Future[bytes]) -> Done:

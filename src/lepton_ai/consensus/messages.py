@@ -39,6 +39,10 @@ NACK_STALE: Final = 0
 NACK_BEHIND: Final = 1
 """The receiver has compacted (or is far past) the candidate's commit point; the
 candidate must be caught up before it may lead."""
+NACK_NOT_MEMBER: Final = 2
+"""The candidate is in no configuration the refuser knows of, and the refuser's commit
+point (``commit``) is past the candidate's: if the candidate's own committed configuration
+still includes it, a committed change has removed it since (see ``Replica.removed``)."""
 
 
 class Value(msgspec.Struct, frozen=True, array_like=True):
@@ -150,8 +154,27 @@ class InstallSnapshot(msgspec.Struct, frozen=True, tag=True):
     commit: int
 
 
+class Announce(msgspec.Struct, frozen=True, tag=True):
+    """A learner (a standby replica, in no configuration) tells a member it exists and
+    where it listens; the leader streams it the log as to a lagging peer, and forgets it
+    when it falls silent. ``ballot`` is the highest ballot the learner promised (it
+    follows leaders like an acceptor; informational). ``address`` is opaque to the core."""
+
+    src: int
+    ballot: Ballot
+    address: str
+
+
 PeerMessage = (
-    Prepare | Promise | Accept | Accepted | Nack | Heartbeat | HeartbeatAck | InstallSnapshot
+    Prepare
+    | Promise
+    | Accept
+    | Accepted
+    | Nack
+    | Heartbeat
+    | HeartbeatAck
+    | InstallSnapshot
+    | Announce
 )
 """Decode with ``msgspec.msgpack.decode(buf, type=PeerMessage)``."""
 
@@ -164,4 +187,5 @@ PEER_MESSAGE_TYPES: Final = (
     Heartbeat,
     HeartbeatAck,
     InstallSnapshot,
+    Announce,
 )

@@ -33,6 +33,7 @@ from lepton_ai.consensus.messages import (
     PEER_MESSAGE_TYPES,
     Accept,
     Accepted,
+    Announce,
     Heartbeat,
     HeartbeatAck,
     InstallSnapshot,
@@ -76,6 +77,7 @@ ServerMessage = (
     | Heartbeat
     | HeartbeatAck
     | InstallSnapshot
+    | Announce
     | Submit
     | Read
     | StatusQuery
@@ -152,8 +154,11 @@ class KvServer:
             raise ProtocolError(f"unexpected first message {type(first).__name__}")
 
     async def _serve_peer(self, conn: Connection[object], node: int) -> None:
-        if node == self.driver.node_id or node not in self.driver.addresses:
-            raise ProtocolError(f"PeerHello from unknown node {node}")
+        # A node outside the address book may be a standby (a learner): it dials the
+        # members to announce itself. The token authenticated it; the core decides what
+        # its messages are worth (a learner's never count for a quorum).
+        if node == self.driver.node_id or node < 0:
+            raise ProtocolError(f"PeerHello from node {node}")
         splitter = FrameSplitter(conn.config.frame_bytes_max)
         decode = conn.codec.decode
         while True:
@@ -330,6 +335,9 @@ class ReplicaOptions:
     snapshot_entries: int = 10_000
     log_retain_entries: int = 1_000  # slots kept below a snapshot for lagging peers
     join: bool = False  # a new replica: not a member until a committed change adds it
+    # A standby (a learner): like ``join``, and it announces itself so the leader streams
+    # it the log; a member once a committed change (the coordinators' reconciler) adds it.
+    standby: bool = False
     batch_interval_s: float = 0.0  # DriverConfig.batch_interval_s (pacing of slots)
     slots_in_flight_max: int = 1024  # DriverConfig.slots_in_flight_max
     wire: WireConfig = field(default_factory=WireConfig)
@@ -397,11 +405,13 @@ class ReplicaHost:
     async def start(self) -> None:
         storage, durable = ReplicaStorage.open(self.data_dir, fsync=self.options.fsync)
         members = sorted(self.peers)
-        if self.options.join:
+        if self.options.join or self.options.standby:
             members.remove(self.node_id)
         paxos = PaxosConfig(
             node_id=self.node_id,
             members=tuple(members),
+            learner=self.options.standby,
+            address=self.address,
             snapshot_entries=self.options.snapshot_entries,
             log_retain_entries=self.options.log_retain_entries,
         )

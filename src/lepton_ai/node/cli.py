@@ -1,4 +1,8 @@
-"""``lepton coordinator``, ``lepton worker``, ``lepton cluster up|down|status``, ``lepton chaos``.
+"""``lepton cluster up|down|status|events``, ``lepton chaos``, and the client options.
+
+``lepton coordinator`` and ``lepton worker`` are ``node.programs``'s (this module
+imports no program: ``programs`` imports it). ``add_worker_args`` is still here
+because ``node.worker.main`` imports it from here.
 
 The consensus layer's ``lepton cluster`` commands (``add-coordinator``,
 ``remove-coordinator``, ``replicas``) are added here through its
@@ -32,41 +36,6 @@ def cluster_subparsers() -> Any:
 
 def default_state_file() -> Path:
     return Path(os.environ.get(STATE_ENV) or Path.home() / ".lepton" / "cluster.json")
-
-
-def add_coordinator_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=0, help="port to bind (0: any free port)")
-    p.add_argument(
-        "--data-dir",
-        default=os.path.join(os.getcwd(), ".lepton", "coordinator"),
-        help="directory of the command log",
-    )
-    p.add_argument("--token", default=None, help="cluster token (default: $LEPTON_TOKEN)")
-    p.add_argument("--no-fsync", action="store_true", help="do not fsync the command log")
-    p.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--quiet", action="store_true", help="do not print the bound address")
-    p.add_argument("--id", type=int, default=None, help="this replica's id in --peers")
-    p.add_argument(
-        "--peers",
-        default=None,
-        metavar="ID=HOST:PORT,...",
-        help="Paxos addresses of every coordinator replica (omit: one coordinator, local log)",
-    )
-    p.add_argument("--paxos-fd", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument(
-        "--finished-jobs-max",
-        type=int,
-        default=256,
-        help="retention: finished jobs whose results are kept (oldest dropped first; "
-        "`lepton job rm` drops one now). Same value on every coordinator.",
-    )
-    p.add_argument(
-        "--job-retention-s",
-        type=float,
-        default=0.0,
-        help="retention: the leader deletes finished jobs older than this (0: keep)",
-    )
 
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
@@ -151,77 +120,48 @@ def _print(args: argparse.Namespace, obj: Any, text: str) -> None:
 # ---------------------------------------------------------------- commands
 
 
-def _cmd_coordinator(args: argparse.Namespace) -> int:
-    from lepton_ai.node.coordinator import run_from_args
-
-    run_from_args(args)
-    return 0
-
-
-def _cmd_worker(args: argparse.Namespace) -> int:
-    # With several coordinators (``--join h1:p1,h2:p2``) the agent follows the leader.
-    from lepton_ai.node.worker import run_from_args
-
-    run_from_args(args)
-    return 0
-
-
-def _spawn_background(
-    args: argparse.Namespace, data_dir: Path, token: str
-) -> tuple[str, list[int]]:
-    """Start the coordinator(s) and workers detached (own session, logs to a file).
-
-    With ``--coordinators 3`` each coordinator gets a client port and a Paxos
-    port; the returned address lists every client port (comma-separated).
-    """
-    from lepton_ai.node.netutil import bind_listener
-
-    n = getattr(args, "coordinators", 3)
+def _supervisor_command(args: argparse.Namespace, path: Path, data_dir: Path) -> list[str]:
+    n, standbys = args.coordinators, args.standbys
     if n < 1 or n % 2 == 0:
         raise ValueError(f"--coordinators must be odd and >= 1, got {n}")
-    socks = [bind_listener(args.host, args.port if i == 0 else 0) for i in range(n)]
-    paxos = [bind_listener(args.host, 0) for _ in range(n if n > 1 else 0)]
+    if args.workers < 1 or args.slots < 1:
+        raise ValueError("--workers and --slots must be >= 1")
+    if standbys < 0 or (standbys and n < 3):
+        raise ValueError("--standbys must be >= 0 and needs --coordinators >= 3")
+    return [
+        sys.executable,
+        "-m",
+        "lepton_ai.node.cluster_up",
+        *("--state-file", str(path), "--data-dir", str(data_dir)),
+        *("--workers", str(args.workers), "--slots", str(args.slots)),
+        *("--coordinators", str(n), "--standbys", str(standbys)),
+        *("--host", args.host, "--port", str(args.port)),
+    ]
 
-    def addr(sock: Any) -> str:
-        host, port = sock.getsockname()[:2]
-        return f"{host}:{port}"
 
-    address = ",".join(addr(sock) for sock in socks)
-    peers = ",".join(f"{i}={addr(sock)}" for i, sock in enumerate(paxos))
-    log = open(data_dir / "cluster.log", "ab")  # noqa: SIM115 - handed to the children
-    common: dict[str, Any] = {
-        "env": dict(os.environ, LEPTON_TOKEN=token),
-        "stdin": subprocess.DEVNULL,
-        "stdout": log,
-        "stderr": log,
-        "start_new_session": True,
-    }
-    py = [sys.executable, "-m"]
-    pids: list[int] = []
-    for i, sock in enumerate(socks):
-        cmd = [*py, "lepton_ai.node.coordinator", "--listen-fd", str(sock.fileno()), "--quiet"]
-        fds = [sock.fileno()]
-        if n > 1:
-            fds.append(paxos[i].fileno())
-            cmd += ["--paxos-fd", str(paxos[i].fileno()), "--id", str(i), "--peers", peers]
-            cmd += ["--data-dir", str(data_dir / f"coordinator-{i}")]
-        else:
-            cmd += ["--data-dir", str(data_dir / "coordinator")]
-        pids.append(subprocess.Popen(cmd, pass_fds=tuple(fds), **common).pid)
-    for sock in [*socks, *paxos]:
-        sock.close()
-    module = "lepton_ai.node.worker"  # follows the leader when given several
-    worker_args = ["--join", address, "--slots", str(args.slots), "--quiet"]
-    worker_args += ["--data-dir", str(data_dir / "workers")]
-    for i in range(args.workers):
-        w = subprocess.Popen([*py, module, *worker_args, "--name", str(i)], **common)
-        pids.append(w.pid)
-    log.close()
-    return address, pids
+def _wait_for_state(path: Path, supervisor: subprocess.Popen[bytes], log: Path) -> dict[str, Any]:
+    """The state file the supervisor writes once every worker is ready."""
+    deadline = time.monotonic() + UP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            state: dict[str, Any] = json.loads(path.read_text())
+            if state.get("supervisor") == supervisor.pid:
+                return state
+        if supervisor.poll() is not None:
+            tail = log.read_text(errors="replace").splitlines()[-15:]
+            raise RuntimeError(
+                f"the cluster did not start (exit {supervisor.returncode}); {log}:\n"
+                + "\n".join(tail)
+            )
+        time.sleep(0.05)
+    _stop_pids([supervisor.pid])
+    raise RuntimeError(f"the cluster was not ready within {UP_TIMEOUT_S} s; see {log}")
+
+
+UP_TIMEOUT_S = 90.0  # the supervisor's cluster waits 60 s for its workers
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from lepton_ai.node.cluster import Cluster
     from lepton_ai.wire import generate_token
 
     path = Path(args.state_file) if args.state_file else default_state_file()
@@ -231,29 +171,30 @@ def _cmd_up(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"a cluster is already up ({state['address']}); `lepton cluster down` first"
             )
-    if args.workers < 1 or args.slots < 1:
-        raise ValueError("--workers and --slots must be >= 1")
-    data_dir = Path(args.data_dir or path.parent / "cluster-data")
+    data_dir = Path(args.data_dir or path.parent / "cluster-data").resolve()
+    cmd = _supervisor_command(args, path.resolve(), data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    token = args.token or generate_token()
-    address, pids = _spawn_background(args, data_dir, token)
-    state = {"address": address, "token": token, "pids": pids, "data_dir": str(data_dir)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(state))
-    os.chmod(path, 0o600)  # the token lets anyone run code on the workers
-    cluster = Cluster(address, token)
-    try:
-        info = cluster._cluster_info(args.workers, 30.0)
-    finally:
-        cluster.close()
-    ready = sum(1 for m in info.members if m.role == "worker")
-    if ready < args.workers:
-        _stop_pids(pids)
-        path.unlink(missing_ok=True)
-        raise RuntimeError(
-            f"only {ready} of {args.workers} workers joined; see {data_dir / 'cluster.log'}"
+    path.unlink(missing_ok=True)  # a stale one, from a cluster that is gone
+    token = args.token or generate_token()
+    log = data_dir / "cluster.log"
+    with open(log, "ab") as out:
+        # Detached (own session): the cluster outlives this command and its terminal.
+        supervisor = subprocess.Popen(
+            cmd,
+            env=dict(os.environ, LEPTON_TOKEN=token),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
         )
-    _print(args, state, f"cluster up at {address} (state in {path}; token in the file)")
+    state = _wait_for_state(path, supervisor, log)
+    _print(
+        args,
+        state,
+        f"cluster up at {state['address']} (supervisor pid {supervisor.pid}; "
+        f"state in {path}; token in the file)",
+    )
     return 0
 
 
@@ -285,12 +226,43 @@ def _stop_pids(pids: list[int]) -> list[int]:
 
 
 def _cmd_down(args: argparse.Namespace) -> int:
+    from lepton_ai.node.process import pid_alive
+
     path = Path(args.state_file) if args.state_file else default_state_file()
     state = _read_state(str(path))
-    stopped = _stop_pids(list(state.get("pids", [])))
+    supervisor = int(state.get("supervisor", 0))
+    stopped: list[int] = []
+    if supervisor and _is_ours(supervisor):
+        # First the supervisor (it stops its members and restarts nothing more),
+        # then whatever it left: a member outlives a supervisor that was killed.
+        os.kill(supervisor, signal.SIGTERM)
+        deadline = time.monotonic() + 15.0
+        while pid_alive(supervisor) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stopped.append(supervisor)
+    stopped += _stop_pids([p for p in state.get("pids", []) if p != supervisor])
     path.unlink(missing_ok=True)
     _print(args, {"stopped": stopped}, f"stopped {len(stopped)} processes")
     return 0
+
+
+def _merge_supervised(args: argparse.Namespace, status: dict[str, Any]) -> None:
+    """Restarts and last exits as ``cluster up``'s supervisor saw them."""
+    if args.address:
+        return
+    try:
+        state = _read_state(args.state_file)
+    except (ValueError, OSError):
+        return
+    supervisor = int(state.get("supervisor", 0))
+    status["supervisor"] = {"pid": supervisor, "alive": bool(supervisor) and _is_ours(supervisor)}
+    known = {(m["role"], m["id"]): m for m in state.get("members", [])}
+    for m in status["members"]:
+        seen = known.get((m["role"], m["id"]))
+        if seen is not None:
+            m["restarts"], m["last_exit"] = seen["restarts"], seen["last_exit"]
+            if seen["state"] in ("crashloop", "gone"):
+                m["health"] = seen["state"]
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -299,10 +271,19 @@ def _cmd_status(args: argparse.Namespace) -> int:
         status = cluster.status()
     finally:
         cluster.close()
+    _merge_supervised(args, status)
     lines = [f"leader {status['leader']}"]
-    for m in status["members"]:
+    sup = status.get("supervisor")
+    if sup:
         lines.append(
-            f"  {m['role']:<12} {m['id']:<6} pid {m['pid']:<8} {m['health']:<9} {m['address']}"
+            f"supervisor pid {sup['pid']} "
+            + ("(restarts members that die)" if sup["alive"] else "DOWN: nothing restarts members")
+        )
+    for m in status["members"]:
+        exit_note = f"  last exit: {m['last_exit']}" if m.get("last_exit") else ""
+        lines.append(
+            f"  {m['role']:<12} {m['id']:<6} pid {m['pid']:<8} {m['health']:<9} "
+            f"restarts {m.get('restarts', 0):<3} {m['address']}{exit_note}"
         )
     _print(args, status, "\n".join(lines))
     return 0
@@ -355,18 +336,14 @@ def _add_consensus_commands(sub: Any) -> None:
 
 def register(subparsers: Any) -> None:
     global _cluster_subparsers
-    p = subparsers.add_parser("coordinator", help="run a coordinator")
-    add_coordinator_args(p)
-    p.set_defaults(func=_cmd_coordinator)
-
-    p = subparsers.add_parser("worker", help="run a worker node agent")
-    add_worker_args(p)
-    p.set_defaults(func=_cmd_worker)
-
     cluster = subparsers.add_parser("cluster", help="start, stop or inspect a local cluster")
     sub = cluster.add_subparsers(dest="cluster_command", metavar="SUBCOMMAND", required=True)
     _cluster_subparsers = sub
-    up = sub.add_parser("up", help="start coordinators and workers in the background")
+    up = sub.add_parser(
+        "up",
+        help="start coordinators and workers in the background, under a supervisor that "
+        "restarts them",
+    )
     up.add_argument("--workers", type=int, default=2)
     up.add_argument("--slots", type=int, default=1, help="executors per worker")
     up.add_argument(
@@ -374,6 +351,12 @@ def register(subparsers: Any) -> None:
         type=int,
         default=3,
         help="coordinator replicas: 3 (the default) or 5 survive one or two deaths; 1 is smallest",
+    )
+    up.add_argument(
+        "--standbys",
+        type=int,
+        default=0,
+        help="non-voting coordinators, promoted in place of a voter down for long",
     )
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=0)

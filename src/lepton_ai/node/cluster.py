@@ -4,7 +4,13 @@
         ...
         cluster.kill("worker", 1)     # SIGKILL; "executor", "coordinator"/"leader" too
         cluster.pause("worker", 0)    # SIGSTOP (a hang); resume() sends SIGCONT
-        cluster.restart("worker", 1)  # start it again
+        cluster.restart("worker", 1)  # start it again now
+
+A member that dies is started again by the cluster itself (``restart=True``,
+the default): at once the first time, then with a doubling back-off while it
+keeps dying quickly; one that dies six times in a row within 30 s of its start
+is reported (``crash_loop`` event, health ``crashloop``) and left down.
+``status()`` shows each member's ``restarts`` and ``last_exit``.
 
 ``LocalCluster`` starts three coordinators, replicas of the Multi-Paxos log
 (``cluster.kill("leader")`` kills the current leader; ``coordinators=1``: one)
@@ -33,6 +39,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 import weakref
@@ -41,6 +48,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from lepton_ai.compute.plan import JobOptions
 from lepton_ai.errors import LeptonError, Unavailable
+from lepton_ai.heal.restarts import Observed
 from lepton_ai.node.client import CoordinatorClient, check_reply
 from lepton_ai.node.messages import (
     ClusterInfo,
@@ -59,6 +67,7 @@ from lepton_ai.node.messages import (
 from lepton_ai.node.process import Lifeline, kill_pid
 
 if TYPE_CHECKING:
+    from lepton_ai.node.supervise import Supervisor
     from lepton_ai.storage.client import StorageClient
     from lepton_ai.storage.messages import ObjectMeta
 
@@ -177,8 +186,8 @@ class Cluster:
         """Forget a finished or failed job and its result (KeyError if unknown)."""
         check_reply(self.client.request(DeleteJob(job_id), 10.0))
 
-    def record_event(self, kind: str, detail: str) -> None:
-        ev = Event(time.time(), kind, detail)
+    def record_event(self, kind: str, detail: str, t: float = 0.0) -> None:
+        ev = Event(t or time.time(), kind, detail)
         self._local_events.append(ev)
         del self._local_events[:-1000]
         with contextlib.suppress(Unavailable, LeptonError):
@@ -241,6 +250,8 @@ def _member_dict(m: MemberInfo) -> dict[str, Any]:
         "address": m.address,
         "health": m.health,
         "node": m.node,
+        "restarts": 0,  # filled in by whoever restarts it (LocalCluster, ``cluster up``)
+        "last_exit": "",
         **({"paxos": m.paxos} if m.paxos else {}),
     }
 
@@ -272,7 +283,9 @@ def _find_member(members: list[MemberInfo], role: str, id: int | str) -> MemberI
 
 
 class _Proc:
-    def __init__(self, role: str, id: str, popen: subprocess.Popen[bytes], line: Lifeline):
+    def __init__(
+        self, role: str, id: str, popen: subprocess.Popen[bytes], line: Lifeline | None
+    ) -> None:
         self.role, self.id, self.popen, self.lifeline = role, id, popen, line
 
     @property
@@ -283,7 +296,8 @@ class _Proc:
         return self.popen.poll() is None
 
     def stop(self) -> None:
-        self.lifeline.cut()
+        if self.lifeline is not None:
+            self.lifeline.cut()
         if self.popen.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.popen.pid, signal.SIGKILL)  # works on a paused process too
@@ -308,6 +322,53 @@ def _close_all() -> None:
         cluster.close()
 
 
+def _checked_sizes(
+    workers: int,
+    coordinators: int | None,
+    slots_per_worker: int,
+    spares_per_worker: int,
+    job_retention_s: float,
+) -> int:
+    """Refuses bad sizes before anything starts; returns the coordinator count."""
+    if job_retention_s < 0:
+        raise ValueError(f"job_retention_s must be >= 0, got {job_retention_s!r}")
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
+        raise ValueError(f"workers must be an int >= 0, got {workers!r}")
+    if coordinators is None:
+        # The default: three replicas of the Multi-Paxos log, so the cluster survives
+        # the death of any one coordinator; LEPTON_COORDINATORS=1 (or coordinators=1)
+        # gives the smallest footprint: one coordinator on a local log.
+        coordinators = int(os.environ.get("LEPTON_COORDINATORS", "3"))
+    if (
+        not isinstance(coordinators, int)
+        or isinstance(coordinators, bool)
+        or coordinators < 1
+        or coordinators % 2 == 0
+    ):
+        raise ValueError(f"coordinators must be an odd int >= 1, got {coordinators!r}")
+    if not isinstance(slots_per_worker, int) or slots_per_worker < 1:
+        raise ValueError(f"slots_per_worker must be an int >= 1, got {slots_per_worker!r}")
+    if not isinstance(spares_per_worker, int) or spares_per_worker < 0:
+        raise ValueError(f"spares_per_worker must be an int >= 0, got {spares_per_worker!r}")
+    return coordinators
+
+
+STANDBY_ID_BASE = 100  # a LocalCluster's standby coordinators are 100, 101, ...
+STANDBYS_MAX = 8  # as many as the Paxos group keeps learners
+
+
+def _checked_standbys(standbys: int, coordinators: int, replace_after_s: float) -> float:
+    if not isinstance(standbys, int) or isinstance(standbys, bool) or standbys < 0:
+        raise ValueError(f"standbys must be an int >= 0, got {standbys!r}")
+    if standbys > STANDBYS_MAX:
+        raise ValueError(f"standbys must be <= {STANDBYS_MAX}, got {standbys}")
+    if standbys and coordinators < 3:
+        raise ValueError("standbys need a replicated control plane (coordinators >= 3)")
+    if not replace_after_s > 0:
+        raise ValueError(f"replace_after_s must be > 0, got {replace_after_s!r}")
+    return float(replace_after_s)
+
+
 class LocalCluster(Cluster):
     """Coordinator(s) and ``workers`` worker agents as subprocesses of this process.
 
@@ -315,6 +376,12 @@ class LocalCluster(Cluster):
     ``$LEPTON_COORDINATORS``: survives any one death) or 1 (one coordinator on a
     local log: the smallest footprint, no failover).
     """
+
+    # Children die with this process (a lifeline pipe): a user's script that ends
+    # or crashes leaves nothing behind. ``lepton cluster up``'s supervisor turns it
+    # off, so that its members outlive it (they are then not restarted).
+    tie_children = True
+    log: Any = None  # where untied children write (a file); tied ones share ours
 
     def __init__(
         self,
@@ -330,6 +397,12 @@ class LocalCluster(Cluster):
         storage_bytes_max: int = 0,
         scrub_interval_s: float = 60.0,
         orphan_grace_s: float = 120.0,
+        restart: bool = True,
+        standbys: int = 0,
+        replace_after_s: float = 10.0,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        token: str | None = None,
     ) -> None:
         """``spares_per_worker``: warm executors each agent keeps to replace a dead one
         at once (0 saves ~20 MB per worker). ``fsync``: fsync the coordinator's log
@@ -339,34 +412,27 @@ class LocalCluster(Cluster):
         each worker's object store (0: the disk's free space less a reserve).
         ``scrub_interval_s``: pause between two passes of a node's scrubber over its
         objects; ``orphan_grace_s``: how long bytes no committed object lists (a put
-        whose writer died) stay on a node."""
+        whose writer died) stay on a node. ``restart``: start members that die
+        again (with back-off); False leaves them down, as before a ``restart()``.
+        ``standbys``: non-voting coordinators (ids 100, 101, ...) that keep up with
+        the log; the leader promotes one in place of a voter down for longer than
+        ``replace_after_s``, so the group again survives a further death.
+        ``host``/``port``: where the coordinators listen (``port`` is the first
+        one's client port, 0: any); ``token``: the cluster token (default: a new one).
+        ``lepton cluster up`` runs a LocalCluster in a detached supervisor process."""
+        coordinators = _checked_sizes(
+            workers, coordinators, slots_per_worker, spares_per_worker, job_retention_s
+        )
         if not scrub_interval_s > 0 or not orphan_grace_s > 0:
             raise ValueError("scrub_interval_s and orphan_grace_s must be > 0")
         self.storage_timing = (float(scrub_interval_s), float(orphan_grace_s))
         if not isinstance(storage_bytes_max, int) or storage_bytes_max < 0:
             raise ValueError(f"storage_bytes_max must be an int >= 0, got {storage_bytes_max!r}")
         self.storage_bytes_max = storage_bytes_max
-        if job_retention_s < 0:
-            raise ValueError(f"job_retention_s must be >= 0, got {job_retention_s!r}")
         self.job_retention_s = float(job_retention_s)
-        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
-            raise ValueError(f"workers must be an int >= 0, got {workers!r}")
-        if coordinators is None:
-            # The default: three replicas of the Multi-Paxos log, so the cluster survives
-            # the death of any one coordinator; LEPTON_COORDINATORS=1 (or coordinators=1)
-            # gives the smallest footprint: one coordinator on a local log.
-            coordinators = int(os.environ.get("LEPTON_COORDINATORS", "3"))
-        if (
-            not isinstance(coordinators, int)
-            or isinstance(coordinators, bool)
-            or coordinators < 1
-            or coordinators % 2 == 0
-        ):
-            raise ValueError(f"coordinators must be an odd int >= 1, got {coordinators!r}")
-        if not isinstance(slots_per_worker, int) or slots_per_worker < 1:
-            raise ValueError(f"slots_per_worker must be an int >= 1, got {slots_per_worker!r}")
-        if not isinstance(spares_per_worker, int) or spares_per_worker < 0:
-            raise ValueError(f"spares_per_worker must be an int >= 0, got {spares_per_worker!r}")
+        self.replace_after_s = _checked_standbys(standbys, coordinators, replace_after_s)
+        self.standbys = standbys
+        self._removed = 0  # coordinators the group removed (each replaced by a standby)
         from lepton_ai.node.netutil import bind_listener
         from lepton_ai.wire import generate_token
 
@@ -379,28 +445,38 @@ class LocalCluster(Cluster):
         self.coordinators = coordinators
         # Bound here and inherited: every address is known before any child starts,
         # and a restarted coordinator comes back on the same ports.
-        self._listeners = [bind_listener("127.0.0.1", 0) for _ in range(coordinators)]
-        self._paxos = [
-            bind_listener("127.0.0.1", 0) for _ in range(coordinators if coordinators > 1 else 0)
+        self.host = host
+        # Voters "0".."n-1", then standbys from STANDBY_ID_BASE: ids are never reused.
+        self.coordinator_ids = [str(i) for i in range(coordinators)]
+        self.coordinator_ids += [str(STANDBY_ID_BASE + i) for i in range(standbys)]
+        self._listeners = [
+            bind_listener(host, port if i == 0 else 0) for i in range(len(self.coordinator_ids))
         ]
+        self._paxos = [bind_listener(host, 0) for _ in self.coordinator_ids if coordinators > 1]
         self._listener = self._listeners[0]
         self.coordinator_addresses = [_sock_address(s) for s in self._listeners]
         self.paxos_addresses = [_sock_address(s) for s in self._paxos]
         self.procs: dict[tuple[str, str], _Proc] = {}
         self._closed = False
-        token = generate_token()
+        # Held while processes are started or stopped: by the supervisor's
+        # thread and by the caller's restart()/close().
+        self._lock = threading.RLock()
+        self.supervisor: Supervisor | None = None
+        token = token or generate_token()
         super().__init__(",".join(self.coordinator_addresses), token)
         self.slots_total = workers * slots_per_worker
         _live_clusters.add(self)
         try:
-            for i in range(coordinators):
-                self._spawn("coordinator", str(i))
+            for id in self.coordinator_ids:
+                self._spawn("coordinator", id)
             if self.paxos_addresses:
                 from lepton_ai.consensus.client import KV
 
                 self.attach_kv(KV(",".join(self.paxos_addresses), token=token))
             for i in range(workers):
                 self._spawn("worker", str(i))
+            if restart:
+                self._supervise()
             self.wait_ready(workers, start_timeout_s)
         except BaseException:
             self.close()
@@ -410,15 +486,21 @@ class LocalCluster(Cluster):
     def _command(self, role: str, id: str) -> tuple[list[str], tuple[int, ...]]:
         py = [sys.executable, "-m"]
         if role == "coordinator":
-            index = int(id)
+            index = self.coordinator_ids.index(id)
             fd = self._listeners[index].fileno()
             fds: tuple[int, ...] = (fd,)
             args = ["lepton_ai.node.coordinator", "--listen-fd", str(fd), "--quiet"]
             if self.paxos_addresses:
                 pfd = self._paxos[index].fileno()
                 fds = (fd, pfd)
-                peers = ",".join(f"{i}={a}" for i, a in enumerate(self.paxos_addresses))
+                # The voters it was started with; a standby learns the others, and a
+                # restarted member the changes since, from the log.
+                voters = self.paxos_addresses[: self.coordinators]
+                peers = ",".join(f"{i}={a}" for i, a in enumerate(voters))
                 args += ["--paxos-fd", str(pfd), "--id", id, "--peers", peers]
+                args += ["--replace-after-s", repr(self.replace_after_s)]
+                if index >= self.coordinators:
+                    args.append("--standby")
                 args += ["--data-dir", os.path.join(self.data_dir, f"coordinator-{id}")]
             else:
                 args += ["--data-dir", os.path.join(self.data_dir, "coordinator")]
@@ -449,10 +531,73 @@ class LocalCluster(Cluster):
             args.append("--no-fsync")
         return py + args, ()
 
+    def _supervise(self) -> None:
+        from lepton_ai.node.supervise import Supervisor, member_key
+
+        sup = Supervisor(
+            self._observe, self._respawn, self._supervisor_event, self._lock, on_gone=self._gone
+        )
+        now = time.monotonic()
+        for role, id in self.procs:
+            sup.core.add(member_key(role, id), now)
+        self.supervisor = sup
+        sup.start()
+
+    def _observe(self) -> dict[str, Observed]:
+        from lepton_ai.node.supervise import member_key
+
+        return {
+            member_key(role, id): Observed(p.alive(), p.popen.returncode)
+            for (role, id), p in self.procs.items()
+        }
+
+    def _respawn(self, member: str) -> int:
+        role, _, id = member.partition("-")
+        if self._closed:
+            raise OSError("the cluster is closing")
+        old = self.procs.get((role, id))
+        if old is not None:
+            old.stop()  # reaps it and closes its lifeline
+        return self._spawn(role, id).pid
+
+    def _gone(self, member: str) -> None:
+        """A coordinator the group removed (a standby took its place): a fresh
+        standby takes the standby's, so the next hung voter is replaced too."""
+        role, _, id = member.partition("-")
+        standbys = len(self.coordinator_ids) - self.coordinators - self._removed
+        if role != "coordinator" or self._closed or self.supervisor is None:
+            return
+        self._removed += 1
+        if standbys - 1 >= self.standbys:
+            return
+        from lepton_ai.node.netutil import bind_listener
+        from lepton_ai.node.supervise import member_key
+
+        new = str(max(STANDBY_ID_BASE - 1, *map(int, self.coordinator_ids)) + 1)
+        self._listeners.append(bind_listener(self.host, 0))
+        self._paxos.append(bind_listener(self.host, 0))
+        self.coordinator_ids.append(new)
+        self.coordinator_addresses.append(_sock_address(self._listeners[-1]))
+        self.paxos_addresses.append(_sock_address(self._paxos[-1]))
+        try:
+            pid = self._spawn("coordinator", new).pid
+        except OSError as exc:
+            self._supervisor_event("restart_failed", f"standby {new}: {exc}", time.time())
+            return
+        self.supervisor.core.add(member_key("coordinator", new), time.monotonic())
+        self._supervisor_event(
+            "standby_started", f"standby {new} pid {pid} in place of coordinator {id}", time.time()
+        )
+
+    def _supervisor_event(self, kind: str, detail: str, t: float) -> None:
+        if not self._closed:
+            self.record_event(kind, detail, t)
+
     def _spawn(self, role: str, id: str) -> _Proc:
         replicated = role == "coordinator" and self.coordinators > 1
+        index = self.coordinator_ids.index(id) if role == "coordinator" else -1
         if replicated:
-            self._rebind(int(id))
+            self._rebind(index)
         try:
             return self._spawn_proc(role, id)
         finally:
@@ -461,8 +606,8 @@ class LocalCluster(Cluster):
                 # one must refuse connections at once (a socket held here would
                 # accept them into its backlog and stall clients and workers until
                 # their timeouts), so that they move on to the new leader.
-                self._listeners[int(id)].close()
-                self._paxos[int(id)].close()
+                self._listeners[index].close()
+                self._paxos[index].close()
 
     def _rebind(self, index: int) -> None:
         from lepton_ai.node.netutil import bind_listener
@@ -473,20 +618,24 @@ class LocalCluster(Cluster):
         ):
             if socks[index].fileno() == -1:  # closed after the previous start
                 port = int(addresses[index].rpartition(":")[2])
-                socks[index] = bind_listener("127.0.0.1", port)
+                socks[index] = bind_listener(self.host, port)
 
     def _spawn_proc(self, role: str, id: str) -> _Proc:
         cmd, fds = self._command(role, id)
-        line = Lifeline()
+        line = Lifeline() if self.tie_children else None
         env = dict(os.environ)
         env["LEPTON_TOKEN"] = self.token
-        env.update(line.child_env())
+        kwargs: dict[str, Any] = {}
+        if line is not None:
+            env.update(line.child_env())
+            fds = (*fds, line.read_fd)
+        else:
+            kwargs = {"start_new_session": True, "stdout": self.log, "stderr": self.log}
         try:
-            popen = subprocess.Popen(
-                cmd, env=env, pass_fds=(*fds, line.read_fd), stdin=subprocess.DEVNULL
-            )
+            popen = subprocess.Popen(cmd, env=env, pass_fds=fds, stdin=subprocess.DEVNULL, **kwargs)
         finally:
-            line.after_spawn()
+            if line is not None:
+                line.after_spawn()
         proc = _Proc(role, id, popen, line)
         self.procs[(role, id)] = proc
         return proc
@@ -521,9 +670,9 @@ class LocalCluster(Cluster):
             return "0"
         info = self._cluster_info(0, 0.0) if timeout_s > 0 else None
         if info is not None:
-            for i, address in enumerate(self.coordinator_addresses):
+            for id, address in zip(self.coordinator_ids, self.coordinator_addresses, strict=True):
                 if address == info.leader:
-                    return str(i)
+                    return id
         raise Unavailable(
             f"no coordinator leads (leader reported: {info.leader if info else None})"
         )
@@ -546,11 +695,16 @@ class LocalCluster(Cluster):
         """Start the member again (SIGKILL it first if it still runs); returns the new pid."""
         if role == "executor":
             return self.kill(role, id)  # its agent starts a replacement at once
-        proc = self._proc_for(role, id)
-        if proc is None:
-            raise LookupError(f"no {role} {id} was started by this cluster")
-        proc.stop()
-        new = self._spawn(proc.role, proc.id)
+        with self._lock:
+            proc = self._proc_for(role, id)
+            if proc is None:
+                raise LookupError(f"no {role} {id} was started by this cluster")
+            proc.stop()
+            new = self._spawn(proc.role, proc.id)
+            if self.supervisor is not None:
+                from lepton_ai.node.supervise import member_key
+
+                self.supervisor.core.reset(member_key(proc.role, proc.id), time.monotonic())
         self.record_event("restarted", f"{role} {id} pid {new.pid}")
         return new.pid
 
@@ -563,41 +717,69 @@ class LocalCluster(Cluster):
             proc = self.procs.get((m["role"], m["id"])) if m["role"] == "coordinator" else None
             if proc is not None and m["pid"] == 0:
                 m["pid"] = proc.pid
-                m["address"] = self.coordinator_addresses[int(m["id"])]
                 if not proc.alive():
                     m["health"] = "down"
+            if proc is not None and not m["address"]:
+                m["address"] = self._coordinator_address(m["id"])
         listed = {(m["role"], m["id"]) for m in out["members"]}
         for (role, id), proc in sorted(self.procs.items()):
             if (role, id) not in listed:
                 health = "down" if not proc.alive() else "unregistered"
                 if role == "coordinator" and proc.alive() and self.coordinators > 1:
-                    health = "follower"
+                    # Not (yet) in the leader's view: a standby it has not heard from.
+                    voter = self.coordinator_ids.index(id) < self.coordinators
+                    health = "follower" if voter else "standby"
                 out["members"].append(
                     {
                         "role": role,
                         "id": id,
                         "pid": proc.pid,
-                        "address": self.coordinator_addresses[int(id)]
-                        if role == "coordinator"
-                        else "",
+                        "address": self._coordinator_address(id) if role == "coordinator" else "",
                         "health": health,
                         "node": "",
+                        "restarts": 0,
+                        "last_exit": "",
                     }
                 )
+        self._add_restarts(out["members"])
         return out
+
+    def _add_restarts(self, members: list[dict[str, Any]]) -> None:
+        """Each process's restarts and last exit, as this cluster's supervisor saw them."""
+        if self.supervisor is None:
+            return
+        from lepton_ai.node.supervise import member_key
+
+        for m in members:
+            if m["role"] not in ("coordinator", "worker"):
+                continue
+            rec = self.supervisor.record(member_key(m["role"], m["id"]))
+            if rec is None:
+                continue
+            m["restarts"], m["last_exit"] = rec.restarts, rec.last_exit
+            if rec.state in ("crashloop", "gone"):
+                m["health"] = rec.state
+
+    def _coordinator_address(self, id: str) -> str:
+        return self.coordinator_addresses[self.coordinator_ids.index(id)]
 
     def pids(self) -> list[int]:
         """Every process this cluster started (not executors: their agents own them)."""
         return [p.pid for p in self.procs.values()]
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self.supervisor is not None:
+            self.supervisor.stop()
         for proc in self.procs.values():
-            proc.lifeline.cut()
+            if proc.lifeline is not None:
+                proc.lifeline.cut()
             if proc.alive():
                 with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGCONT)  # a paused one must not linger
                     os.kill(proc.pid, signal.SIGKILL)
         for proc in self.procs.values():
             with contextlib.suppress(subprocess.TimeoutExpired):

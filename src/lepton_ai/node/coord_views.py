@@ -6,9 +6,12 @@ import asyncio
 import contextlib
 import os
 import time
+import uuid
 from typing import TYPE_CHECKING
 
-from lepton_ai.compute.plan import PLAN_BYTES_MAX
+import msgspec
+
+from lepton_ai.compute.plan import PLAN_BYTES_MAX, decode_plan
 from lepton_ai.compute.scheduler_events import RunningReport
 from lepton_ai.compute.state import JobDeleted, JobRecord, JobSubmitted
 from lepton_ai.errors import LeptonError
@@ -41,6 +44,7 @@ if TYPE_CHECKING:
 
 NO_LEADER_WAIT_S = 0.5  # a follower that knows no leader holds a client request this long
 NO_LEADER_POLL_S = 0.01
+_record_encoder = msgspec.msgpack.Encoder()
 
 
 class WorkerView:
@@ -137,10 +141,10 @@ class ClientApi:
                 "limit", f"job plan of {len(msg.plan)} bytes over PLAN_BYTES_MAX={PLAN_BYTES_MAX}"
             )
         try:
-            self.c.validate_plan(msg.plan)
+            decode_plan(msg.plan)  # validates it
         except ValueError as exc:
             return ErrorReply("invalid", str(exc))
-        job_id = msg.job_id or self.c.new_job_id()
+        job_id = msg.job_id or "j" + uuid.uuid4().hex[:12]
         if not job_id.isascii() or not job_id.replace("-", "").replace("_", "").isalnum():
             return ErrorReply("invalid", f"bad job id {job_id!r}")
         result = await self.c.submit_command(
@@ -152,7 +156,7 @@ class ClientApi:
         return JobAccepted(job_id)
 
     async def _delete(self, msg: DeleteJob) -> ClientReply:
-        rec = self.c.job_record(msg.job_id)
+        rec = self.c.machine.jobs.job(msg.job_id)
         if rec is None:
             return ErrorReply("not_found", f"no job {msg.job_id!r}")
         if rec.status == "running":
@@ -172,7 +176,7 @@ class ClientApi:
             await self.c.log.read_barrier()
         except LeptonError as exc:  # NotLeader, Unavailable
             return ErrorReply("unavailable", f"log unavailable: {exc}")
-        rec = self.c.job_record(msg.job_id)
+        rec = self.c.machine.jobs.job(msg.job_id)
         if rec is None:
             return ErrorReply("not_found", f"no job {msg.job_id!r}")
         timeout = min(max(msg.timeout_s, 0.0), self.c.config.wait_timeout_max_s)
@@ -180,10 +184,10 @@ class ClientApi:
             done = self.c.job_done.setdefault(msg.job_id, asyncio.Event())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), timeout)
-            rec = self.c.job_record(msg.job_id)
+            rec = self.c.machine.jobs.job(msg.job_id)
             if rec is None:
                 return ErrorReply("not_found", f"job {msg.job_id!r} was deleted")
-        record = self.c.encode_record(rec) if rec.status != "running" else None
+        record = _record_encoder.encode(rec) if rec.status != "running" else None
         return job_info(rec, record)
 
     async def _status(self, msg: GetStatus) -> ClientReply:

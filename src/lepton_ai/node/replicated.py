@@ -50,7 +50,9 @@ from lepton_ai.consensus.driver import ReplicaDriver
 from lepton_ai.consensus.kv import KvMachine
 from lepton_ai.consensus.server import ReplicaHost, ReplicaOptions
 from lepton_ai.errors import LeptonError
-from lepton_ai.node.coordinator import Coordinator, CoordinatorConfig, apply_job_command
+from lepton_ai.node.coord_config import CoordinatorConfig
+from lepton_ai.node.coord_machine import apply_job_command
+from lepton_ai.node.coordinator import Coordinator
 from lepton_ai.node.messages import Event, MemberInfo
 from lepton_ai.storage.messages import ObjectMeta
 from lepton_ai.storage.meta import (
@@ -373,23 +375,30 @@ class ReplicatedCoordinator(Coordinator):
             self.driver.propose_cb(encode_meta(cmd), _ignore_result)
 
     def coordinator_members(self, pid: int) -> list[MemberInfo]:
-        """Every replica: this one with its pid, the others as its Paxos links see them."""
+        """Every voting replica (this one with its pid, the others as its Paxos links see
+        them) and the standbys, health "standby": the leader's learners, or this replica
+        when it is one. A replica a committed change removed is not listed."""
         out: list[MemberInfo] = []
-        for node, paxos in sorted(self.driver.addresses.items()):
+        voters = set(self.driver.core.members)
+        standbys = {s.node: s.address for s in self.driver.core.learner_status()}
+        for node, paxos in sorted({**self.driver.addresses, **standbys}.items()):
             client = self.machine.leaders.get(node, "")
             if node == self.node_id:
-                role = "leader" if self.leading else "follower"
+                role = "follower" if node in voters else "standby"
+                role = "leader" if self.leading else role
                 out.append(
                     MemberInfo("coordinator", str(node), pid, self.address, role, paxos=paxos)
                 )
                 continue
+            if node not in voters and node not in standbys:
+                continue  # removed from the group
             link = self.driver.links.get(node)
             up = link is not None and link.connected
             known = self.peer_pids.get(node)
             peer_pid = (
                 known[1] if up and link is not None and known and known[0] == link.generation else 0
             )
-            health = "follower" if up else "unreachable"
+            health = ("standby" if node in standbys else "follower") if up else "unreachable"
             out.append(MemberInfo("coordinator", str(node), peer_pid, client, health, paxos=paxos))
         return out
 
@@ -435,9 +444,21 @@ async def serve_replicated(
     token: str,
     data_dir: str,
     config: CoordinatorConfig,
+    standby: bool = False,
+    replace_after_s: float = 10.0,
 ) -> None:
+    """Run one coordinator replica. ``standby``: a learner (not in the group; its
+    address may come from ``paxos_sock`` instead of ``peers``) that the leader's
+    membership shell promotes when a voter is silent for ``replace_after_s``. Raises
+    ``coord_membership.MemberRemoved`` once a committed change removed this replica."""
+    from lepton_ai.heal.membership import MembershipConfig
+    from lepton_ai.node.coord_membership import EVENT_KINDS, MembershipShell
+
     host, port = sock.getsockname()[:2]
     address = f"{host}:{port}"
+    if standby and node_id not in peers and paxos_sock is not None:
+        paxos_host, paxos_port = paxos_sock.getsockname()[:2]
+        peers = {**peers, node_id: f"{paxos_host}:{paxos_port}"}
     os.makedirs(data_dir, exist_ok=True)
     machine = CoordinatorMachine(JobStateConfig(finished_jobs_max=config.finished_jobs_max))
     replica = ReplicaHost(
@@ -450,6 +471,7 @@ async def serve_replicated(
             fsync=config.fsync,
             batch_interval_s=SLOT_INTERVAL_S,
             slots_in_flight_max=SLOTS_IN_FLIGHT_MAX,
+            standby=standby,
         ),
         listen_sock=paxos_sock,
     )
@@ -459,11 +481,17 @@ async def serve_replicated(
     )
     election = Election(coordinator, replica.log)
     replica.log.on_leadership(election.changed)
+    coordinator.replicated_kinds = coordinator.replicated_kinds | EVENT_KINDS
+    voters = len(replica.log.paxos.members)  # the bootstrap group (a standby's peers less it)
+    shell = MembershipShell(
+        coordinator, replica.log, MembershipConfig(voters, replace_after_s=replace_after_s)
+    )
     serving = asyncio.ensure_future(coordinator.run(sock))
     pids = asyncio.ensure_future(coordinator.watch_peer_pids())
+    membership = asyncio.ensure_future(shell.run())
     try:
         done, _ = await asyncio.wait(
-            {serving, replica.running}, return_when=asyncio.FIRST_COMPLETED
+            {serving, replica.running, membership}, return_when=asyncio.FIRST_COMPLETED
         )
         for task in done:
             error = None if task.cancelled() else task.exception()
@@ -471,7 +499,7 @@ async def serve_replicated(
                 raise error
     finally:
         # Also when this coroutine is cancelled: the two tasks end with it.
-        for task in (serving, pids):
+        for task in (serving, pids, membership):
             if not task.done():  # a finished one's error was raised above
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

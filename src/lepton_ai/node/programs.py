@@ -1,0 +1,277 @@
+"""The coordinator and worker programs: their entry points and arguments.
+
+    lepton coordinator [--id N --peers ...]   python -m lepton_ai.node.coordinator
+    lepton worker --join HOST:PORT           python -m lepton_ai.node.worker
+
+This module sits above the programs: it imports ``node.coordinator`` (the shell),
+``node.replicated`` (the shell on the Paxos log) and ``node.worker``, and none of
+them imports it (``python -m lepton_ai.node.coordinator`` runs that file as
+``__main__``, which hands over to ``coordinator_main``), so they form no import
+cycle. The imports are lazy: ``lepton_ai.cli`` loads this module (``register``)
+for every ``lepton`` command, and only two of them start a program.
+
+``add_worker_args`` is defined in ``node.cli`` for now, because ``node.worker.main``
+imports it from there; once that ``main`` becomes ``worker_main`` here, it moves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import socket
+import sys
+from typing import TYPE_CHECKING, Any
+
+from lepton_ai import eventloop
+from lepton_ai.node.cli import add_worker_args
+
+if TYPE_CHECKING:
+    from lepton_ai.node.coord_config import CoordinatorConfig
+
+__all__ = [
+    "add_coordinator_args",
+    "add_worker_args",
+    "coordinator_main",
+    "next_epoch",
+    "register",
+    "run_coordinator",
+    "run_from_args",
+    "serve_coordinator",
+    "worker_main",
+]
+
+
+def register(subparsers: Any) -> None:
+    """``lepton coordinator`` and ``lepton worker``."""
+    p = subparsers.add_parser("coordinator", help="run a coordinator")
+    add_coordinator_args(p)
+    p.set_defaults(func=_cmd_coordinator)
+
+    p = subparsers.add_parser("worker", help="run a worker node agent")
+    add_worker_args(p)
+    p.set_defaults(func=_cmd_worker)
+
+
+def _cmd_coordinator(args: argparse.Namespace) -> int:
+    run_from_args(args)
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    # With several coordinators (``--join h1:p1,h2:p2``) the agent follows the leader.
+    from lepton_ai.node.worker import run_from_args as run_worker_from_args
+
+    run_worker_from_args(args)
+    return 0
+
+
+def worker_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="lepton worker")
+    add_worker_args(parser)
+    _cmd_worker(parser.parse_args(argv))
+    sys.exit(0)
+
+
+def add_coordinator_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=0, help="port to bind (0: any free port)")
+    p.add_argument(
+        "--data-dir",
+        default=os.path.join(os.getcwd(), ".lepton", "coordinator"),
+        help="directory of the command log",
+    )
+    p.add_argument("--token", default=None, help="cluster token (default: $LEPTON_TOKEN)")
+    p.add_argument("--no-fsync", action="store_true", help="do not fsync the command log")
+    p.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--quiet", action="store_true", help="do not print the bound address")
+    p.add_argument("--id", type=int, default=None, help="this replica's id in --peers")
+    p.add_argument(
+        "--peers",
+        default=None,
+        metavar="ID=HOST:PORT,...",
+        help="Paxos addresses of every coordinator replica (omit: one coordinator, local log)",
+    )
+    p.add_argument("--paxos-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--finished-jobs-max",
+        type=int,
+        default=256,
+        help="retention: finished jobs whose results are kept (oldest dropped first; "
+        "`lepton job rm` drops one now). Same value on every coordinator.",
+    )
+    p.add_argument(
+        "--job-retention-s",
+        type=float,
+        default=0.0,
+        help="retention: the leader deletes finished jobs older than this (0: keep)",
+    )
+    p.add_argument(
+        "--standby",
+        action="store_true",
+        help="a standby coordinator: streamed the log, no vote; promoted when a voter is "
+        "unheard for --replace-after-s (--peers: the voters, and this one's own id)",
+    )
+    p.add_argument(
+        "--replace-after-s",
+        type=_positive_float,
+        default=10.0,
+        help="the leader replaces a coordinator unheard this long by a standby (default 10)",
+    )
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def next_epoch(data_dir: str) -> int:
+    """A new leadership epoch per coordinator start, persisted so it never repeats."""
+    path = os.path.join(data_dir, "epoch")
+    epoch = 0
+    with contextlib.suppress(FileNotFoundError, ValueError), open(path) as f:
+        epoch = int(f.read().strip())
+    epoch += 1
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(str(epoch))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return epoch
+
+
+async def serve_coordinator(
+    sock: socket.socket, token: str, data_dir: str, config: CoordinatorConfig
+) -> None:
+    from lepton_ai.compute.state import JobStateConfig
+    from lepton_ai.node.coord_machine import JobsMachine
+    from lepton_ai.node.coordinator import Coordinator
+    from lepton_ai.node.local_log import LocalLog, LocalLogConfig
+
+    host, port = sock.getsockname()[:2]
+    address = f"{host}:{port}"
+    os.makedirs(data_dir, exist_ok=True)
+    machine = JobsMachine(JobStateConfig(finished_jobs_max=config.finished_jobs_max))
+    local_log = LocalLog(
+        os.path.join(data_dir, "log"), machine, LocalLogConfig(fsync=config.fsync), address
+    )
+    coordinator = Coordinator(local_log, machine, address, config, token=token)
+    # A local log is always its own leader; a replicated one calls this on every
+    # election won or lost, with its ballot as the epoch.
+    epoch = next_epoch(data_dir)
+    local_log.on_leadership(lambda leading: coordinator.on_leadership(leading, epoch))
+    try:
+        await coordinator.run(sock)
+    finally:
+        await local_log.close()
+
+
+def run_coordinator(
+    token: str,
+    data_dir: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    listen_fd: int | None = None,
+    fsync: bool = True,
+    announce: bool = True,
+    node_id: int | None = None,
+    peers: dict[int, str] | None = None,
+    paxos_fd: int | None = None,
+    finished_jobs_max: int = 256,
+    job_retention_s: float = 0.0,
+    standby: bool = False,
+    replace_after_s: float = 10.0,
+) -> None:
+    """Entry point of ``lepton coordinator``: run until killed.
+
+    With ``peers`` (and ``node_id``) the coordinator is one replica of the
+    Multi-Paxos log (``node.replicated``); without, it runs on a local log.
+    """
+    from lepton_ai.node.coord_config import CoordinatorConfig
+    from lepton_ai.node.netutil import bind_listener
+    from lepton_ai.node.process import watch_parent
+
+    if (peers is None) != (node_id is None):
+        raise ValueError("--id and --peers go together")
+    if peers is not None and node_id not in peers and not (standby and paxos_fd is not None):
+        raise ValueError(f"--id {node_id} is not in --peers ({', '.join(map(str, peers))})")
+    watch_parent()
+    logging.basicConfig(level=os.environ.get("LEPTON_LOG_LEVEL", "WARNING"))
+    sock = socket.socket(fileno=listen_fd) if listen_fd is not None else bind_listener(host, port)
+    if announce:
+        h, p = sock.getsockname()[:2]
+        print(json.dumps({"address": f"{h}:{p}", "pid": os.getpid()}), flush=True)
+    if finished_jobs_max < 1:
+        raise ValueError(f"--finished-jobs-max must be >= 1, got {finished_jobs_max}")
+    if job_retention_s < 0:
+        raise ValueError(f"--job-retention-s must be >= 0, got {job_retention_s}")
+    config = CoordinatorConfig(
+        fsync=fsync, finished_jobs_max=finished_jobs_max, job_retention_s=job_retention_s
+    )
+    if peers is None or node_id is None:
+        main_coro = serve_coordinator(sock, token, data_dir, config)
+    else:
+        from lepton_ai.node.replicated import serve_replicated
+
+        paxos_sock = socket.socket(fileno=paxos_fd) if paxos_fd is not None else None
+        main_coro = serve_replicated(
+            sock,
+            paxos_sock,
+            node_id=node_id,
+            peers=peers,
+            token=token,
+            data_dir=data_dir,
+            config=config,
+            standby=standby,
+            replace_after_s=replace_after_s,
+        )
+    with contextlib.suppress(KeyboardInterrupt):
+        eventloop.run(main_coro)
+
+
+def run_from_args(args: object) -> None:
+    """``lepton coordinator`` and ``python -m lepton_ai.node.coordinator``. Exits with
+    ``EXIT_REMOVED`` (3) once a committed membership change removed this coordinator."""
+    from lepton_ai.node.coord_membership import EXIT_REMOVED, MemberRemoved
+
+    peers_text = getattr(args, "peers", None)
+    try:
+        _run_coordinator_args(args, peers_text)
+    except MemberRemoved as exc:
+        # Not an error to retry: a supervisor seeing this code leaves the process down.
+        print(f"lepton coordinator: {exc}; exiting ({EXIT_REMOVED})", file=sys.stderr)
+        raise SystemExit(EXIT_REMOVED) from exc
+
+
+def _run_coordinator_args(args: object, peers_text: str | None) -> None:
+    from lepton_ai.consensus.server import parse_peers
+    from lepton_ai.wire import resolve_token
+
+    run_coordinator(
+        resolve_token(getattr(args, "token", None)),
+        str(getattr(args, "data_dir", "")),
+        host=str(getattr(args, "host", "127.0.0.1")),
+        port=int(getattr(args, "port", 0)),
+        listen_fd=getattr(args, "listen_fd", None),
+        fsync=not getattr(args, "no_fsync", False),
+        announce=not getattr(args, "quiet", False),
+        node_id=getattr(args, "id", None),
+        peers=parse_peers(peers_text) if peers_text else None,
+        paxos_fd=getattr(args, "paxos_fd", None),
+        finished_jobs_max=int(getattr(args, "finished_jobs_max", 256)),
+        job_retention_s=float(getattr(args, "job_retention_s", 0.0)),
+        standby=bool(getattr(args, "standby", False)),
+        replace_after_s=float(getattr(args, "replace_after_s", 10.0)),
+    )
+
+
+def coordinator_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="lepton coordinator")
+    add_coordinator_args(parser)
+    run_from_args(parser.parse_args(argv))

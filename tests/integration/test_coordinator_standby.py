@@ -1,0 +1,203 @@
+"""A standby coordinator replaces a hung voter; the removed one exits with EXIT_REMOVED.
+
+Real processes, started with the ``lepton coordinator`` command: three voters and one
+standby (``--standby``, id 100). A SIGSTOPped voter is removed after
+``--replace-after-s`` and the standby promoted; a second voter is then SIGKILLed and the
+group (two of three) still commits KV writes; the stopped voter, resumed, learns it was
+removed, exits with code 3 and does not depose the leader.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers import lepton
+from lepton_ai.consensus.client import KV
+from lepton_ai.heal.membership import EXIT_REMOVED
+from lepton_ai.node.process import pid_alive
+
+TOKEN = "standby-test-token"
+STANDBY = 100
+REPLACE_AFTER_S = 2.0
+
+
+@dataclass
+class Coord:
+    node: int
+    proc: subprocess.Popen[str]
+    paxos: str
+    client: str
+    log: Path
+
+
+def _listener() -> socket.socket:
+    sock = socket.create_server(("127.0.0.1", 0), backlog=512)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _addr(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"{host}:{port}"
+
+
+def _start(node: int, sock: socket.socket, peers: str, data: Path, *extra: str) -> Coord:
+    cmd = [
+        sys.executable,
+        "-m",
+        "lepton_ai.cli",
+        "coordinator",
+        *("--id", str(node), "--peers", peers, "--paxos-fd", str(sock.fileno())),
+        *("--data-dir", str(data / f"c{node}"), "--token", TOKEN, "--no-fsync"),
+        *("--replace-after-s", str(REPLACE_AFTER_S), *extra),
+    ]
+    log = data / f"c{node}.log"  # a file, not a pipe nobody drains
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=err, text=True, pass_fds=[sock.fileno()]
+        )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # {"address": ..., "pid": ...} once bound
+    assert line, log.read_text()
+    return Coord(node, proc, _addr(sock), json.loads(line)["address"], log)
+
+
+@pytest.fixture
+def group(tmp_path: Path) -> Iterator[dict[int, Coord]]:
+    socks = {n: _listener() for n in (0, 1, 2, STANDBY)}
+    voters = ",".join(f"{n}={_addr(socks[n])}" for n in (0, 1, 2))
+    coords: dict[int, Coord] = {}
+    try:
+        for n in (0, 1, 2):
+            coords[n] = _start(n, socks[n], voters, tmp_path)
+        # As LocalCluster spawns it: --peers names the voters only; the standby's own
+        # Paxos address is that of the socket it inherits (--paxos-fd).
+        coords[STANDBY] = _start(STANDBY, socks[STANDBY], voters, tmp_path, "--standby")
+        for sock in socks.values():
+            sock.close()  # the children hold their own copies
+        yield coords
+    finally:
+        for sock in socks.values():
+            sock.close()
+        for c in coords.values():
+            if c.proc.poll() is None:
+                os.kill(c.proc.pid, signal.SIGCONT)
+                os.kill(c.proc.pid, signal.SIGKILL)
+            c.proc.wait(10)
+            if c.proc.stdout is not None:
+                c.proc.stdout.close()
+        assert not [c.proc.pid for c in coords.values() if pid_alive(c.proc.pid)]
+
+
+def _until(cond: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = cond()
+        except Exception as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(0.1)
+    raise AssertionError(f"{what} not within {timeout_s} s (last: {last!r})")
+
+
+def _leader(kv: KV, coords: dict[int, Coord], skip: set[int]) -> Any:
+    """The Status of the replica that leads, as the live replicas report it."""
+    for c in coords.values():
+        if c.node in skip or c.proc.poll() is not None:
+            continue
+        st = kv.status(c.paxos, 1.0)
+        if st.role == "leader":
+            return st
+    return None
+
+
+def _events(coords: dict[int, Coord], leader: int) -> list[str]:
+    out = lepton(
+        "cluster", "events", "--json", "--address", coords[leader].client, "--token", TOKEN
+    )
+    assert out.returncode == 0, out.stderr
+    return [f"{e['kind']}: {e.get('detail', '')}" for e in json.loads(out.stdout)["events"]]
+
+
+def _status_members(coords: dict[int, Coord], leader: int) -> list[dict[str, Any]]:
+    out = lepton(
+        "cluster", "status", "--json", "--address", coords[leader].client, "--token", TOKEN
+    )
+    assert out.returncode == 0, out.stderr
+    return [m for m in json.loads(out.stdout)["members"] if m["role"] == "coordinator"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_standby_replaces_a_hung_voter_and_the_removed_one_exits(
+    group: dict[int, Coord],
+) -> None:
+    paxos = [c.paxos for c in group.values()]
+    with KV(",".join(paxos), token=TOKEN) as kv:
+
+        def first_write() -> bool:
+            kv.put("k0", 0)
+            return True
+
+        _until(first_write, 30, "a first write")
+        leader = _until(lambda: _leader(kv, group, set()), 20, "a leader")
+        # The standby shows up in the status, as a coordinator with health "standby".
+        _until(
+            lambda: any(
+                m["id"] == str(STANDBY) and m["health"] == "standby"
+                for m in _status_members(group, leader.node)
+            ),
+            20,
+            "the standby in cluster status",
+        )
+        hung = next(n for n in (0, 1, 2) if n != leader.node)
+        os.kill(group[hung].proc.pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        want = sorted({0, 1, 2, STANDBY} - {hung})
+
+        def replaced() -> bool:
+            st = _leader(kv, group, {hung})
+            return st is not None and sorted(st.members) == want
+
+        _until(replaced, 25, "the standby promoted in place of the hung voter")
+        assert time.monotonic() - stopped_at >= REPLACE_AFTER_S
+        leader = _leader(kv, group, {hung})
+        events = _events(group, leader.node)
+        assert any(e.startswith(f"coordinator_removed: coordinator {hung}") for e in events), events
+        assert any(e.startswith(f"standby_promoted: standby {STANDBY}") for e in events), events
+
+        # Another voter dies for good: the two that remain (one the promoted standby)
+        # are a majority of three and still commit.
+        killed = next(n for n in (0, 1, 2) if n not in (hung, leader.node))
+        os.kill(group[killed].proc.pid, signal.SIGKILL)
+        group[killed].proc.wait(10)
+        for i in range(1, 6):
+            kv.put(f"k{i}", i)
+        assert kv.get("k5") == 5
+        ballot = _leader(kv, group, {hung, killed}).ballot
+
+        # The removed voter resumes: it learns it was removed and exits with code 3.
+        os.kill(group[hung].proc.pid, signal.SIGCONT)
+        code = group[hung].proc.wait(20)
+        log = group[hung].log.read_text()
+        assert code == EXIT_REMOVED, (code, log)
+        assert "removed" in log and f"code {EXIT_REMOVED}" in log, log
+        kv.put("after", 1)
+        now = _leader(kv, group, {hung, killed})
+        assert now is not None and now.ballot == ballot and now.node == leader.node
