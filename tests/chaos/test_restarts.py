@@ -9,10 +9,12 @@ after ``replace_after_s``, so the group survives a further failure.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import cloudpickle
@@ -215,3 +217,31 @@ def test_a_hung_voter_is_replaced_by_a_standby_and_the_group_survives_another(
     c.resume("coordinator", other)
     job = shuffle_job(c)
     assert dict(job.result(timeout=60)) == expected()
+
+
+@pytest.mark.timeout(90)
+def test_a_crash_looping_agent_is_reported_and_left_down_until_restarted(
+    cleanup: list[LocalCluster],
+) -> None:
+    c = LocalCluster(workers=2)
+    cleanup.append(c)
+    # Worker 1 cannot start: its store directory is now a file.
+    store = Path(c.data_dir) / "workers" / "1"
+    shutil.rmtree(store)
+    store.write_text("not a directory")
+    c.kill("worker", "1")
+    # Restarts at once, then after 0.5, 1, 2, 4, 8 s: 6 restarts, the 7th death
+    # is a crash loop.
+    until(lambda: member(c, "worker", "1")["health"] == "crashloop", 40.0, "worker 1 in crashloop")
+    m = member(c, "worker", "1")
+    assert m["restarts"] == 6 and m["last_exit"] == "exit 1", m
+    events = [e for e in c.events() if e["kind"] in ("member_restarted", "crash_loop")]
+    assert [e["kind"] for e in events] == ["member_restarted"] * 6 + ["crash_loop"], events
+    pid = c.procs[("worker", "1")].pid
+    time.sleep(1.0)
+    assert c.procs[("worker", "1")].pid == pid  # left down: no more restarts
+    # The operator fixes the cause and restarts it by hand: it runs and is supervised.
+    store.unlink()
+    c.restart("worker", "1")
+    until(lambda: strength_gap(c) == "", 20.0, "both workers back")
+    assert lep.DistributedTask(c).parallelize(range(100), partitions=4).count() == 100
