@@ -56,6 +56,13 @@ def test_up_status_chaos_down(tmp_path: Path) -> None:
         bad = lepton("chaos", "kill", "worker", "9", env=env)
         assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1
 
+        # The supervisor dies: the members live on, unsupervised, and say so; down
+        # still stops every one of them.
+        os.kill(state["supervisor"], signal.SIGKILL)
+        time.sleep(0.3)
+        st = json.loads(lepton("cluster", "status", "--json", env=env).stdout)
+        assert st["supervisor"] == {"pid": state["supervisor"], "alive": False}, st
+        assert all(pid_alive(p) for p in pids[1:4])
         down = lepton("cluster", "down", "--json", env=env)
         assert down.returncode == 0, down.stderr
         deadline = time.monotonic() + 10
