@@ -10,7 +10,14 @@ from collections import Counter
 
 import pytest
 
-from lepton_ai.serve.policy import Backoff, BackoffConfig, Outcome, Policy, Router, RouterConfig
+from lepton_ai.serve.policy import (
+    BackoffConfig,
+    Outcome,
+    Policy,
+    RestartBackoff,
+    Router,
+    RouterConfig,
+)
 
 
 def _router(n: int = 3, **kw: object) -> Router:
@@ -214,7 +221,7 @@ def test_misuse_is_a_clear_error() -> None:
 
 
 def test_backoff_first_restart_immediate_then_doubles_to_cap_then_resets() -> None:
-    backoff = Backoff(BackoffConfig(initial_s=1.0, max_s=60.0, reset_s=30.0))
+    backoff = RestartBackoff(BackoffConfig(initial_s=1.0, max_s=60.0, reset_s=30.0))
     delays = [backoff.on_exit(float(t)) for t in range(9)]
     assert delays == [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
     backoff.healthy(100.0)
@@ -226,5 +233,5 @@ def test_backoff_first_restart_immediate_then_doubles_to_cap_then_resets() -> No
 
 
 def test_backoff_can_wait_from_the_first_restart() -> None:
-    backoff = Backoff(BackoffConfig(initial_s=1.0, max_s=60.0, first_immediate=False))
+    backoff = RestartBackoff(BackoffConfig(initial_s=1.0, max_s=60.0, first_immediate=False))
     assert [backoff.on_exit(float(t)) for t in range(8)] == [1, 2, 4, 8, 16, 32, 60, 60]

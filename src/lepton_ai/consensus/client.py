@@ -49,6 +49,7 @@ from lepton_ai.consensus.protocol import (
     Submit,
 )
 from lepton_ai.errors import AuthError, LeptonError, ProtocolError, Unavailable
+from lepton_ai.heal.backoff import Backoff
 from lepton_ai.wire import Codec, Connection, ConnectionClosed, WireConfig, connect
 
 T = TypeVar("T")
@@ -68,6 +69,9 @@ class ClientConfig:
     def __post_init__(self) -> None:
         if self.deadline_s <= 0 or self.attempt_timeout_s <= 0 or self.inflight_max <= 0:
             raise ValueError("deadline_s, attempt_timeout_s and inflight_max must be positive")
+
+    def backoff(self) -> Backoff:
+        return Backoff(self.backoff_s, 2.0, self.backoff_max_s)
 
 
 def parse_addresses(addresses: str | Sequence[str]) -> list[str]:
@@ -112,6 +116,7 @@ class KvClient:
     ) -> None:
         self.addresses = parse_addresses(addresses)
         self.config = config or ClientConfig()
+        self._backoff = self.config.backoff()
         self._token = token
         self._leader: str | None = None
         self._rr = 0
@@ -253,7 +258,7 @@ class KvClient:
         """Send to the leader until one answers; same message content on every retry."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.deadline_s
-        backoff = self.config.backoff_s
+        failures = 0  # failed tries so far in this request: each pause is longer
         last = "no replica tried"
         redirects = 0
         while not self._closed:
@@ -291,8 +296,9 @@ class KvClient:
                 else:
                     self._leader = address
                     return reply
-            await asyncio.sleep(min(backoff, max(0.0, deadline - loop.time())))
-            backoff = min(backoff * 2, self.config.backoff_max_s)
+            failures += 1
+            pause = self._backoff.next_delay(failures)
+            await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
         raise Unavailable(
             f"no leader answered within {self.config.deadline_s:g}s "
             f"(replicas {', '.join(self.addresses)}; last: {last})"

@@ -1,8 +1,8 @@
 """``lepton cluster up|down|status|events``, ``lepton chaos``, and the client options.
 
-``lepton coordinator`` and ``lepton worker`` are ``node.programs``'s (this module
-imports no program: ``programs`` imports it). ``add_worker_args`` is still here
-because ``node.worker.main`` imports it from here.
+``lepton coordinator`` and ``lepton worker``, their entry points and their
+arguments (``add_coordinator_args``, ``add_worker_args``) are ``node.programs``'s;
+this module imports no program.
 
 The consensus layer's ``lepton cluster`` commands (``add-coordinator``,
 ``remove-coordinator``, ``replicas``) are added here through its
@@ -36,53 +36,6 @@ def cluster_subparsers() -> Any:
 
 def default_state_file() -> Path:
     return Path(os.environ.get(STATE_ENV) or Path.home() / ".lepton" / "cluster.json")
-
-
-def add_worker_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--join",
-        required=True,
-        metavar="HOST:PORT[,HOST:PORT...]",
-        help="the coordinator, or every coordinator replica (the agent follows the leader)",
-    )
-    p.add_argument("--token", default=None, help="cluster token (default: $LEPTON_TOKEN)")
-    p.add_argument("--slots", type=int, default=1, help="executor processes (default 1)")
-    p.add_argument(
-        "--spares", type=int, default=1, help="warm executors kept for instant replacement"
-    )
-    p.add_argument(
-        "--name",
-        default=None,
-        help="member id shown in status, and the node's directory under --data-dir "
-        "(default: the host name; give each worker of one host its own)",
-    )
-    p.add_argument(
-        "--data-dir",
-        default=os.path.join(os.getcwd(), ".lepton", "workers"),
-        help="directory of the node's stored objects and shuffle files",
-    )
-    p.add_argument(
-        "--storage-bytes-max",
-        type=int,
-        default=0,
-        help="capacity of the node's object store (0: the disk's free space less a reserve)",
-    )
-    p.add_argument(
-        "--no-fsync", action="store_true", help="do not fsync stored objects (tests only)"
-    )
-    p.add_argument(
-        "--scrub-interval-s",
-        type=float,
-        default=60.0,
-        help="pause between two scrubs (re-reads checking every chunk) of the stored objects",
-    )
-    p.add_argument(
-        "--orphan-grace-s",
-        type=float,
-        default=120.0,
-        help="age after which an object no committed reference lists here is deleted",
-    )
-    p.add_argument("--quiet", action="store_true", help="do not print the worker id")
 
 
 def add_connect_args(p: argparse.ArgumentParser) -> None:

@@ -14,6 +14,7 @@ import threading
 from dataclasses import dataclass, field
 
 from lepton_ai.errors import LeptonError, LimitExceeded, StorageFull, Unavailable
+from lepton_ai.heal.backoff import Backoff
 from lepton_ai.node.messages import ClientReply, CoordinatorMessage, ErrorReply
 from lepton_ai.node.netutil import node_wire_config, parse_address
 from lepton_ai.wire import Codec, Connection, WireConfig, connect
@@ -31,6 +32,9 @@ class ClientConfig:
     redirects_max: int = 10_000  # bounded by the request's deadline in practice
     wire: WireConfig = field(default_factory=lambda: node_wire_config(connect_timeout_s=1.0))
 
+    def retry_backoff(self) -> Backoff:
+        return Backoff(self.retry_backoff_s, 2.0, self.retry_backoff_max_s)
+
 
 class CoordinatorClient:
     """Talks to whichever coordinator leads; follows redirects; ``Unavailable`` at the deadline."""
@@ -43,6 +47,7 @@ class CoordinatorClient:
             raise ValueError("a cluster token is required")
         self.token = token
         self.config = config or ClientConfig()
+        self._backoff = self.config.retry_backoff()
         self._idle: dict[tuple[str, int], list[Connection[ClientReply]]] = {}
         self._target = 0  # index into addresses: the leader as far as we know
         self._loop = asyncio.new_event_loop()
@@ -82,7 +87,7 @@ class CoordinatorClient:
     async def _request(self, msg: CoordinatorMessage, timeout_s: float) -> ClientReply:
         deadline = asyncio.get_running_loop().time() + timeout_s
         last: Exception | str | None = None
-        backoff = self.config.retry_backoff_s
+        failures = 0  # pauses so far in this request: each waits longer
         for _ in range(self.config.redirects_max):
             left = deadline - asyncio.get_running_loop().time()
             if left <= 0:
@@ -99,8 +104,8 @@ class CoordinatorClient:
                     conn.writer.close()
                 self._drop_idle(address)
                 self._redirect("")
-                await asyncio.sleep(min(backoff, max(0.0, left)))
-                backoff = min(backoff * 2, self.config.retry_backoff_max_s)
+                failures += 1
+                await asyncio.sleep(min(self._backoff.next_delay(failures), max(0.0, left)))
                 continue
             except BaseException:
                 if conn is not None:
@@ -111,8 +116,8 @@ class CoordinatorClient:
                 last = reply.message or "no leader known"
                 self._redirect(reply.message if reply.kind == "redirect" else "")
                 if reply.kind != "redirect" or not reply.message:
-                    await asyncio.sleep(min(backoff, max(0.0, left)))
-                    backoff = min(backoff * 2, self.config.retry_backoff_max_s)
+                    failures += 1
+                    await asyncio.sleep(min(self._backoff.next_delay(failures), max(0.0, left)))
                 continue
             return reply
         names = ",".join(f"{h}:{p}" for h, p in self.addresses)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from lepton_ai.compute.scheduler_events import TaskAttempt
 from lepton_ai.errors import LeptonError
+from lepton_ai.heal.backoff import Backoff
 from lepton_ai.node import executor as exec_mod
 from lepton_ai.node.messages import (
     ExecCancel,
@@ -64,6 +65,7 @@ class ExecutorConfig:
     result_inline_bytes_max: int = 64 << 10
     objects_dir: str = ""  # the node's object store (set by the agent)
     node_id: str = ""
+    # A failed executor start is retried after restart_backoff_s, doubling up to the max.
     restart_backoff_s: float = 0.05
     restart_backoff_max_s: float = 2.0
     spares: int = 1  # warm executors per node kept aside for instant replacement
@@ -94,6 +96,9 @@ class ExecutorConfig:
     # ... and the shuffle input they carry; one attempt always goes, whatever its size.
     window_bytes_max: int = 64 << 20
     write_buffer_bytes_max: int = 1 << 20  # unsent bytes to an executor before we wait
+
+    def restart_backoff(self) -> Backoff:
+        return Backoff(self.restart_backoff_s, 2.0, self.restart_backoff_max_s)
 
 
 _CODEC = Codec[ExecMessage](ExecMessage)
@@ -146,6 +151,7 @@ class ExecutorSlot:
         self.worker = worker
         self.store_dir = store_dir
         self.config = config
+        self._backoff = config.restart_backoff()
         self.on_event = on_event  # (kind, detail) for the node's event feed
         self.on_capacity = on_capacity  # room for another attempt (or a new executor)
         self.on_started = on_started  # a queued attempt became the running one
@@ -187,16 +193,16 @@ class ExecutorSlot:
 
     async def supervise(self) -> None:
         """Run forever: start an executor, serve it until it dies, start another."""
-        backoff = self.config.restart_backoff_s
+        failures = 0  # failed starts in a row; a started executor resets it
         while not self._closing:
             try:
                 await self._start()
             except (OSError, ExecutorDied, TimeoutError) as exc:
                 self.on_event("executor_start_failed", f"slot {self.slot}: {exc}")
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.config.restart_backoff_max_s)
+                failures += 1
+                await asyncio.sleep(self._backoff.next_delay(failures))
                 continue
-            backoff = self.config.restart_backoff_s
+            failures = 0
             reason = await self._read_until_death()
             self._ready.clear()
             self._plans_sent.clear()
@@ -429,6 +435,7 @@ class SparePool:
         self.size = size
         self.identity = identity  # -> (worker id, block store dir) for new spares
         self.config = config
+        self._backoff = config.restart_backoff()
         self._spares: list[Started] = []
         self._need = asyncio.Event()
         self._need.set()
@@ -457,7 +464,7 @@ class SparePool:
         # ... nor with their warm-up imports and the cluster's first job: a spare
         # only matters once an executor dies, and until then it costs CPU.
         await asyncio.sleep(self.config.spares_delay_s)
-        backoff = self.config.restart_backoff_s
+        failures = 0  # failed spare starts in a row; a started spare resets it
         while True:
             await self._need.wait()
             self._need.clear()
@@ -468,10 +475,10 @@ class SparePool:
                     started = await spawn_executor(*identity, self.config)
                 except (OSError, ExecutorDied) as exc:
                     log.info("spare executor failed to start: %s", exc)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, self.config.restart_backoff_max_s)
+                    failures += 1
+                    await asyncio.sleep(self._backoff.next_delay(failures))
                     continue
-                backoff = self.config.restart_backoff_s
+                failures = 0
                 if identity != self.identity():
                     await started.kill()  # the worker re-incarnated meanwhile
                     continue

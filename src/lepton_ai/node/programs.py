@@ -4,14 +4,12 @@
     lepton worker --join HOST:PORT           python -m lepton_ai.node.worker
 
 This module sits above the programs: it imports ``node.coordinator`` (the shell),
-``node.replicated`` (the shell on the Paxos log) and ``node.worker``, and none of
-them imports it (``python -m lepton_ai.node.coordinator`` runs that file as
-``__main__``, which hands over to ``coordinator_main``), so they form no import
-cycle. The imports are lazy: ``lepton_ai.cli`` loads this module (``register``)
-for every ``lepton`` command, and only two of them start a program.
-
-``add_worker_args`` is defined in ``node.cli`` for now, because ``node.worker.main``
-imports it from there; once that ``main`` becomes ``worker_main`` here, it moves.
+``node.replicated`` (the shell on the Paxos log) and ``node.worker`` (the agent),
+and none of them imports it (``python -m lepton_ai.node.coordinator`` runs that
+file as ``__main__``, which hands over to ``coordinator_main``; the worker's to
+``worker_main``), so they form no import cycle. The imports are lazy:
+``lepton_ai.cli`` loads this module (``register``) for every ``lepton`` command,
+and only two of them start a program.
 """
 
 from __future__ import annotations
@@ -26,10 +24,10 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from lepton_ai import eventloop
-from lepton_ai.node.cli import add_worker_args
 
 if TYPE_CHECKING:
     from lepton_ai.node.coord_config import CoordinatorConfig
+    from lepton_ai.node.worker import WorkerConfig
 
 __all__ = [
     "add_coordinator_args",
@@ -39,6 +37,7 @@ __all__ = [
     "register",
     "run_coordinator",
     "run_from_args",
+    "run_worker",
     "serve_coordinator",
     "worker_main",
 ]
@@ -62,17 +61,132 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
 
 def _cmd_worker(args: argparse.Namespace) -> int:
     # With several coordinators (``--join h1:p1,h2:p2``) the agent follows the leader.
-    from lepton_ai.node.worker import run_from_args as run_worker_from_args
-
-    run_worker_from_args(args)
+    _run_worker_args(args)
     return 0
 
 
+# ---------------------------------------------------------------- the worker
+
+
 def worker_main(argv: list[str] | None = None) -> None:
+    """``python -m lepton_ai.node.worker`` (``LocalCluster`` and ``cluster up`` spawn it)."""
     parser = argparse.ArgumentParser(prog="lepton worker")
     add_worker_args(parser)
     _cmd_worker(parser.parse_args(argv))
     sys.exit(0)
+
+
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--join",
+        required=True,
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="the coordinator, or every coordinator replica (the agent follows the leader)",
+    )
+    p.add_argument("--token", default=None, help="cluster token (default: $LEPTON_TOKEN)")
+    p.add_argument("--slots", type=int, default=1, help="executor processes (default 1)")
+    p.add_argument(
+        "--spares", type=int, default=1, help="warm executors kept for instant replacement"
+    )
+    p.add_argument(
+        "--name",
+        default=None,
+        help="member id shown in status, and the node's directory under --data-dir "
+        "(default: the host name; give each worker of one host its own)",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=os.path.join(os.getcwd(), ".lepton", "workers"),
+        help="directory of the node's stored objects and shuffle files",
+    )
+    p.add_argument(
+        "--storage-bytes-max",
+        type=int,
+        default=0,
+        help="capacity of the node's object store (0: the disk's free space less a reserve)",
+    )
+    p.add_argument(
+        "--no-fsync", action="store_true", help="do not fsync stored objects (tests only)"
+    )
+    p.add_argument(
+        "--scrub-interval-s",
+        type=float,
+        default=60.0,
+        help="pause between two scrubs (re-reads checking every chunk) of the stored objects",
+    )
+    p.add_argument(
+        "--orphan-grace-s",
+        type=float,
+        default=120.0,
+        help="age after which an object no committed reference lists here is deleted",
+    )
+    p.add_argument("--quiet", action="store_true", help="do not print the worker id")
+
+
+def _run_worker_args(args: Any) -> None:
+    """``lepton worker`` and ``python -m lepton_ai.node.worker`` (argparse namespace)."""
+    from lepton_ai.node.executors import ExecutorConfig
+    from lepton_ai.node.node_storage import NodeStorageConfig
+    from lepton_ai.node.worker import WorkerConfig
+    from lepton_ai.wire import resolve_token
+
+    if args.slots < 1 or args.spares < 0:
+        raise ValueError(
+            f"--slots must be >= 1 and --spares >= 0 (got {args.slots}, {args.spares})"
+        )
+    capacity = int(getattr(args, "storage_bytes_max", 0) or 0)
+    scrub_s = float(getattr(args, "scrub_interval_s", 60.0))
+    grace_s = float(getattr(args, "orphan_grace_s", 120.0))
+    if capacity < 0 or scrub_s <= 0 or grace_s <= 0:
+        raise ValueError(
+            f"--storage-bytes-max must be >= 0, --scrub-interval-s and --orphan-grace-s > 0 "
+            f"(got {capacity}, {scrub_s}, {grace_s})"
+        )
+    config = WorkerConfig(
+        slots=args.slots,
+        executor=ExecutorConfig(spares=args.spares),
+        storage=NodeStorageConfig(
+            capacity_bytes=capacity,
+            fsync=not getattr(args, "no_fsync", False),
+            scrub_interval_s=scrub_s,
+            orphan_grace_s=grace_s,
+            orphan_check_interval_s=min(30.0, grace_s / 2),
+        ),
+    )
+    # The name names the node's directory (its stored objects): stable across
+    # restarts by default, so a restarted worker finds its objects again.
+    name = args.name or socket.gethostname()
+    token = resolve_token(args.token)
+    run_worker(args.join, token, args.data_dir, name, config, announce=not args.quiet)
+
+
+def run_worker(
+    join: str,
+    token: str,
+    data_dir: str,
+    name: str,
+    config: WorkerConfig,
+    *,
+    announce: bool = True,
+) -> None:
+    """Entry point of ``lepton worker``: run the agent until killed."""
+    from lepton_ai.node.process import watch_parent
+    from lepton_ai.node.worker import WorkerAgent
+
+    watch_parent()
+    logging.basicConfig(level=os.environ.get("LEPTON_LOG_LEVEL", "WARNING"))
+    agent = WorkerAgent(join, token, data_dir, name, config)
+    # User code in the executors (children of this process) may read and write the
+    # cluster's storage (``lep://`` URLs, ``lep.connect()``): it finds the cluster here.
+    os.environ["LEPTON_ADDRESS"] = join
+    os.environ["LEPTON_TOKEN"] = token
+    if announce:
+        print(json.dumps({"worker": agent.worker_id, "pid": os.getpid()}), flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        eventloop.run(agent.run())
+
+
+# ---------------------------------------------------------------- the coordinator
 
 
 def add_coordinator_args(p: argparse.ArgumentParser) -> None:

@@ -19,6 +19,8 @@ points its session at that address, and drops a session held with one that no
 longer leads (a deposed or hung leader: SIGSTOP leaves the TCP connection open,
 so the session would never notice by itself). It then re-registers with the
 leader, and the results waiting in its outbox go there.
+
+The program's entry point and arguments are ``node.programs``'s.
 """
 
 from __future__ import annotations
@@ -27,18 +29,14 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import os
 import shutil
 import signal
 import socket
-import sys
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any
 
-from lepton_ai import eventloop
 from lepton_ai.compute.plan import JobPlan
 from lepton_ai.compute.scheduler_events import (
     Dispatch,
@@ -51,6 +49,7 @@ from lepton_ai.compute.scheduler_events import (
     TaskSucceeded,
 )
 from lepton_ai.errors import LeptonError
+from lepton_ai.heal.backoff import Backoff
 from lepton_ai.node.agent_data import SHUFFLE_CODEC, DataPort
 from lepton_ai.node.executors import (
     ExecutorConfig,
@@ -81,7 +80,6 @@ from lepton_ai.node.messages import (
 )
 from lepton_ai.node.netutil import REPORT_BATCH_BYTES_MAX, node_wire_config, parse_address
 from lepton_ai.node.node_storage import NodeStorage, NodeStorageConfig, open_node_dir
-from lepton_ai.node.process import watch_parent
 from lepton_ai.storage.blockstore import BlockStore
 from lepton_ai.wire import (
     Codec,
@@ -120,6 +118,7 @@ class LeaderWatchConfig:
 class WorkerConfig:
     slots: int = 1
     heartbeat_interval_s: float = 0.1
+    # A failed join is retried after reconnect_backoff_s, doubling up to the max.
     reconnect_backoff_s: float = 0.05
     reconnect_backoff_max_s: float = 1.0
     plans_max: int = 256
@@ -140,6 +139,9 @@ class WorkerConfig:
     storage: NodeStorageConfig = field(default_factory=NodeStorageConfig)
     wire: WireConfig = field(default_factory=node_wire_config)
     leader_watch: LeaderWatchConfig = field(default_factory=LeaderWatchConfig)
+
+    def reconnect_backoff(self) -> Backoff:
+        return Backoff(self.reconnect_backoff_s, 2.0, self.reconnect_backoff_max_s)
 
 
 class WorkerAgent(DataPort):
@@ -177,6 +179,7 @@ class WorkerAgent(DataPort):
             ),
         )
         self.config = config
+        self._reconnect_backoff = config.reconnect_backoff()
         self._notices: list[StorageNotice] = []
         self._finishing: set[asyncio.Task[None]] = set()
         self.address = ""
@@ -263,7 +266,7 @@ class WorkerAgent(DataPort):
             await self.spares.close()
 
     async def _coordinator_loop(self) -> None:
-        backoff = self.config.reconnect_backoff_s
+        failures = 0  # failed joins in a row
         while True:
             try:
                 conn: Connection[WorkerMessage] = await connect(
@@ -271,7 +274,7 @@ class WorkerAgent(DataPort):
                 )
             except (OSError, TimeoutError, LeptonError) as exc:
                 log.info("cannot reach coordinator %s:%s: %s", *self.join, exc)
-                backoff = await self._retry_pause(backoff)
+                failures = await self._retry_pause(failures + 1)
                 continue
             identity = self.worker_id
             try:
@@ -285,21 +288,24 @@ class WorkerAgent(DataPort):
                 with contextlib.suppress(OSError):
                     await conn.close()
             if accepted or self.worker_id != identity:
-                backoff = self.config.reconnect_backoff_s  # a session ended: rejoin at once
+                failures = 0  # a session ended: rejoin at once
             else:
                 # Closed before accepting us: a follower (it does not take workers) or
                 # one going down. Wait as after a failed connect, not in a tight loop.
-                backoff = await self._retry_pause(backoff)
+                failures = await self._retry_pause(failures + 1)
 
-    async def _retry_pause(self, backoff: float) -> float:
-        """Wait ``backoff`` (less if the leader watch names another coordinator meanwhile);
-        return the next back-off."""
+    async def _retry_pause(self, failures: int) -> int:
+        """Wait the back-off for ``failures`` failed joins in a row, less if the leader
+        watch names another coordinator meanwhile; return the failures to count on
+        (0 then: the new address gets a fresh back-off)."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._join_changed.wait(), backoff)
+            await asyncio.wait_for(
+                self._join_changed.wait(), self._reconnect_backoff.next_delay(failures)
+            )
         if self._join_changed.is_set():
             self._join_changed.clear()
-            return self.config.reconnect_backoff_s
-        return min(backoff * 2, self.config.reconnect_backoff_max_s)
+            return 0
+        return failures
 
     async def _session(self, conn: Connection[WorkerMessage]) -> None:
         await conn.send(
@@ -726,73 +732,7 @@ def _my_ip() -> str:
     return "127.0.0.1"
 
 
-def run_worker(
-    join: str,
-    token: str,
-    data_dir: str,
-    name: str,
-    config: WorkerConfig,
-    *,
-    announce: bool = True,
-) -> None:
-    """Entry point of ``lepton worker``: run the agent until killed."""
-    watch_parent()
-    logging.basicConfig(level=os.environ.get("LEPTON_LOG_LEVEL", "WARNING"))
-    agent = WorkerAgent(join, token, data_dir, name, config)
-    # User code in the executors (children of this process) may read and write the
-    # cluster's storage (``lep://`` URLs, ``lep.connect()``): it finds the cluster here.
-    os.environ["LEPTON_ADDRESS"] = join
-    os.environ["LEPTON_TOKEN"] = token
-    if announce:
-        print(json.dumps({"worker": agent.worker_id, "pid": os.getpid()}), flush=True)
-    with contextlib.suppress(KeyboardInterrupt):
-        eventloop.run(agent.run())
+if __name__ == "__main__":  # python -m lepton_ai.node.worker (node.cluster spawns it)
+    from lepton_ai.node.programs import worker_main
 
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    from lepton_ai.node.cli import add_worker_args
-
-    parser = argparse.ArgumentParser(prog="lepton worker")
-    add_worker_args(parser)
-    run_from_args(parser.parse_args(argv))
-    sys.exit(0)
-
-
-def run_from_args(args: Any) -> None:
-    """``lepton worker`` and ``python -m lepton_ai.node.worker`` (argparse namespace)."""
-    from lepton_ai.wire import resolve_token
-
-    if args.slots < 1 or args.spares < 0:
-        raise ValueError(
-            f"--slots must be >= 1 and --spares >= 0 (got {args.slots}, {args.spares})"
-        )
-    capacity = int(getattr(args, "storage_bytes_max", 0) or 0)
-    scrub_s = float(getattr(args, "scrub_interval_s", 60.0))
-    grace_s = float(getattr(args, "orphan_grace_s", 120.0))
-    if capacity < 0 or scrub_s <= 0 or grace_s <= 0:
-        raise ValueError(
-            f"--storage-bytes-max must be >= 0, --scrub-interval-s and --orphan-grace-s > 0 "
-            f"(got {capacity}, {scrub_s}, {grace_s})"
-        )
-    config = WorkerConfig(
-        slots=args.slots,
-        executor=ExecutorConfig(spares=args.spares),
-        storage=NodeStorageConfig(
-            capacity_bytes=capacity,
-            fsync=not getattr(args, "no_fsync", False),
-            scrub_interval_s=scrub_s,
-            orphan_grace_s=grace_s,
-            orphan_check_interval_s=min(30.0, grace_s / 2),
-        ),
-    )
-    # The name names the node's directory (its stored objects): stable across
-    # restarts by default, so a restarted worker finds its objects again.
-    name = args.name or socket.gethostname()
-    token = resolve_token(args.token)
-    run_worker(args.join, token, args.data_dir, name, config, announce=not args.quiet)
-
-
-if __name__ == "__main__":
-    main()
+    worker_main()

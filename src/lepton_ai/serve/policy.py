@@ -30,6 +30,8 @@ import math
 from dataclasses import dataclass
 from typing import Protocol
 
+from lepton_ai.heal.backoff import Backoff
+
 
 class Rng(Protocol):
     def randrange(self, stop: int, /) -> int: ...
@@ -267,16 +269,19 @@ class BackoffConfig:
     first_immediate: bool = True
 
 
-class Backoff:
+class RestartBackoff:
     """Restart delay for one replica slot (Kubernetes CrashLoopBackOff, made faster).
 
     The first exit after a healthy run restarts at once (``first_immediate``);
     each further exit without ``reset_s`` of health in between doubles the delay
-    from ``initial_s`` (1 s) up to ``max_s`` (60 s).
+    from ``initial_s`` (1 s) up to ``max_s`` (60 s). This class only counts the
+    exits in a row; the delay for a count is ``heal.backoff.Backoff``'s, as for
+    every other restart loop.
     """
 
     def __init__(self, config: BackoffConfig | None = None) -> None:
         self.config = config or BackoffConfig()
+        self._delays = Backoff(self.config.initial_s, 2.0, self.config.max_s)
         self.crashes = 0
         self._healthy_since: float | None = None
 
@@ -295,9 +300,7 @@ class Backoff:
             self.crashes = 0
         self._healthy_since = None
         self.crashes += 1
-        doublings = self.crashes - 1
-        if self.config.first_immediate:
-            if self.crashes == 1:
-                return 0.0
-            doublings -= 1
-        return float(min(self.config.initial_s * 2 ** min(doublings, 32), self.config.max_s))
+        # With first_immediate the first crash of a streak is forgiven: it waits
+        # next_delay(0) == 0, and the second one waits initial_s.
+        failures = self.crashes - 1 if self.config.first_immediate else self.crashes
+        return self._delays.next_delay(failures)

@@ -4,7 +4,7 @@ One asyncio task per replica *slot* runs the slot's life: spawn the child
 (``python -m lepton_ai.serve.child``), wait for its port, wait until ``/readyz``
 answers 200, then hand it to the balancer; when the process exits (or the
 health loop kills it for failing liveness) take it out of rotation and start
-another after the ``Backoff`` delay. ``ServeRuntime.run`` owns every task in
+another after the ``RestartBackoff`` delay. ``ServeRuntime.run`` owns every task in
 one TaskGroup and, on stop, lets the balancer finish its in-flight requests,
 then drains and stops each replica by PID (SIGTERM, then SIGKILL).
 """
@@ -27,7 +27,7 @@ from lepton_ai.errors import LeptonError
 from lepton_ai.serve.balancer import Balancer
 from lepton_ai.serve.config import ServeConfig
 from lepton_ai.serve.frontend import FrontEnd
-from lepton_ai.serve.policy import Backoff, BackoffConfig
+from lepton_ai.serve.policy import BackoffConfig, RestartBackoff
 
 HOST = "127.0.0.1"
 
@@ -39,7 +39,7 @@ class StartupError(LeptonError):
 @dataclass
 class _Slot:
     slot_id: int
-    backoff: Backoff
+    backoff: RestartBackoff
     proc: asyncio.subprocess.Process | None = None
     replica_id: int | None = None  # the router's key for the current incarnation
     port: int | None = None
@@ -208,7 +208,7 @@ class ServeRuntime:
     def _add_slot(self, *, spare: bool = False) -> _Slot:
         if self._tg is None:
             raise AssertionError("_add_slot outside run()")
-        slot = _Slot(self._next_slot, Backoff(self._backoff_config), spare=spare)
+        slot = _Slot(self._next_slot, RestartBackoff(self._backoff_config), spare=spare)
         slot.first_ready = asyncio.get_running_loop().create_future()
         # Only the first failure is raised to the caller; the rest are seen here, not logged.
         slot.first_ready.add_done_callback(lambda f: f.cancelled() or f.exception())
