@@ -14,6 +14,7 @@ import operator
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from typing import Any
 
 import psutil
 
@@ -91,3 +92,32 @@ def kill_marked(var: str, marker: str) -> list[int]:
         except psutil.Error:
             continue
     return found
+
+
+def strength_gap(cluster: Any, coordinators: int = 3, workers: int = 2) -> str:
+    """What a LocalCluster lacks of full strength ("" at full strength): one leader
+    and its followers, every agent alive with an idle executor."""
+    members = cluster.status()["members"]
+    coords = sorted(m["health"] for m in members if m["role"] == "coordinator")
+    want = ["follower"] * (coordinators - 1) + ["leader"]
+    ready = {m["node"] for m in members if m["role"] == "executor" and m["health"] == "idle"}
+    agents = [m for m in members if m["role"] == "worker" and m["health"] == "alive"]
+    if coords == want and len(agents) == workers and len(ready) == workers:
+        return ""
+    return repr([(m["role"], m["id"], m["health"]) for m in members])
+
+
+def wait_full_strength(cluster: Any, timeout_s: float) -> None:
+    import time
+
+    from lepton_ai.errors import Unavailable
+
+    gap = "?"
+    deadline = time.monotonic() + timeout_s
+    while gap and time.monotonic() < deadline:
+        try:
+            gap = strength_gap(cluster)
+        except Unavailable as exc:  # between leaders
+            gap = str(exc)
+        time.sleep(0.05)
+    assert not gap, f"not back to full strength within {timeout_s} s: {gap}"

@@ -21,6 +21,7 @@ import cloudpickle
 import pytest
 
 import lepton_ai as lep
+from helpers import strength_gap, wait_full_strength
 from lepton_ai.node.cluster import LocalCluster
 from lepton_ai.node.process import pid_alive
 
@@ -76,30 +77,6 @@ def until(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
 
 def member(cluster: LocalCluster, role: str, id: str) -> dict[str, Any]:
     return next(m for m in cluster.status()["members"] if m["role"] == role and m["id"] == id)
-
-
-def strength_gap(cluster: LocalCluster, coordinators: int = 3, workers: int = 2) -> str:
-    """What the cluster lacks of full strength ("" at full strength)."""
-    members = cluster.status()["members"]
-    coords = sorted(m["health"] for m in members if m["role"] == "coordinator")
-    want = ["follower"] * (coordinators - 1) + ["leader"]
-    ready = {m["node"] for m in members if m["role"] == "executor" and m["health"] == "idle"}
-    agents = [m for m in members if m["role"] == "worker" and m["health"] == "alive"]
-    if coords == want and len(agents) == workers and len(ready) == workers:
-        return ""
-    return repr([(m["role"], m["id"], m["health"]) for m in members])
-
-
-def full_strength(cluster: LocalCluster) -> None:
-    gap = "?"
-    deadline = time.monotonic() + 20.0
-    while gap and time.monotonic() < deadline:
-        try:
-            gap = strength_gap(cluster)
-        except lep.Unavailable as exc:
-            gap = str(exc)
-        time.sleep(0.05)
-    assert not gap, f"not back to full strength within 20 s: {gap}"
 
 
 @pytest.fixture
@@ -171,7 +148,7 @@ def test_the_leader_killed_twice_5s_apart_both_come_back_and_no_job_is_lost(
     third = shuffle_job(c)
     for job in (first, second, third):
         assert dict(job.result(timeout=60)) == expected(), job.id
-    full_strength(c)
+    wait_full_strength(c, 20.0)
     coords = {m["id"]: m for m in c.status()["members"] if m["role"] == "coordinator"}
     for id in killed:
         assert coords[id]["restarts"] >= 1, coords[id]

@@ -22,6 +22,7 @@ import cloudpickle
 import pytest
 
 import lepton_ai as lep
+from helpers import wait_full_strength
 from lepton_ai.node.cluster import LocalCluster
 from lepton_ai.node.process import pid_alive
 
@@ -123,17 +124,6 @@ def cluster() -> Iterator[LocalCluster]:
         assert not [p for p in seen if pid_alive(p)], "processes left running"
 
 
-def full_strength(cluster: LocalCluster) -> str:
-    """What the cluster lacks of full strength ("" at full strength)."""
-    members = cluster.status()["members"]
-    coords = sorted(m["health"] for m in members if m["role"] == "coordinator")
-    ready = {m["node"] for m in members if m["role"] == "executor" and m["health"] == "idle"}
-    agents = [m for m in members if m["role"] == "worker" and m["health"] == "alive"]
-    if coords == ["follower", "follower", "leader"] and len(agents) == 2 and len(ready) == 2:
-        return ""
-    return repr([(m["role"], m["id"], m["health"]) for m in members])
-
-
 @pytest.mark.timeout(SOAK_S + 240)
 def test_soak(cluster: LocalCluster) -> None:
     print(f"LEPTON_SOAK_SEED={SEED} LEPTON_SOAK_S={SOAK_S}")
@@ -161,15 +151,7 @@ def test_soak(cluster: LocalCluster) -> None:
     assert not tally.job_errors, f"jobs failed: {tally.job_errors}; {context}"
     assert tally.jobs >= 3 and len(tally.faults) >= SOAK_S / 5, (tally.jobs, context)
 
-    gap = "?"
-    deadline = time.monotonic() + 30
-    while gap and time.monotonic() < deadline:
-        try:
-            gap = full_strength(cluster)
-        except lep.Unavailable as exc:
-            gap = str(exc)
-        time.sleep(0.1)
-    assert not gap, f"not at full strength 30 s after the last fault: {gap}; {context}"
+    wait_full_strength(cluster, 30.0)  # after the last fault
     lost = {k: v for k, v in tally.acked.items() if cluster.kv.get(k) != v}
     assert not lost, f"{len(lost)} acknowledged writes lost: {sorted(lost)[:5]}; {context}"
     print(
