@@ -306,7 +306,7 @@ def soak(cluster: Any, seconds: float, seed: int) -> dict[str, Any]:
         t.join()
     records = cluster.supervisor.core.members.values()
     full_s = None  # never, with a member left down (a crash loop): only an operator helps
-    if all(r.state not in ("crashloop", "gone") for r in records):
+    if all(r.state not in ("crashloop", "gone") for r in records):  # killed ones loop back
         full_s = _until(partial(full_strength, cluster), "full strength") - t0
     stats, members = run.stats, cluster.status()["members"]
     events = [e for e in cluster.events() if e["t"] >= wall0]

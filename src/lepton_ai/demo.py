@@ -147,6 +147,7 @@ class Fault:
     replaced_s: float | None = None
     replacement_pid: int | None = None
     resumed_s: float | None = None  # first progress seen after the fault was detected
+    back_s: float | None = None  # the killed leader running again (restarted, as a follower)
 
 
 # ----------------------------------------------------------------- cluster views
@@ -181,6 +182,11 @@ def _is_down(member: dict[str, Any] | None) -> bool:
         return True
     health = member["health"].lower()
     return health in _DOWN or member["pid"] is None
+
+
+def _back(member: dict[str, Any], fault: Fault) -> bool:
+    """The killed member's slot runs again, under a new pid."""
+    return not _is_down(member) and member["pid"] not in (None, 0, fault.pid)
 
 
 def _find(view: list[dict[str, Any]], role: str, member_id: Any) -> dict[str, Any] | None:
@@ -249,18 +255,10 @@ class FaultDriver:
         fault.injected_s = ev.t_s
 
     def _watch(self, fault: Fault, view: list[dict[str, Any]]) -> None:
-        if fault.injected_s is None or fault.injected_s < 0 or fault.replaced_s is not None:
+        if fault.injected_s is None or fault.injected_s < 0:
             return
         role = "coordinator" if fault.role == "leader" else fault.role
         m = _find(view, role, fault.member_id)
-        if fault.role == "leader" and fault.detected_s is not None:
-            new = [c for c in view if c["role"] == "coordinator" and c["health"] == "leader"]
-            if new and new[0]["id"] != fault.member_id:
-                fault.replacement_pid = new[0]["pid"]
-                fault.replaced_s = self.tl.add(
-                    "elected", f"coordinator {new[0]['id']} leads now (pid {new[0]['pid']})"
-                ).t_s
-            return
         if fault.detected_s is None and (m is None or _is_down(m) or m["pid"] != fault.pid):
             if m is None:
                 state = "gone from status"
@@ -271,13 +269,36 @@ class FaultDriver:
             fault.detected_s = self.tl.add(
                 "detected", f"{fault.role} {fault.member_id}: {state}"
             ).t_s
-        if m is not None and not _is_down(m) and m["pid"] != fault.pid:
+        if fault.detected_s is None:
+            return
+        if fault.role == "leader":
+            self._watch_leader(fault, view, m)
+        elif fault.replaced_s is None and m is not None and _back(m, fault):
             # An executor's agent restarts it in the same slot at once, under a new
-            # pid; the cluster's supervisor restarts a dead worker node (and a dead
-            # coordinator: its ``member_restarted`` event comes from the cluster).
+            # pid; the cluster's supervisor restarts a dead worker node.
             fault.replacement_pid = m["pid"]
             fault.replaced_s = self.tl.add(
                 "replaced", f"{fault.role} {fault.member_id} running again as pid {m['pid']}"
+            ).t_s
+
+    def _watch_leader(
+        self, fault: Fault, view: list[dict[str, Any]], old: dict[str, Any] | None
+    ) -> None:
+        """A new leader elected (any process but the killed one: the restarted old
+        replica may win too); and the killed one back under a new pid (the cluster's
+        supervisor restarted it; its ``member_restarted`` event comes from the cluster)."""
+        if fault.replaced_s is None:
+            new = [c for c in view if c["role"] == "coordinator" and c["health"] == "leader"]
+            if new and new[0]["pid"] != fault.pid:
+                fault.replacement_pid = new[0]["pid"]
+                fault.replaced_s = self.tl.add(
+                    "elected", f"coordinator {new[0]['id']} leads now (pid {new[0]['pid']})"
+                ).t_s
+        if fault.back_s is None and old is not None and _back(old, fault):
+            fault.back_s = self.tl.add(
+                "restarted",
+                f"coordinator {fault.member_id} running again as pid {old['pid']} "
+                f"({old['health']})",
             ).t_s
 
     def step(self, progress: float | None, elapsed_fraction: float) -> None:
@@ -325,7 +346,9 @@ def _watch_after(driver: FaultDriver, deadline: float) -> None:
     def settled(f: Fault) -> bool:
         if f.injected_s is None or f.injected_s < 0:
             return True
-        return f.detected_s is not None and (f.role == "leader" or f.replaced_s is not None)
+        if f.role == "leader":
+            return f.replaced_s is not None and f.back_s is not None
+        return f.detected_s is not None and f.replaced_s is not None
 
     while not all(settled(f) for f in driver.faults) and time.perf_counter() < deadline:
         driver.step(None, 0.0)
@@ -469,6 +492,8 @@ _STYLES = {
     "task_rescheduled": "cyan",
     "output_lost": "cyan",
     "replaced": "green",
+    "restarted": "green",
+    "member_restarted": "green",
     "completed": "bold green",
 }
 

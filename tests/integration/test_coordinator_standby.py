@@ -9,6 +9,7 @@ removed, exits with code 3 and does not depose the leader.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -74,17 +75,20 @@ def _start(node: int, sock: socket.socket, peers: str, data: Path, *extra: str) 
     return Coord(node, proc, _addr(sock), json.loads(line)["address"], log)
 
 
-@pytest.fixture
-def group(tmp_path: Path) -> Iterator[dict[int, Coord]]:
-    socks = {n: _listener() for n in (0, 1, 2, STANDBY)}
+@contextlib.contextmanager
+def _group(data: Path, standby: bool, *extra: str) -> Iterator[dict[int, Coord]]:
+    """Three voters (0, 1, 2) and, with ``standby``, a standby (``STANDBY``)."""
+    nodes = (0, 1, 2, STANDBY) if standby else (0, 1, 2)
+    socks = {n: _listener() for n in nodes}
     voters = ",".join(f"{n}={_addr(socks[n])}" for n in (0, 1, 2))
     coords: dict[int, Coord] = {}
     try:
         for n in (0, 1, 2):
-            coords[n] = _start(n, socks[n], voters, tmp_path)
-        # As LocalCluster spawns it: --peers names the voters only; the standby's own
-        # Paxos address is that of the socket it inherits (--paxos-fd).
-        coords[STANDBY] = _start(STANDBY, socks[STANDBY], voters, tmp_path, "--standby")
+            coords[n] = _start(n, socks[n], voters, data, *extra)
+        if standby:
+            # As LocalCluster spawns it: --peers names the voters only; the standby's
+            # own Paxos address is that of the socket it inherits (--paxos-fd).
+            coords[STANDBY] = _start(STANDBY, socks[STANDBY], voters, data, "--standby")
         for sock in socks.values():
             sock.close()  # the children hold their own copies
         yield coords
@@ -99,6 +103,12 @@ def group(tmp_path: Path) -> Iterator[dict[int, Coord]]:
             if c.proc.stdout is not None:
                 c.proc.stdout.close()
         assert not [c.proc.pid for c in coords.values() if pid_alive(c.proc.pid)]
+
+
+@pytest.fixture
+def group(tmp_path: Path) -> Iterator[dict[int, Coord]]:
+    with _group(tmp_path, True) as coords:
+        yield coords
 
 
 def _until(cond: Callable[[], Any], timeout_s: float, what: str) -> Any:
@@ -201,3 +211,47 @@ def test_standby_replaces_a_hung_voter_and_the_removed_one_exits(
         kv.put("after", 1)
         now = _leader(kv, group, {hung, killed})
         assert now is not None and now.ballot == ballot and now.node == leader.node
+
+
+@pytest.mark.timeout(120)
+def test_workers_and_clients_follow_the_advertised_leader_address(tmp_path: Path) -> None:
+    """``--advertise`` is the address a leader sends workers and clients to (here
+    ``localhost``, where the coordinators bind 127.0.0.1): a worker that joins one
+    coordinator is redirected there and runs a job."""
+    import lepton_ai as lep
+
+    with _group(tmp_path, False, "--advertise", "localhost") as coords:
+        for c in coords.values():
+            assert c.client.startswith("localhost:"), c.client  # what each announced
+        ports = [c.client.rpartition(":")[2] for c in coords.values()]
+        joins = ",".join(f"127.0.0.1:{p}" for p in ports)
+        worker = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "lepton_ai.cli", "worker"),
+                *("--join", f"127.0.0.1:{ports[0]}", "--slots", "1", "--token", TOKEN),
+                *("--data-dir", str(tmp_path / "w")),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            with lep.connect(joins, token=TOKEN) as cluster:
+
+                def addresses() -> list[str]:
+                    st = cluster.status()
+                    got = [m["address"] for m in st["members"] if m["role"] == "coordinator"]
+                    return [st["leader"], *got] if all(got) and st["leader"] else []
+
+                # Every coordinator's client address, the followers' too, as advertised.
+                shown = _until(addresses, 30, "a leader and every coordinator's address")
+                assert len(shown) == 4 and all(a.startswith("localhost:") for a in shown), shown
+                _until(
+                    lambda: any(m["role"] == "worker" for m in cluster.status()["members"]),
+                    30,
+                    "the worker, redirected to the leader",
+                )
+                task = lep.DistributedTask(cluster)
+                assert task.parallelize(range(100), partitions=4).count() == 100
+        finally:
+            worker.kill()
+            worker.wait(10)

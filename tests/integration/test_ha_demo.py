@@ -48,4 +48,12 @@ def test_demo_with_three_coordinators_survives_a_leader_kill() -> None:
         # The kill landed mid-job: the timeline shows the election and the job going on.
         assert leader["detected_s"] is not None
         assert "leader_elected" in kinds or "elected" in kinds, out["timeline"]
+        # ... and the killed leader restarted by the cluster's supervisor, back as a follower.
+        assert leader["back_s"] is not None and "restarted" in kinds, out["timeline"]
+    restarted = [ev["detail"] for ev in out["timeline"] if ev["kind"] == "member_restarted"]
+    for fault in out["faults"]:
+        if fault["role"] in ("worker", "leader") and (fault["injected_s"] or -1) >= 0:
+            role = "worker" if fault["role"] == "worker" else "coordinator"
+            who = f"{role} {fault['member_id']} pid"
+            assert any(d.startswith(who) for d in restarted), (who, out["timeline"])
     assert "completed" in kinds

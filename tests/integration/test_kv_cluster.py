@@ -247,3 +247,32 @@ def test_add_and_remove_a_replica(tmp_path: Path) -> None:
         c.kv.put("after", "change")
         assert c.kv.get("after") == "change"
         assert c.kv.get("m19") == 19
+
+
+@pytest.mark.timeout(60)
+def test_concurrent_first_use_opens_one_connection_per_replica(
+    cluster: KvCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """100 requests at once on a fresh client: one connection per replica, not one per
+    request, and nothing left running after close (no "Task was destroyed")."""
+    from lepton_ai.consensus import client as client_mod
+
+    opened: list[tuple[str, int]] = []
+    real_connect = client_mod.connect
+
+    async def counting_connect(host: str, port: int, **kw: object) -> object:
+        opened.append((host, port))
+        return await real_connect(host, port, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(client_mod, "connect", counting_connect)
+
+    async def run() -> None:
+        kv = client_mod.KvClient(cluster.addresses, token=cluster.token)
+        got = await asyncio.gather(*(kv.get("absent-key", i) for i in range(100)))
+        assert got == list(range(100))
+        await kv.close()
+        others = asyncio.all_tasks() - {asyncio.current_task()}
+        assert not others, others
+
+    asyncio.run(run())
+    assert len(opened) == len(set(opened)) <= len(cluster.addresses), opened

@@ -60,12 +60,39 @@ def test_crash_loop_is_reported_once_and_left_down_until_reset() -> None:
         reports += core.step({"coordinator-1": Observed(False, 1)}, now)
         now += 0.05
     loops = [a for a in reports if isinstance(a, ReportCrashLoop)]
-    assert len(loops) == 1 and loops[0].cause == "exit 1"
+    assert len(loops) == 1 and loops[0].cause == "exit 1" and not loops[0].retrying
     assert sum(isinstance(a, StartMember) for a in reports) == CFG.crash_loop_max
     assert core.members["coordinator-1"].state == "crashloop"
+    assert core.members["coordinator-1"].verdict == "crashloop"
     core.reset("coordinator-1", now)  # an operator's restart tries again
     assert core.members["coordinator-1"].state == "running"
     assert core.members["coordinator-1"].restarts == CFG.crash_loop_max
+
+
+def test_a_member_killed_from_outside_in_a_loop_keeps_coming_back_at_the_cap() -> None:
+    """SIGKILLed over and over (a chaos tool, the OOM killer): reported once, then
+    restarted every ``backoff.max_s``; a stable run ends the loop."""
+    core = RestartReconciler(CFG)
+    core.add("worker-0", 0.0)
+    dead, up = {"worker-0": Observed(False, -9)}, {"worker-0": Observed(True)}
+    now, waits, loops = 0.0, list[float](), list[ReportCrashLoop]()
+    while now < 60.0 or core.members["worker-0"].state != "running":
+        for act in core.step(dead, now):
+            if isinstance(act, StartMember):
+                waits.append(round(act.delay_s, 1))
+            elif isinstance(act, ReportCrashLoop):
+                loops.append(act)
+                assert core.members["worker-0"].verdict == "crashloop"
+        now = round(now + 0.05, 2)
+    assert len(loops) == 1 and loops[0].retrying and loops[0].deaths == CFG.crash_loop_max + 1
+    assert waits[: CFG.crash_loop_max] == [0.0, 0.5, 1.0, 2.0]
+    assert len(waits) > CFG.crash_loop_max + 5 and set(waits[CFG.crash_loop_max :]) == {4.0}
+    # It runs past stable_after_s: the loop is over, the next death restarts at once.
+    assert core.step(up, now) == [] and core.members["worker-0"].verdict == ""
+    now += CFG.stable_after_s
+    assert core.step(up, now) == []
+    assert isinstance(core.step(dead, now)[0], StartMember)
+    assert not core.members["worker-0"].looping
 
 
 def test_a_member_that_ran_stably_restarts_at_once_again() -> None:
@@ -112,14 +139,17 @@ SEEDS = int(os.environ.get("LEPTON_SIM_SEEDS", "200"))
 
 @pytest.mark.parametrize("seed", range(SEEDS))
 def test_simulated_members_always_come_back_unless_crash_looping(seed: int) -> None:
-    """Random deaths (some members flap: they die soon after every start); at the
-    end every member runs unless it died more than ``crash_loop_max`` times in a
-    row within ``stable_after_s`` of a start (a reference count kept here), the
-    waits never exceed the cap, and no member is started while it still runs."""
+    """Random deaths (some members flap: they die soon after every start, by their
+    own failure or killed from outside); at the end every member runs unless it
+    failed by itself more than ``crash_loop_max`` times in a row within
+    ``stable_after_s`` of a start (a reference count kept here), the waits never
+    exceed the cap, and no member is started while it still runs."""
     rng = random.Random(seed)
     core = RestartReconciler(CFG)
     members = [f"worker-{i}" for i in range(rng.randint(1, 6))]
     flappy = {m for m in members if rng.random() < 0.3}
+    # How each dies: killed from outside (-9) or failing by itself (exit 1).
+    code = {m: rng.choice((-9, 1)) for m in members}
     alive = dict.fromkeys(members, True)
     started_at = dict.fromkeys(members, 0.0)
     streak = dict.fromkeys(members, 0)  # quick deaths in a row, as the rules define them
@@ -135,9 +165,9 @@ def test_simulated_members_always_come_back_unless_crash_looping(seed: int) -> N
                 alive[m] = False
                 quick = now - started_at[m] < CFG.stable_after_s
                 streak[m] = streak[m] + 1 if quick else 1
-                if streak[m] > CFG.crash_loop_max:
+                if streak[m] > CFG.crash_loop_max and code[m] > 0:
                     looped.add(m)
-        observed = {m: Observed(alive[m], None if alive[m] else -9) for m in members}
+        observed = {m: Observed(alive[m], None if alive[m] else code[m]) for m in members}
         for act in core.step(observed, now):
             if isinstance(act, StartMember):
                 assert not alive[act.member], f"seed {seed}: {act.member} started twice"
@@ -149,4 +179,5 @@ def test_simulated_members_always_come_back_unless_crash_looping(seed: int) -> N
         state = core.members[m].state
         assert (state == "crashloop") == (m in looped), f"seed {seed}: {m} in state {state}"
         assert alive[m] or m in looped, f"seed {seed}: {m} left down"
-    assert flappy <= looped, f"seed {seed}: a flapping member was restarted forever"
+    own = {m for m in flappy if code[m] > 0}
+    assert own <= looped, f"seed {seed}: a member failing by itself was restarted forever"

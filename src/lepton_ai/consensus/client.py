@@ -122,6 +122,9 @@ class KvClient:
         self._rr = 0
         self._rids = itertools.count(1)
         self._links: dict[str, _Link] = {}
+        # One connect per address at a time: callers that find no link while one is
+        # being made wait for it (two links would leak the loser's reader task).
+        self._connecting: dict[str, asyncio.Future[None]] = {}
         self._pending: dict[int, asyncio.Future[ReplyMessage]] = {}
         self._session = 0
         self._session_lock: asyncio.Lock | None = None
@@ -328,14 +331,33 @@ class KvClient:
             link.rids.discard(rid)
 
     async def _link(self, address: str) -> _Link:
-        link = self._links.get(address)
-        if link is not None and not link.conn.closed:
-            return link
+        while True:
+            link = self._links.get(address)
+            if link is not None and not link.conn.closed:
+                return link
+            pending = self._connecting.get(address)
+            if pending is None:
+                break
+            # Another caller is connecting: wait for it (not for its errors: if it
+            # failed, this caller tries for itself).
+            await asyncio.wait({pending})
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._connecting[address] = done
+        try:
+            return await self._connect(address)
+        finally:
+            del self._connecting[address]
+            done.set_result(None)
+
+    async def _connect(self, address: str) -> _Link:
         host, port = _split(address)
         conn = await connect(
             host, port, token=self._token, codec=_REPLY_CODEC, config=self.config.wire
         )
         link = _Link(address, conn)
+        if self._closed:  # closed while it connected: nobody would close this link
+            await conn.close()
+            raise ConnectionClosed(f"{address}: client closed")
         self._links[address] = link
         link.reader = asyncio.get_running_loop().create_task(self._read_replies(link))
         return link

@@ -78,6 +78,7 @@ class Status(msgspec.Struct, tag=True, frozen=True):
     pid: int
     peers: list[PeerStatus]
     members: list[int] = msgspec.field(default_factory=list)
+    service: str = ""  # the address of what this replica hosts (a coordinator's client port)
 
 
 ClientMessage = Submit | Read | StatusQuery | ChangeMembers

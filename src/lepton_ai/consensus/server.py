@@ -110,10 +110,13 @@ def parse_peers(text: str) -> dict[int, str]:
 class KvServer:
     """Connection handling of one replica: peers feed the driver, clients get KV answers."""
 
-    def __init__(self, driver: ReplicaDriver, kv: KvMachine | None, pid: int) -> None:
+    def __init__(
+        self, driver: ReplicaDriver, kv: KvMachine | None, pid: int, service: str = ""
+    ) -> None:
         self.driver = driver
         self.kv = kv
         self.pid = pid
+        self.service = service  # shown in Status: the hosting program's own address
         self.connections: set[Connection[object]] = set()
         # Client connections with replies produced during the current driver pass.
         self._dirty: list[_ClientConn] = []
@@ -264,6 +267,7 @@ class KvServer:
             pid=self.pid,
             peers=peers,
             members=list(core.members),
+            service=self.service,
         )
 
 
@@ -340,6 +344,7 @@ class ReplicaOptions:
     standby: bool = False
     batch_interval_s: float = 0.0  # DriverConfig.batch_interval_s (pacing of slots)
     slots_in_flight_max: int = 1024  # DriverConfig.slots_in_flight_max
+    service_address: str = ""  # what the hosting program serves on (in Status; "" none)
     wire: WireConfig = field(default_factory=WireConfig)
 
 
@@ -430,7 +435,7 @@ class ReplicaHost:
             ),
         )
         kv = self._state_machine if isinstance(self._state_machine, KvMachine) else None
-        self._handler = KvServer(self._driver, kv, os.getpid())
+        self._handler = KvServer(self._driver, kv, os.getpid(), self.options.service_address)
         sock = self._sock or _bind(self.address)
         sock.setblocking(False)
         self._server = await serve(

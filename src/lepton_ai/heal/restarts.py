@@ -12,7 +12,15 @@ Rules (Kubernetes' ``restartPolicy: Always`` with CrashLoopBackOff):
   death doubles the wait (``Backoff``), capped.
 * A member that ran ``stable_after_s`` resets its count of quick deaths.
 * After ``crash_loop_max`` quick deaths in a row the member is reported as
-  crash-looping and left down; ``reset`` (an operator's restart) tries again.
+  crash-looping, once per loop. What happens next depends on who ended it:
+
+  - it failed by itself (an exit code, SIGSEGV, SIGABRT): restarting cannot fix a
+    program that cannot start (a bad flag, a broken disk), so it is left down
+    until ``reset`` (an operator's restart);
+  - it was killed from outside (SIGKILL, SIGTERM, SIGINT, SIGHUP: a chaos tool,
+    the OOM killer, an operator): the program is fine, so it keeps being
+    restarted, at the capped back-off (Kubernetes' CrashLoopBackOff), and the
+    loop ends once it runs ``stable_after_s``.
 * A member that exits with ``EXIT_REMOVED`` (it was removed from the
   coordinator group) or with 0 after being asked to stop is not restarted.
 * A paused (SIGSTOPped) process is alive: the failure detector of the
@@ -55,6 +63,7 @@ class ReportCrashLoop:
     member: str
     deaths: int
     cause: str
+    retrying: bool  # killed from outside: retried at the capped back-off; else left down
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,16 @@ class MemberRecord:
     died_at: float | None = None  # set while it is down and waiting for its restart
     last_exit: str = ""
     state: str = "running"  # running | waiting | crashloop | gone
+    looping: bool = False  # reported as crash-looping; cleared once it runs stably
+
+    @property
+    def verdict(self) -> str:
+        """What status shows for the member instead of its process's health, or ""
+        (it runs, or waits for an ordinary restart): "crashloop" while it is down
+        in a crash loop, "gone" once it ended for good."""
+        if self.state in {"gone", "crashloop"}:
+            return self.state
+        return "crashloop" if self.looping and self.state == "waiting" else ""
 
 
 @dataclass
@@ -100,6 +119,15 @@ def describe_exit(code: int | None) -> str:
     if code == EXIT_REMOVED:
         return f"exit {code} (removed from the coordinator group)"
     return f"exit {code}"
+
+
+# Signals another process sends: the program did not fail by itself.
+_EXTERNAL_SIGNALS = frozenset({1, 2, 9, 15})
+
+
+def killed_from_outside(code: int | None) -> bool:
+    """Did the member end by a signal another process sent (not by its own failure)?"""
+    return code is not None and -code in _EXTERNAL_SIGNALS
 
 
 def _signal_name(number: int) -> str:
@@ -166,14 +194,19 @@ class RestartReconciler:
             rec.state = "gone"
             return ReportGone(member, rec.last_exit)
         if now - rec.started_at >= self.config.stable_after_s:
-            rec.quick_deaths = 0
+            rec.quick_deaths, rec.looping = 0, False
         rec.quick_deaths += 1
         rec.died_at = now
-        if rec.quick_deaths > self.config.crash_loop_max:
-            rec.state = "crashloop"
-            return ReportCrashLoop(member, rec.quick_deaths, rec.last_exit)
         rec.state = "waiting"
-        return None
+        if rec.quick_deaths <= self.config.crash_loop_max:
+            return None
+        retrying = killed_from_outside(code)
+        if not retrying:
+            rec.state = "crashloop"
+        if rec.looping and retrying:
+            return None  # reported when the loop began
+        rec.looping = True
+        return ReportCrashLoop(member, rec.quick_deaths, rec.last_exit, retrying)
 
     def _delay(self, rec: MemberRecord) -> float:
         # The first quick death restarts at once; each further one waits longer.

@@ -9,7 +9,9 @@
 A member that dies is started again by the cluster itself (``restart=True``,
 the default): at once the first time, then with a doubling back-off while it
 keeps dying quickly; one that dies six times in a row within 30 s of its start
-is reported (``crash_loop`` event, health ``crashloop``) and left down.
+is reported (``crash_loop`` event, health ``crashloop`` while down): if it failed
+by itself (an exit code) it is left down until ``restart()``, if it was killed
+from outside (SIGKILL, SIGTERM) it keeps coming back at the 30 s cap.
 ``status()`` shows each member's ``restarts`` and ``last_exit``.
 
 ``LocalCluster`` starts three coordinators, replicas of the Multi-Paxos log
@@ -757,8 +759,8 @@ class LocalCluster(Cluster):
             if rec is None:
                 continue
             m["restarts"], m["last_exit"] = rec.restarts, rec.last_exit
-            if rec.state in ("crashloop", "gone"):
-                m["health"] = rec.state
+            if rec.verdict:
+                m["health"] = rec.verdict
 
     def _coordinator_address(self, id: str) -> str:
         return self.coordinator_addresses[self.coordinator_ids.index(id)]

@@ -60,7 +60,7 @@ def _restarts(cluster: LocalCluster, role: str, id: str) -> dict[str, Any]:
     rec = cluster.supervisor.record(member_key(role, id)) if cluster.supervisor else None
     if rec is None:
         return {"restarts": 0, "last_exit": "", "state": "running"}
-    return {"restarts": rec.restarts, "last_exit": rec.last_exit, "state": rec.state}
+    return {"restarts": rec.restarts, "last_exit": rec.last_exit, "state": rec.verdict or rec.state}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -17,6 +17,39 @@ def node_wire_config(connect_timeout_s: float = 5.0) -> WireConfig:
     return WireConfig(frame_bytes_max=NODE_FRAME_BYTES_MAX, connect_timeout_s=connect_timeout_s)
 
 
+WILDCARDS = frozenset({"0.0.0.0", "::", ""})
+
+
+def local_ip_toward(host: str) -> str:
+    """This host's address on the interface that routes to ``host`` (a peer): what
+    the peer can reach us on. No packet is sent (a UDP connect only picks a route);
+    127.0.0.1 when there is no route at all."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, 9))
+            return str(s.getsockname()[0])
+    except OSError:
+        return "127.0.0.1"
+
+
+def advertised_address(sock: socket.socket, advertise: str | None, toward: str | None) -> str:
+    """The HOST:PORT others should dial for the listener ``sock``.
+
+    ``advertise`` (``HOST`` or ``HOST:PORT``, e.g. behind NAT) wins; else the bound
+    address, except that a wildcard bind (``0.0.0.0``) is not an address anyone can
+    dial: then the local address of the interface routing ``toward`` a peer.
+    """
+    host, port = sock.getsockname()[:2]
+    if advertise:
+        if ":" in advertise:
+            a_host, a_port = parse_address(advertise)
+            return f"{a_host}:{a_port}"
+        return f"{advertise}:{port}"
+    if host in WILDCARDS:
+        host = local_ip_toward(toward or "192.0.2.1")  # TEST-NET-1: the default route
+    return f"{host}:{port}"
+
+
 def parse_address(address: str) -> tuple[str, int]:
     """``"host:port"`` -> (host, port); ValueError on anything else."""
     host, sep, port_text = address.rpartition(":")

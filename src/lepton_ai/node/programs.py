@@ -193,6 +193,14 @@ def add_coordinator_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=0, help="port to bind (0: any free port)")
     p.add_argument(
+        "--advertise",
+        default=None,
+        metavar="HOST[:PORT]",
+        help="the address workers and clients are sent to when this coordinator leads "
+        "(default: the bound one; with --host 0.0.0.0, this host's address on the "
+        "interface that routes to its peers)",
+    )
+    p.add_argument(
         "--data-dir",
         default=os.path.join(os.getcwd(), ".lepton", "coordinator"),
         help="directory of the command log",
@@ -260,15 +268,13 @@ def next_epoch(data_dir: str) -> int:
 
 
 async def serve_coordinator(
-    sock: socket.socket, token: str, data_dir: str, config: CoordinatorConfig
+    sock: socket.socket, token: str, data_dir: str, config: CoordinatorConfig, address: str
 ) -> None:
     from lepton_ai.compute.state import JobStateConfig
     from lepton_ai.node.coord_machine import JobsMachine
     from lepton_ai.node.coordinator import Coordinator
     from lepton_ai.node.local_log import LocalLog, LocalLogConfig
 
-    host, port = sock.getsockname()[:2]
-    address = f"{host}:{port}"
     os.makedirs(data_dir, exist_ok=True)
     machine = JobsMachine(JobStateConfig(finished_jobs_max=config.finished_jobs_max))
     local_log = LocalLog(
@@ -301,6 +307,7 @@ def run_coordinator(
     job_retention_s: float = 0.0,
     standby: bool = False,
     replace_after_s: float = 10.0,
+    advertise: str | None = None,
 ) -> None:
     """Entry point of ``lepton coordinator``: run until killed.
 
@@ -308,7 +315,7 @@ def run_coordinator(
     Multi-Paxos log (``node.replicated``); without, it runs on a local log.
     """
     from lepton_ai.node.coord_config import CoordinatorConfig
-    from lepton_ai.node.netutil import bind_listener
+    from lepton_ai.node.netutil import advertised_address, bind_listener, parse_address
     from lepton_ai.node.process import watch_parent
 
     if (peers is None) != (node_id is None):
@@ -318,9 +325,10 @@ def run_coordinator(
     watch_parent()
     logging.basicConfig(level=os.environ.get("LEPTON_LOG_LEVEL", "WARNING"))
     sock = socket.socket(fileno=listen_fd) if listen_fd is not None else bind_listener(host, port)
+    others = [a for i, a in (peers or {}).items() if i != node_id]
+    address = advertised_address(sock, advertise, parse_address(others[0])[0] if others else None)
     if announce:
-        h, p = sock.getsockname()[:2]
-        print(json.dumps({"address": f"{h}:{p}", "pid": os.getpid()}), flush=True)
+        print(json.dumps({"address": address, "pid": os.getpid()}), flush=True)
     if finished_jobs_max < 1:
         raise ValueError(f"--finished-jobs-max must be >= 1, got {finished_jobs_max}")
     if job_retention_s < 0:
@@ -329,7 +337,7 @@ def run_coordinator(
         fsync=fsync, finished_jobs_max=finished_jobs_max, job_retention_s=job_retention_s
     )
     if peers is None or node_id is None:
-        main_coro = serve_coordinator(sock, token, data_dir, config)
+        main_coro = serve_coordinator(sock, token, data_dir, config, address)
     else:
         from lepton_ai.node.replicated import serve_replicated
 
@@ -344,6 +352,7 @@ def run_coordinator(
             config=config,
             standby=standby,
             replace_after_s=replace_after_s,
+            address=address,
         )
     with contextlib.suppress(KeyboardInterrupt):
         eventloop.run(main_coro)
@@ -382,6 +391,7 @@ def _run_coordinator_args(args: object, peers_text: str | None) -> None:
         job_retention_s=float(getattr(args, "job_retention_s", 0.0)),
         standby=bool(getattr(args, "standby", False)),
         replace_after_s=float(getattr(args, "replace_after_s", 10.0)),
+        advertise=getattr(args, "advertise", None),
     )
 
 

@@ -278,7 +278,9 @@ class ReplicatedCoordinator(Coordinator):
         self.member_id = str(node_id)
         # Peer replica -> (link generation it answered on, its pid): reported only while
         # that connection lasts, so a restarted peer never shows its predecessor's pid.
-        self.peer_pids: dict[int, tuple[int, int]] = {}
+        # Paxos node id -> (link generation, its pid, its client address), asked once per
+        # connection to it.
+        self.peer_pids: dict[int, tuple[int, int, str]] = {}
         self._held: list[JobCommand] = []  # non-urgent proposals of this term (FINISHED_HOLD_S)
         self._held_timer: asyncio.TimerHandle | None = None
 
@@ -382,7 +384,6 @@ class ReplicatedCoordinator(Coordinator):
         voters = set(self.driver.core.members)
         standbys = {s.node: s.address for s in self.driver.core.learner_status()}
         for node, paxos in sorted({**self.driver.addresses, **standbys}.items()):
-            client = self.machine.leaders.get(node, "")
             if node == self.node_id:
                 role = "follower" if node in voters else "standby"
                 role = "leader" if self.leading else role
@@ -395,9 +396,10 @@ class ReplicatedCoordinator(Coordinator):
             link = self.driver.links.get(node)
             up = link is not None and link.connected
             known = self.peer_pids.get(node)
-            peer_pid = (
-                known[1] if up and link is not None and known and known[0] == link.generation else 0
-            )
+            current = up and link is not None and known is not None and known[0] == link.generation
+            peer_pid = known[1] if current and known is not None else 0
+            # Its own word (from its status) or, failing that, what it said as a leader.
+            client = (known[2] if known else "") or self.machine.leaders.get(node, "")
             health = ("standby" if node in standbys else "follower") if up else "unreachable"
             out.append(MemberInfo("coordinator", str(node), peer_pid, client, health, paxos=paxos))
         return out
@@ -420,7 +422,7 @@ class ReplicatedCoordinator(Coordinator):
                         log.debug("status of replica %s: %s", node, exc)
                         continue
                     if status.node == node:
-                        self.peer_pids[node] = (generation, status.pid)
+                        self.peer_pids[node] = (generation, status.pid, status.service)
                 await asyncio.sleep(PEER_PID_POLL_S)
         finally:
             await client.close()
@@ -446,16 +448,19 @@ async def serve_replicated(
     config: CoordinatorConfig,
     standby: bool = False,
     replace_after_s: float = 10.0,
+    address: str = "",
 ) -> None:
-    """Run one coordinator replica. ``standby``: a learner (not in the group; its
+    """Run one coordinator replica (``address``: its client address as others dial
+    it; default the bound one). ``standby``: a learner (not in the group; its
     address may come from ``paxos_sock`` instead of ``peers``) that the leader's
     membership shell promotes when a voter is silent for ``replace_after_s``. Raises
     ``coord_membership.MemberRemoved`` once a committed change removed this replica."""
     from lepton_ai.heal.membership import MembershipConfig
     from lepton_ai.node.coord_membership import EVENT_KINDS, MembershipShell
 
-    host, port = sock.getsockname()[:2]
-    address = f"{host}:{port}"
+    if not address:
+        host, port = sock.getsockname()[:2]
+        address = f"{host}:{port}"
     if standby and node_id not in peers and paxos_sock is not None:
         paxos_host, paxos_port = paxos_sock.getsockname()[:2]
         peers = {**peers, node_id: f"{paxos_host}:{paxos_port}"}
@@ -472,6 +477,7 @@ async def serve_replicated(
             batch_interval_s=SLOT_INTERVAL_S,
             slots_in_flight_max=SLOTS_IN_FLIGHT_MAX,
             standby=standby,
+            service_address=address,
         ),
         listen_sock=paxos_sock,
     )

@@ -111,10 +111,11 @@ class Supervisor:
                 f"(restart {action.restarts}, waited {action.delay_s:.2f} s)",
             )
         elif isinstance(action, ReportCrashLoop):
+            then = "retried at the back-off cap" if action.retrying else "left down"
             self._emit(
                 "crash_loop",
                 f"{_name(action.member)} died {action.deaths} times in a row "
-                f"({action.cause}): left down",
+                f"({action.cause}): {then}",
             )
         else:
             self._emit("member_gone", f"{_name(action.member)}: {action.cause}; not restarted")

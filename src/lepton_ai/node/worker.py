@@ -33,7 +33,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
@@ -78,7 +77,12 @@ from lepton_ai.node.messages import (
     TaskReport,
     WorkerMessage,
 )
-from lepton_ai.node.netutil import REPORT_BATCH_BYTES_MAX, node_wire_config, parse_address
+from lepton_ai.node.netutil import (
+    REPORT_BATCH_BYTES_MAX,
+    local_ip_toward,
+    node_wire_config,
+    parse_address,
+)
 from lepton_ai.node.node_storage import NodeStorage, NodeStorageConfig, open_node_dir
 from lepton_ai.storage.blockstore import BlockStore
 from lepton_ai.wire import (
@@ -240,7 +244,11 @@ class WorkerAgent(DataPort):
             handler=self._serve_blocks,
             config=self.config.wire,
         )
-        host = "127.0.0.1" if self.join[0] in ("127.0.0.1", "localhost") else _my_ip()
+        host = (
+            "127.0.0.1"
+            if self.join[0] in ("127.0.0.1", "localhost")
+            else local_ip_toward(self.join[0])
+        )
         self.address = f"{host}:{bound_port(server)}"
         self.storage.address = self.address
         try:
@@ -646,9 +654,11 @@ class WorkerAgent(DataPort):
     ) -> None:
         a = d.attempt
         self._submitted[index].pop(a, None)
-        if future.cancelled() or generation != self._generation:
-            return  # shutting down, or dispatched to a former incarnation
-        exc = future.exception()
+        if future.cancelled():
+            return  # shutting down
+        exc = future.exception()  # retrieved even when ignored: else asyncio logs it
+        if generation != self._generation:
+            return  # dispatched to a former incarnation
         report: TaskReport
         if isinstance(exc, Requeued):
             self.lanes[index].appendleft(d)  # never started: no failure to count
@@ -723,13 +733,6 @@ class WorkerAgent(DataPort):
             exc_type=reply.exc_type,
             traceback=reply.traceback,
         )
-
-
-def _my_ip() -> str:
-    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.connect(("192.0.2.1", 9))  # no packet is sent; this picks the outgoing interface
-        return str(s.getsockname()[0])
-    return "127.0.0.1"
 
 
 if __name__ == "__main__":  # python -m lepton_ai.node.worker (node.cluster spawns it)
