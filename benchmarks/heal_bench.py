@@ -272,8 +272,14 @@ class Soak:
         (self.cluster.kill if kill else self.cluster.pause)(*key)
         self.stats[f"{'sigkill' if kill else 'sigstop'}_{key[0]}"] += 1
         if not kill:  # a member killed meanwhile: its new process gets a harmless SIGCONT
-            timers.append(threading.Timer(rng.uniform(1.0, 3.0), self.cluster.resume, key))
+            timers.append(threading.Timer(rng.uniform(1.0, 3.0), self._resume, key))
             timers[-1].start()
+
+    def _resume(self, role: str, id: str) -> None:
+        try:
+            self.cluster.resume(role, id)
+        except LookupError:
+            pass  # killed while paused, and not back yet: nothing left to resume
 
     def lost_writes(self) -> int:
         return sum(1 for k, v in self.acked.items() if self.cluster.kv.get(k) != v)

@@ -74,6 +74,10 @@ async def receive_shuffle(conn: Connection[Any], store: BlockStore, msg: PutShuf
                     raise ShuffleCopyFailed(f"chunk {index} of {msg.stem} failed its checksum")
                 f.write(chunk.data)
         os.replace(tmp, path)
+    except FileNotFoundError as exc:
+        # The job ended meanwhile and its directory went (DropJobs): nothing to keep.
+        await conn.send(DataError("missing", f"job {msg.job_id} is over"))
+        raise ShuffleCopyFailed(f"{msg.stem}: job {msg.job_id} is over") from exc
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
