@@ -30,6 +30,8 @@ _EXPORTS: dict[str, str] = {
     "DataLost": "lepton_ai.errors",
     "LimitExceeded": "lepton_ai.errors",
     "Deployment": "lepton_ai.serve.deployment",
+    "ServeClient": "lepton_ai.serve.client",
+    "DeploymentFailed": "lepton_ai.serve.cluster_deployment",
 }
 
 __all__ = [
@@ -37,12 +39,14 @@ __all__ = [
     "DataLost",
     "Dataset",
     "Deployment",
+    "DeploymentFailed",
     "DistributedTask",
     "Job",
     "JobFailed",
     "LeptonError",
     "LimitExceeded",
     "LocalCluster",
+    "ServeClient",
     "StorageFull",
     "TaskError",
     "Unavailable",

@@ -19,6 +19,7 @@ _COMMAND_MODULES = (
     "lepton_ai.node.cli",
     "lepton_ai.consensus.cli",
     "lepton_ai.serve.cli",
+    "lepton_ai.serve.deploy_cli",
     "lepton_ai.compute.cli",
     "lepton_ai.storage.cli",
     "lepton_ai.monitor.cli",

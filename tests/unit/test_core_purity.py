@@ -21,6 +21,7 @@ CORE_GLOBS = (
     "monitor/phi.py",
     "node/control.py",
     "serve/policy*.py",
+    "serve/spec.py",
     "heal/*.py",
     "storage/meta.py",
 )

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from lepton_ai.compute.scheduler_events import SchedulerConfig
 from lepton_ai.monitor.phi import PhiConfig
 from lepton_ai.node.control import ControlConfig
+from lepton_ai.node.coord_serve import ServeControlConfig
 from lepton_ai.node.coord_storage import StorageControlConfig
 from lepton_ai.node.netutil import node_wire_config
 from lepton_ai.wire import WireConfig
@@ -29,6 +30,7 @@ class CoordinatorConfig:
     expiries_per_round_max: int = 1000
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     storage: StorageControlConfig = field(default_factory=StorageControlConfig)
+    serve: ServeControlConfig = field(default_factory=ServeControlConfig)
     phi: PhiConfig = field(default_factory=PhiConfig)
     wire: WireConfig = field(default_factory=node_wire_config)
 

@@ -23,6 +23,11 @@ from lepton_ai.compute.state import (
     encode_apply_result,
 )
 from lepton_ai.node.coord_storage import closes_jobs, link_job_command
+from lepton_ai.serve.spec import (
+    DeploymentsMachine,
+    decode_deploy_command,
+    encode_deploy_result,
+)
 from lepton_ai.storage.messages import ObjectMeta
 from lepton_ai.storage.meta import (
     StorageStateMachine,
@@ -37,6 +42,7 @@ class HostedMachine(Protocol):
 
     jobs: JobStateMachine
     storage: StorageStateMachine
+    deployments: DeploymentsMachine
     listener: Callable[[JobCommand, ApplyResult], None] | None
     storage_listener: Callable[[list[ObjectMeta]], None] | None
 
@@ -46,6 +52,7 @@ class HostedMachine(Protocol):
 class _LocalSnapshot(msgspec.Struct, array_like=True):
     jobs: bytes
     storage: bytes
+    deployments: bytes = b""
 
 
 class JobsMachine:
@@ -60,6 +67,7 @@ class JobsMachine:
     def __init__(self, config: JobStateConfig | None = None) -> None:
         self.jobs = JobStateMachine(config)
         self.storage = StorageStateMachine()
+        self.deployments = DeploymentsMachine()
         self.listener: Callable[[JobCommand, ApplyResult], None] | None = None
         self.storage_listener: Callable[[list[ObjectMeta]], None] | None = None
 
@@ -72,12 +80,18 @@ class JobsMachine:
         return apply_job_command(self, cmd)
 
     def snapshot(self) -> bytes:
-        return msgspec.msgpack.encode(_LocalSnapshot(self.jobs.snapshot(), self.storage.snapshot()))
+        return msgspec.msgpack.encode(
+            _LocalSnapshot(
+                self.jobs.snapshot(), self.storage.snapshot(), self.deployments.snapshot()
+            )
+        )
 
     def restore(self, data: bytes) -> None:
         snap = msgspec.msgpack.decode(data, type=_LocalSnapshot)
         self.jobs.restore(snap.jobs)
         self.storage.restore(snap.storage)
+        if snap.deployments:
+            self.deployments.restore(snap.deployments)
 
 
 def apply_job_command(machine: HostedMachine, cmd: JobCommand) -> bytes:
@@ -95,8 +109,21 @@ def apply_job_command(machine: HostedMachine, cmd: JobCommand) -> bytes:
     return encode_apply_result(result)
 
 
+def apply_deploy_bytes(machine: HostedMachine, command: bytes) -> bytes | None:
+    """Apply a deployment command; None if ``command`` is not one."""
+    try:
+        cmd = decode_deploy_command(command)
+    except ValueError:
+        return None
+    return encode_deploy_result(machine.deployments.apply_command(cmd))
+
+
 def apply_storage_bytes(machine: HostedMachine, command: bytes, job_error: Exception) -> bytes:
-    """Apply a storage command (``job_error``: why the bytes are no job command)."""
+    """Apply a storage or deployment command (``job_error``: why the bytes are no job
+    command)."""
+    deployed = apply_deploy_bytes(machine, command)
+    if deployed is not None:
+        return deployed
     try:
         scmd = decode_storage_command(command)
     except ValueError:

@@ -36,6 +36,7 @@ from lepton_ai.node.messages import (
     SubmitJob,
     WaitJob,
 )
+from lepton_ai.serve.spec import ReplicaReport
 from lepton_ai.storage.control import StorageUsage
 from lepton_ai.wire import Connection
 
@@ -62,6 +63,9 @@ class WorkerView:
         self.running: list[RunningReport] = list(reg.running)
         self.node = reg.node  # the storage node (stable id) behind this incarnation
         self.storage: StorageUsage | None = reg.storage
+        self.serve_url = reg.serve_url  # its balancer ("" : it serves nothing)
+        self.serve_slots = reg.serve_slots
+        self.replicas: list[ReplicaReport] = list(reg.replicas)
 
     @property
     def ready(self) -> bool:
@@ -119,6 +123,9 @@ class ClientApi:
         stored = await self.c.storage.handle(msg)
         if stored is not None:
             return stored
+        served = await self.c.serving.handle(msg)
+        if served is not None:
+            return served
         return ErrorReply("invalid", f"{type(msg).__name__} is not a client request")
 
     async def _leader_hint_soon(self) -> str | None:

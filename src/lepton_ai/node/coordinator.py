@@ -53,6 +53,7 @@ from lepton_ai.node import control as ctl
 from lepton_ai.node.coord_config import CoordinatorConfig
 from lepton_ai.node.coord_machine import HostedMachine
 from lepton_ai.node.coord_outbox import Outbox
+from lepton_ai.node.coord_serve import ServeControl
 from lepton_ai.node.coord_storage import StorageControl
 from lepton_ai.node.coord_views import ClientApi, WorkerView
 from lepton_ai.node.messages import (
@@ -107,6 +108,7 @@ class Coordinator:
         self._tg: asyncio.TaskGroup | None = None
         self.api = ClientApi(self)
         self.storage = StorageControl(self, config.storage)
+        self.serving = ServeControl(self, config.serve)
         machine.listener = self._on_applied
         machine.storage_listener = self.storage.on_removed
 
@@ -141,6 +143,7 @@ class Coordinator:
         else:  # nothing to recover: no grace period before the first dispatch
             self.scheduler = Scheduler(self.config.scheduler, epoch=epoch)
         self.storage.became_leader()
+        self.serving.became_leader()
         self.event("leader", f"{self.address} epoch {epoch}")
 
     def step_down(self) -> None:
@@ -148,6 +151,7 @@ class Coordinator:
         if self.scheduler is None:
             return
         self.scheduler = None
+        self.serving.stepped_down()
         self.event("step_down", f"{self.address} epoch {self.epoch}")
         for view in list(self.workers.values()):
             view.conn.writer.close()  # they re-register with the new leader
@@ -194,6 +198,7 @@ class Coordinator:
                 self.step(Tick(now))
                 self._control(ctl.CheckExpiry(time.time(), self.machine.jobs.state.jobs))
                 self.storage.tick(now)
+                self.serving.tick(now)
 
     def step(self, event: SchedulerEvent) -> None:
         if self.scheduler is None:
@@ -354,6 +359,7 @@ class Coordinator:
             view.executors = list(msg.executors)
             view.running = list(msg.running)
             view.storage = msg.storage
+            view.replicas = list(msg.replicas)
             self.members_changed.set()
         elif isinstance(msg, StorageNotice):
             self.storage.on_notice(view, msg)

@@ -29,6 +29,13 @@ from lepton_ai.compute.scheduler_events import (
     TaskSucceeded,
 )
 from lepton_ai.compute.state import OutputRef
+from lepton_ai.serve.spec import (
+    DeploymentCommand,
+    DeploymentInfo,
+    Endpoint,
+    ReplicaAssignment,
+    ReplicaReport,
+)
 from lepton_ai.storage.control import (
     CommitObject,
     DeleteObject,
@@ -79,6 +86,11 @@ class Register(msgspec.Struct, frozen=True, tag=True):
     # data directory, unlike ``worker``) and the room its object store has.
     node: str = ""
     storage: StorageUsage | None = None
+    # Serving: this node's balancer (``http://host:port``), how many replicas it may
+    # run, and those it runs now (a new leader adopts them).
+    serve_url: str = ""
+    serve_slots: int = 0
+    replicas: list[ReplicaReport] = []
 
 
 class Registered(msgspec.Struct, frozen=True, tag=True):
@@ -93,6 +105,7 @@ class Heartbeat(msgspec.Struct, frozen=True, tag=True):
     running: list[RunningReport]
     executors: list[ExecutorInfo]
     storage: StorageUsage | None = None
+    replicas: list[ReplicaReport] = []  # the serving replicas this node runs
 
 
 class CopyResult(msgspec.Struct, frozen=True):
@@ -170,8 +183,29 @@ class NodeDirectory(msgspec.Struct, frozen=True, tag=True):
     nodes: list[NodeAddr]
 
 
+class RunReplicas(msgspec.Struct, frozen=True, tag=True):
+    """Leader -> agent: the serving replicas this node must run, all of them (the agent
+    starts what is missing and drains and stops what is not listed)."""
+
+    replicas: list[ReplicaAssignment]
+
+
+class ServeEndpoints(msgspec.Struct, frozen=True, tag=True):
+    """Leader -> agent: every ready replica in the cluster, for this node's balancer."""
+
+    endpoints: list[Endpoint]
+
+
 WorkerMessage = (
-    Registered | RunTasks | CancelTasks | DropJobs | CopyObjects | DropObjects | NodeDirectory
+    Registered
+    | RunTasks
+    | CancelTasks
+    | DropJobs
+    | CopyObjects
+    | DropObjects
+    | NodeDirectory
+    | RunReplicas
+    | ServeEndpoints
 )
 
 # ------------------------------------------------------------ client <-> coordinator
@@ -278,6 +312,23 @@ class DeleteJob(msgspec.Struct, frozen=True, tag=True):
     job_id: str
 
 
+class ChangeDeployment(msgspec.Struct, frozen=True, tag=True):
+    """Client -> leader: create, update, scale, roll back or delete a deployment;
+    answered with ``Deployments`` (the one changed; none after a delete)."""
+
+    command: DeploymentCommand
+
+
+class GetDeployments(msgspec.Struct, frozen=True, tag=True):
+    """Client -> leader: one deployment by name, or all ("")."""
+
+    name: str = ""
+
+
+class Deployments(msgspec.Struct, frozen=True, tag=True):
+    deployments: list[DeploymentInfo]
+
+
 CoordinatorMessage = (
     Register
     | Heartbeat
@@ -296,6 +347,8 @@ CoordinatorMessage = (
     | ListObjects
     | DeleteObject
     | StorageCheck
+    | ChangeDeployment
+    | GetDeployments
 )
 ClientReply = (
     JobAccepted
@@ -309,6 +362,7 @@ ClientReply = (
     | ObjectInfo
     | ObjectList
     | StorageReport
+    | Deployments
 )
 
 # ------------------------------------------------------------ shuffle server

@@ -120,6 +120,18 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         default=120.0,
         help="age after which an object no committed reference lists here is deleted",
     )
+    p.add_argument(
+        "--serve-slots",
+        type=int,
+        default=4,
+        help="model-serving replicas this node may run (0: none, and no balancer)",
+    )
+    p.add_argument(
+        "--serve-port",
+        type=int,
+        default=0,
+        help="port of this node's serving balancer (default: any free port)",
+    )
     p.add_argument("--quiet", action="store_true", help="do not print the worker id")
 
 
@@ -142,8 +154,17 @@ def _run_worker_args(args: Any) -> None:
             f"--storage-bytes-max must be >= 0, --scrub-interval-s and --orphan-grace-s > 0 "
             f"(got {capacity}, {scrub_s}, {grace_s})"
         )
+    serve_slots = int(getattr(args, "serve_slots", 4))
+    serve_port = int(getattr(args, "serve_port", 0))
+    if not 0 <= serve_slots <= 64 or not 0 <= serve_port <= 65535:
+        raise ValueError(
+            f"--serve-slots must be in 0..64 and --serve-port in 0..65535 "
+            f"(got {serve_slots}, {serve_port})"
+        )
     config = WorkerConfig(
         slots=args.slots,
+        serve_slots=serve_slots,
+        serve_port=serve_port,
         executor=ExecutorConfig(spares=args.spares),
         storage=NodeStorageConfig(
             capacity_bytes=capacity,

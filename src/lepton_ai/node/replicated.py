@@ -51,9 +51,10 @@ from lepton_ai.consensus.kv import KvMachine
 from lepton_ai.consensus.server import ReplicaHost, ReplicaOptions
 from lepton_ai.errors import LeptonError
 from lepton_ai.node.coord_config import CoordinatorConfig
-from lepton_ai.node.coord_machine import apply_job_command
+from lepton_ai.node.coord_machine import apply_deploy_bytes, apply_job_command
 from lepton_ai.node.coordinator import Coordinator
 from lepton_ai.node.messages import Event, MemberInfo
+from lepton_ai.serve.spec import DeploymentsMachine
 from lepton_ai.storage.messages import ObjectMeta
 from lepton_ai.storage.meta import (
     StorageStateMachine,
@@ -115,6 +116,7 @@ class _Snapshot(msgspec.Struct, array_like=True):
     leaders: dict[int, str]
     events: list[Event]
     storage: bytes = b""
+    deployments: bytes = b""
 
 
 _snap_encoder = msgspec.msgpack.Encoder()
@@ -133,6 +135,7 @@ class CoordinatorMachine(KvMachine):
         super().__init__()
         self.jobs = JobStateMachine(jobs)
         self.storage = StorageStateMachine()
+        self.deployments = DeploymentsMachine()
         self.listener: Callable[[JobCommand, ApplyResult], None] | None = None
         self.storage_listener: Callable[[list[ObjectMeta]], None] | None = None
         self.leaders: dict[int, str] = {}  # Paxos node id -> its client address
@@ -153,6 +156,9 @@ class CoordinatorMachine(KvMachine):
             pass
         else:
             return self._apply_meta(meta)
+        deployed = apply_deploy_bytes(self, command)
+        if deployed is not None:
+            return deployed
         try:
             scmd = decode_storage_command(command)
         except ValueError:
@@ -180,6 +186,7 @@ class CoordinatorMachine(KvMachine):
                 self.leaders,
                 list(self.events),
                 self.storage.snapshot(),
+                self.deployments.snapshot(),
             )
         )
 
@@ -190,6 +197,8 @@ class CoordinatorMachine(KvMachine):
         self.leaders = dict(snap.leaders)
         if snap.storage:
             self.storage.restore(snap.storage)
+        if snap.deployments:
+            self.deployments.restore(snap.deployments)
         self.events.clear()
         self.events.extend(snap.events)
 
@@ -457,6 +466,7 @@ async def serve_replicated(
     ``coord_membership.MemberRemoved`` once a committed change removed this replica."""
     from lepton_ai.heal.membership import MembershipConfig
     from lepton_ai.node.coord_membership import EVENT_KINDS, MembershipShell
+    from lepton_ai.node.coord_serve import EVENT_KINDS as SERVE_EVENT_KINDS
 
     if not address:
         host, port = sock.getsockname()[:2]
@@ -487,7 +497,7 @@ async def serve_replicated(
     )
     election = Election(coordinator, replica.log)
     replica.log.on_leadership(election.changed)
-    coordinator.replicated_kinds = coordinator.replicated_kinds | EVENT_KINDS
+    coordinator.replicated_kinds = coordinator.replicated_kinds | EVENT_KINDS | SERVE_EVENT_KINDS
     voters = len(replica.log.paxos.members)  # the bootstrap group (a standby's peers less it)
     shell = MembershipShell(
         coordinator, replica.log, MembershipConfig(voters, replace_after_s=replace_after_s)

@@ -71,7 +71,9 @@ from lepton_ai.node.messages import (
     Register,
     Registered,
     Reports,
+    RunReplicas,
     RunTasks,
+    ServeEndpoints,
     ShuffleMessage,
     StorageNotice,
     TaskReport,
@@ -84,6 +86,8 @@ from lepton_ai.node.netutil import (
     parse_address,
 )
 from lepton_ai.node.node_storage import NodeStorage, NodeStorageConfig, open_node_dir
+from lepton_ai.serve.node_serve import NodeServing
+from lepton_ai.serve.spec import ReplicaReport
 from lepton_ai.storage.blockstore import BlockStore
 from lepton_ai.wire import (
     Codec,
@@ -139,6 +143,10 @@ class WorkerConfig:
     outbox_reports_max: int = 100_000  # reports kept while the coordinator is away
     fetch_connections_max: int = 64
     notices_max: int = 10_000  # storage notices kept while no coordinator listens
+    # Serving: model replicas this node may run (0: none, and no balancer), and the
+    # port of its balancer (0: any free port).
+    serve_slots: int = 4
+    serve_port: int = 0
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     storage: NodeStorageConfig = field(default_factory=NodeStorageConfig)
     wire: WireConfig = field(default_factory=node_wire_config)
@@ -187,6 +195,7 @@ class WorkerAgent(DataPort):
         self._notices: list[StorageNotice] = []
         self._finishing: set[asyncio.Task[None]] = set()
         self.address = ""
+        self.serving: NodeServing | None = None  # started by run() when serve_slots > 0
         self._beat_now = asyncio.Event()  # an executor came up: heartbeat at once
         # The leader watch named another coordinator: stop waiting out the reconnect
         # back-off (grown against the dead leader) and join the new one at once.
@@ -251,8 +260,16 @@ class WorkerAgent(DataPort):
         )
         self.address = f"{host}:{bound_port(server)}"
         self.storage.address = self.address
+        if self.config.serve_slots > 0:
+            # Its replicas' state changes (one ready, one died) reach the leader at once.
+            self.serving = NodeServing(
+                host, port=self.config.serve_port, on_change=self._beat_now.set
+            )
+            await self.serving.start()
         try:
             async with asyncio.TaskGroup() as tg:
+                if self.serving is not None:
+                    tg.create_task(self.serving.run())
                 tg.create_task(self.storage.run())
                 for slot in self.slots:
                     tg.create_task(slot.supervise())
@@ -327,6 +344,9 @@ class WorkerAgent(DataPort):
                 len(self.slots),
                 self.node_id,
                 self.storage.usage(),
+                self.serving.url if self.serving is not None else "",
+                self.config.serve_slots if self.serving is not None else 0,
+                self._replicas(),
             )
         )
         reply = await conn.recv()
@@ -445,6 +465,9 @@ class WorkerAgent(DataPort):
             slot.cancelled = True
             slot.signal(signal.SIGKILL)  # executors restart under the new id
 
+    def _replicas(self) -> list[ReplicaReport]:
+        return self.serving.reports() if self.serving is not None else []
+
     def _running(self) -> list[RunningReport]:
         out = [RunningReport(d.attempt, d.slot) for sub in self._submitted for d in sub.values()]
         out.extend(RunningReport(d.attempt, d.slot) for lane in self.lanes for d in lane)
@@ -490,7 +513,8 @@ class WorkerAgent(DataPort):
             execs += [
                 ExecutorInfo(-1 - i, pid, "spare") for i, pid in enumerate(self.spares.pids())
             ]
-            await conn.send(Heartbeat(self._running(), execs, self.storage.usage()))
+            beat = Heartbeat(self._running(), execs, self.storage.usage(), self._replicas())
+            await conn.send(beat)
             # Early when an executor comes up: the cluster counts a node ready
             # once the coordinator has heard its executors are (start-up).
             with contextlib.suppress(TimeoutError):
@@ -547,6 +571,9 @@ class WorkerAgent(DataPort):
     def _on_message(self, msg: WorkerMessage) -> None:
         if self.storage.on_message(msg):
             return
+        if isinstance(msg, RunReplicas | ServeEndpoints):
+            self._on_serve_message(msg)
+            return
         if isinstance(msg, RunTasks):
             for blob in msg.plans:
                 self.plans[blob.job_id] = blob.plan
@@ -568,6 +595,20 @@ class WorkerAgent(DataPort):
                 self.store.delete_job(job_id)
             for slot in self.slots:
                 slot.forget(msg.job_ids)
+
+    def _on_serve_message(self, msg: RunReplicas | ServeEndpoints) -> None:
+        if self.serving is None:
+            log.warning("%s for a node that serves nothing (--serve-slots 0)", type(msg).__name__)
+        elif isinstance(msg, RunReplicas):
+            try:
+                self.serving.assign(msg.replicas)
+            except ValueError as exc:  # more than this node runs: a leader bug, not ours
+                log.error("replicas refused: %s", exc)
+        else:
+            try:
+                self.serving.set_endpoints(msg.endpoints)
+            except ValueError as exc:  # a table past this node's limits: the old one stays
+                log.error("serving endpoints refused: %s", exc)
 
     def _enqueue(self, d: Dispatch) -> None:
         if not 0 <= d.slot < self.sched_slots or d.attempt.job_id not in self.plans:

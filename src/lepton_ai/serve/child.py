@@ -3,13 +3,17 @@
 Protocol with the supervisor (one JSON line on stdout, then nothing):
 
 * ``{"port": N, "pid": P}`` once the model is loaded and the socket is bound
-  on 127.0.0.1 (an ephemeral port), or
+  on ``--host`` (127.0.0.1 unless told; an ephemeral port), or
 * ``{"error": "..."}`` and exit code 2 when the target cannot be loaded.
 
 The supervisor keeps our stdin open; when it dies, stdin reaches EOF and this
 process exits, so replicas never outlive their deployment (a parent-PID check
 covers the case where stdin is not a pipe). SIGTERM drains: /readyz turns 503,
 uvicorn stops accepting and finishes in-flight requests, then exits.
+
+With ``--version`` and ``--replica-id`` every answer carries ``x-lepton-version`` and
+``x-lepton-replica``: a client (or a test) of a cluster deployment sees which replica
+of which version served it.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import TextIO
 import uvicorn
 
 from lepton_ai.serve.config import ReplicaConfig
-from lepton_ai.serve.replica import ReplicaState, build_app
+from lepton_ai.serve.replica import REPLICA_HEADER, VERSION_HEADER, ReplicaState, build_app
 from lepton_ai.serve.target import TargetError, load_target
 
 _PARENT_POLL_S = 0.5
@@ -87,12 +91,24 @@ def _say(channel: TextIO, doc: dict[str, object]) -> None:
     channel.close()
 
 
+def _identity(version: str | None, replica_id: str | None) -> dict[str, str]:
+    headers = {}
+    if version is not None:
+        headers[VERSION_HEADER] = version
+    if replica_id is not None:
+        headers[REPLICA_HEADER] = replica_id
+    return headers
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lepton-replica")
     parser.add_argument("--target", required=True)
     parser.add_argument("--config", default="{}", help="ReplicaConfig fields as JSON")
     parser.add_argument("--parent-pid", type=int, default=os.getppid())
     parser.add_argument("--drain-timeout-s", type=float, default=10.0)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind")
+    parser.add_argument("--version", default=None, help="answer with x-lepton-version")
+    parser.add_argument("--replica-id", default=None, help="answer with x-lepton-replica")
     args = parser.parse_args(argv)
     _watch_parent(args.parent_pid)
     channel = _protocol_channel()
@@ -107,10 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     # without it uvicorn's two writes per response meet Nagle + delayed ACK (40 ms).
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind((args.host, 0))
     sock.listen(1024)
     uv_config = uvicorn.Config(
-        build_app(target, config, state),
+        build_app(target, config, state, headers=_identity(args.version, args.replica_id)),
         log_level="warning",
         access_log=False,
         timeout_keep_alive=config.keep_alive_s,

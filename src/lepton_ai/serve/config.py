@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lepton_ai.serve.policy import RouterConfig
+from lepton_ai.serve.policy import BackoffConfig, RouterConfig
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,15 @@ class SupervisorConfig:
             raise ValueError("need 0 < backoff_initial_s <= backoff_max_s")
         if self.replicas_max <= 0:
             raise ValueError("replicas_max must be positive")
+
+    def backoff(self) -> BackoffConfig:
+        """The restart back-off of one replica, as every supervisor of replicas uses it."""
+        return BackoffConfig(
+            self.backoff_initial_s,
+            self.backoff_max_s,
+            self.backoff_reset_s,
+            self.backoff_first_immediate,
+        )
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,10 @@
         httpx.post(f"{dep.url}/predict", json={"instances": [[1, 2]]})
         dep.scale(5); dep.status()
 
+With ``cluster=`` (and a ``name``) the deployment is cluster state instead
+(``serve.cluster_deployment``): it runs on the worker nodes, outlives this
+process, and ``Deployment.get(cluster, name)`` finds it from any other.
+
 The runtime (supervisor + balancer) runs in its own event loop on a background
 thread of this process; replicas are subprocesses on 127.0.0.1. Leaving the
 block drains in-flight requests and stops every replica by PID; an ``atexit``
@@ -24,6 +28,7 @@ from types import TracebackType
 from typing import Any
 
 from lepton_ai import eventloop
+from lepton_ai.serve.cluster_deployment import ClusterDeployment
 from lepton_ai.serve.config import ReplicaConfig, ServeConfig
 from lepton_ai.serve.supervisor import ServeRuntime
 from lepton_ai.serve.target import check_target
@@ -37,6 +42,10 @@ class Deployment:
     ``spares`` warm standbys are started too: loaded and probed but given no
     traffic, one takes over the moment a serving replica dies (for models that
     take seconds to load). ``max_batch_size`` > 0 turns on micro-batching.
+
+    ``cluster=`` (a ``LocalCluster`` or ``lep.connect()``) with ``name=``: the spec is
+    committed to the cluster and this returns at once (``wait_ready()`` waits);
+    ``port``, ``spares`` and ``config`` are the local runtime's and are refused.
     """
 
     def __init__(
@@ -50,11 +59,29 @@ class Deployment:
         max_wait_ms: float = 5.0,
         config: ServeConfig | None = None,
         start_timeout_s: float = 120.0,
+        cluster: Any = None,
+        name: str | None = None,
     ) -> None:
         if not isinstance(target, str):
             raise TypeError("target must be a str such as 'module:callable'")
         if not isinstance(replicas, int) or isinstance(replicas, bool):
             raise TypeError("replicas must be an int")
+        self._remote: ClusterDeployment | None = None
+        if cluster is not None or name is not None:
+            if cluster is None or not name:
+                raise ValueError("a cluster deployment needs both cluster= and name=")
+            if port or spares or config is not None:
+                raise ValueError("port, spares and config apply to a local deployment only")
+            self._remote = ClusterDeployment.create(
+                cluster,
+                target,
+                replicas,
+                name,
+                max_batch_size=max_batch_size,
+                max_wait_ms=max_wait_ms,
+            )
+            self._start_timeout_s = start_timeout_s
+            return
         config = config or ServeConfig()
         if max_batch_size:
             batching = ReplicaConfig(
@@ -72,8 +99,26 @@ class Deployment:
         self._ready: Future[str] = Future()
         self._done: Future[None] = Future()
 
+    @classmethod
+    def get(cls, cluster: Any, name: str) -> Deployment:
+        """The deployment ``name`` of ``cluster``, from any process (KeyError if none)."""
+        dep = cls.__new__(cls)
+        dep._remote = ClusterDeployment.get(cluster, name)
+        dep._start_timeout_s = 120.0
+        return dep
+
+    @property
+    def on_cluster(self) -> ClusterDeployment:
+        """The cluster deployment's handle (``update``, ``rollback``, ``wait_ready`` ...)."""
+        if self._remote is None:
+            raise RuntimeError("a local Deployment (no cluster=) has no cluster handle")
+        return self._remote
+
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> Deployment:
+        if self._remote is not None:
+            self._remote.wait_ready(self._start_timeout_s)
+            return self
         if self._thread is not None:
             raise RuntimeError("Deployment already started")
         check_target(self._runtime.target)  # a bad TARGET fails here, before any process
@@ -107,7 +152,12 @@ class Deployment:
         self._ready.set_result(url)
 
     def stop(self, timeout_s: float = 60.0) -> None:
-        """Drain in-flight requests and stop every replica (idempotent)."""
+        """Drain in-flight requests and stop every replica (idempotent). On a cluster:
+        ``delete()`` (the ``with`` block's end)."""
+        if self._remote is not None:
+            with contextlib.suppress(KeyError):
+                self._remote.delete()
+            return
         loop, thread = self._loop, self._thread
         if thread is None:
             return
@@ -138,6 +188,8 @@ class Deployment:
     # -- queries and control --------------------------------------------------------------
     @property
     def url(self) -> str:
+        if self._remote is not None:
+            return self._remote.url
         if not self._ready.done():
             raise RuntimeError("Deployment is not started")
         return self._ready.result()
@@ -149,14 +201,47 @@ class Deployment:
             raise RuntimeError("Deployment is not running")
         return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout_s)
 
+    @property
+    def urls(self) -> list[str]:
+        """Every entry point: each worker node's balancer on a cluster, else ``[url]``."""
+        return self._remote.urls if self._remote is not None else [self.url]
+
+    @property
+    def name(self) -> str:
+        return self.on_cluster.name
+
+    @property
+    def version(self) -> int:
+        return self.on_cluster.version
+
+    def wait_ready(self, timeout_s: float = 120.0) -> Deployment:
+        self.on_cluster.wait_ready(timeout_s)
+        return self
+
+    def update(self, target: str, timeout_s: float = 300.0) -> int:
+        """Roll out ``target`` one replica at a time (cluster deployments); the new version."""
+        return self.on_cluster.update(target, timeout_s=timeout_s)
+
+    def rollback(self, timeout_s: float = 300.0) -> int:
+        return self.on_cluster.rollback(timeout_s=timeout_s)
+
+    def delete(self) -> None:
+        self.on_cluster.delete()
+
     def scale(self, replicas: int, timeout_s: float = 120.0) -> None:
         """Change the replica count; returns when new replicas are ready or old ones stopped."""
         if not isinstance(replicas, int) or isinstance(replicas, bool):
             raise TypeError("replicas must be an int")
+        if self._remote is not None:
+            self._remote.scale(replicas, timeout_s=timeout_s)
+            return
         self._call(self._runtime.scale(replicas), timeout_s)
 
     def status(self) -> list[dict[str, Any]]:
-        """Each replica: id, pid, url, ready, restarts (and role, state, outstanding, ejections)."""
+        """Each replica: id, pid, url, ready, restarts (and role, state, outstanding, ejections;
+        on a cluster: node, version, state, error)."""
+        if self._remote is not None:
+            return self._remote.status()
 
         async def snapshot() -> list[dict[str, Any]]:
             return self._runtime.status()
@@ -166,6 +251,8 @@ class Deployment:
 
     def pids(self) -> list[int]:
         """PIDs of the replica processes (for tests and fault injection)."""
+        if self._remote is not None:
+            return self._remote.pids()
 
         async def snapshot() -> list[int]:
             return self._runtime.pids()

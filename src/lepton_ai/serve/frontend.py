@@ -28,13 +28,49 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import cast
+from typing import Protocol, cast
 
 import httptools
 
-from lepton_ai.serve.balancer import Balancer, Headers, Reply, json_reply
+from lepton_ai.serve.balancer import Headers, OnReply, Reply, json_reply
+from lepton_ai.serve.config import BalancerConfig
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+LISTEN_BACKLOG = 2048  # connections the kernel queues before we accept them
+
+
+class StatusCounter(Protocol):
+    def count(self, status: int) -> None: ...
+
+
+class Dispatcher(Protocol):
+    """What the front end needs of what it serves: a ``Balancer`` (one deployment) or a
+    node's router over many (``serve/node_balancer.py``)."""
+
+    @property
+    def config(self) -> BalancerConfig: ...
+
+    @property
+    def metrics(self) -> StatusCounter: ...
+
+    def dispatch(
+        self, method: str, target: str, headers: Headers, body: bytes, on_reply: OnReply
+    ) -> None: ...
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (0: any free port); OSError names both."""
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted sockets only then;
+    # without it a small answer can wait for Nagle + delayed ACK (40 ms).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(LISTEN_BACKLOG)
+    return sock
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,9 +98,9 @@ _STATUS_LINES = {s.value: _status_line(s.value) for s in http.HTTPStatus}
 
 
 class FrontEnd:
-    """Accepts client connections for one ``Balancer``; ``close`` drains and stops."""
+    """Accepts client connections for one ``Dispatcher``; ``close`` drains and stops."""
 
-    def __init__(self, balancer: Balancer) -> None:
+    def __init__(self, balancer: Dispatcher) -> None:
         self.balancer = balancer
         self.config = balancer.config
         self.connections: set[_Client] = set()

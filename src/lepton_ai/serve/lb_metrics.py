@@ -10,7 +10,7 @@ types are what the ``Counter``/``Histogram`` objects exposed before.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -20,6 +20,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 from lepton_ai.serve.policy import Outcome
 
@@ -65,41 +66,69 @@ class BalancerMetrics:
         return generate_latest(self._registry)
 
     def collect(self) -> Iterator[Metric]:
-        requests = CounterMetricFamily(
-            "lepton_lb_requests", "client requests by status", labels=["code"]
-        )
-        for status, n in sorted(self.by_status.items()):
-            requests.add_metric([str(status)], n)
-        if self.other_status:
-            requests.add_metric(["other"], self.other_status)
-        yield requests
-        attempts = CounterMetricFamily(
-            "lepton_lb_attempts", "upstream attempts by outcome", labels=["outcome"]
-        )
-        for outcome, n in self.by_outcome.items():
+        return _families([], [([], self)])
+
+
+def render_grouped(label: str, groups: Mapping[str, BalancerMetrics]) -> bytes:
+    """Several balancers' metrics in one scrape, told apart by ``label`` (a node's
+    balancer has one per deployment; its own requests go under the value "")."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Grouped(label, groups))
+    return generate_latest(registry)
+
+
+class _Grouped(Collector):
+    def __init__(self, label: str, groups: Mapping[str, BalancerMetrics]) -> None:
+        self.label = label
+        self.groups = groups
+
+    def collect(self) -> Iterator[Metric]:
+        return _families([self.label], [([v], m) for v, m in self.groups.items()])
+
+
+def _families(
+    names: list[str], groups: list[tuple[list[str], BalancerMetrics]]
+) -> Iterator[Metric]:
+    """The metric families of ``groups``: each one's label values (for ``names``) and counts."""
+    requests = CounterMetricFamily(
+        "lepton_lb_requests", "client requests by status", labels=[*names, "code"]
+    )
+    attempts = CounterMetricFamily(
+        "lepton_lb_attempts", "upstream attempts by outcome", labels=[*names, "outcome"]
+    )
+    retries = CounterMetricFamily(
+        "lepton_lb_retries", "attempts retried on another replica", labels=names
+    )
+    ejections = CounterMetricFamily(
+        "lepton_lb_ejections", "passive outlier ejections", labels=names
+    )
+    shed = CounterMetricFamily("lepton_lb_shed", "requests answered 503 (no room)", labels=names)
+    latency = HistogramMetricFamily(
+        "lepton_lb_request_seconds", "client request latency", labels=names
+    )
+    ready = GaugeMetricFamily(
+        "lepton_lb_ready_replicas", "replicas ready and not ejected", labels=names
+    )
+    for values, m in groups:
+        for status, n in sorted(m.by_status.items()):
+            requests.add_metric([*values, str(status)], n)
+        if m.other_status:
+            requests.add_metric([*values, "other"], m.other_status)
+        for outcome, n in m.by_outcome.items():
             if n:
-                attempts.add_metric([outcome.value], n)
-        yield attempts
-        yield CounterMetricFamily(
-            "lepton_lb_retries", "attempts retried on another replica", value=self.retries
-        )
-        yield CounterMetricFamily(
-            "lepton_lb_ejections", "passive outlier ejections", value=self.ejections
-        )
-        yield CounterMetricFamily(
-            "lepton_lb_shed", "requests answered 503 (no room)", value=self.shed
-        )
-        cumulative = 0
-        buckets: list[tuple[str, float]] = []
-        for bound, n in zip((*_BUCKETS_S, float("inf")), self.latency_counts, strict=True):
-            cumulative += n
-            buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
-        yield HistogramMetricFamily(
-            "lepton_lb_request_seconds",
-            "client request latency",
-            buckets=buckets,
-            sum_value=self.latency_sum_s,
-        )
-        yield GaugeMetricFamily(
-            "lepton_lb_ready_replicas", "replicas ready and not ejected", value=self.ready
-        )
+                attempts.add_metric([*values, outcome.value], n)
+        retries.add_metric(values, m.retries)
+        ejections.add_metric(values, m.ejections)
+        shed.add_metric(values, m.shed)
+        latency.add_metric(values, _buckets(m), m.latency_sum_s)
+        ready.add_metric(values, m.ready)
+    yield from (requests, attempts, retries, ejections, shed, latency, ready)
+
+
+def _buckets(m: BalancerMetrics) -> list[tuple[str, float]]:
+    cumulative = 0
+    buckets: list[tuple[str, float]] = []
+    for bound, n in zip((*_BUCKETS_S, float("inf")), m.latency_counts, strict=True):
+        cumulative += n
+        buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
+    return buckets

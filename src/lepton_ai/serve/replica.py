@@ -20,7 +20,7 @@ import sys
 import time
 import traceback
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,12 +28,17 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lepton_ai.serve.config import ReplicaConfig
 from lepton_ai.serve.target import Target
+
+VERSION_HEADER = "x-lepton-version"  # the deployment version this replica serves
+REPLICA_HEADER = "x-lepton-replica"  # the replica's id in the cluster
 
 
 class BadInput(ValueError):
@@ -207,10 +212,34 @@ class _Metrics:
         )
 
 
+class _ResponseHeaders:
+    """ASGI middleware: the same extra headers on every HTTP response."""
+
+    def __init__(self, app: ASGIApp, headers: list[tuple[bytes, bytes]]) -> None:
+        self.app = app
+        self.headers = headers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *self.headers]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
 def build_app(
-    target: Target, config: ReplicaConfig | None = None, state: ReplicaState | None = None
+    target: Target,
+    config: ReplicaConfig | None = None,
+    state: ReplicaState | None = None,
+    *,
+    headers: Mapping[str, str] | None = None,
 ) -> Starlette:
-    """The replica's ASGI app for an already loaded target."""
+    """The replica's ASGI app for an already loaded target; ``headers`` go on every answer."""
     config = config or ReplicaConfig()
     state = state or ReplicaState()
     metrics = _Metrics()
@@ -274,7 +303,9 @@ def build_app(
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+    middleware = [Middleware(_ResponseHeaders, headers=extra)] if extra else []
+    return Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

@@ -13,27 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import json
-import os
 import signal
-import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lepton_ai.errors import LeptonError
 from lepton_ai.serve.balancer import Balancer
 from lepton_ai.serve.config import ServeConfig
-from lepton_ai.serve.frontend import FrontEnd
-from lepton_ai.serve.policy import BackoffConfig, RestartBackoff
+from lepton_ai.serve.frontend import FrontEnd, listen
+from lepton_ai.serve.policy import RestartBackoff
+from lepton_ai.serve.spawn import LOOPBACK, StartupError, read_port, reap, spawn_replica
 
-HOST = "127.0.0.1"
-
-
-class StartupError(LeptonError):
-    """A replica could not start (its reason is in the message)."""
+HOST = LOOPBACK
+__all__ = ["HOST", "ServeRuntime", "StartupError"]
 
 
 @dataclass
@@ -82,13 +75,7 @@ class ServeRuntime:
         self._stop = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
         self.url: str | None = None
-        sup = self.config.supervisor
-        self._backoff_config = BackoffConfig(
-            sup.backoff_initial_s,
-            sup.backoff_max_s,
-            sup.backoff_reset_s,
-            sup.backoff_first_immediate,
-        )
+        self._backoff_config = self.config.supervisor.backoff()
 
     # -- public (inside the loop) --------------------------------------------------------
     def request_stop(self) -> None:
@@ -166,18 +153,7 @@ class ServeRuntime:
         if not ready.done() or ready.cancelled():
             return
         ready.result()
-        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted sockets only then;
-        # without it a small answer can wait for Nagle + delayed ACK (40 ms).
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((HOST, self.port))
-        except OSError as exc:
-            sock.close()
-            raise OSError(
-                exc.errno, f"cannot listen on {HOST}:{self.port}: {exc.strerror}"
-            ) from None
-        sock.listen(2048)
+        sock = listen(HOST, self.port)
         self.port = sock.getsockname()[1]
         self.url = f"http://{HOST}:{self.port}"
         front = FrontEnd(self.balancer)
@@ -252,39 +228,11 @@ class ServeRuntime:
     async def _start_replica(self, slot: _Slot) -> None:
         sup = self.config.supervisor
         slot.state = "starting"
-        fields = dataclasses.asdict(self.config.replica)
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "lepton_ai.serve.child",
-            "--target",
-            self.target,
-            "--config",
-            json.dumps(fields),
-            "--parent-pid",
-            str(os.getpid()),
-            "--drain-timeout-s",
-            str(sup.drain_timeout_s),
-            stdin=asyncio.subprocess.PIPE,  # kept open: EOF tells the child we are gone
-            stdout=asyncio.subprocess.PIPE,
-            start_new_session=True,  # Ctrl-C reaches us only; we drain, then stop them
+        proc = await spawn_replica(
+            self.target, self.config.replica, drain_timeout_s=sup.drain_timeout_s
         )
         slot.proc = proc
-        if proc.stdout is None:
-            raise AssertionError("child stdout is not a pipe")
-        try:
-            line = await asyncio.wait_for(proc.stdout.readline(), sup.start_timeout_s)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await _reap(proc)
-            raise StartupError(f"no port reported within {sup.start_timeout_s}s") from None
-        doc = _parse_hello(line)
-        if "port" not in doc:
-            code = await _reap(proc)
-            reason = doc.get("error") or f"exited with code {code} before reporting its port"
-            raise StartupError(str(reason))
-        slot.port = int(doc["port"])
+        slot.port = await read_port(proc, sup.start_timeout_s)
         replica_id = self._next_incarnation
         self._next_incarnation += 1
         slot.replica_id = replica_id
@@ -321,7 +269,7 @@ class ServeRuntime:
                 fut.cancel()
         slot.ready = False
         if proc.returncode is not None:
-            await _reap(proc)
+            await reap(proc)
         if not slot.stopping.is_set():
             self.balancer.remove_replica(replica_id)
             slot.state = "exited"
@@ -369,7 +317,7 @@ class ServeRuntime:
                     proc.kill()
                 await proc.wait()
         if proc is not None:
-            await _reap(proc)
+            await reap(proc)
         slot.state = "stopped"
 
     async def _shutdown(self) -> None:
@@ -385,20 +333,3 @@ class ServeRuntime:
             if proc is not None and proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
-
-
-def _parse_hello(line: bytes) -> dict[str, Any]:
-    """The child's one JSON line; anything else means it died before saying hello."""
-    try:
-        doc = json.loads(line)
-    except ValueError:
-        return {}
-    return doc if isinstance(doc, dict) else {}
-
-
-async def _reap(proc: asyncio.subprocess.Process) -> int:
-    """Wait for an exiting child and close our end of its stdin pipe (no fd leak)."""
-    code = await proc.wait()
-    if proc.stdin is not None:
-        proc.stdin.close()
-    return code

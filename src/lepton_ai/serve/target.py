@@ -40,7 +40,7 @@ class Target:
     n_features: int | None  # from a scikit-learn model's n_features_in_, for 400s on bad shapes
 
 
-def _split(spec: str) -> tuple[str, str | None]:
+def split_target(spec: str) -> tuple[str, str | None]:
     if not isinstance(spec, str) or not spec.strip():
         raise TargetError("TARGET must be 'module:callable', 'file.py:callable' or a model file")
     spec = spec.strip()
@@ -93,7 +93,7 @@ def _check_model_file(path: Path) -> None:
 
 def check_target(spec: str) -> None:
     """Fail fast (TargetError) if ``spec`` cannot be served; no setup() is run."""
-    module, name = _split(spec)
+    module, name = split_target(spec)
     if name is None:
         _check_model_file(Path(module))
         return
@@ -131,7 +131,7 @@ def _as_predict(obj: Any, spec: str) -> Callable[[list[Any]], Any]:
 
 def load_target(spec: str) -> Target:
     """Import the target and run its module's ``setup()`` once (in a replica)."""
-    module, name = _split(spec)
+    module, name = split_target(spec)
     if name is None:
         model = _load_model_file(Path(module))
         return Target(spec, _as_predict(model, spec), _n_features(model))

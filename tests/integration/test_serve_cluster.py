@@ -1,0 +1,183 @@
+"""Deployments as cluster state, with real processes (3 coordinators, 2 worker nodes).
+
+A deployment created by a driver that is then SIGKILLed is found by another
+process and keeps serving; a node with replicas, the leader, and a rolling update
+cost no request through ``lep.ServeClient`` (which fails over between the nodes'
+balancers); a delete stops every replica process.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import lepton_ai as lep
+from lepton_ai.node.process import pid_alive
+
+MODEL_V1 = "def predict(instances):\n    return [sum(x) for x in instances]\n"
+MODEL_V2 = "def predict(instances):\n    return [10 * sum(x) for x in instances]\n"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Any]:
+    with lep.LocalCluster(workers=2) as c:
+        c.wait_ready(2)
+        yield c
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> tuple[str, str]:
+    (tmp_path / "m1.py").write_text(MODEL_V1)
+    (tmp_path / "m2.py").write_text(MODEL_V2)
+    return f"{tmp_path / 'm1.py'}:predict", f"{tmp_path / 'm2.py'}:predict"
+
+
+class Load:
+    """Requests back to back through a ``ServeClient`` on a thread: answers by version,
+    failures with their reason."""
+
+    def __init__(self, urls: list[str]) -> None:
+        self.client = lep.ServeClient(urls)
+        self.versions: Counter[str] = Counter()
+        self.answers: Counter[int] = Counter()
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                r = self.client.post("/predict", {"instances": [[1, 2]]})
+                self.answers[r.json()["predictions"][0]] += 1
+                self.versions[r.headers.get("x-lepton-version", "?")] += 1
+            except Exception as exc:  # every failure is a finding
+                self.failures.append(f"{type(exc).__name__}: {exc}"[:300])
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        self.client.close()
+
+    @property
+    def done(self) -> int:
+        return sum(self.answers.values()) + len(self.failures)
+
+
+def _until(cond: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"{what} not within {timeout_s} s"
+        time.sleep(0.1)
+
+
+@pytest.mark.timeout(120)
+def test_a_deployment_outlives_its_driver_and_keeps_serving(
+    cluster: Any, models: tuple[str, str]
+) -> None:
+    v1, _ = models
+    script = textwrap.dedent(
+        f"""
+        import os, lepton_ai as lep
+        c = lep.connect({cluster.address!r}, token={cluster.token!r})
+        dep = lep.Deployment({v1!r}, replicas=2, cluster=c, name="outlive")
+        dep.wait_ready(60)
+        print("ready", flush=True)
+        os.kill(os.getpid(), 9)  # the driver dies without closing anything
+        """
+    )
+    driver = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=90, check=False
+    )
+    assert driver.returncode == -9 and "ready" in driver.stdout, driver.stderr[-2000:]
+    dep = lep.Deployment.get(cluster, "outlive")
+    assert dep.version == 1 and sorted(r["state"] for r in dep.status()) == ["ready"] * 2
+    nodes = {r["node"] for r in dep.status()}
+    assert len(nodes) == 2, dep.status()  # spread over both nodes
+    with lep.ServeClient(dep.urls) as client:
+        for url in dep.urls:  # every node's balancer serves it
+            assert lep.ServeClient(url).predict([[1, 2], [3, 4]]) == [3, 7]
+        assert client.predict([[5, 5]]) == [10]
+    dep.delete()
+    with pytest.raises(KeyError):
+        lep.Deployment.get(cluster, "outlive")
+
+
+@pytest.mark.timeout(180)
+def test_node_kill_leader_kill_and_rolling_update_fail_no_request(
+    cluster: Any, models: tuple[str, str]
+) -> None:
+    v1, v2 = models
+    dep = lep.Deployment(v1, replicas=2, cluster=cluster, name="steady").wait_ready(60)
+    try:
+        with Load(dep.urls) as load:
+            _until(lambda: load.done >= 50, 30, "first answers")
+            # A node with a replica: its replica (and balancer) die with it.
+            victim = dep.status()[0]
+            node = victim["node"]
+            cluster.kill("worker", node)
+            _until(lambda: not pid_alive(victim["pid"]), 10, "the replica gone with its node")
+            dep.wait_ready(60)  # the count is restored (on a new incarnation or the other)
+            assert victim["id"] not in {r["id"] for r in dep.status()}
+            before = load.done
+            _until(lambda: load.done >= before + 50, 30, "answers after the node kill")
+            # The leader.
+            cluster.kill("leader")
+            time.sleep(1.0)
+            before = load.done
+            _until(lambda: load.done >= before + 50, 30, "answers after the leader kill")
+            # A rolling update: every answer from v1 or v2, never an error.
+            assert dep.update(v2, timeout_s=120) == 2
+            before = load.done
+            _until(lambda: load.done >= before + 50, 30, "answers after the update")
+        print(f"answers {dict(load.answers)} versions {dict(load.versions)}")
+        assert not load.failures, load.failures[:5]
+        assert set(load.answers) <= {3, 30} and load.answers[30] > 0, load.answers
+        assert set(load.versions) <= {"1", "2"}, load.versions
+        assert {r["version"] for r in dep.status()} == {2}
+        # Rollback: version 3 serves the first target again.
+        assert dep.rollback(timeout_s=120) == 3
+        assert lep.ServeClient(dep.urls).predict([[1, 2]]) == [3]
+    finally:
+        pids = dep.pids()
+        dep.delete()
+    _until(lambda: not any(pid_alive(p) for p in pids), 30, "every replica stopped")
+
+
+@pytest.mark.timeout(60)
+def test_bad_input_is_refused_at_once_and_changes_nothing(
+    cluster: Any, models: tuple[str, str], tmp_path: Path
+) -> None:
+    v1, _ = models
+    with pytest.raises(ValueError, match="deployment name"):
+        lep.Deployment(v1, cluster=cluster, name="Not A Name")
+    with pytest.raises(ValueError, match="replicas"):
+        lep.Deployment(v1, replicas=65, cluster=cluster, name="toomany")
+    with pytest.raises(ValueError, match="does not exist"):
+        lep.Deployment(str(tmp_path / "nope.py:predict"), cluster=cluster, name="nofile")
+    with pytest.raises(KeyError):
+        lep.Deployment.get(cluster, "never-made")
+    dep = lep.Deployment(v1, replicas=1, cluster=cluster, name="once").wait_ready(60)
+    try:
+        with pytest.raises(FileExistsError):
+            lep.Deployment(v1, replicas=3, cluster=cluster, name="once")
+        assert len(dep.status()) == 1
+        # A target that cannot load: the error is reported, the old version serves on.
+        (tmp_path / "broken.py").write_text("raise RuntimeError('no model here')\n")
+        with pytest.raises(lep.DeploymentFailed, match="no model here"):
+            dep.update(f"{tmp_path / 'broken.py'}:predict", timeout_s=60)
+        assert lep.ServeClient(dep.urls).predict([[2, 2]]) == [4]
+    finally:
+        dep.delete()
