@@ -181,3 +181,54 @@ def test_bad_input_is_refused_at_once_and_changes_nothing(
         assert lep.ServeClient(dep.urls).predict([[2, 2]]) == [4]
     finally:
         dep.delete()
+
+
+SLOW_MODEL = """import time
+
+def predict(instances):
+    time.sleep(0.1)
+    return [sum(x) for x in instances]
+"""
+
+
+@pytest.mark.timeout(120)
+def test_autoscaling_follows_a_burst_up_and_back_down(cluster: Any, tmp_path: Path) -> None:
+    (tmp_path / "slow.py").write_text(SLOW_MODEL)
+    dep = lep.Deployment(
+        f"{tmp_path / 'slow.py'}:predict",
+        replicas=1,
+        cluster=cluster,
+        name="bursty",
+        max_replicas=3,
+        target_inflight=2,
+        scale_up_delay_s=0.5,
+        scale_down_delay_s=2.0,
+    ).wait_ready(60)
+    stop = threading.Event()
+    failures: list[str] = []
+
+    def caller() -> None:
+        with lep.ServeClient(dep.urls) as client:
+            while not stop.is_set():
+                try:
+                    assert client.predict([[1, 1]]) == [2]
+                except Exception as exc:  # every failure is a finding
+                    failures.append(repr(exc)[:200])
+
+    threads = [threading.Thread(target=caller, daemon=True) for _ in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        # 8 requests in flight, 2 wanted per replica: 4, capped at 3.
+        _until(lambda: sum(r["ready"] for r in dep.status()) == 3, 60, "3 replicas under load")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert not failures, failures[:5]
+    # The burst is over: back to min_replicas (1) after the scale-down delay.
+    _until(lambda: len(dep.status()) == 1, 60, "back to 1 replica")
+    events = [e["detail"] for e in cluster.events() if e["kind"] == "autoscaled"]
+    assert any("bursty: 1 -> 3" in d for d in events), events
+    assert "-> 1 replicas (0 requests in flight" in events[-1], events  # maybe via 2
+    dep.delete()

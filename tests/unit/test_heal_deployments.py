@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from lepton_ai.heal.autoscale import Autoscaler, Load, ScaleDecision, wanted_replicas
 from lepton_ai.heal.deployments import (
     Assign,
     DeployEvent,
@@ -26,6 +27,7 @@ from lepton_ai.heal.deployments import (
 )
 from lepton_ai.serve.spec import (
     DEPLOYMENTS_MAX,
+    Autoscale,
     DeleteDeployment,
     DeploymentsMachine,
     DeploymentSpec,
@@ -285,3 +287,71 @@ def test_commands_round_trip_and_foreign_bytes_are_refused() -> None:
     assert decode_deploy_command(encode_deploy_command(cmd)) == cmd
     with pytest.raises(ValueError):
         decode_deploy_command(b"\x81\xa4type\xa3Put")
+
+
+# ------------------------------------------------------------------ the autoscaler
+POLICY = Autoscale(1, 4, target_inflight=2.0, scale_up_delay_s=1.0, scale_down_delay_s=5.0)
+
+
+def _feed(
+    scaler: Autoscaler, replicas: int, in_flight: int, t0: float, t1: float
+) -> tuple[float, ScaleDecision | None]:
+    """Samples every 0.1 s from t0 until a decision or t1; (when, decision)."""
+    t = t0
+    while t <= t1:
+        d = scaler.step("iris", POLICY, Load(replicas, replicas, in_flight), t)
+        if d is not None:
+            return t, d
+        t = round(t + 0.1, 1)
+    return t, None
+
+
+def test_autoscaler_scales_up_after_the_delay_and_down_after_a_longer_one() -> None:
+    s = Autoscaler()
+    assert wanted_replicas(POLICY, 7) == 4 and wanted_replicas(POLICY, 0) == 1
+    assert wanted_replicas(POLICY, 1_000) == 4  # clamped to max_replicas
+    t, d = _feed(s, 1, 7, 0.0, 10.0)
+    assert d is not None and d.replicas == 4 and t == pytest.approx(1.0)
+    assert "7 requests in flight" in d.detail and "1 -> 4" in d.detail
+    # A short lull does not scale down; a long one does, to what the lull still wants.
+    t, d = _feed(s, 4, 3, t, t + 4.0)
+    assert d is None
+    t, d = _feed(s, 4, 3, t, t + 10.0)
+    assert d is not None and d.replicas == 2
+
+
+def test_autoscaler_ignores_a_burst_shorter_than_the_up_delay() -> None:
+    s = Autoscaler()
+    t, d = _feed(s, 1, 8, 0.0, 0.5)
+    assert d is None
+    t, d = _feed(s, 1, 0, t + 0.1, t + 3.0)  # the burst is over before the delay
+    assert d is None
+
+
+def test_autoscaler_brings_a_count_back_inside_the_bounds_at_once() -> None:
+    s = Autoscaler()
+    d = s.step("iris", POLICY, Load(9, 9, 0), 0.0)
+    assert d is not None and d.replicas == 4
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        Autoscale(3, 2),
+        Autoscale(0, 0),
+        Autoscale(1, 65),
+        Autoscale(1, 2, target_inflight=0),
+        Autoscale(1, 2, scale_down_delay_s=-1),
+    ],
+)
+def test_bad_autoscale_policies_are_refused(bad: Autoscale) -> None:
+    m = DeploymentsMachine()
+    res = m.apply_command(PutDeployment(DeploymentSpec("iris", "m:f", 1, autoscale=bad)))
+    assert not res.ok and m.specs == {}
+
+
+def test_a_policy_change_keeps_the_version() -> None:
+    m = DeploymentsMachine()
+    m.apply_command(PutDeployment(DeploymentSpec("iris", "m:f", 1)))
+    res = m.apply_command(PutDeployment(DeploymentSpec("iris", "m:f", 1, autoscale=POLICY)))
+    assert res.spec is not None and res.spec.version == 1 and res.spec.autoscale == POLICY

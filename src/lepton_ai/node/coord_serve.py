@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from lepton_ai.errors import LeptonError
+from lepton_ai.heal.autoscale import Autoscaler, Load
 from lepton_ai.heal.deployments import (
     Assign,
     DeployEvent,
@@ -42,6 +43,7 @@ from lepton_ai.serve.spec import (
     Endpoint,
     PutDeployment,
     ReplicaInfo,
+    ScaleDeployment,
     check_spec,
     decode_deploy_result,
     encode_deploy_command,
@@ -61,6 +63,7 @@ EVENT_KINDS = frozenset(
         "replica_lost",
         "unschedulable",
         "rollout_done",
+        "autoscaled",
     }
 )
 
@@ -80,9 +83,12 @@ class ServeControl:
         self.leading_since = 0.0
         self._endpoints: list[Endpoint] | None = None  # the table last published
         self._told: set[str] = set()  # workers that have that table
+        self.autoscaler = Autoscaler()
+        self._scaling: set[str] = set()  # deployments with an autoscaler's change in flight
 
     def became_leader(self) -> None:
         self.reconciler = DeploymentReconciler(epoch=self.c.epoch)
+        self.autoscaler = Autoscaler()
         self.leading_since = time.monotonic()
         self._endpoints, self._told = None, set()
 
@@ -111,6 +117,40 @@ class ServeControl:
                 if wid not in self._told:  # a node that joined since: the table too
                     view.conn.send_nowait(ServeEndpoints(self._endpoints))
                     self._told.add(wid)
+        self._autoscale(now)
+
+    def _autoscale(self, now: float) -> None:
+        """Step the autoscaler for every deployment with a policy; commit its changes."""
+        specs = self.c.machine.deployments.specs
+        scaled = {n for n, s in specs.items() if s.autoscale is not None}
+        self.autoscaler.forget(scaled)
+        views = list(self.c.workers.values())
+        for name in sorted(scaled - self._scaling):
+            spec = specs[name]
+            if spec.autoscale is None:
+                continue
+            in_flight = sum(v.inflight.get(name, 0) for v in views)
+            ready = sum(
+                1
+                for v in views
+                for r in v.replicas
+                if r.deployment == name and r.version == spec.version and r.state == "ready"
+            )
+            load = Load(spec.replicas, ready, in_flight)
+            decision = self.autoscaler.step(name, spec.autoscale, load, now)
+            if decision is not None:
+                self._scaling.add(name)
+                self.c.spawn(self._scale(name, decision.replicas, decision.detail))
+
+    async def _scale(self, name: str, replicas: int, detail: str) -> None:
+        try:
+            raw = await self.c.log.submit(encode_deploy_command(ScaleDeployment(name, replicas)))
+            if decode_deploy_result(raw).ok:
+                self.c.event("autoscaled", detail)
+        except LeptonError as exc:  # leadership lost meanwhile: the next leader decides
+            log.info("autoscale of %s not committed: %s", name, exc)
+        finally:
+            self._scaling.discard(name)
 
     # -- client requests -------------------------------------------------------------
     async def handle(self, msg: object) -> ClientReply | None:

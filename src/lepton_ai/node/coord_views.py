@@ -66,6 +66,7 @@ class WorkerView:
         self.serve_url = reg.serve_url  # its balancer ("" : it serves nothing)
         self.serve_slots = reg.serve_slots
         self.replicas: list[ReplicaReport] = list(reg.replicas)
+        self.inflight: dict[str, int] = {}  # per deployment, from its last heartbeat
 
     @property
     def ready(self) -> bool:

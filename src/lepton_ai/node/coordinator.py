@@ -24,6 +24,8 @@ import os
 import socket
 import time
 from collections import deque
+from collections.abc import Coroutine
+from typing import Any
 
 from lepton_ai.compute.scheduler import Scheduler
 from lepton_ai.compute.scheduler_events import (
@@ -254,9 +256,14 @@ class Coordinator:
         self.propose_soon(action.command)
 
     def propose_soon(self, cmd: JobCommand) -> None:
+        self.spawn(self._propose(cmd))
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run ``coro`` as a task of the coordinator's TaskGroup (it owns every task)."""
         if self._tg is None:
-            raise AssertionError("proposal before the coordinator runs")
-        self._tg.create_task(self._propose(cmd))
+            coro.close()
+            raise AssertionError("a task before the coordinator runs")
+        self._tg.create_task(coro)
 
     async def _propose(self, cmd: JobCommand) -> ApplyResult:
         async with self._proposals:
@@ -359,7 +366,7 @@ class Coordinator:
             view.executors = list(msg.executors)
             view.running = list(msg.running)
             view.storage = msg.storage
-            view.replicas = list(msg.replicas)
+            view.replicas, view.inflight = list(msg.replicas), dict(msg.inflight)
             self.members_changed.set()
         elif isinstance(msg, StorageNotice):
             self.storage.on_notice(view, msg)

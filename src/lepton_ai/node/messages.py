@@ -106,6 +106,7 @@ class Heartbeat(msgspec.Struct, frozen=True, tag=True):
     executors: list[ExecutorInfo]
     storage: StorageUsage | None = None
     replicas: list[ReplicaReport] = []  # the serving replicas this node runs
+    inflight: dict[str, int] = {}  # requests its balancer has at replicas, per deployment
 
 
 class CopyResult(msgspec.Struct, frozen=True):

@@ -513,7 +513,10 @@ class WorkerAgent(DataPort):
             execs += [
                 ExecutorInfo(-1 - i, pid, "spare") for i, pid in enumerate(self.spares.pids())
             ]
-            beat = Heartbeat(self._running(), execs, self.storage.usage(), self._replicas())
+            inflight = self.serving.inflight() if self.serving is not None else {}
+            beat = Heartbeat(
+                self._running(), execs, self.storage.usage(), self._replicas(), inflight
+            )
             await conn.send(beat)
             # Early when an executor comes up: the cluster counts a node ready
             # once the coordinator has heard its executors are (start-up).

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from lepton_ai.errors import LeptonError, Unavailable
 from lepton_ai.node.messages import ChangeDeployment, Deployments, GetDeployments
 from lepton_ai.serve.spec import (
+    Autoscale,
     DeleteDeployment,
     DeploymentCommand,
     DeploymentInfo,
@@ -88,9 +89,14 @@ class ClusterDeployment:
         *,
         max_batch_size: int = 0,
         max_wait_ms: float = 5.0,
+        autoscale: Autoscale | None = None,
     ) -> ClusterDeployment:
+        """``autoscale``: the replica count follows the load within its bounds
+        (``replicas`` is clamped to them to start with)."""
+        if autoscale is not None:
+            replicas = min(max(replicas, autoscale.min_replicas), autoscale.max_replicas)
         spec = DeploymentSpec(
-            name, resolve_target(target), replicas, 1, max_batch_size, max_wait_ms
+            name, resolve_target(target), replicas, 1, max_batch_size, max_wait_ms, autoscale
         )
         check_spec(spec)  # a clear error at once, before any request
         info = cls._change(cluster, PutDeployment(spec, create_only=True))
@@ -183,6 +189,7 @@ class ClusterDeployment:
             old.version,
             old.max_batch_size if max_batch_size is None else max_batch_size,
             old.max_wait_ms if max_wait_ms is None else max_wait_ms,
+            old.autoscale,
         )
         check_spec(spec)
         self._apply(PutDeployment(spec), wait, timeout_s)

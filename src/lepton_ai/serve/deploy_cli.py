@@ -20,8 +20,11 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import msgspec
+
 from lepton_ai.node.cli import _print, add_connect_args, connect_from_args
 from lepton_ai.serve.cluster_deployment import ClusterDeployment
+from lepton_ai.serve.spec import Autoscale, check_autoscale
 
 
 @contextlib.contextmanager
@@ -43,6 +46,7 @@ def _summary(dep: ClusterDeployment) -> dict[str, Any]:
         "target": spec.target,
         "version": spec.version,
         "replicas": spec.replicas,
+        "autoscale": None if spec.autoscale is None else msgspec.to_builtins(spec.autoscale),
         "ready": info.ready,
         "urls": info.urls,
         "status": dep.status(),
@@ -80,10 +84,24 @@ def _cmd_create(args: argparse.Namespace) -> int:
             args.name,
             max_batch_size=args.max_batch_size,
             max_wait_ms=args.max_wait_ms,
+            autoscale=_policy(args),
         )
         if not args.no_wait:
             dep.wait_ready(args.timeout_s)
         return _show(args, dep)
+
+
+def _policy(args: argparse.Namespace) -> Autoscale | None:
+    if args.max_replicas is None:
+        if args.min_replicas is not None:
+            raise ValueError("--min-replicas needs --max-replicas (which turns autoscaling on)")
+        return None
+    low = args.replicas if args.min_replicas is None else args.min_replicas
+    policy = Autoscale(
+        low, args.max_replicas, args.target_inflight, args.scale_up_delay_s, args.scale_down_delay_s
+    )
+    check_autoscale(policy)
+    return policy
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -145,6 +163,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     c.add_argument("--replicas", type=int, default=1)
     c.add_argument("--max-batch-size", type=int, default=0, help="micro-batch size (0 = off)")
     c.add_argument("--max-wait-ms", type=float, default=5.0, help="micro-batch wait")
+    c.add_argument("--min-replicas", type=int, default=None, help="autoscaling lower bound")
+    c.add_argument(
+        "--max-replicas", type=int, default=None, help="autoscaling upper bound (turns it on)"
+    )
+    c.add_argument("--target-inflight", type=float, default=4.0, help="requests per replica")
+    c.add_argument("--scale-up-delay-s", type=float, default=3.0)
+    c.add_argument("--scale-down-delay-s", type=float, default=30.0)
     _common(c)
     c.set_defaults(func=_cmd_create)
     s = sub.add_parser("status", help="one deployment, or all")

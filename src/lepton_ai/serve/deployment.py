@@ -30,6 +30,7 @@ from typing import Any
 from lepton_ai import eventloop
 from lepton_ai.serve.cluster_deployment import ClusterDeployment
 from lepton_ai.serve.config import ReplicaConfig, ServeConfig
+from lepton_ai.serve.spec import Autoscale
 from lepton_ai.serve.supervisor import ServeRuntime
 from lepton_ai.serve.target import check_target
 
@@ -46,6 +47,10 @@ class Deployment:
     ``cluster=`` (a ``LocalCluster`` or ``lep.connect()``) with ``name=``: the spec is
     committed to the cluster and this returns at once (``wait_ready()`` waits);
     ``port``, ``spares`` and ``config`` are the local runtime's and are refused.
+    ``max_replicas=`` turns on autoscaling (cluster only): between ``min_replicas``
+    (default ``replicas``) and ``max_replicas``, ``target_inflight`` requests in flight
+    per replica, after the load has wanted more for ``scale_up_delay_s`` or fewer for
+    ``scale_down_delay_s``.
     """
 
     def __init__(
@@ -61,6 +66,11 @@ class Deployment:
         start_timeout_s: float = 120.0,
         cluster: Any = None,
         name: str | None = None,
+        min_replicas: int | None = None,
+        max_replicas: int | None = None,
+        target_inflight: float = 4.0,
+        scale_up_delay_s: float = 3.0,
+        scale_down_delay_s: float = 30.0,
     ) -> None:
         if not isinstance(target, str):
             raise TypeError("target must be a str such as 'module:callable'")
@@ -72,6 +82,15 @@ class Deployment:
                 raise ValueError("a cluster deployment needs both cluster= and name=")
             if port or spares or config is not None:
                 raise ValueError("port, spares and config apply to a local deployment only")
+            policy = None
+            if max_replicas is not None:
+                policy = Autoscale(
+                    replicas if min_replicas is None else min_replicas,
+                    max_replicas,
+                    target_inflight,
+                    scale_up_delay_s,
+                    scale_down_delay_s,
+                )
             self._remote = ClusterDeployment.create(
                 cluster,
                 target,
@@ -79,6 +98,7 @@ class Deployment:
                 name,
                 max_batch_size=max_batch_size,
                 max_wait_ms=max_wait_ms,
+                autoscale=policy,
             )
             self._start_timeout_s = start_timeout_s
             return

@@ -70,6 +70,14 @@ class NodeBalancer:
                 dep = self._deployments[name] = self._new_deployment(name)
             self._sync(dep, wanted)
 
+    def inflight(self) -> dict[str, int]:
+        """Requests this node's balancer has at the replicas, per deployment (what the
+        leader's autoscaler sums over the nodes)."""
+        return {
+            name: sum(v.outstanding for v in d.balancer.router.views())
+            for name, d in self._deployments.items()
+        }
+
     def endpoints(self) -> list[Endpoint]:
         return [r.endpoint for d in self._deployments.values() for r in d.routes.values()]
 

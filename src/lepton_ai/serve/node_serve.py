@@ -137,6 +137,10 @@ class NodeServing:
     def reports(self) -> list[ReplicaReport]:
         return [rep.report for _, rep in sorted(self._replicas.items())]
 
+    def inflight(self) -> dict[str, int]:
+        """Requests in flight through this node's balancer, per deployment."""
+        return self.balancer.inflight()
+
     def set_endpoints(self, endpoints: list[Endpoint]) -> None:
         """Replace this node's routing table (every ready replica of the cluster)."""
         self.balancer.set_endpoints(endpoints)

@@ -22,6 +22,17 @@ VERSIONS_KEPT = 10  # earlier specs kept per deployment, for rollback
 TARGET_CHARS_MAX = 4_096
 
 
+class Autoscale(msgspec.Struct, frozen=True):
+    """Replicas follow the load: ``target_inflight`` requests in flight per replica,
+    within ``[min_replicas, max_replicas]`` (``heal.autoscale``)."""
+
+    min_replicas: int
+    max_replicas: int
+    target_inflight: float = 4.0
+    scale_up_delay_s: float = 3.0  # the load must want more this long
+    scale_down_delay_s: float = 30.0  # ... or fewer this long
+
+
 class DeploymentSpec(msgspec.Struct, frozen=True):
     """What a deployment serves and how many copies. ``version`` grows by one on every
     change of what is served (target or replica settings); scaling keeps it."""
@@ -32,6 +43,7 @@ class DeploymentSpec(msgspec.Struct, frozen=True):
     version: int = 1
     max_batch_size: int = 0
     max_wait_ms: float = 5.0
+    autoscale: Autoscale | None = None  # None: ``replicas`` is fixed
 
 
 class ReplicaAssignment(msgspec.Struct, frozen=True):
@@ -171,6 +183,20 @@ def check_spec(spec: DeploymentSpec) -> None:
         raise ValueError(f"target must be 1..{TARGET_CHARS_MAX} characters")
     if spec.max_batch_size < 0 or spec.max_wait_ms < 0:
         raise ValueError("max_batch_size and max_wait_ms must be >= 0")
+    if spec.autoscale is not None:
+        check_autoscale(spec.autoscale)
+
+
+def check_autoscale(a: Autoscale) -> None:
+    if not 0 <= a.min_replicas <= a.max_replicas <= REPLICAS_MAX or a.max_replicas < 1:
+        raise ValueError(
+            f"autoscale needs 0 <= min_replicas <= max_replicas <= {REPLICAS_MAX} and "
+            f"max_replicas >= 1, got {a.min_replicas}..{a.max_replicas}"
+        )
+    if not a.target_inflight > 0:
+        raise ValueError(f"target_inflight must be > 0, got {a.target_inflight}")
+    if not 0 <= a.scale_up_delay_s <= 3600 or not 0 <= a.scale_down_delay_s <= 3600:
+        raise ValueError("scale_up_delay_s and scale_down_delay_s must be in 0..3600")
 
 
 class _Snapshot(msgspec.Struct, array_like=True):
@@ -229,9 +255,12 @@ class DeploymentsMachine:
                 current,
                 "invalid",
             )
-        same = msgspec.structs.replace(cmd.spec, replicas=current.replicas, version=current.version)
-        if same == current:  # only the count changed: a scale, same version
-            return self._push(msgspec.structs.replace(current, replicas=cmd.spec.replicas))
+        if _served(cmd.spec) == _served(current):  # the count or policy only: same version
+            return self._push(
+                msgspec.structs.replace(
+                    current, replicas=cmd.spec.replicas, autoscale=cmd.spec.autoscale
+                )
+            )
         return self._push(msgspec.structs.replace(cmd.spec, version=current.version + 1))
 
     def _rollback(self, name: str, current: DeploymentSpec) -> DeployResult:
@@ -242,7 +271,10 @@ class DeploymentsMachine:
                 False, f"deployment {name!r} has no earlier version", current, "invalid"
             )
         back = msgspec.structs.replace(
-            earlier[-1], replicas=current.replicas, version=current.version + 1
+            earlier[-1],
+            replicas=current.replicas,
+            version=current.version + 1,
+            autoscale=current.autoscale,
         )
         return self._push(back)
 
