@@ -232,3 +232,27 @@ def test_autoscaling_follows_a_burst_up_and_back_down(cluster: Any, tmp_path: Pa
     assert any("bursty: 1 -> 3" in d for d in events), events
     assert "-> 1 replicas (0 requests in flight" in events[-1], events  # maybe via 2
     dep.delete()
+
+
+@pytest.mark.timeout(120)
+def test_models_from_the_object_store_load_on_every_node(cluster: Any) -> None:
+    """``lep://`` targets: a ``.py`` file and a pickled model put in the cluster's store
+    are fetched by each replica wherever it runs; a missing one is refused at once."""
+    import functools
+    import pickle
+
+    code = "def predict(instances):\n    return [2 * sum(x) for x in instances]\n"
+    cluster.storage.put("models/double.py", code.encode())
+    cluster.storage.put("models/sorter.pkl", pickle.dumps(functools.partial(sorted)))
+    with pytest.raises(ValueError, match="no object"):
+        lep.Deployment("lep://models/nope.pkl", cluster=cluster, name="nope")
+    dep = lep.Deployment("lep://models/double.py:predict", replicas=2, cluster=cluster, name="lp")
+    try:
+        dep.wait_ready(60)
+        assert len({r["node"] for r in dep.status()}) == 2
+        for url in dep.urls:
+            assert lep.ServeClient(url).predict([[1, 2], [3, 4]]) == [6, 14]
+        assert dep.update("lep://models/sorter.pkl", timeout_s=60) == 2
+        assert lep.ServeClient(dep.urls).predict([[3], [1], [2]]) == [[1], [2], [3]]
+    finally:
+        dep.delete()

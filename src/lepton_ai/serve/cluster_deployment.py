@@ -31,7 +31,7 @@ from lepton_ai.serve.spec import (
     ScaleDeployment,
     check_spec,
 )
-from lepton_ai.serve.target import MODEL_SUFFIXES, TargetError, split_target
+from lepton_ai.serve.target import LEP, MODEL_SUFFIXES, TargetError, split_target
 
 WAIT_POLL_S = 0.1
 REQUEST_TIMEOUT_S = 30.0
@@ -45,14 +45,23 @@ class _Cluster(Protocol):
     """What this needs of ``LocalCluster`` / ``lep.connect()``: their coordinator client."""
 
     client: Any
+    storage: Any
 
 
-def resolve_target(target: str) -> str:
+def resolve_target(target: str, cluster: _Cluster | None = None) -> str:
     """A file target made absolute (the agents run elsewhere than the caller's
-    directory); ``TargetError`` at once for what can never load."""
+    directory); ``TargetError`` at once for what can never load. A ``lep://`` target
+    must be an object of ``cluster``'s store."""
     if not isinstance(target, str):
         raise TypeError("target must be a str such as 'model.py:predict'")
     module, name = split_target(target)
+    if module.startswith(LEP):
+        if cluster is not None:
+            try:
+                cluster.storage.stat(module.removeprefix(LEP))
+            except KeyError:
+                raise TargetError(f"no object {module!r} in the cluster's store") from None
+        return target.strip()
     if name is None or module.endswith(".py"):
         path = os.path.abspath(module)
         if not os.path.isfile(path):
@@ -96,7 +105,13 @@ class ClusterDeployment:
         if autoscale is not None:
             replicas = min(max(replicas, autoscale.min_replicas), autoscale.max_replicas)
         spec = DeploymentSpec(
-            name, resolve_target(target), replicas, 1, max_batch_size, max_wait_ms, autoscale
+            name,
+            resolve_target(target, cluster),
+            replicas,
+            1,
+            max_batch_size,
+            max_wait_ms,
+            autoscale,
         )
         check_spec(spec)  # a clear error at once, before any request
         info = cls._change(cluster, PutDeployment(spec, create_only=True))
@@ -184,7 +199,7 @@ class ClusterDeployment:
         old = self.refresh().spec
         spec = DeploymentSpec(
             self.name,
-            resolve_target(target),
+            resolve_target(target, self.cluster),
             old.replicas,
             old.version,
             old.max_batch_size if max_batch_size is None else max_batch_size,

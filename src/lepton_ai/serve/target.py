@@ -7,6 +7,11 @@
   load the model into a module global, say); the name is looked up after it.
 * ``model.pkl`` / ``model.joblib`` / ``model.pickle``: a pickled estimator whose
   ``predict`` is called.
+* Either kind of file may be an object of the cluster's store:
+  ``lep://models/iris.joblib`` or ``lep://code/model.py:predict``. Each replica
+  copies it to a private temporary directory (``storage.fsspec``, the cluster from
+  ``$LEPTON_ADDRESS``, which a worker agent sets) before loading, so every replica
+  loads the same artifact wherever it runs.
 
 ``check_target`` validates the spec cheaply in the parent (before any port is
 bound); ``load_target`` runs in each replica.
@@ -25,6 +30,7 @@ from types import ModuleType
 from typing import Any
 
 MODEL_SUFFIXES = (".pkl", ".pickle", ".joblib")
+LEP = "lep://"
 
 
 class TargetError(ValueError):
@@ -92,8 +98,22 @@ def _check_model_file(path: Path) -> None:
 
 
 def check_target(spec: str) -> None:
-    """Fail fast (TargetError) if ``spec`` cannot be served; no setup() is run."""
+    """Fail fast (TargetError) if ``spec`` cannot be served; no setup() is run. A
+    ``lep://`` target is only looked up (it is loaded where it runs)."""
     module, name = split_target(spec)
+    if module.startswith(LEP):
+        import fsspec
+
+        from lepton_ai.storage import fsspec as lep_fs
+
+        lep_fs.register()
+        try:
+            found = fsspec.filesystem("lep").exists(module)
+        except Exception as exc:
+            raise TargetError(f"cannot look up {module!r}: {type(exc).__name__}: {exc}") from exc
+        if not found:
+            raise TargetError(f"no object {module!r} in the cluster's store")
+        return
     if name is None:
         _check_model_file(Path(module))
         return
@@ -129,9 +149,34 @@ def _as_predict(obj: Any, spec: str) -> Callable[[list[Any]], Any]:
     raise TargetError(f"{spec!r} is neither callable nor has a predict() method")
 
 
+def fetch_artifact(url: str) -> str:
+    """Copy the object ``lep://KEY`` to a temporary file of this process (same base
+    name, so ``.py``/``.joblib`` keep their meaning); its path. Removed at exit."""
+    import atexit
+    import shutil
+    import tempfile
+
+    import fsspec
+
+    from lepton_ai.storage import fsspec as lep_fs
+
+    lep_fs.register()
+    folder = tempfile.mkdtemp(prefix="lepton-model-")
+    atexit.register(shutil.rmtree, folder, True)
+    local = Path(folder) / (url.rstrip("/").rsplit("/", 1)[-1] or "model")
+    try:
+        with fsspec.open(url, "rb") as src, local.open("wb") as dst:
+            shutil.copyfileobj(src, dst, 4 << 20)
+    except Exception as exc:
+        raise TargetError(f"fetching {url!r} failed: {type(exc).__name__}: {exc}") from exc
+    return str(local)
+
+
 def load_target(spec: str) -> Target:
     """Import the target and run its module's ``setup()`` once (in a replica)."""
     module, name = split_target(spec)
+    if module.startswith(LEP):
+        module = fetch_artifact(module)
     if name is None:
         model = _load_model_file(Path(module))
         return Target(spec, _as_predict(model, spec), _n_features(model))
