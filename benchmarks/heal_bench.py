@@ -47,6 +47,7 @@ cloudpickle.register_pickle_by_value(bc)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "heal.json"
 POLL_S = 0.01
+ERRORS_DISTINCT_MAX = 1_000
 WAIT_S = 120.0  # any milestone: longer is a failure
 TARGET_S = 2.0  # issue 10: a worker back within 2 s; a coordinator within 2 s (median)
 GOALS = [("worker", "median"), ("worker", "max"), ("follower", "median"), ("leader", "median")]
@@ -236,12 +237,18 @@ class Soak:
     cluster: Any
     stop: threading.Event = field(default_factory=threading.Event)
     stats: Counter[str] = field(default_factory=Counter)
-    errors: list[str] = field(default_factory=list)
+    # Distinct messages, counted (a cluster down for long fails every call at once:
+    # a list of them grew by gigabytes in one broken run).
+    errors: Counter[str] = field(default_factory=Counter)
     acked: dict[str, int] = field(default_factory=dict)  # KV writes acknowledged
 
     def _error(self, what: str, exc: BaseException) -> None:
         self.stats[f"{what}_errors"] += 1
-        self.errors.append(f"{what}: {type(exc).__name__}: {exc}"[:160])
+        self._note(f"{what}: {type(exc).__name__}: {exc}"[:160])
+
+    def _note(self, message: str) -> None:
+        if message in self.errors or len(self.errors) < ERRORS_DISTINCT_MAX:
+            self.errors[message] += 1
 
     def jobs(self) -> None:
         task = lep.DistributedTask(self.cluster, progress=False)
@@ -303,7 +310,7 @@ def soak(cluster: Any, seconds: float, seed: int) -> dict[str, Any]:
         try:
             run.fault(rng, timers)
         except (LookupError, OSError) as exc:  # it died between the choice and the signal
-            run.errors.append(f"inject: {exc}"[:160])
+            run._note(f"inject: {exc}"[:160])
     for timer in timers:
         timer.join()  # every paused member runs again
     t0 = time.monotonic()
@@ -331,7 +338,7 @@ def soak(cluster: Any, seconds: float, seed: int) -> dict[str, Any]:
         "full_strength_s": None if full_s is None else round(full_s, 3),
         "restarts": dict(_restarts(cluster) - restarts),
         "left_down": down,
-        "errors_sample": Counter(run.errors).most_common(8),
+        "errors_sample": run.errors.most_common(8),
         # what led there: the faults and the supervisor's actions, in order
         "timeline": [
             f"{e['t'] - wall0:.2f} {e['kind']} {e['detail']}"
