@@ -37,6 +37,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from peer_venv import ensure_peer_venv
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 VENV = BENCH / ".venv-compute"
@@ -64,19 +66,12 @@ TARGETS = {
 
 def ensure_venv() -> None:
     """Create or repair the peers' venv; a no-op when everything imports."""
-    probe = "import dask.distributed, ray, psutil, numpy, lepton_ai.data.synthetic"
-    if (
-        VENV_PY.exists()
-        and subprocess.run([VENV_PY, "-c", probe], check=False, capture_output=True).returncode == 0
-    ):
-        return
-    print(f"creating {VENV.relative_to(ROOT)} (dask, ray; once) ...", flush=True)
-    if not VENV_PY.exists():
-        subprocess.run(["python3", "-m", "venv", str(VENV)], check=True)
-    pip = [str(VENV_PY), "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, "--upgrade", "pip"], check=True)
-    subprocess.run([*pip, "-e", str(ROOT), *PEER_PACKAGES], check=True)
-    subprocess.run([VENV_PY, "-c", probe], check=True)
+    ensure_peer_venv(
+        VENV,
+        ["-e", str(ROOT), *PEER_PACKAGES],
+        "import dask.distributed, ray, psutil, numpy, lepton_ai.data.synthetic",
+        "dask, ray",
+    )
 
 
 def compile_lepton() -> None:
