@@ -137,6 +137,28 @@ def test_a_lost_node_s_replicas_are_placed_on_the_survivors() -> None:
     ]
 
 
+def test_a_node_that_comes_back_gets_its_share_again_without_a_gap() -> None:
+    """Both replicas end up on one node after the other died; when a node joins, one
+    moves there (a new one ready first, then the crowded node's goes)."""
+    agents = {"a": Agent(4), "b": Agent(4)}
+    rec = DeploymentReconciler(epoch=1)
+    specs = {"iris": _spec(replicas=2)}
+    _run(rec, specs, agents, 4)
+    del agents["b"]
+    _run(rec, specs, agents, 4)
+    assert len(agents["a"].assigned) == 2
+    agents["c"] = Agent(4)
+    moved = []
+    for _ in range(10):
+        moved += [
+            a
+            for a in _run(rec, specs, agents)
+            if isinstance(a, DeployEvent) and "spread" in a.detail
+        ]
+        assert _ready(agents, "iris") >= 2  # never fewer ready than wanted
+    assert [len(a.assigned) for a in agents.values()] == [1, 1] and len(moved) == 1, moved
+
+
 def test_rolling_update_keeps_the_ready_count_and_surges_by_one() -> None:
     agents = {"a": Agent(4), "b": Agent(4)}
     rec = DeploymentReconciler(epoch=1)
@@ -213,6 +235,11 @@ def test_simulated_nodes_leaders_and_spec_changes(seed: int) -> None:
             got = _ready(agents, name, spec.version)
             assert got == spec.replicas, f"seed {seed}: {name} {got}/{spec.replicas} ready"
             assert _ready(agents, name) == spec.replicas, f"seed {seed}: {name} old ones left"
+            # Spread: no node with a free slot holds 2+ fewer of it than the fullest.
+            per = Counter(n for n, a in agents.items() for r in a.assigned if r.deployment == name)
+            free = [n for n, a in agents.items() if len(a.assigned) < a.slots]
+            most = max(per.values(), default=0)
+            assert all(most - per[n] < 2 for n in free), f"seed {seed}: {name} bunched {per}"
 
 
 def _fault(rng: random.Random, agents: dict[str, Agent], specs: dict[str, DeploymentSpec]) -> None:

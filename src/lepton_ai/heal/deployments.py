@@ -12,6 +12,9 @@ Rules (Kubernetes' Deployment controller, with maxSurge 1 and maxUnavailable 0):
   first, then the least loaded node), never past a node's serving slots.
 * A node that is gone takes its replicas with it; they are placed again on the
   survivors at once.
+* When all of a deployment's replicas are ready and one node holds two or more
+  of them more than a node with a free slot (a node back after a failure), one
+  moves: a new replica there first, the crowded node's goes once it is ready.
 * A new version (an update or a rollback) starts one new replica at a time; an old
   one is taken out of rotation only once a new one is ready, so the ready count
   never drops below the wanted one, and a new version that never gets ready
@@ -96,6 +99,10 @@ class DeploymentReconciler:
     _minted: int = 0
     _stuck: set[str] = field(default_factory=set)  # deployments reported unschedulable
     _rolling: set[str] = field(default_factory=set)  # deployments with old versions left
+    # Deployment -> the extra replica placed to even its spread over the nodes (a node
+    # back after a failure gets its share again): one of the crowded node's goes once
+    # it is ready.
+    _moving: dict[str, str] = field(default_factory=dict)
 
     def step(
         self, specs: dict[str, DeploymentSpec], nodes: dict[str, NodeServe]
@@ -179,10 +186,53 @@ class DeploymentReconciler:
                 # place (one fewer ready for a moment) rather than never finish.
                 victim = _removal_order(old, ready, nodes)[0]
                 self._remove(victim, "no free slot for the new version: replaced", actions)
-        elif len(new) > spec.replicas:
+        elif len(new) > spec.replicas and not self._move(spec, new, ready, actions):
             for p in _removal_order(new, ready, nodes)[: len(new) - spec.replicas]:
                 self._remove(p, "scaled down", actions)
         self._note_rollout(spec, old_left, actions)
+        if not old_left and len(new) == spec.replicas == new_ready:
+            self._even_out(spec, new, nodes, actions)
+
+    def _even_out(
+        self,
+        spec: DeploymentSpec,
+        new: list[Placed],
+        nodes: dict[str, NodeServe],
+        actions: list[DeployAction],
+    ) -> None:
+        """All ready and one node holds 2+ more of them than a node with room: place one
+        more there (the crowded node's goes once it is ready, in ``_move``), so that a
+        second node failure does not take most of the deployment at once."""
+        # Called only at exactly the wanted count, all ready: a move in progress would
+        # have one more, so any left over was finished or overtaken (a loss, a scale).
+        self._moving.pop(spec.name, None)
+        count = Counter(p.node for p in new)
+        target = self._pick_node(spec.name, nodes)
+        if target is None or max(count.values(), default=0) - count[target] < 2:
+            return
+        before = set(self.assigned)
+        if self._place(spec, 1, nodes, actions):
+            (rid,) = set(self.assigned) - before
+            self._moving[spec.name] = rid
+
+    def _move(
+        self, spec: DeploymentSpec, new: list[Placed], ready: set[str], actions: list[DeployAction]
+    ) -> bool:
+        """An evening-out in progress: True while it holds off the scale-down (its extra
+        replica is not ready yet, or has just replaced one on the crowded node)."""
+        rid = self._moving.get(spec.name)
+        moving = self.assigned.get(rid) if rid is not None else None
+        if moving is None or len(new) != spec.replicas + 1:
+            self._moving.pop(spec.name, None)  # lost, or the count changed: plain rules
+            return False
+        if rid not in ready:
+            return True
+        del self._moving[spec.name]
+        count = Counter(p.node for p in new)
+        crowded = [p for p in new if p is not moving]
+        victim = max(crowded, key=lambda p: (count[p.node], p.assignment.replica_id))
+        self._remove(victim, f"moved to node {moving.node} (spread)", actions)
+        return True
 
     def _note_rollout(
         self, spec: DeploymentSpec, old_left: int, actions: list[DeployAction]
@@ -248,6 +298,7 @@ class DeploymentReconciler:
                 self._remove(p, "deployment deleted", actions)
         self._stuck &= set(specs)
         self._rolling &= set(specs)
+        self._moving = {n: r for n, r in self._moving.items() if n in specs}
 
     # -- what goes out ----------------------------------------------------------------
     def _assignments(self, nodes: dict[str, NodeServe]) -> list[DeployAction]:

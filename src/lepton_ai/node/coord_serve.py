@@ -188,16 +188,37 @@ class ServeControl:
         return Deployments([self.info(res.spec)] if res.spec is not None else [])
 
     # -- status ----------------------------------------------------------------------
+    def _routable(self) -> set[str] | None:
+        """Replicas in the table every serving node has been sent; None before this
+        leader published one (the nodes route with their last table meanwhile)."""
+        if self._endpoints is None:
+            return None
+        serving = {v.worker_id for v in self.c.workers.values() if v.serve_url}
+        if not serving <= self._told:
+            return set()
+        return {e.replica_id for e in self._endpoints}
+
     def info(self, spec: DeploymentSpec) -> DeploymentInfo:
         """The deployment's replicas: what the nodes report (placed ones not reported
         yet as "pending"), and every node balancer's URL for it."""
         replicas: dict[str, ReplicaInfo] = {}
         views = sorted(self.c.workers.values(), key=lambda v: v.name)
+        routable = self._routable()
         for v in views:
             for r in v.replicas:
                 if r.deployment == spec.name:
+                    # "ready" once every node's balancer routes to it, not before: a
+                    # caller that waited for ready then calls any entry point.
+                    up = r.state != "ready" or routable is None or r.replica_id in routable
                     replicas[r.replica_id] = ReplicaInfo(
-                        r.replica_id, v.name, r.version, r.state, r.url, r.pid, r.restarts, r.error
+                        r.replica_id,
+                        v.name,
+                        r.version,
+                        r.state if up else "starting",
+                        r.url,
+                        r.pid,
+                        r.restarts,
+                        r.error,
                     )
         if self.reconciler is not None:
             names = {v.worker_id: v.name for v in views}
