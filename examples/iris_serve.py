@@ -22,13 +22,22 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-CACHE = Path(tempfile.gettempdir()) / "lepton-iris-forest-200x8-seed0.joblib"
+CACHE_NAME = "iris-forest-200x8-seed0.joblib"
+
+
+def cache_path() -> Path:
+    """The trained forest's cache in this user's own cache directory (0700): a shared
+    place such as /tmp would let another local user plant a pickle the replicas load."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lepton"
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return root / CACHE_NAME
+
+
 _state: dict[str, Any] = {}
 
 
@@ -56,14 +65,15 @@ def setup() -> None:
     """Called once per replica before it reports ready: load the cached forest or train it."""
     import joblib
 
-    if CACHE.exists():
-        _state["model"] = joblib.load(CACHE)
+    cache = cache_path()
+    if cache.exists():
+        _state["model"] = joblib.load(cache)
         return
     _state["model"] = train()
     # Cached so a restarted replica is ready sooner; written whole, then renamed (atomic).
-    partial = CACHE.with_suffix(f".{os.getpid()}.tmp")
+    partial = cache.with_suffix(f".{os.getpid()}.tmp")
     joblib.dump(_state["model"], partial)
-    os.replace(partial, CACHE)
+    os.replace(partial, cache)
 
 
 def predict(instances: list[list[float]]) -> list[str]:

@@ -357,3 +357,71 @@ def test_parent_death_takes_the_cluster_down(tmp_path: Path) -> None:
         for pid in pids:
             if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(60)
+def test_errors_no_retry_can_fix_are_reported_at_once(cluster: LocalCluster) -> None:
+    """A wrong token, a host that does not resolve, and nobody listening: each is
+    certain at the first try, so the caller hears it at once, not after retries."""
+    import socket
+    import time
+
+    import lepton_ai as lep
+    from lepton_ai.errors import AuthError, Unavailable
+
+    with socket.socket() as s:  # a port nobody listens on (bound, never listening)
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+        cases = [
+            (cluster.address, "not-the-token", AuthError, "token"),
+            ("no-such-host.invalid:7400", "t", Unavailable, "cannot resolve"),
+            (dead, "t", Unavailable, "no coordinator listens"),
+        ]
+        for address, token, error, words in cases:
+            t0 = time.monotonic()
+            with pytest.raises(error, match=words), lep.connect(address, token=token) as c:
+                c.status()
+            # Each used to take the 10 s of retries; a loaded machine still stays far below.
+            assert time.monotonic() - t0 < 5.0, (address, time.monotonic() - t0)
+    # A cluster that answered once rides out a refusal (a restarting coordinator).
+    assert cluster.status()["leader"]
+
+
+@pytest.mark.timeout(60)
+def test_connect_finds_the_cluster_and_an_unclosed_handle_exits_quietly(
+    cluster: LocalCluster,
+) -> None:
+    """``lep.connect()`` with no address uses ``$LEPTON_ADDRESS``/``$LEPTON_TOKEN``; a
+    script that never closes its handle (nor its KV) ends without asyncio noise."""
+    import subprocess
+    import sys
+
+    script = (
+        "import lepton_ai as lep\n"
+        "c = lep.connect()\n"
+        "c.kv.put('unclosed', 1)\n"
+        "print(c.kv.get('unclosed'), bool(c.status()['leader']))\n"
+    )
+    env = dict(os.environ, LEPTON_ADDRESS=cluster.address, LEPTON_TOKEN=cluster.token)
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+    )
+    assert out.returncode == 0 and out.stdout.split() == ["1", "True"], out.stderr
+    assert "Task was destroyed" not in out.stderr and "Traceback" not in out.stderr, out.stderr
+    env.pop("LEPTON_ADDRESS")
+    env["LEPTON_STATE_FILE"] = "/nonexistent/lepton-state.json"
+    none = subprocess.run(
+        [sys.executable, "-c", "import lepton_ai as lep; lep.connect()"],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert none.returncode == 1 and "no cluster to connect to" in none.stderr, none.stderr
+    assert "--token" not in none.stderr and "--address" not in none.stderr

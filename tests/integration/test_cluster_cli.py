@@ -75,3 +75,76 @@ def test_up_status_chaos_down(tmp_path: Path) -> None:
         for pid in pids:
             if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def _loose(root: Path) -> list[str]:
+    """Files and directories under ``root`` that anyone but their owner can read."""
+    return [
+        f"{p} {oct(p.stat().st_mode & 0o777)}"
+        for p in [root, *root.rglob("*")]
+        if p.stat().st_mode & 0o077 and not p.is_symlink()
+    ]
+
+
+@pytest.mark.timeout(120)
+def test_files_are_private_from_the_start(tmp_path: Path) -> None:
+    """State file (token), log, WAL, stored objects and shuffle files: 0600 files in
+    0700 directories, also where the caller's umask is 022."""
+    import lepton_ai as lep
+
+    home = tmp_path / "home" / ".lepton"  # does not exist yet: `cluster up` makes it
+    env = dict(os.environ, LEPTON_STATE_FILE=str(home / "cluster.json"))
+    env.pop("LEPTON_TOKEN", None)
+    old = os.umask(0o022)
+    try:
+        up = lepton("cluster", "up", "--workers", "1", "--coordinators", "1", "--json", env=env)
+    finally:
+        os.umask(old)
+    assert up.returncode == 0, up.stderr
+    state = json.loads(up.stdout)
+    try:
+        cluster = lep.connect(state["address"], token=state["token"])
+        cluster.storage.put("private/x", b"secret" * 1000)
+        task = lep.DistributedTask(cluster)
+        pairs = task.parallelize(range(100), partitions=4).map(lambda x: (x % 3, x))
+        assert dict(pairs.reduce_by_key(lambda a, b: a + b, partitions=2).collect()) == {
+            0: sum(range(0, 100, 3)),
+            1: sum(range(1, 100, 3)),
+            2: sum(range(2, 100, 3)),
+        }
+        cluster.close()
+        assert not _loose(home), _loose(home)
+    finally:
+        down = lepton("cluster", "down", env=env)
+        assert down.returncode == 0, down.stderr
+
+
+@pytest.mark.timeout(120)
+def test_cli_version_unknown_job_events_and_a_closed_pipe(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    version = lepton("--version")
+    assert version.returncode == 0 and version.stdout.startswith("lepton_ai "), version
+    env = dict(os.environ, LEPTON_STATE_FILE=str(tmp_path / "state.json"))
+    env.pop("LEPTON_TOKEN", None)
+    up = lepton("cluster", "up", "--workers", "1", "--coordinators", "1", env=env)
+    assert up.returncode == 0, up.stderr
+    try:
+        nope = lepton("job", "events", "nope", env=env)
+        assert nope.returncode == 1 and "unknown job nope" in nope.stderr, nope
+        # `lepton cluster events | head -1`: the reader leaves early; no error, no noise.
+        events = subprocess.Popen(
+            [sys.executable, "-m", "lepton_ai.cli", "cluster", "events"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert events.stdout is not None and events.stderr is not None
+        events.stdout.close()  # as `head` does once it has its line
+        err = events.stderr.read().decode()
+        assert events.wait(60) == 0 and "Broken pipe" not in err, err
+        line = lepton("cluster", "events", "--last", "1", env=env).stdout
+        assert line[2] == ":" and line[5] == ":" and line[8] == ".", line  # HH:MM:SS.mmm
+    finally:
+        assert lepton("cluster", "down", env=env).returncode == 0

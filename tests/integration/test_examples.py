@@ -55,3 +55,20 @@ def test_iris_forest_trains_merges_and_scores() -> None:
     assert res["matches_serial_forest"] is True
     assert res["accuracy"] >= 0.9
     assert wall < 60, f"took {wall:.1f} s (target: under 30 s on an idle machine)"
+
+
+def test_iris_serve_caches_its_model_in_a_private_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not in a shared /tmp: another local user could plant a pickle there."""
+    import importlib.util
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = Path(__file__).resolve().parents[2] / "examples" / "iris_serve.py"
+    spec = importlib.util.spec_from_file_location("iris_serve_cache_check", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cache = module.cache_path()
+    assert cache.parent == tmp_path / "cache" / "lepton"
+    assert cache.parent.stat().st_mode & 0o777 == 0o700

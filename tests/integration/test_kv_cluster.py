@@ -14,11 +14,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from lepton_ai.consensus import cli as kv_cli
 from lepton_ai.consensus.client import KV, ClientConfig
 from lepton_ai.consensus.cluster import KvCluster, LauncherConfig
+from lepton_ai.consensus.kv import KvConfig
 from lepton_ai.consensus.messages import Accept, Prepare
 from lepton_ai.consensus.server import SERVER_CODEC
 from lepton_ai.consensus.storage import WAL_NAME
@@ -276,3 +278,28 @@ def test_concurrent_first_use_opens_one_connection_per_replica(
 
     asyncio.run(run())
     assert len(opened) == len(set(opened)) <= len(cluster.addresses), opened
+
+
+@pytest.mark.timeout(60)
+def test_key_and_value_limits_are_the_replicas_and_fail_at_once(cluster: KvCluster) -> None:
+    """A value of exactly ``value_bytes_max`` (MessagePack) is stored; one byte more, an
+    empty key, a lone surrogate or a key past ``key_bytes_max`` fail at once naming why,
+    and nothing is written."""
+    kv = cluster.kv
+    limit = KvConfig().value_bytes_max
+    header = len(msgspec.msgpack.encode(b"\x00" * limit)) - limit  # bin 32: 5 bytes
+    exact = b"\x01" * (limit - header)
+    assert len(msgspec.msgpack.encode(exact)) == limit
+    kv.put("big", exact)
+    assert kv.get("big") == exact
+    with pytest.raises(ValueError, match="value_bytes_max"):
+        kv.put("big2", exact + b"\x01")
+    with pytest.raises(ValueError, match="empty"):
+        kv.put("", 1)
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        kv.put("bad\ud800", 1)
+    with pytest.raises(ValueError, match="key_bytes_max"):
+        kv.put("k" * (KvConfig().key_bytes_max + 1), 1)
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        kv.put("fine", "text\udfff")
+    assert kv.get("big2") is None and kv.get("fine") is None

@@ -150,15 +150,28 @@ async def _raw(port: int, payload: bytes) -> bytes:
     return data
 
 
+_NESTED_AUTH = b"\x83\xa4type\xa4Auth\xa7version\x01\xa5extra" + b"\x91" * 990 + b"\xc0"
+
+
+def _frame(body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + body
+
+
 @pytest.mark.parametrize(
     "payload",
     [
         b"\x00\x00\x00\x05garbage",  # a frame that is not MessagePack
         struct.pack(">I", 1 << 30),  # an oversized frame during the handshake
         b"GET / HTTP/1.1\r\n\r\n",  # a confused HTTP client
+        # An Auth whose unknown field nests 990 one-element arrays, 1,017 bytes (under
+        # the handshake bound): skipping it, msgspec recursed past the interpreter's
+        # limit and the RecursionError escaped the handshake.
+        _frame(_NESTED_AUTH),
     ],
 )
-def test_garbage_before_auth_closes_only_that_connection(payload: bytes) -> None:
+def test_garbage_before_auth_closes_only_that_connection(
+    payload: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
     async def go() -> None:
         server, seen = await _echo_server()
         async with server:
@@ -170,7 +183,12 @@ def test_garbage_before_auth_closes_only_that_connection(payload: bytes) -> None
             await conn.close()
             assert seen == [Ping(1)]
 
-    asyncio.run(go())
+    with caplog.at_level("WARNING"):
+        asyncio.run(go())
+    # Refused as a failed handshake (a warning), never an exception escaping the server.
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("handshake failed" in line for line in lines), lines
+    assert not any("RecursionError" in (r.exc_text or "") for r in caplog.records), lines
 
 
 def test_bad_frames_after_auth_close_the_connection_without_state_change() -> None:
@@ -190,3 +208,22 @@ def test_bad_frames_after_auth_close_the_connection_without_state_change() -> No
             assert seen == []
 
     asyncio.run(go())
+
+
+def test_handshake_failures_are_logged_at_a_bounded_rate(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """50 connections with garbage: 10 warnings, then one line counting the rest."""
+    from lepton_ai.wire.conn import RateLimitedLog
+
+    limiter = RateLimitedLog(burst=10, window_s=0.3)
+    with caplog.at_level("WARNING", logger="lepton_ai.wire"):
+        for i in range(50):
+            limiter.warn("closing %s: handshake failed: %s", f"peer{i}", "garbage")
+        assert len(caplog.records) == 10
+        import time
+
+        time.sleep(0.35)
+        limiter.warn("closing %s: handshake failed: %s", "late", "garbage")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[10].startswith("40 more like this suppressed") and "late" in lines[11]

@@ -87,9 +87,12 @@ def _cmd_job(args: argparse.Namespace) -> int:
             obj = {"job_id": args.job_id, "deleted": True}
             text = f"{args.job_id}: deleted"
         elif args.job_command == "events":
+            from lepton_ai.monitor.timeline import format_event
+
+            cluster.job_info(args.job_id, 0.0)  # KeyError for a job the cluster never had
             events = job.events()
             obj = {"job_id": args.job_id, "events": events}
-            text = "\n".join(f"{e['t']:.3f} {e['kind']:<18} {e['detail']}" for e in events)
+            text = "\n".join(format_event(e) for e in events)
         else:
             value = job.result(timeout=args.timeout)
             obj = {"job_id": args.job_id, "result": _jsonable(value)}

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import itertools
 import threading
+import weakref
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -27,6 +28,7 @@ import msgspec
 from lepton_ai.consensus.kv import (
     Cas,
     Delete,
+    KvConfig,
     KvError,
     KvResult,
     Op,
@@ -398,23 +400,42 @@ def _submitter(command: bytes, sends: list[int]) -> Callable[[int], ClientMessag
     return make
 
 
+_LIMITS = KvConfig()  # the replicas' defaults: refused here at once, not after a round trip
+
+
 def _check_key(key: object) -> None:
     if not isinstance(key, str):
         raise TypeError(f"KV keys are str, got {type(key).__name__}")
+    if not key:
+        raise ValueError("KV keys cannot be empty")
+    try:
+        size = len(key.encode())
+    except UnicodeEncodeError as exc:  # a lone surrogate: not text any replica can store
+        raise ValueError(f"KV key {key!r} is not valid Unicode text: {exc.reason}") from None
+    if size > _LIMITS.key_bytes_max:
+        raise ValueError(
+            f"KV key of {size} bytes (UTF-8) over key_bytes_max={_LIMITS.key_bytes_max}"
+        )
 
 
 def _check_value(value: object) -> None:
     if value is None:
         raise ValueError("KV values cannot be None (None means 'absent'; use delete)")
     try:
-        _value_encoder.encode(value)
+        size = len(_value_encoder.encode(value))
     except TypeError as exc:
         raise TypeError(f"KV value is not serialisable as MessagePack: {exc}") from exc
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"KV value holds text that is not valid Unicode: {exc.reason}") from None
+    if size > _LIMITS.value_bytes_max:
+        raise ValueError(
+            f"KV value of {size} bytes (MessagePack) over value_bytes_max={_LIMITS.value_bytes_max}"
+        )
 
 
 def _checked(result: KvResult) -> KvResult:
     if result.error is not None:
-        if result.error.startswith("too_large") or result.error == "none_value":
+        if result.error.startswith(("too_large", "invalid")) or result.error == "none_value":
             raise ValueError(f"KV refused the command: {result.error}")
         raise KvError(f"KV refused the command: {result.error}")
     return result
@@ -436,6 +457,9 @@ class KV:
             target=self._loop.run_forever, name="lepton-kv-client", daemon=True
         )
         self._thread.start()
+        # Closed at interpreter exit too, if the caller never did: else its connections'
+        # reader tasks die with the loop and Python prints "Task was destroyed".
+        self._finalizer = weakref.finalize(self, _close_kv, self._client, self._loop, self._thread)
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         if not self._thread.is_alive():
@@ -463,16 +487,22 @@ class KV:
         return list(self._client.addresses)
 
     def close(self) -> None:
-        if not self._thread.is_alive():
-            return
-        with contextlib.suppress(Exception):
-            self._run(self._client.close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=5)
-        self._loop.close()
+        self._finalizer()
 
     def __enter__(self) -> KV:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _close_kv(client: KvClient, loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    """Close ``client`` on its loop, then stop the loop's thread (once)."""
+    if not thread.is_alive():
+        return
+    with contextlib.suppress(Exception):
+        asyncio.run_coroutine_threadsafe(client.close(), loop).result(5.0)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=5)
+    if not thread.is_alive():
+        loop.close()

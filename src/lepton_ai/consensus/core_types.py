@@ -51,8 +51,9 @@ class PaxosConfig:
     """Slots proposed by the leader and not yet committed (the pipeline window)."""
     batch_commands_max: int = 1024
     """Client commands in one slot."""
-    batch_bytes_max: int = 1 << 20
-    """Command bytes in one slot."""
+    batch_bytes_max: int = (1 << 20) + (64 << 10)
+    """Command bytes in one slot: room for one KV value of ``value_bytes_max`` (1 MiB)
+    with its key (up to 1 KiB) and the command's own encoding."""
     catchup_entries_max: int = 256
     """Slots in one Accept message (catch-up and pipelining alike)."""
     snapshot_entries: int = 10_000

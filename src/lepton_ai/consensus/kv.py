@@ -224,7 +224,13 @@ class KvMachine:
         return result
 
     def _apply_op(self, op: Op) -> KvResult:
-        if len(op.key.encode()) > self.config.key_bytes_max:
+        if not op.key:
+            return KvResult(ok=False, error="invalid: empty key")
+        try:
+            key_bytes = len(op.key.encode())
+        except UnicodeEncodeError:  # a lone surrogate from a hostile client: never stored
+            return KvResult(ok=False, error="invalid: key is not valid Unicode")
+        if key_bytes > self.config.key_bytes_max:
             return KvResult(ok=False, error="too_large: key")
         found = op.key in self._data
         before = self._data.get(op.key)

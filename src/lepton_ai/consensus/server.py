@@ -478,6 +478,7 @@ def _bind(address: str) -> socket.socket:
 
 def run_replica(args: argparse.Namespace) -> int:
     """Run one KV replica until SIGTERM/SIGINT. Exit code 2 if its data directory is corrupt."""
+    os.umask(0o077)  # the WAL and snapshots hold the users' data: 0600 files, 0700 dirs
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
         format=f"%(asctime)s replica-{args.id} %(name)s %(levelname)s %(message)s",

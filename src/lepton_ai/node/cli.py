@@ -126,12 +126,13 @@ def _cmd_up(args: argparse.Namespace) -> int:
             )
     data_dir = Path(args.data_dir or path.parent / "cluster-data").resolve()
     cmd = _supervisor_command(args, path.resolve(), data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    for d in (path.parent, data_dir):  # ~/.lepton holds the token: private from the start
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
     path.unlink(missing_ok=True)  # a stale one, from a cluster that is gone
     token = args.token or generate_token()
     log = data_dir / "cluster.log"
-    with open(log, "ab") as out:
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "ab") as out:
         # Detached (own session): the cluster outlives this command and its terminal.
         supervisor = subprocess.Popen(
             cmd,
@@ -243,6 +244,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_events(args: argparse.Namespace) -> int:
+    from lepton_ai.monitor.timeline import format_event
+
     cluster = connect_from_args(args)
     try:
         events = cluster.events(args.job or None)
@@ -250,11 +253,7 @@ def _cmd_events(args: argparse.Namespace) -> int:
         cluster.close()
     if args.last > 0:
         events = events[-args.last :]
-    text = "\n".join(
-        f"{time.strftime('%H:%M:%S', time.localtime(e['t']))}.{int(e['t'] % 1 * 1000):03d} "
-        f"{e['kind']:<18} {e['detail']}" + (f" [{e['job_id']}]" if e["job_id"] else "")
-        for e in events
-    )
+    text = "\n".join(format_event(e) for e in events)
     _print(args, {"events": events}, text or "(no events)")
     return 0
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import socket
 import threading
+import weakref
 from dataclasses import dataclass, field
 
-from lepton_ai.errors import LeptonError, LimitExceeded, StorageFull, Unavailable
+from lepton_ai.errors import AuthError, LeptonError, LimitExceeded, StorageFull, Unavailable
 from lepton_ai.heal.backoff import Backoff
 from lepton_ai.node.messages import ClientReply, CoordinatorMessage, ErrorReply
 from lepton_ai.node.netutil import node_wire_config, parse_address
@@ -57,6 +59,10 @@ class CoordinatorClient:
         )
         self._thread.start()
         self._closed = False
+        self._answered = False  # some coordinator has answered this client
+        # Closed at interpreter exit too if the caller never did (no "Task was destroyed").
+        self._finalizer = weakref.finalize(self, _shutdown, self._idle, self._loop, self._thread)
+        self._refused: set[tuple[str, int]] = set()  # refused before any answer
 
     def request(self, msg: CoordinatorMessage, timeout_s: float | None = None) -> ClientReply:
         """Send one request to the leader and wait for its reply.
@@ -102,6 +108,7 @@ class CoordinatorClient:
                 last = exc
                 if conn is not None:
                     conn.writer.close()
+                self._fail_fast(address, exc)
                 self._drop_idle(address)
                 self._redirect("")
                 failures += 1
@@ -112,6 +119,7 @@ class CoordinatorClient:
                     conn.writer.close()
                 raise
             self._give_back(address, conn)
+            self._answered = True
             if isinstance(reply, ErrorReply) and _retryable(reply):
                 last = reply.message or "no leader known"
                 self._redirect(reply.message if reply.kind == "redirect" else "")
@@ -124,6 +132,25 @@ class CoordinatorClient:
         raise Unavailable(
             f"no coordinator leader answered within {timeout_s:.1f} s ({names}): {last}"
         )
+
+    def _fail_fast(self, address: tuple[str, int], exc: BaseException) -> None:
+        """Raise at once for what no retry can fix: a wrong token, a host name that does
+        not resolve, or (before any coordinator ever answered this client) every
+        address refusing connections. Once the cluster answered, a refusal is a member
+        restarting, waited out until the deadline."""
+        host, port = address
+        if isinstance(exc, AuthError):
+            raise AuthError(f"{host}:{port} refused the cluster token: {exc}") from None
+        if isinstance(exc, socket.gaierror):
+            raise Unavailable(f"cannot resolve host {host!r}: {exc.strerror}") from None
+        if _refused(exc) and not self._answered:
+            self._refused.add(address)
+            if self._refused >= set(self.addresses):
+                names = ",".join(f"{h}:{p}" for h, p in self.addresses)
+                raise Unavailable(
+                    f"no coordinator listens at {names} (connection refused): is the "
+                    "cluster up, and is the address right?"
+                ) from None
 
     async def _take(self, address: tuple[str, int]) -> Connection[ClientReply]:
         idle = self._idle.get(address, [])
@@ -150,22 +177,37 @@ class CoordinatorClient:
         return self._closed
 
     def close(self) -> None:
-        if self._closed:
-            return
         self._closed = True
+        self._finalizer()
 
-        async def shutdown() -> None:
-            for conns in self._idle.values():
-                for conn in conns:
-                    await conn.close()
-            self._idle.clear()
 
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(2.0)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(2.0)
-        if not self._thread.is_alive():
-            self._loop.close()
+def _shutdown(
+    idle: dict[tuple[str, int], list[Connection[ClientReply]]],
+    loop: asyncio.AbstractEventLoop,
+    thread: threading.Thread,
+) -> None:
+    """Close the idle connections on their loop, then stop the loop's thread (once)."""
+
+    async def close_idle() -> None:
+        for conns in idle.values():
+            for conn in conns:
+                await conn.close()
+        idle.clear()
+
+    with contextlib.suppress(Exception):
+        asyncio.run_coroutine_threadsafe(close_idle(), loop).result(2.0)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(2.0)
+    if not thread.is_alive():
+        loop.close()
+
+
+def _refused(exc: BaseException) -> bool:
+    """A refused connection (asyncio reports one per resolved address as a plain
+    OSError listing them when a name resolves to several)."""
+    if isinstance(exc, ConnectionRefusedError):
+        return True
+    return type(exc) is OSError and "[Errno 111]" in str(exc) and "Errno " in str(exc)
 
 
 def _retryable(reply: ErrorReply) -> bool:

@@ -809,11 +809,41 @@ def _ready_workers(members: list[MemberInfo]) -> int:
     return len((workers & with_execs) - starting)
 
 
-def connect(address: str, token: str | None = None) -> Cluster:
-    """A handle on a running cluster: ``"host:port"`` (or a comma-separated list)."""
-    from lepton_ai.wire import resolve_token
+ADDRESS_ENV = "LEPTON_ADDRESS"
+TOKEN_ENV = "LEPTON_TOKEN"
 
-    cluster = Cluster(address, resolve_token(token))
+
+def find_cluster(
+    address: str | None = None, token: str | None = None, state_file: str | None = None
+) -> tuple[str, str]:
+    """(address, token) of the cluster to use: the arguments, else ``$LEPTON_ADDRESS``
+    and ``$LEPTON_TOKEN`` (a worker agent sets both for the code it runs), else the
+    cluster ``lepton cluster up`` started (its state file). ValueError saying how to
+    name one when there is none."""
+    address = address or os.environ.get(ADDRESS_ENV)
+    if address:
+        token = token or os.environ.get(TOKEN_ENV)
+        if not token:
+            raise ValueError(f"no cluster token: pass token=... or set ${TOKEN_ENV}")
+        return address, token
+    from lepton_ai.node.cli import _read_state
+
+    try:
+        state = _read_state(state_file)
+    except ValueError:
+        raise ValueError(
+            f'no cluster to connect to: pass its address ("host:port,..."), set '
+            f"${ADDRESS_ENV} and ${TOKEN_ENV}, or start one with `lepton cluster up`"
+        ) from None
+    return str(state["address"]), token or str(state["token"])
+
+
+def connect(address: str | None = None, token: str | None = None) -> Cluster:
+    """A handle on a running cluster: ``"host:port"`` (or a comma-separated list);
+    without one, the cluster ``find_cluster`` names (``$LEPTON_ADDRESS``, else the one
+    ``lepton cluster up`` started). Close it (or use ``with``) when done."""
+    address, token = find_cluster(address, token)
+    cluster = Cluster(address, token)
     status = cluster.status()  # fail here, with a clear error, if nobody answers
     paxos = [m["paxos"] for m in status["members"] if m.get("paxos")]
     if paxos:  # replicated coordinators: KV commands go through the same Paxos log

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from lepton_ai.node.cluster import LocalCluster
+from lepton_ai.node.process import private_files
 from lepton_ai.node.supervise import member_key
 
 STATE_WRITE_S = 0.5  # how stale the state file's pids and restarts may be
@@ -36,8 +37,10 @@ class _UpCluster(LocalCluster):
 def write_state(path: Path, state: dict[str, Any]) -> None:
     """Atomically: ``lepton cluster status/down`` may read it at any moment."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(state))
-    os.chmod(tmp, 0o600)  # the token lets anyone run code on the workers
+    # 0600 from its creation, not chmodded after: the token lets anyone run code.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(state))
     os.replace(tmp, path)
 
 
@@ -78,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    private_files()  # the state file (token), the log, the data directories
     logging.basicConfig(level=logging.INFO, format="%(asctime)s supervisor %(message)s")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -101,6 +101,16 @@ class Lifeline:
             os.close(self.write_fd)
 
 
+PRIVATE_UMASK = 0o077
+
+
+def private_files() -> None:
+    """Everything this process creates from now on is its user's only: directories
+    0700, files 0600 (logs, stored objects and shuffle files hold user data; state
+    files hold the token). For the programs we start, never for a user's process."""
+    os.umask(PRIVATE_UMASK)
+
+
 def pid_alive(pid: int) -> bool:
     """True if ``pid`` exists and is not a zombie."""
     try:

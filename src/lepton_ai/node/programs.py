@@ -191,9 +191,10 @@ def run_worker(
     announce: bool = True,
 ) -> None:
     """Entry point of ``lepton worker``: run the agent until killed."""
-    from lepton_ai.node.process import watch_parent
+    from lepton_ai.node.process import private_files, watch_parent
     from lepton_ai.node.worker import WorkerAgent
 
+    private_files()
     watch_parent()
     logging.basicConfig(level=os.environ.get("LEPTON_LOG_LEVEL", "WARNING"))
     agent = WorkerAgent(join, token, data_dir, name, config)
@@ -337,12 +338,13 @@ def run_coordinator(
     """
     from lepton_ai.node.coord_config import CoordinatorConfig
     from lepton_ai.node.netutil import advertised_address, bind_listener, parse_address
-    from lepton_ai.node.process import watch_parent
+    from lepton_ai.node.process import private_files, watch_parent
 
     if (peers is None) != (node_id is None):
         raise ValueError("--id and --peers go together")
     if peers is not None and node_id not in peers and not (standby and paxos_fd is not None):
         raise ValueError(f"--id {node_id} is not in --peers ({', '.join(map(str, peers))})")
+    private_files()
     watch_parent()
     logging.basicConfig(level=os.environ.get("LEPTON_LOG_LEVEL", "WARNING"))
     sock = socket.socket(fileno=listen_fd) if listen_fd is not None else bind_listener(host, port)

@@ -61,21 +61,14 @@ def resolve_cluster(
     address: str | None = None, token: str | None = None, state_file: str | None = None
 ) -> tuple[str, str]:
     """(address, token): explicit, else ``$LEPTON_ADDRESS``, else ``lepton cluster up``'s."""
-    from lepton_ai.wire import resolve_token
-
-    address = address or os.environ.get(ADDRESS_ENV)
-    if address:
-        return address, resolve_token(token)
-    from lepton_ai.node.cli import _read_state
+    from lepton_ai.node.cluster import find_cluster
 
     try:
-        state = _read_state(state_file)
+        return find_cluster(address, token, state_file)
     except ValueError as exc:
         raise ValueError(
-            f"lep:// has no cluster: pass address=/token= storage options, set "
-            f"${ADDRESS_ENV} and $LEPTON_TOKEN, or start one with `lepton cluster up` ({exc})"
+            f"lep:// has no cluster (or pass address=/token= options): {exc}"
         ) from None
-    return str(state["address"]), token or str(state["token"])
 
 
 def cluster_for(address: str, token: str) -> Cluster:

@@ -44,3 +44,5 @@ class Codec(Generic[T]):
             return self._decoder.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise ProtocolError(f"undecodable message: {exc}") from exc
+        except RecursionError:  # a small frame nested thousands deep: malformed, not a crash
+            raise ProtocolError("undecodable message: nested too deep") from None

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -165,7 +166,7 @@ async def serve(
                 cfg.handshake_timeout_s,
             )
         except (LeptonError, TimeoutError, ConnectionError) as exc:
-            log.warning("closing %s: handshake failed: %s", conn.peer, exc)
+            _HANDSHAKE_FAILURES.warn("closing %s: handshake failed: %s", conn.peer, exc)
             await conn.close()
             return
         try:
@@ -180,6 +181,33 @@ async def serve(
     if sock is not None:
         return await asyncio.start_server(on_connect, sock=sock, limit=cfg.read_buffer_bytes_max)
     return await asyncio.start_server(on_connect, host, port, limit=cfg.read_buffer_bytes_max)
+
+
+class RateLimitedLog:
+    """At most ``burst`` warnings per ``window_s``; the rest are counted and reported
+    once the window ends (a port scan or a client with a wrong token must not flood
+    the log, nor hide that it happened)."""
+
+    def __init__(self, burst: int = 10, window_s: float = 60.0) -> None:
+        self.burst, self.window_s = burst, window_s
+        self._window_start = -window_s
+        self._logged = 0
+        self._suppressed = 0
+
+    def warn(self, fmt: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._window_start >= self.window_s:
+            if self._suppressed:
+                log.warning("%d more like this suppressed: %s", self._suppressed, fmt % args)
+            self._window_start, self._logged, self._suppressed = now, 0, 0
+        if self._logged < self.burst:
+            self._logged += 1
+            log.warning(fmt, *args)
+        else:
+            self._suppressed += 1
+
+
+_HANDSHAKE_FAILURES = RateLimitedLog()
 
 
 def bound_port(server: asyncio.Server) -> int:
