@@ -256,3 +256,37 @@ def test_models_from_the_object_store_load_on_every_node(cluster: Any) -> None:
         assert lep.ServeClient(dep.urls).predict([[3], [1], [2]]) == [[1], [2], [3]]
     finally:
         dep.delete()
+
+
+@pytest.mark.timeout(180)
+def test_the_deploy_command_drives_a_deployment_end_to_end(
+    cluster: Any, models: tuple[str, str]
+) -> None:
+    import json
+
+    from helpers import lepton
+
+    v1, v2 = models
+    on = ("--address", cluster.address, "--token", cluster.token, "--json")
+
+    def deploy(*args: str) -> dict[str, Any]:
+        out = lepton("deploy", *args, *on)
+        assert out.returncode == 0, out.stderr
+        doc: dict[str, Any] = json.loads(out.stdout)
+        return doc
+
+    doc = deploy("create", "cli-dep", v1, "--replicas", "1")
+    assert (doc["version"], doc["replicas"], doc["ready"]) == (1, 1, 1)
+    assert lep.ServeClient(doc["urls"]).predict([[1, 2]]) == [3]
+    assert deploy("scale", "cli-dep", "2")["ready"] == 2
+    doc = deploy("update", "cli-dep", v2)
+    assert doc["version"] == 2 and {r["version"] for r in doc["status"]} == {2}
+    assert lep.ServeClient(doc["urls"]).predict([[1, 2]]) == [30]
+    assert deploy("rollback", "cli-dep")["version"] == 3
+    listed = deploy("status")["deployments"]
+    assert "cli-dep" in [d["name"] for d in listed], listed
+    assert deploy("rm", "cli-dep") == {"deleted": "cli-dep"}
+    gone = lepton("deploy", "status", "cli-dep", *on)
+    assert gone.returncode == 1 and "no deployment named 'cli-dep'" in gone.stderr, gone
+    bad = lepton("deploy", "create", "Bad_Name", v1, *on)
+    assert bad.returncode == 1 and "deployment name" in bad.stderr, bad
