@@ -19,6 +19,7 @@ from starlette.testclient import TestClient
 
 from lepton_ai.node.process import pid_alive
 from lepton_ai.serve.config import ServeConfig, SupervisorConfig
+from lepton_ai.serve.node_balancer import NODE_DEPLOYMENTS_MAX
 from lepton_ai.serve.node_serve import NodeServing
 from lepton_ai.serve.replica import build_app
 from lepton_ai.serve.spec import Endpoint, ReplicaAssignment, ReplicaReport
@@ -330,3 +331,28 @@ def test_identity_headers_only_when_given() -> None:
         resp = client.post("/predict", json={"instances": [[1]]})
         assert resp.json() == {"predictions": [1]}
         assert not any(k.startswith("x-lepton") for k in resp.headers)
+
+
+async def _known_but_not_ready() -> None:
+    node = NodeServing("127.0.0.1")
+    await node.start()
+    runner = asyncio.create_task(node.run())
+    try:
+        node.set_endpoints([], ["ghost"])  # it exists; none of its replicas is ready yet
+        async with httpx.AsyncClient(timeout=5.0) as http:
+            known = await http.post(f"{node.url}/ghost/predict", json={"instances": [[1]]})
+            unknown = await http.post(f"{node.url}/nobody/predict", json={"instances": [[1]]})
+        # 503: try another entry point or later (ServeClient does); 404: no such thing.
+        assert known.status_code == 503, known.text
+        assert unknown.status_code == 404 and "no deployment named" in unknown.text
+        with pytest.raises(ValueError, match="at most"):
+            node.set_endpoints([], [f"d{i}" for i in range(NODE_DEPLOYMENTS_MAX + 1)])
+    finally:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+
+
+@pytest.mark.timeout(30)
+def test_a_deployment_with_no_ready_replica_is_503_not_404() -> None:
+    asyncio.run(_known_but_not_ready())

@@ -83,6 +83,7 @@ class ServeControl:
         self.leading_since = 0.0
         self._endpoints: list[Endpoint] | None = None  # the table last published
         self._told: set[str] = set()  # workers that have that table
+        self._names: list[str] = []  # the deployments that table names
         self.autoscaler = Autoscaler()
         self._scaling: set[str] = set()  # deployments with an autoscaler's change in flight
 
@@ -90,7 +91,7 @@ class ServeControl:
         self.reconciler = DeploymentReconciler(epoch=self.c.epoch)
         self.autoscaler = Autoscaler()
         self.leading_since = time.monotonic()
-        self._endpoints, self._told = None, set()
+        self._endpoints, self._told, self._names = None, set(), []
 
     def stepped_down(self) -> None:
         self.reconciler = None
@@ -105,17 +106,20 @@ class ServeControl:
             wid: NodeServe(v.serve_slots, tuple(v.replicas), v.serve_url)
             for wid, v in views.items()
         }
-        for action in rec.step(self.c.machine.deployments.specs, nodes):
+        specs = self.c.machine.deployments.specs
+        for action in rec.step(specs, nodes):
             if isinstance(action, Assign):
                 views[action.node].conn.send_nowait(RunReplicas(action.replicas))
             elif isinstance(action, Publish):
                 self._endpoints, self._told = action.endpoints, set()
             elif isinstance(action, DeployEvent):
                 self.c.event(action.kind, action.detail)
+        if self._endpoints is not None and sorted(specs) != self._names:
+            self._names, self._told = sorted(specs), set()  # a deployment came or went
         if self._endpoints is not None:
             for wid, view in views.items():
                 if wid not in self._told:  # a node that joined since: the table too
-                    view.conn.send_nowait(ServeEndpoints(self._endpoints))
+                    view.conn.send_nowait(ServeEndpoints(self._endpoints, self._names))
                     self._told.add(wid)
         self._autoscale(now)
 

@@ -195,6 +195,7 @@ class ServeEndpoints(msgspec.Struct, frozen=True, tag=True):
     """Leader -> agent: every ready replica in the cluster, for this node's balancer."""
 
     endpoints: list[Endpoint]
+    deployments: list[str] = []  # every deployment, with or without a ready replica
 
 
 WorkerMessage = (

@@ -609,7 +609,7 @@ class WorkerAgent(DataPort):
                 log.error("replicas refused: %s", exc)
         else:
             try:
-                self.serving.set_endpoints(msg.endpoints)
+                self.serving.set_endpoints(msg.endpoints, msg.deployments)
             except ValueError as exc:  # a table past this node's limits: the old one stays
                 log.error("serving endpoints refused: %s", exc)
 

@@ -59,9 +59,17 @@ class NodeBalancer:
         self._tg: asyncio.TaskGroup | None = None
 
     # -- the table -------------------------------------------------------------------
-    def set_endpoints(self, endpoints: list[Endpoint]) -> None:
-        """Replace the table (ValueError, and nothing changes, if it is malformed or too big)."""
+    def set_endpoints(self, endpoints: list[Endpoint], names: list[str] | None = None) -> None:
+        """Replace the table (ValueError, and nothing changes, if it is malformed or too big).
+        ``names``: every deployment that exists; one with no ready replica right now is
+        answered 503 (try again, or another node) rather than 404 (no such thing)."""
         table = _check_table(endpoints)
+        for name in names or []:
+            table.setdefault(name, {})
+        if len(table) > NODE_DEPLOYMENTS_MAX:
+            raise ValueError(
+                f"{len(table)} deployments; a node routes at most {NODE_DEPLOYMENTS_MAX}"
+            )
         for name in [n for n in self._deployments if n not in table]:
             self._drop(name)
         for name, wanted in table.items():

@@ -141,9 +141,10 @@ class NodeServing:
         """Requests in flight through this node's balancer, per deployment."""
         return self.balancer.inflight()
 
-    def set_endpoints(self, endpoints: list[Endpoint]) -> None:
-        """Replace this node's routing table (every ready replica of the cluster)."""
-        self.balancer.set_endpoints(endpoints)
+    def set_endpoints(self, endpoints: list[Endpoint], names: list[str] | None = None) -> None:
+        """Replace this node's routing table (every ready replica of the cluster, and
+        the names of every deployment, ready or not)."""
+        self.balancer.set_endpoints(endpoints, names)
 
     def pids(self) -> list[int]:
         """The replica processes still running (stopping ones included)."""
