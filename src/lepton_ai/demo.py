@@ -381,7 +381,9 @@ def run_faulted(
     return pairs, wall, tl
 
 
-_CONDENSE = frozenset({"output_lost", "task_rescheduled", "task_failed", "fetch_failed"})
+_CONDENSE = frozenset(
+    {"output_lost", "task_rescheduled", "task_moved", "task_failed", "fetch_failed"}
+)
 _PARTITION = re.compile(r"partition (\d+)")
 
 

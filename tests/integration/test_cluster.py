@@ -196,10 +196,11 @@ def test_work_waiting_behind_a_slow_task_moves_to_the_idle_node(cluster: LocalCl
     job = task.parallelize(range(n), partitions=n).map(_sleepy(20)).submit()
     assert job.result(timeout=50) == list(range(n))
     events = job.events()
-    moved = [e for e in events if e["kind"] == "task_rescheduled"]
+    moved = [e for e in events if e["kind"] == "task_moved"]
     assert moved, events
     assert all("partition 20 " not in e["detail"] for e in moved)  # the running one stays
-    assert not [e for e in events if e["kind"] == "task_failed"]
+    # Nothing failed, so nothing is reported as failed or retried.
+    assert not [e for e in events if e["kind"] in ("task_failed", "task_rescheduled")], events
 
 
 def _hang_once(marker: str):  # type: ignore[no-untyped-def]

@@ -148,3 +148,33 @@ def test_cli_version_unknown_job_events_and_a_closed_pipe(tmp_path: Path) -> Non
         assert line[2] == ":" and line[5] == ":" and line[8] == ".", line  # HH:MM:SS.mmm
     finally:
         assert lepton("cluster", "down", env=env).returncode == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_new_cluster_up_starts_empty_unless_given_its_data_dir(tmp_path: Path) -> None:
+    import lepton_ai as lep
+
+    env = dict(os.environ, LEPTON_STATE_FILE=str(tmp_path / "state.json"))
+    env.pop("LEPTON_TOKEN", None)
+
+    def up_put_down(*extra: str, put: bool) -> bool:
+        """Start a cluster, optionally store an object; whether it was there; stop it."""
+        up = lepton(
+            "cluster", "up", "--workers", "1", "--coordinators", "1", "--json", *extra, env=env
+        )
+        assert up.returncode == 0, up.stderr
+        state = json.loads(up.stdout)
+        try:
+            with lep.connect(state["address"], token=state["token"]) as c:
+                found = bool(c.storage.list("kept/"))
+                if put:
+                    c.storage.put("kept/x", b"data", replicas=1)
+            return found
+        finally:
+            assert lepton("cluster", "down", env=env).returncode == 0
+
+    assert not up_put_down(put=True)
+    assert not up_put_down(put=False)  # the default directory was emptied
+    keep = str(tmp_path / "mine")
+    assert not up_put_down("--data-dir", keep, put=True)
+    assert up_put_down("--data-dir", keep, put=False)  # an explicit one is kept

@@ -37,6 +37,14 @@ def test_three_coordinators_from_the_cli_survive_a_leader_kill(tmp_path: Path) -
             st = json.loads(lepton("cluster", "status", "--json", env=env).stdout)
             coordinators = [m for m in st["members"] if m["role"] == "coordinator"]
 
+        # The KV and replica commands find the cluster like every other (no --peers).
+        put = lepton("kv", "put", "greeting", "hello", env=env)
+        assert put.returncode == 0, put.stderr
+        got = lepton("kv", "get", "greeting", "--json", env=env)
+        assert got.returncode == 0 and json.loads(got.stdout)["value"] == "hello", got
+        replicas = lepton("cluster", "replicas", "--json", env=env)
+        assert replicas.returncode == 0 and len(json.loads(replicas.stdout)["replicas"]) == 3
+
         killed = lepton("chaos", "kill", "leader", "0", "--json", env=env)
         assert killed.returncode == 0, killed.stderr
         old = json.loads(killed.stdout)["pid"]
@@ -71,6 +79,8 @@ def test_three_coordinators_from_the_cli_survive_a_leader_kill(tmp_path: Path) -
         assert ev.returncode == 0, ev.stderr
         kinds = [e["kind"] for e in json.loads(ev.stdout)["events"]]
         assert kinds.count("leader_elected") >= 2, kinds
+        # The joins the first leader saw are still there, beside the re-registrations.
+        assert kinds.count("worker_joined") >= 4, kinds
         text = lepton("cluster", "events", "--last", "3", env=env)
         assert text.returncode == 0 and len(text.stdout.strip().splitlines()) == 3
 

@@ -171,6 +171,20 @@ def test_dispatches_count_reruns_and_a_dispatch_to_a_gone_worker_fails() -> None
     assert core.step(CancelIssued(Cancel(attempt(), "w1", queued_only=True))) == []
 
 
+def test_a_queued_attempt_taken_for_an_idle_node_is_a_move_not_a_retry() -> None:
+    """Work stealing re-dispatches a task nothing failed: the timeline says it moved."""
+    core = ControlCore(ControlConfig())
+    join(core, "w1", 0.0)
+    join(core, "w2", 0.0)
+    core.step(Dispatched(Dispatch(attempt(n=0), "w1", 0), 1.0))
+    core.step(CancelIssued(Cancel(attempt(n=0), "w1", queued_only=True)))
+    moved = core.step(Dispatched(Dispatch(attempt(n=1), "w2", 0), 2.0))
+    assert kinds(moved) == ["task_moved"] and "to idle w2" in str(moved[0])
+    # A later re-run of the same task after a real failure is a reschedule again.
+    again = core.step(Dispatched(Dispatch(attempt(n=2), "w1", 0), 3.0))
+    assert kinds(again) == ["task_rescheduled"] and "(run 3)" in str(again[0])
+
+
 def test_reports_are_timed_by_the_coordinator_and_infra_failures_recorded() -> None:
     core = ControlCore(ControlConfig())
     join(core, "w1", 0.0)

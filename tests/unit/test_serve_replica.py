@@ -45,6 +45,10 @@ def test_predict_v1_convention_with_numpy_output() -> None:
         (b'{"instances": [[1, 2], 3]}', "mix"),
         (b'{"instances": [[1, 2, 3]]}', "needs 2 features"),
         (b"\xff\xfe", "malformed JSON"),
+        (b'{"instances": [["a", 2]]}', "not a number"),  # the model declares numbers
+        (b'{"instances": [[1e400, 2]]}', "out of range"),
+        (b'{"instances": [[NaN, 2]]}', "not a number JSON allows"),
+        (b'{"instances": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deep"),
     ],
 )
 def test_bad_input_is_400_with_a_message(body: bytes, fragment: str) -> None:
@@ -87,6 +91,22 @@ def test_model_exception_is_500_with_error_id_and_the_replica_keeps_serving() ->
         assert "ZeroDivisionError" in doc["error"] and len(doc["error_id"]) == 12
         assert client.post("/predict", json={"instances": ["ok"]}).json() == {"predictions": ["ok"]}
         assert client.get("/healthz").status_code == 200
+
+
+def test_input_the_model_rejects_is_400_and_bad_output_is_json_500() -> None:
+    """A TypeError/ValueError from the model on these instances is the input's fault:
+    400, never counted against the replica by the balancer; NaN in the output is a
+    JSON 500, never a plain-text traceback."""
+
+    def picky(xs: list[Any]) -> list[Any]:
+        return [float(x) for x in xs]  # ValueError on "abc"
+
+    with _client(picky) as client:
+        bad = client.post("/predict", json={"instances": ["abc"]})
+        assert bad.status_code == 400 and "rejected the input" in bad.json()["error"]
+        nan = client.post("/predict", json={"instances": ["nan"]})
+        assert nan.status_code == 500 and "JSON cannot carry" in nan.json()["error"]
+        assert client.post("/predict", json={"instances": ["1.5"]}).json() == {"predictions": [1.5]}
 
 
 def test_wrong_prediction_count_is_500() -> None:
@@ -215,3 +235,12 @@ def test_target_whose_import_or_setup_raises(tmp_path: Path) -> None:
     garbage.write_bytes(b"not a pickle")
     with pytest.raises(TargetError, match="loading model"):
         load_target(str(garbage))
+
+
+def test_unknown_path_and_method_are_json() -> None:
+    with _client(lambda xs: xs) as client:
+        missing = client.get("/nope")
+        assert missing.status_code == 404 and missing.json() == {"error": "Not Found"}
+        wrong = client.get("/predict")
+        assert wrong.status_code == 405 and wrong.json()["error"] == "Method Not Allowed"
+        assert "POST" in wrong.headers["allow"]

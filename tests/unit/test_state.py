@@ -74,6 +74,7 @@ def test_job_outcome_and_result_through_real_tasks() -> None:
     assert sm.apply_command(JobFinished("j1", 5.0)).accepted
     rec = sm.job("j1")
     assert rec is not None and rec.status == "finished" and rec.finished_at == 5.0
+    assert rec.progress() == (4, 4)  # the map outcomes are dropped; every task was done
     assert sorted(rec.result()) == [(0, 20), (1, 25)]
     assert not sm.apply_command(map_done("j1", 0, 7)).accepted  # closed job
 

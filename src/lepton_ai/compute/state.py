@@ -191,9 +191,14 @@ class JobRecord(msgspec.Struct):
         return all(o is not None for o in self.outcomes[stage])
 
     def progress(self) -> tuple[int, int]:
-        """(tasks with an accepted result, total tasks) over all stages."""
+        """(tasks with an accepted result, total tasks) over all stages. A finished job
+        counts every task done: its earlier stages' outcomes are dropped once the last
+        stage no longer needs them."""
+        total = sum(len(stage) for stage in self.outcomes)
+        if self.status == "finished":
+            return total, total
         done = sum(o is not None for stage in self.outcomes for o in stage)
-        return done, sum(len(stage) for stage in self.outcomes)
+        return done, total
 
     def result_refs(self) -> list[OutputRef]:
         """The result tasks' outputs in partition order (job must be finished)."""

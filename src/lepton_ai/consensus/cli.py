@@ -106,13 +106,35 @@ def _value(raw: str, as_json: bool) -> Any:
         raise ValueError(f"--value-json given but {raw!r} is not JSON: {exc}") from exc
 
 
+def _replicas(args: argparse.Namespace) -> tuple[str, str]:
+    """(Paxos addresses, token): ``--peers``/``$LEPTON_PEERS``, else those of the
+    cluster every other command finds ($LEPTON_ADDRESS, or `lepton cluster up`'s)."""
+    if args.peers:
+        return args.peers, resolve_token(args.token)
+    from lepton_ai.node.cluster import Cluster, find_cluster
+
+    try:
+        address, token = find_cluster(None, args.token)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; or pass --peers (or set ${PEERS_ENV})") from None
+    cluster = Cluster(address, token)
+    try:
+        members = cluster.status()["members"]
+    finally:
+        cluster.close()
+    paxos = [m["paxos"] for m in members if m.get("paxos")]
+    if not paxos:
+        raise ValueError(
+            f"the cluster at {address} has one coordinator on a local log: no KV replicas "
+            "(start it with 3 coordinators)"
+        )
+    return ",".join(paxos), token
+
+
 def _client(args: argparse.Namespace) -> KvClient:
-    if not args.peers:
-        raise ValueError(f"no replica addresses: pass --peers or set ${PEERS_ENV}")
+    peers, token = _replicas(args)
     return KvClient(
-        parse_addresses(args.peers),
-        token=resolve_token(args.token),
-        config=ClientConfig(deadline_s=args.timeout),
+        parse_addresses(peers), token=token, config=ClientConfig(deadline_s=args.timeout)
     )
 
 
@@ -219,11 +241,8 @@ def cmd_change_members(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster_status(args: argparse.Namespace) -> int:
-    if not args.peers:
-        raise ValueError(f"no replica addresses: pass --peers or set ${PEERS_ENV}")
-    status = asyncio.run(
-        collect_status(parse_addresses(args.peers), resolve_token(args.token), args.timeout)
-    )
+    peers, token = _replicas(args)
+    status = asyncio.run(collect_status(parse_addresses(peers), token, args.timeout))
     if args.json:
         print(json.dumps(status))
     else:

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-STATE_ENV = "LEPTON_STATE_FILE"
+from lepton_ai.node.state_file import default_state_file, read_state
+
 _cluster_subparsers: Any = None
 
 
@@ -32,10 +34,6 @@ def cluster_subparsers() -> Any:
     if _cluster_subparsers is None:
         raise RuntimeError("lepton_ai.node.cli.register() has not run yet")
     return _cluster_subparsers
-
-
-def default_state_file() -> Path:
-    return Path(os.environ.get(STATE_ENV) or Path.home() / ".lepton" / "cluster.json")
 
 
 def add_connect_args(p: argparse.ArgumentParser) -> None:
@@ -50,20 +48,8 @@ def connect_from_args(args: argparse.Namespace) -> Any:
 
     if args.address:
         return connect(args.address, args.token)
-    state = _read_state(args.state_file)
+    state = read_state(args.state_file)
     return connect(state["address"], args.token or state["token"])
-
-
-def _read_state(path_text: str | None) -> dict[str, Any]:
-    path = Path(path_text) if path_text else default_state_file()
-    try:
-        state: dict[str, Any] = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(
-            f"no running cluster: {path} does not exist "
-            "(start one with `lepton cluster up` or pass --address)"
-        ) from None
-    return state
 
 
 def _print(args: argparse.Namespace, obj: Any, text: str) -> None:
@@ -125,6 +111,10 @@ def _cmd_up(args: argparse.Namespace) -> int:
                 f"a cluster is already up ({state['address']}); `lepton cluster down` first"
             )
     data_dir = Path(args.data_dir or path.parent / "cluster-data").resolve()
+    if args.data_dir is None and data_dir.exists():
+        # The default directory belongs to the last `cluster up` (none runs: checked
+        # above): a new cluster starts empty, not replaying that one's jobs and blocks.
+        shutil.rmtree(data_dir)
     cmd = _supervisor_command(args, path.resolve(), data_dir)
     for d in (path.parent, data_dir):  # ~/.lepton holds the token: private from the start
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -183,7 +173,7 @@ def _cmd_down(args: argparse.Namespace) -> int:
     from lepton_ai.node.process import pid_alive
 
     path = Path(args.state_file) if args.state_file else default_state_file()
-    state = _read_state(str(path))
+    state = read_state(str(path))
     supervisor = int(state.get("supervisor", 0))
     stopped: list[int] = []
     if supervisor and _is_ours(supervisor):
@@ -205,7 +195,7 @@ def _merge_supervised(args: argparse.Namespace, status: dict[str, Any]) -> None:
     if args.address:
         return
     try:
-        state = _read_state(args.state_file)
+        state = read_state(args.state_file)
     except (ValueError, OSError):
         return
     supervisor = int(state.get("supervisor", 0))
@@ -313,7 +303,12 @@ def register(subparsers: Any) -> None:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=0)
     up.add_argument("--token", default=None, help="cluster token (default: generated)")
-    up.add_argument("--data-dir", default=None)
+    up.add_argument(
+        "--data-dir",
+        default=None,
+        help="keep the cluster's log and stored objects here across down and up "
+        "(default: a fresh directory next to the state file, emptied at each up)",
+    )
     up.add_argument("--state-file", default=None)
     up.add_argument("--json", action="store_true")
     up.set_defaults(func=_cmd_up)

@@ -826,10 +826,10 @@ def find_cluster(
         if not token:
             raise ValueError(f"no cluster token: pass token=... or set ${TOKEN_ENV}")
         return address, token
-    from lepton_ai.node.cli import _read_state
+    from lepton_ai.node.state_file import read_state
 
     try:
-        state = _read_state(state_file)
+        state = read_state(state_file)
     except ValueError:
         raise ValueError(
             f'no cluster to connect to: pass its address ("host:port,..."), set '

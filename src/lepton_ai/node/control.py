@@ -228,6 +228,9 @@ class ControlCore:
         self.members: dict[str, Member] = {}
         self.lost: deque[str] = deque(maxlen=config.lost_workers_max)
         self.dispatch_counts: dict[tuple[str, int, int], int] = {}
+        # Tasks whose queued attempt was taken back for an idle node (work stealing): their
+        # next dispatch is a move, not a retry (nothing failed).
+        self.stolen: set[tuple[str, int, int]] = set()
         # Shuffle inputs of dispatched readers (until their report) and outputs
         # already reported bad, to tell a stale fetch failure from a new one.
         self.reader_inputs: dict[TaskAttempt, list[OutputRef]] = {}
@@ -316,6 +319,10 @@ class ControlCore:
         where = f"stage {a.stage} partition {a.partition}"
         if d.speculative:
             actions.append(RecordEvent("backup_launched", f"{where} on {d.worker}", a.job_id))
+        elif key in self.stolen:
+            self.stolen.discard(key)
+            detail = f"{where} to idle {d.worker} (queued behind a slow task elsewhere)"
+            actions.append(RecordEvent("task_moved", detail, a.job_id))
         elif n > 1:
             detail = f"{where} (run {n}) on {d.worker}"
             actions.append(RecordEvent("task_rescheduled", detail, a.job_id))
@@ -329,6 +336,9 @@ class ControlCore:
         return actions
 
     def _cancelled(self, c: Cancel) -> list[ControlAction]:
+        if c.queued_only:
+            a = c.attempt
+            self.stolen.add((a.job_id, a.stage, a.partition))
         if not c.reason:
             return []
         a = c.attempt
@@ -397,6 +407,7 @@ class ControlCore:
     def _job_over(self, job_id: str) -> list[ControlAction]:
         for key in [k for k in self.dispatch_counts if k[0] == job_id]:
             del self.dispatch_counts[key]
+        self.stolen = {k for k in self.stolen if k[0] != job_id}
         self.bad_outputs = {k for k in self.bad_outputs if k[0] != job_id}
         for attempt in [a for a in self.reader_inputs if a.job_id == job_id]:
             del self.reader_inputs[attempt]

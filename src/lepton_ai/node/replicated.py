@@ -259,8 +259,10 @@ class ReplicatedCoordinator(Coordinator):
     machine: CoordinatorMachine
     replicated_kinds = frozenset(
         {
+            "worker_joined",
             "worker_lost",
             "task_rescheduled",
+            "task_moved",
             "backup_launched",
             "task_failed",
             "fetch_failed",

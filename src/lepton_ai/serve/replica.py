@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import sys
 import time
 import traceback
@@ -28,6 +29,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -83,12 +85,31 @@ def _predictions(raw: Any, count: int) -> list[Any]:
     return out
 
 
+class ModelRejected(Exception):
+    """The model raised TypeError or ValueError on these instances: the input's fault
+    (a string where it wants a number, a wrong shape), answered 400. It must not count
+    against the replica: a healthy one would be ejected by one client's bad requests."""
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise BadInput(f"number {text[:40]} is out of range")
+    return value
+
+
+def _no_constants(name: str) -> float:
+    raise BadInput(f"{name} is not a number JSON allows")
+
+
 def parse_instances(body: bytes, config: ReplicaConfig, n_features: int | None) -> list[Any]:
     """Validate a /predict body; raises BadInput with the reason."""
     try:
-        doc = json.loads(body)
+        doc = json.loads(body, parse_float=_finite, parse_constant=_no_constants)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadInput(f"malformed JSON: {exc}") from exc
+    except RecursionError:
+        raise BadInput("malformed JSON: nested too deep") from None
     if not isinstance(doc, dict) or "instances" not in doc:
         raise BadInput('expected a JSON object {"instances": [...]}')
     instances = doc["instances"]
@@ -106,6 +127,10 @@ def parse_instances(body: bytes, config: ReplicaConfig, n_features: int | None) 
         width = widths.pop()
         if n_features is not None and width != n_features:
             raise BadInput(f"each instance needs {n_features} features, got {width}")
+        if n_features is not None:  # a model that declares features takes numbers
+            for i, row in enumerate(rows):
+                if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in row):
+                    raise BadInput(f"instance {i} holds a value that is not a number")
     return instances
 
 
@@ -250,7 +275,12 @@ def build_app(
         loop = asyncio.get_running_loop()
         if batcher is None:
             metrics.batch.observe(len(instances))
-        raw = await loop.run_in_executor(executor, target.predict, instances)
+        try:
+            raw = await loop.run_in_executor(executor, target.predict, instances)
+        except (TypeError, ValueError) as exc:
+            raise ModelRejected(
+                f"the model rejected the input: {type(exc).__name__}: {exc}"
+            ) from exc
         return _predictions(raw, len(instances))
 
     if config.max_batch_size > 0:
@@ -305,7 +335,20 @@ def build_app(
     ]
     extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
     middleware = [Middleware(_ResponseHeaders, headers=extra)] if extra else []
-    return Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        middleware=middleware,
+        exception_handlers={HTTPException: _http_error},
+    )
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """404, 405 and the like as JSON, as every other answer of a replica."""
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    headers = exc.headers if isinstance(exc, HTTPException) else None
+    detail = exc.detail if isinstance(exc, HTTPException) else "error"
+    return JSONResponse({"error": detail}, status, headers=headers)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -346,6 +389,8 @@ async def _predict(
             out = await run_model(instances)
     except Overloaded as exc:
         return JSONResponse({"error": str(exc)}, 503, headers={"Retry-After": "1"})
+    except ModelRejected as exc:
+        return JSONResponse({"error": str(exc)}, 400)
     except Exception as exc:  # noqa: BLE001 - the model's failure is this request's 500, not ours
         error_id = uuid.uuid4().hex[:12]
         # The traceback goes to the replica's stderr under the id the client sees.
@@ -354,4 +399,7 @@ async def _predict(
         return JSONResponse(
             {"error": f"model raised {type(exc).__name__}: {exc}", "error_id": error_id}, 500
         )
-    return JSONResponse({"predictions": out})
+    try:
+        return JSONResponse({"predictions": out})
+    except ValueError:  # NaN or infinity in the output: JSON has no such numbers
+        return JSONResponse({"error": "the model returned a number JSON cannot carry"}, 500)
