@@ -24,6 +24,7 @@ _EXPORTS: dict[str, str] = {
     "Job": "lepton_ai.compute.job",
     "TaskError": "lepton_ai.errors",
     "JobFailed": "lepton_ai.errors",
+    "JobCancelled": "lepton_ai.errors",
     "Unavailable": "lepton_ai.errors",
     "LeptonError": "lepton_ai.errors",
     "StorageFull": "lepton_ai.errors",
@@ -42,6 +43,7 @@ __all__ = [
     "DeploymentFailed",
     "DistributedTask",
     "Job",
+    "JobCancelled",
     "JobFailed",
     "LeptonError",
     "LimitExceeded",
@@ -55,6 +57,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from lepton_ai.errors import DataLost as DataLost
+    from lepton_ai.errors import JobCancelled as JobCancelled
     from lepton_ai.errors import JobFailed as JobFailed
     from lepton_ai.errors import LeptonError as LeptonError
     from lepton_ai.errors import LimitExceeded as LimitExceeded

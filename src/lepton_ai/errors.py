@@ -32,6 +32,10 @@ class JobFailed(LeptonError):
     """A job ended without a result (retries exhausted, cancelled, or lost)."""
 
 
+class JobCancelled(JobFailed):
+    """The job was cancelled (``Job.cancel()``, ``lepton job cancel``) before it ended."""
+
+
 class TaskError(JobFailed):
     """User code raised inside a task. Carries the partition and the remote traceback."""
 

@@ -426,3 +426,43 @@ def test_connect_finds_the_cluster_and_an_unclosed_handle_exits_quietly(
     )
     assert none.returncode == 1 and "no cluster to connect to" in none.stderr, none.stderr
     assert "--token" not in none.stderr and "--address" not in none.stderr
+
+
+def _nap(x: int) -> int:
+    time.sleep(2.0)
+    return x
+
+
+@pytest.mark.timeout(90)
+def test_a_running_job_is_cancelled_and_frees_its_executors(cluster: LocalCluster) -> None:
+    import json
+
+    from helpers import lepton
+
+    task = lep.DistributedTask(cluster, progress=False)
+    job = task.parallelize(range(40), partitions=40).map(_nap).submit()  # ~40 s of work
+    deadline = time.monotonic() + 20
+    while job.progress()[0] == 0:  # it has really started
+        assert time.monotonic() < deadline, "the job never started"
+        time.sleep(0.1)
+    on = ("--address", cluster.address, "--token", cluster.token)
+    listed = lepton("job", "list", "--json", *on)
+    assert listed.returncode == 0, listed.stderr
+    mine = [j for j in json.loads(listed.stdout)["jobs"] if j["job_id"] == job.id]
+    assert mine and mine[0]["status"] == "running", listed.stdout
+    cancelled = lepton("job", "cancel", job.id, *on)
+    assert cancelled.returncode == 0, cancelled.stderr
+    t0 = time.monotonic()
+    with pytest.raises(lep.JobCancelled, match="cancelled by the user"):
+        job.result(timeout=30)
+    assert time.monotonic() - t0 < 10, "the cancel did not end the job at once"
+    assert [j["status"] for j in cluster.jobs() if j["job_id"] == job.id] == ["failed"]
+    assert any(e["kind"] == "job_cancelled" for e in job.events())
+    with pytest.raises(ValueError, match="nothing to cancel"):
+        job.cancel()
+    with pytest.raises(KeyError):
+        cluster.cancel_job("no-such-job")
+    # Its attempts were killed: the executors take a new job at once.
+    t0 = time.monotonic()
+    assert task.parallelize(range(8), partitions=4).count() == 8
+    assert time.monotonic() - t0 < 10

@@ -86,6 +86,10 @@ def _cmd_job(args: argparse.Namespace) -> int:
             cluster.delete_job(args.job_id)
             obj = {"job_id": args.job_id, "deleted": True}
             text = f"{args.job_id}: deleted"
+        elif args.job_command == "cancel":
+            cluster.cancel_job(args.job_id)
+            obj = {"job_id": args.job_id, "cancelled": True}
+            text = f"{args.job_id}: cancelled"
         elif args.job_command == "events":
             from lepton_ai.monitor.timeline import format_event
 
@@ -125,12 +129,13 @@ def register(subparsers: Any) -> None:
     add_connect_args(p)
     p.set_defaults(func=_cmd_submit)
 
-    job = subparsers.add_parser("job", help="status, result, events or rm of a job")
+    job = subparsers.add_parser("job", help="list jobs; status, result, events, cancel or rm")
     sub = job.add_subparsers(dest="job_command", metavar="SUBCOMMAND", required=True)
     for name, text in (
         ("status", "running/finished/failed and progress"),
         ("result", "wait for the result and print it"),
         ("events", "the job's timeline"),
+        ("cancel", "stop a running job (its result raises JobCancelled)"),
         ("rm", "forget a finished or failed job and its result"),
     ):
         q = sub.add_parser(name, help=text)
@@ -140,3 +145,24 @@ def register(subparsers: Any) -> None:
         q.add_argument("--json", action="store_true")
         add_connect_args(q)
         q.set_defaults(func=_cmd_job)
+    listing = sub.add_parser("list", help="every job the cluster keeps, oldest first")
+    listing.add_argument("--json", action="store_true")
+    add_connect_args(listing)
+    listing.set_defaults(func=_cmd_job_list)
+
+
+def _cmd_job_list(args: argparse.Namespace) -> int:
+    from lepton_ai.monitor.timeline import clock
+
+    cluster = _connect(args)
+    try:
+        jobs = cluster.jobs()
+    finally:
+        cluster.close()
+    lines = [
+        f"{j['job_id']}  {j['status']:<9} {j['done']}/{j['total']} tasks  "
+        f"submitted {clock(j['submitted_at'])}  {j['name']}".rstrip()
+        for j in jobs
+    ]
+    print(json.dumps({"jobs": jobs}) if args.json else "\n".join(lines) or "no jobs")
+    return 0

@@ -65,6 +65,14 @@ class Job:
         info = self.cluster.job_info(self.id, 0.0)
         return int(info.done), int(info.total)
 
+    def cancel(self) -> None:
+        """Stop the job: its running attempts are killed, its executors freed, and
+        ``result()`` raises ``lep.JobCancelled``. ValueError if it already ended."""
+        cancel = getattr(self.cluster, "cancel_job", None)
+        if cancel is None:
+            raise TypeError(f"{type(self.cluster).__name__} cannot cancel jobs")
+        cancel(self.id)
+
     def events(self) -> list[dict[str, Any]]:
         """This job's timeline: submission, faults, detection, retries, completion."""
         return self.cluster.events(self.id)

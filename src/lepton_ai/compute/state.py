@@ -29,11 +29,11 @@ import msgspec
 
 from lepton_ai.compute.plan import JobOptions, decode_plan, finalize
 from lepton_ai.data.outputs import LEP, WriteSpec, WrittenPart, commit_parts, part_name
-from lepton_ai.errors import JobFailed, TaskError
+from lepton_ai.errors import JobCancelled, JobFailed, TaskError
 from lepton_ai.storage.messages import ObjectMeta
 
 JobStatus = Literal["running", "finished", "failed"]
-ErrorKind = Literal["user", "infra", "lost", "invalid"]
+ErrorKind = Literal["user", "infra", "lost", "invalid", "cancelled"]
 
 
 class OutputRef(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
@@ -68,6 +68,8 @@ class ErrorInfo(msgspec.Struct, frozen=True):
     traceback: str = ""
 
     def to_exception(self) -> JobFailed:
+        if self.kind == "cancelled":
+            return JobCancelled(self.message)
         if self.kind == "user":
             msg = f"{self.exc_type}: {self.message}" if self.exc_type else self.message
             return TaskError(

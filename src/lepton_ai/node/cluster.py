@@ -53,6 +53,7 @@ from lepton_ai.errors import LeptonError, Unavailable
 from lepton_ai.heal.restarts import Observed
 from lepton_ai.node.client import CoordinatorClient, check_reply
 from lepton_ai.node.messages import (
+    CancelJob,
     ClusterInfo,
     DeleteJob,
     Event,
@@ -61,6 +62,8 @@ from lepton_ai.node.messages import (
     GetStatus,
     JobAccepted,
     JobInfo,
+    JobList,
+    ListJobs,
     MemberInfo,
     RecordEvent,
     SubmitJob,
@@ -182,6 +185,28 @@ class Cluster:
             {"t": e.t, "kind": e.kind, "detail": e.detail, "job_id": e.job_id}
             for e in merged
             if not job_id or e.job_id in ("", job_id)
+        ]
+
+    def cancel_job(self, job_id: str) -> None:
+        """Stop a running job (KeyError if unknown, ValueError if it already ended)."""
+        check_reply(self.client.request(CancelJob(job_id), 30.0))
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """Every job the cluster keeps, oldest first: id, name, status, done, total."""
+        reply = check_reply(self.client.request(ListJobs(), 10.0))
+        if not isinstance(reply, JobList):
+            raise LeptonError(f"unexpected reply {type(reply).__name__} to ListJobs")
+        return [
+            {
+                "job_id": j.job_id,
+                "name": j.name,
+                "status": j.status,
+                "done": j.done,
+                "total": j.total,
+                "submitted_at": j.submitted_at,
+                "finished_at": j.finished_at,
+            }
+            for j in reply.jobs
         ]
 
     def delete_job(self, job_id: str) -> None:

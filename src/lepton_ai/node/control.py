@@ -399,7 +399,8 @@ class ControlCore:
             return [RecordEvent("output_lost", detail, cmd.job_id)]
         if isinstance(cmd, JobFailedCmd):
             what = (cmd.error.message.splitlines() or [""])[0]
-            return [RecordEvent("job_failed", what, cmd.job_id), *self._job_over(cmd.job_id)]
+            kind = "job_cancelled" if cmd.error.kind == "cancelled" else "job_failed"
+            return [RecordEvent(kind, what, cmd.job_id), *self._job_over(cmd.job_id)]
         if isinstance(cmd, JobFinished):
             return [RecordEvent("job_finished", "", cmd.job_id), *self._job_over(cmd.job_id)]
         return []

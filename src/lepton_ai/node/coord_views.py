@@ -13,9 +13,10 @@ import msgspec
 
 from lepton_ai.compute.plan import PLAN_BYTES_MAX, decode_plan
 from lepton_ai.compute.scheduler_events import RunningReport
-from lepton_ai.compute.state import JobDeleted, JobRecord, JobSubmitted
+from lepton_ai.compute.state import ErrorInfo, JobDeleted, JobFailedCmd, JobRecord, JobSubmitted
 from lepton_ai.errors import LeptonError
 from lepton_ai.node.messages import (
+    CancelJob,
     ClientReply,
     ClusterInfo,
     CoordinatorMessage,
@@ -104,6 +105,8 @@ class ClientApi:
                 return ErrorReply("redirect", hint or "")
         if isinstance(msg, DeleteJob):
             return await self._delete(msg)
+        if isinstance(msg, CancelJob):
+            return await self._cancel(msg)
         if isinstance(msg, SubmitJob):
             return await self._submit(msg)
         if isinstance(msg, WaitJob):
@@ -175,6 +178,24 @@ class ClientApi:
         if not result.accepted:
             kind = "not_found" if result.reason == "unknown job" else "unavailable"
             return ErrorReply(kind, result.reason)
+        return Ok()
+
+    async def _cancel(self, msg: CancelJob) -> ClientReply:
+        rec = self.c.machine.jobs.job(msg.job_id)
+        if rec is None:
+            return ErrorReply("not_found", f"no job {msg.job_id!r}")
+        if rec.status != "running":
+            return ErrorReply("invalid", f"job {msg.job_id} is {rec.status}: nothing to cancel")
+        error = ErrorInfo("cancelled", "cancelled by the user")
+        result = await self.c.submit_command(JobFailedCmd(msg.job_id, error, time.time()))
+        if not result.accepted:
+            # It ended meanwhile (the job's own outcome won the log), or the log is busy.
+            done = self.c.machine.jobs.job(msg.job_id)
+            if done is not None and done.status != "running":
+                return ErrorReply(
+                    "invalid", f"job {msg.job_id} is {done.status}: nothing to cancel"
+                )
+            return ErrorReply("unavailable", result.reason)
         return Ok()
 
     async def _wait_job(self, msg: WaitJob) -> ClientReply:

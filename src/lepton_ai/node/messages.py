@@ -308,6 +308,13 @@ class ErrorReply(msgspec.Struct, frozen=True, tag=True):
     message: str
 
 
+class CancelJob(msgspec.Struct, frozen=True, tag=True):
+    """Client -> coordinator: stop a running job (its attempts are cancelled; it ends
+    as failed with a "cancelled" error, so ``job.result()`` raises ``JobCancelled``)."""
+
+    job_id: str
+
+
 class DeleteJob(msgspec.Struct, frozen=True, tag=True):
     """Client -> coordinator: forget a finished (or failed) job and its result."""
 
@@ -342,6 +349,7 @@ CoordinatorMessage = (
     | GetEvents
     | RecordEvent
     | DeleteJob
+    | CancelJob
     | StorageNotice
     | PlaceObject
     | CommitObject

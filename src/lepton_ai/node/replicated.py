@@ -268,6 +268,7 @@ class ReplicatedCoordinator(Coordinator):
             "fetch_failed",
             "job_finished",
             "job_failed",
+            "job_cancelled",
             "job_expired",
             "output_lost",
         }
