@@ -236,3 +236,23 @@ def test_port_in_use_fails_clearly_and_leaves_nothing_running(tmp_path: Path) ->
             lep.Deployment(f"{tmp_path}/m.py:predict", replicas=2, port=port).start()
     started = [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in before]
     assert _wait_gone(started, timeout_s=5) == []
+
+
+@pytest.mark.timeout(60)
+def test_lepton_serve_listens_where_told(tmp_path: Path) -> None:
+    """``--host``: the balancer binds that address (127.0.0.2, another loopback one)
+    and says so; 127.0.0.1 then has nothing on that port."""
+    (tmp_path / "m.py").write_text("def predict(xs):\n    return xs\n")
+    with _lepton_serve(
+        f"{tmp_path}/m.py:predict", "--port", "0", "--host", "127.0.0.2", "--json"
+    ) as proc:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read() if proc.stderr else ""
+        url = json.loads(line)["url"]
+        assert url.startswith("http://127.0.0.2:"), url
+        assert httpx.post(f"{url}/predict", json={"instances": [7]}).json() == {"predictions": [7]}
+        with pytest.raises(httpx.ConnectError):
+            httpx.post(url.replace("127.0.0.2", "127.0.0.1") + "/predict", json={})
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0

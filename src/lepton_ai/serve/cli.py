@@ -30,6 +30,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--replicas", type=int, default=1, help="replica processes (default 1)")
     p.add_argument("--port", type=int, default=8080, help="balancer port; 0 = ephemeral")
     p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address the balancer listens on (default 127.0.0.1; 0.0.0.0: every interface)",
+    )
+    p.add_argument(
         "--spares", type=int, default=0, help="warm standby replicas (take over on a crash)"
     )
     p.add_argument("--max-batch-size", type=int, default=0, help="micro-batch size (0 = off)")
@@ -88,7 +93,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace, config: ServeConfig) -> int:
-    runtime = ServeRuntime(args.target, args.replicas, args.port, config, spares=args.spares)
+    runtime = ServeRuntime(
+        args.target, args.replicas, args.port, config, spares=args.spares, host=args.host
+    )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, runtime.request_stop)

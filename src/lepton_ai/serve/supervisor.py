@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from lepton_ai.node.netutil import advertised_address
 from lepton_ai.serve.balancer import Balancer
 from lepton_ai.serve.config import ServeConfig
 from lepton_ai.serve.frontend import FrontEnd, listen
@@ -56,8 +57,10 @@ class ServeRuntime:
         config: ServeConfig | None = None,
         *,
         spares: int = 0,
+        host: str = HOST,
     ) -> None:
         self.config = config or ServeConfig()
+        self.host = host  # where the balancer listens; the replicas stay on loopback
         if not 0 < replicas <= self.config.supervisor.replicas_max:
             raise ValueError(f"replicas must be in 1..{self.config.supervisor.replicas_max}")
         if not 0 <= spares <= self.config.supervisor.replicas_max - replicas:
@@ -153,9 +156,10 @@ class ServeRuntime:
         if not ready.done() or ready.cancelled():
             return
         ready.result()
-        sock = listen(HOST, self.port)
+        sock = listen(self.host, self.port)
         self.port = sock.getsockname()[1]
-        self.url = f"http://{HOST}:{self.port}"
+        shown = advertised_address(sock, None, None).rpartition(":")[0]  # not 0.0.0.0
+        self.url = f"http://{shown}:{self.port}"
         front = FrontEnd(self.balancer)
         await front.start(sock)
         health_task = tg.create_task(self.balancer.health_loop(self._on_dead), name="lepton-health")
