@@ -207,7 +207,7 @@ def _refused(exc: BaseException) -> bool:
     OSError listing them when a name resolves to several)."""
     if isinstance(exc, ConnectionRefusedError):
         return True
-    return type(exc) is OSError and "[Errno 111]" in str(exc) and "Errno " in str(exc)
+    return type(exc) is OSError and "[Errno 111]" in str(exc)
 
 
 def _retryable(reply: ErrorReply) -> bool:

@@ -31,7 +31,7 @@ from lepton_ai.serve.spec import (
     ScaleDeployment,
     check_spec,
 )
-from lepton_ai.serve.target import LEP, MODEL_SUFFIXES, TargetError, split_target
+from lepton_ai.serve.target import LEP, TargetError, split_target
 
 WAIT_POLL_S = 0.1
 REQUEST_TIMEOUT_S = 30.0
@@ -161,20 +161,7 @@ class ClusterDeployment:
 
     def status(self) -> list[dict[str, Any]]:
         """Each replica: id, node, version, state, ready, url, pid, restarts, error."""
-        return [
-            {
-                "id": r.replica_id,
-                "node": r.node,
-                "version": r.version,
-                "state": r.state,
-                "ready": r.state == "ready",
-                "url": r.url,
-                "pid": r.pid,
-                "restarts": r.restarts,
-                "error": r.error,
-            }
-            for r in self.refresh().replicas
-        ]
+        return replica_dicts(self.refresh())
 
     def pids(self) -> list[int]:
         return [r["pid"] for r in self.status() if r["pid"]]
@@ -254,4 +241,22 @@ class ClusterDeployment:
             time.sleep(WAIT_POLL_S)
 
 
-__all__ = ["MODEL_SUFFIXES", "ClusterDeployment", "DeploymentFailed", "resolve_target"]
+def replica_dicts(info: DeploymentInfo) -> list[dict[str, Any]]:
+    """The replicas of ``info`` as ``status()`` lists them."""
+    return [
+        {
+            "id": r.replica_id,
+            "node": r.node,
+            "version": r.version,
+            "state": r.state,
+            "ready": r.state == "ready",
+            "url": r.url,
+            "pid": r.pid,
+            "restarts": r.restarts,
+            "error": r.error,
+        }
+        for r in info.replicas
+    ]
+
+
+__all__ = ["ClusterDeployment", "DeploymentFailed", "replica_dicts", "resolve_target"]

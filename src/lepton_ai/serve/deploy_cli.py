@@ -23,8 +23,8 @@ from typing import Any
 import msgspec
 
 from lepton_ai.node.cli import _print, add_connect_args, connect_from_args
-from lepton_ai.serve.cluster_deployment import ClusterDeployment
-from lepton_ai.serve.spec import Autoscale, check_autoscale
+from lepton_ai.serve.cluster_deployment import ClusterDeployment, replica_dicts
+from lepton_ai.serve.spec import Autoscale, DeploymentInfo, check_autoscale
 
 
 @contextlib.contextmanager
@@ -38,8 +38,8 @@ def _cluster(args: argparse.Namespace) -> Iterator[Any]:
         cluster.close()
 
 
-def _summary(dep: ClusterDeployment) -> dict[str, Any]:
-    info = dep.refresh()
+def _summary(info: DeploymentInfo) -> dict[str, Any]:
+    """One deployment as the commands print it, from one status reply."""
     spec = info.spec
     return {
         "name": spec.name,
@@ -49,7 +49,7 @@ def _summary(dep: ClusterDeployment) -> dict[str, Any]:
         "autoscale": None if spec.autoscale is None else msgspec.to_builtins(spec.autoscale),
         "ready": info.ready,
         "urls": info.urls,
-        "status": dep.status(),
+        "status": replica_dicts(info),
     }
 
 
@@ -70,7 +70,7 @@ def _text(doc: dict[str, Any]) -> str:
 
 
 def _show(args: argparse.Namespace, dep: ClusterDeployment) -> int:
-    doc = _summary(dep)
+    doc = _summary(dep.refresh())
     _print(args, doc, _text(doc))
     return 0
 
@@ -112,8 +112,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
         from lepton_ai.node.messages import Deployments, GetDeployments
 
         reply = check_reply(cluster.client.request(GetDeployments(""), 30.0))
-        names = [d.spec.name for d in reply.deployments] if isinstance(reply, Deployments) else []
-        docs = [_summary(ClusterDeployment.get(cluster, n)) for n in names]
+        infos = reply.deployments if isinstance(reply, Deployments) else []
+        docs = [_summary(info) for info in infos]
         _print(
             args,
             {"deployments": docs},
