@@ -48,6 +48,8 @@ import weakref
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import msgspec
+
 from lepton_ai.compute.plan import JobOptions
 from lepton_ai.errors import LeptonError, Unavailable
 from lepton_ai.heal.restarts import Observed
@@ -59,10 +61,12 @@ from lepton_ai.node.messages import (
     Event,
     EventList,
     GetEvents,
+    GetJobTasks,
     GetStatus,
     JobAccepted,
     JobInfo,
     JobList,
+    JobTasks,
     ListJobs,
     MemberInfo,
     RecordEvent,
@@ -186,6 +190,18 @@ class Cluster:
             for e in merged
             if not job_id or e.job_id in ("", job_id)
         ]
+
+    def job_tasks(self, job_id: str) -> list[dict[str, Any]]:
+        """Which worker ran each attempt of the job and when, as the leader saw it:
+        ``stage``, ``partition``, ``attempt``, ``worker``, ``started``/``ended``
+        (wall-clock seconds; ``ended`` 0.0 while running), ``outcome`` ("running",
+        "succeeded", "failed", "user_error", "cancelled") and ``speculative`` (a backup
+        of a straggler). The leader keeps the last ``tasklog.JOBS_MAX`` jobs; after a
+        leader change only the attempts reported since."""
+        reply = check_reply(self.client.request(GetJobTasks(job_id), 10.0))
+        if not isinstance(reply, JobTasks):
+            raise LeptonError(f"unexpected reply {type(reply).__name__} to GetJobTasks")
+        return [msgspec.structs.asdict(s) for s in reply.spans]
 
     def cancel_job(self, job_id: str) -> None:
         """Stop a running job (KeyError if unknown, ValueError if it already ended)."""

@@ -25,10 +25,12 @@ from lepton_ai.node.messages import (
     EventList,
     ExecutorInfo,
     GetEvents,
+    GetJobTasks,
     GetStatus,
     JobAccepted,
     JobInfo,
     JobList,
+    JobTasks,
     ListJobs,
     MemberInfo,
     Ok,
@@ -124,6 +126,11 @@ class ClientApi:
         if isinstance(msg, RecordEvent):
             self.c.events.append(msg.event)
             return Ok()
+        if isinstance(msg, GetJobTasks):
+            spans, dropped = self.c.monitor.tasklog.spans(msg.job_id)
+            if not spans and self.c.machine.jobs.job(msg.job_id) is None:
+                return ErrorReply("not_found", f"no job {msg.job_id!r}")
+            return JobTasks(msg.job_id, spans, dropped)
         stored = await self.c.storage.handle(msg)
         if stored is not None:
             return stored
@@ -164,6 +171,8 @@ class ClientApi:
         if not result.accepted and result.reason != "duplicate job id":
             unavailable = result.reason.startswith(("not the leader", "log unavailable"))
             return ErrorReply("unavailable" if unavailable else "invalid", result.reason)
+        if result.accepted:
+            self.c.monitor.job_submitted()
         return JobAccepted(job_id)
 
     async def _delete(self, msg: DeleteJob) -> ClientReply:

@@ -37,6 +37,7 @@ from lepton_ai.compute.scheduler_events import (
     SchedulerAction,
     SchedulerEvent,
     TaskFailed,
+    TaskSucceeded,
     Tick,
     WorkerJoined,
     WorkerLost,
@@ -50,10 +51,12 @@ from lepton_ai.compute.state import (
 )
 from lepton_ai.consensus.api import LogHost, NotLeader
 from lepton_ai.errors import LeptonError, Unavailable
+from lepton_ai.monitor.metrics import COMMIT_SECONDS
 from lepton_ai.monitor.phi import PhiAccrualDetector
 from lepton_ai.node import control as ctl
 from lepton_ai.node.coord_config import CoordinatorConfig
 from lepton_ai.node.coord_machine import HostedMachine
+from lepton_ai.node.coord_monitor import SchedulerMonitor
 from lepton_ai.node.coord_outbox import Outbox
 from lepton_ai.node.coord_serve import ServeControl
 from lepton_ai.node.coord_storage import StorageControl
@@ -109,6 +112,7 @@ class Coordinator:
         self._proposals = asyncio.Semaphore(config.inflight_proposals_max)
         self._tg: asyncio.TaskGroup | None = None
         self.api = ClientApi(self)
+        self.monitor = SchedulerMonitor()
         self.storage = StorageControl(self, config.storage)
         self.serving = ServeControl(self, config.serve)
         machine.listener = self._on_applied
@@ -205,6 +209,8 @@ class Coordinator:
     def step(self, event: SchedulerEvent) -> None:
         if self.scheduler is None:
             return  # not leading: applied commands only update the state machine
+        if isinstance(event, TaskSucceeded | TaskFailed):
+            self.monitor.task_ended(event)
         try:
             actions = self.scheduler.step(event)
         except AssertionError as exc:
@@ -221,6 +227,7 @@ class Coordinator:
         if isinstance(action, Propose):
             self.propose_action(action)
         elif isinstance(action, Dispatch):
+            self.monitor.dispatched(action)
             self._control(ctl.Dispatched(action, time.monotonic()))
         elif isinstance(action, Cancel):
             self.outbox.cancel(action)
@@ -267,8 +274,10 @@ class Coordinator:
 
     async def _propose(self, cmd: JobCommand) -> ApplyResult:
         async with self._proposals:
+            started = time.monotonic()
             try:
                 raw = await self.log.submit(encode_command(cmd))
+                COMMIT_SECONDS.observe(time.monotonic() - started)
             except Unavailable:
                 self.step(ProposeFailed(cmd, time.monotonic()))
                 return ApplyResult(False, "log unavailable")

@@ -29,6 +29,7 @@ from lepton_ai.compute.scheduler_events import (
     TaskSucceeded,
 )
 from lepton_ai.compute.state import OutputRef
+from lepton_ai.monitor.tasklog import TaskSpan
 from lepton_ai.serve.spec import (
     DeploymentCommand,
     DeploymentInfo,
@@ -291,6 +292,18 @@ class EventList(msgspec.Struct, frozen=True, tag=True):
     events: list[Event]
 
 
+class GetJobTasks(msgspec.Struct, frozen=True, tag=True):
+    """The leader's record of which worker ran each attempt of a job, and when."""
+
+    job_id: str
+
+
+class JobTasks(msgspec.Struct, frozen=True, tag=True):
+    job_id: str
+    spans: list[TaskSpan]
+    dropped: int = 0  # attempts past ``tasklog.SPANS_PER_JOB_MAX`` (the oldest go)
+
+
 class RecordEvent(msgspec.Struct, frozen=True, tag=True):
     """A client reports something for the timeline (e.g. a fault it injected)."""
 
@@ -347,6 +360,7 @@ CoordinatorMessage = (
     | ListJobs
     | GetStatus
     | GetEvents
+    | GetJobTasks
     | RecordEvent
     | DeleteJob
     | CancelJob
@@ -366,6 +380,7 @@ ClientReply = (
     | JobList
     | ClusterInfo
     | EventList
+    | JobTasks
     | Ok
     | ErrorReply
     | Placement
