@@ -180,6 +180,8 @@ class ReplicaDriver:
         self._in_pass = False
         self.dropped_inbox = 0
         self.passes = 0
+        self.leader_changes = 0  # times the leader this replica knows of changed
+        self._last_leader: int | None = None
 
     @classmethod
     def create(
@@ -660,6 +662,9 @@ class ReplicaDriver:
                 done(None, LeadershipLost("slot overtaken by an installed snapshot"))
 
     def _note_leadership(self) -> None:
+        if self.core.leader_id != self._last_leader:
+            self._last_leader = self.core.leader_id
+            self.leader_changes += 1
         leading = self.core.is_leader
         if leading == self._was_leader:
             return

@@ -79,6 +79,7 @@ class Status(msgspec.Struct, tag=True, frozen=True):
     peers: list[PeerStatus]
     members: list[int] = msgspec.field(default_factory=list)
     service: str = ""  # the address of what this replica hosts (a coordinator's client port)
+    metrics: str = ""  # the hosting program's HTTP /metrics address ("" none)
 
 
 ClientMessage = Submit | Read | StatusQuery | ChangeMembers

@@ -117,6 +117,7 @@ class KvServer:
         self.kv = kv
         self.pid = pid
         self.service = service  # shown in Status: the hosting program's own address
+        self.metrics = ""  # shown in Status: the hosting program's /metrics address
         self.connections: set[Connection[object]] = set()
         # Client connections with replies produced during the current driver pass.
         self._dirty: list[_ClientConn] = []
@@ -268,6 +269,7 @@ class KvServer:
             peers=peers,
             members=list(core.members),
             service=self.service,
+            metrics=self.metrics,
         )
 
 
@@ -345,6 +347,7 @@ class ReplicaOptions:
     batch_interval_s: float = 0.0  # DriverConfig.batch_interval_s (pacing of slots)
     slots_in_flight_max: int = 1024  # DriverConfig.slots_in_flight_max
     service_address: str = ""  # what the hosting program serves on (in Status; "" none)
+    metrics_address: str = ""  # the hosting program's /metrics (in Status; "" none)
     wire: WireConfig = field(default_factory=WireConfig)
 
 
@@ -436,6 +439,7 @@ class ReplicaHost:
         )
         kv = self._state_machine if isinstance(self._state_machine, KvMachine) else None
         self._handler = KvServer(self._driver, kv, os.getpid(), self.options.service_address)
+        self._handler.metrics = self.options.metrics_address
         sock = self._sock or _bind(self.address)
         sock.setblocking(False)
         self._server = await serve(

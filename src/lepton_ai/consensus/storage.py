@@ -18,7 +18,8 @@ whose extra entries are simply ignored on recovery.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
@@ -32,6 +33,7 @@ from lepton_ai.consensus.wal import (
     load_latest_snapshot,
     write_snapshot,
 )
+from lepton_ai.monitor.metrics import CONSENSUS_BUCKETS_S, Histo
 
 WAL_NAME = "wal.log"
 # Zero-filled room the WAL keeps ahead of its end when it fsyncs: an fdatasync then
@@ -63,6 +65,8 @@ class StorageStats:
     syncs: int = 0
     records: int = 0
     snapshots: int = 0
+    # The time of each append that synced (for the /metrics fsync histogram).
+    sync_seconds: Histo = field(default_factory=lambda: Histo(CONSENSUS_BUCKETS_S))
 
 
 class ReplicaStorage:
@@ -150,10 +154,12 @@ class ReplicaStorage:
             self._append(records, sync=ready.must_sync)
 
     def _append(self, records: list[bytes], *, sync: bool) -> None:
+        started = time.perf_counter()
         self._wal.append(records, sync=sync)
         self.stats.records += len(records)
         if sync and self._fsync:
             self.stats.syncs += 1
+            self.stats.sync_seconds.observe(time.perf_counter() - started)
 
     def _install_snapshot(self, snapshot: Snapshot) -> None:
         if snapshot.slot <= self._snapshot_slot:

@@ -53,6 +53,8 @@ COPY_BYTES_PER_S_MIN = 20 * 1024 * 1024  # ... this rate, before it is given up
 class DataPort:
     """Mixed into ``WorkerAgent``; the attributes below are the agent's."""
 
+    shuffle_bytes_served: int  # shuffle blocks sent to other nodes (for /metrics)
+
     token: str
     node_id: str
     worker_id: str
@@ -215,4 +217,5 @@ class DataPort:
                 except (BlockCorrupt, ValueError):
                     status.append("corrupt")
                     data.append(b"")
+            self.shuffle_bytes_served += sum(map(len, data))
             await conn.send(BlockData(status, data))

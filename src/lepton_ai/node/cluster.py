@@ -191,6 +191,25 @@ class Cluster:
             if not job_id or e.job_id in ("", job_id)
         ]
 
+    @property
+    def metrics_urls(self) -> list[str]:
+        """Every process's Prometheus ``/metrics`` URL: the coordinators and worker
+        agents (an executor's metrics are its agent's, labelled ``executor``), as the
+        leader knows them now. The same targets as any coordinator's ``/sd``."""
+        info = self._cluster_info()
+        urls = {f"http://{m.metrics}/metrics" for m in info.members if m.metrics}
+        return sorted(urls)
+
+    @property
+    def dashboard_url(self) -> str:
+        """The live dashboard, served by the leading coordinator (every coordinator
+        serves it; log in with the cluster token)."""
+        info = self._cluster_info()
+        for m in info.members:
+            if m.role == "coordinator" and m.health == "leader" and m.metrics:
+                return f"http://{m.metrics}/"
+        raise Unavailable("no leading coordinator with an HTTP port is known")
+
     def job_tasks(self, job_id: str) -> list[dict[str, Any]]:
         """Which worker ran each attempt of the job and when, as the leader saw it:
         ``stage``, ``partition``, ``attempt``, ``worker``, ``started``/``ended``
@@ -296,6 +315,7 @@ def _member_dict(m: MemberInfo) -> dict[str, Any]:
         "restarts": 0,  # filled in by whoever restarts it (LocalCluster, ``cluster up``)
         "last_exit": "",
         **({"paxos": m.paxos} if m.paxos else {}),
+        "metrics": m.metrics,
     }
 
 
@@ -782,6 +802,7 @@ class LocalCluster(Cluster):
                         "node": "",
                         "restarts": 0,
                         "last_exit": "",
+                        "metrics": "",
                     }
                 )
         self._add_restarts(out["members"])

@@ -70,6 +70,7 @@ class WorkerView:
         self.serve_slots = reg.serve_slots
         self.replicas: list[ReplicaReport] = list(reg.replicas)
         self.inflight: dict[str, int] = {}  # per deployment, from its last heartbeat
+        self.metrics = reg.metrics  # its agent's /metrics (host:port)
 
     @property
     def ready(self) -> bool:
@@ -248,7 +249,16 @@ class ClientApi:
             phi = self.c.phi.phi(v.worker_id, now)
             health = "suspect" if phi >= self.c.config.phi.threshold / 2 else "alive"
             members.append(
-                MemberInfo("worker", v.name, v.pid, v.address, health, v.node or v.worker_id, phi)
+                MemberInfo(
+                    "worker",
+                    v.name,
+                    v.pid,
+                    v.address,
+                    health,
+                    v.node or v.worker_id,
+                    phi,
+                    metrics=v.metrics,
+                )
             )
             for e in v.executors:
                 if e.state == "spare":  # a warm replacement, not a slot: its own role
@@ -259,7 +269,13 @@ class ClientApi:
                     continue
                 members.append(
                     MemberInfo(
-                        "executor", f"{v.name}.{e.slot}", e.pid, "", e.state, v.node or v.worker_id
+                        "executor",
+                        f"{v.name}.{e.slot}",
+                        e.pid,
+                        "",
+                        e.state,
+                        v.node or v.worker_id,
+                        metrics=v.metrics,  # its agent exports it (label executor)
                     )
                 )
         return members

@@ -51,12 +51,13 @@ from lepton_ai.compute.state import (
 )
 from lepton_ai.consensus.api import LogHost, NotLeader
 from lepton_ai.errors import LeptonError, Unavailable
-from lepton_ai.monitor.metrics import COMMIT_SECONDS
+from lepton_ai.monitor import metrics
 from lepton_ai.monitor.phi import PhiAccrualDetector
 from lepton_ai.node import control as ctl
 from lepton_ai.node.coord_config import CoordinatorConfig
+from lepton_ai.node.coord_http import CoordinatorHttp
 from lepton_ai.node.coord_machine import HostedMachine
-from lepton_ai.node.coord_monitor import SchedulerMonitor
+from lepton_ai.node.coord_monitor import CoordinatorMonitor
 from lepton_ai.node.coord_outbox import Outbox
 from lepton_ai.node.coord_serve import ServeControl
 from lepton_ai.node.coord_storage import StorageControl
@@ -95,6 +96,8 @@ class Coordinator:
         self.log = log_host
         self.machine = machine
         self.address = address
+        self.http: CoordinatorHttp | None = None  # its HTTP port (set before run)
+        self.http_address = ""  # host:port of it, as others reach it
         self.config = config
         self.epoch = -1
         self.member_id = "0"  # its id in cluster.status() (the Paxos node id when replicated)
@@ -112,7 +115,7 @@ class Coordinator:
         self._proposals = asyncio.Semaphore(config.inflight_proposals_max)
         self._tg: asyncio.TaskGroup | None = None
         self.api = ClientApi(self)
-        self.monitor = SchedulerMonitor()
+        self.monitor = CoordinatorMonitor(self)
         self.storage = StorageControl(self, config.storage)
         self.serving = ServeControl(self, config.serve)
         machine.listener = self._on_applied
@@ -174,11 +177,13 @@ class Coordinator:
 
     # -- events for the timeline -----------------------------------------------------
     def event(self, kind: str, detail: str = "", job_id: str = "") -> None:
+        self.monitor.event(kind)
         self.events.append(Event(time.time(), kind, detail, job_id))
 
     # -- the driver ------------------------------------------------------------------
     async def run(self, server_sock: socket.socket) -> None:
         self.event("coordinator_started", f"{self.address} pid {os.getpid()}")
+        metrics.add_source("coordinator", self.monitor.collect)
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             server = await serve(
@@ -190,6 +195,8 @@ class Coordinator:
                 handler=self._handle,
                 config=self.config.wire,
             )
+            if self.http is not None:
+                tg.create_task(self.http.run())
             try:
                 await self._tick_loop()
             finally:
@@ -277,7 +284,7 @@ class Coordinator:
             started = time.monotonic()
             try:
                 raw = await self.log.submit(encode_command(cmd))
-                COMMIT_SECONDS.observe(time.monotonic() - started)
+                self.monitor.committed(time.monotonic() - started)
             except Unavailable:
                 self.step(ProposeFailed(cmd, time.monotonic()))
                 return ApplyResult(False, "log unavailable")
@@ -319,7 +326,11 @@ class Coordinator:
 
     def coordinator_members(self, pid: int) -> list[MemberInfo]:
         role = "leader" if self.leading else "follower"
-        return [MemberInfo("coordinator", self.member_id, pid, self.address, role)]
+        return [
+            MemberInfo(
+                "coordinator", self.member_id, pid, self.address, role, metrics=self.http_address
+            )
+        ]
 
     # -- connections -----------------------------------------------------------------
     async def _handle(self, conn: Connection[CoordinatorMessage]) -> None:

@@ -92,6 +92,7 @@ class Register(msgspec.Struct, frozen=True, tag=True):
     serve_url: str = ""
     serve_slots: int = 0
     replicas: list[ReplicaReport] = []
+    metrics: str = ""  # host:port of the agent's HTTP /metrics
 
 
 class Registered(msgspec.Struct, frozen=True, tag=True):
@@ -260,6 +261,7 @@ class MemberInfo(msgspec.Struct, frozen=True):
     node: str = ""  # the worker id an executor belongs to
     phi: float = 0.0
     paxos: str = ""  # a replicated coordinator's Paxos (and KV) address
+    metrics: str = ""  # host:port of its HTTP /metrics (an executor's: its agent's)
 
 
 class GetStatus(msgspec.Struct, frozen=True, tag=True):

@@ -132,6 +132,12 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         default=0,
         help="port of this node's serving balancer (default: any free port)",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help="port of this agent's HTTP /metrics (default: any free port)",
+    )
     p.add_argument("--quiet", action="store_true", help="do not print the worker id")
 
 
@@ -156,15 +162,17 @@ def _run_worker_args(args: Any) -> None:
         )
     serve_slots = int(getattr(args, "serve_slots", 4))
     serve_port = int(getattr(args, "serve_port", 0))
-    if not 0 <= serve_slots <= 64 or not 0 <= serve_port <= 65535:
+    metrics_port = int(getattr(args, "metrics_port", 0))
+    if not 0 <= serve_slots <= 64 or not 0 <= serve_port <= 65535 or not 0 <= metrics_port <= 65535:
         raise ValueError(
-            f"--serve-slots must be in 0..64 and --serve-port in 0..65535 "
-            f"(got {serve_slots}, {serve_port})"
+            f"--serve-slots must be in 0..64, --serve-port and --metrics-port in 0..65535 "
+            f"(got {serve_slots}, {serve_port}, {metrics_port})"
         )
     config = WorkerConfig(
         slots=args.slots,
         serve_slots=serve_slots,
         serve_port=serve_port,
+        metrics_port=metrics_port,
         executor=ExecutorConfig(spares=args.spares),
         storage=NodeStorageConfig(
             capacity_bytes=capacity,
@@ -226,6 +234,13 @@ def add_coordinator_args(p: argparse.ArgumentParser) -> None:
         "--data-dir",
         default=os.path.join(os.getcwd(), ".lepton", "coordinator"),
         help="directory of the command log",
+    )
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=0,
+        help="port of its HTTP endpoint (/metrics, /sd, the dashboard) on --host "
+        "(0: any free port; `lepton cluster status` shows it)",
     )
     p.add_argument("--token", default=None, help="cluster token (default: $LEPTON_TOKEN)")
     p.add_argument("--no-fsync", action="store_true", help="do not fsync the command log")
@@ -290,7 +305,13 @@ def next_epoch(data_dir: str) -> int:
 
 
 async def serve_coordinator(
-    sock: socket.socket, token: str, data_dir: str, config: CoordinatorConfig, address: str
+    sock: socket.socket,
+    token: str,
+    data_dir: str,
+    config: CoordinatorConfig,
+    address: str,
+    *,
+    http_sock: socket.socket | None = None,
 ) -> None:
     from lepton_ai.compute.state import JobStateConfig
     from lepton_ai.node.coord_machine import JobsMachine
@@ -303,6 +324,10 @@ async def serve_coordinator(
         os.path.join(data_dir, "log"), machine, LocalLogConfig(fsync=config.fsync), address
     )
     coordinator = Coordinator(local_log, machine, address, config, token=token)
+    if http_sock is not None:
+        from lepton_ai.node.coord_http import attach_http
+
+        attach_http(coordinator, http_sock)
     # A local log is always its own leader; a replicated one calls this on every
     # election won or lost, with its ballot as the epoch.
     epoch = next_epoch(data_dir)
@@ -330,6 +355,7 @@ def run_coordinator(
     standby: bool = False,
     replace_after_s: float = 10.0,
     advertise: str | None = None,
+    http_port: int = 0,
 ) -> None:
     """Entry point of ``lepton coordinator``: run until killed.
 
@@ -350,8 +376,15 @@ def run_coordinator(
     sock = socket.socket(fileno=listen_fd) if listen_fd is not None else bind_listener(host, port)
     others = [a for i, a in (peers or {}).items() if i != node_id]
     address = advertised_address(sock, advertise, parse_address(others[0])[0] if others else None)
+    from lepton_ai.monitor.http import bind_http
+
+    http_sock = bind_http(host, http_port)
+    http_address = f"{parse_address(address)[0]}:{http_sock.getsockname()[1]}"
     if announce:
-        print(json.dumps({"address": address, "pid": os.getpid()}), flush=True)
+        print(
+            json.dumps({"address": address, "pid": os.getpid(), "http": http_address}),
+            flush=True,
+        )
     if finished_jobs_max < 1:
         raise ValueError(f"--finished-jobs-max must be >= 1, got {finished_jobs_max}")
     if job_retention_s < 0:
@@ -360,7 +393,7 @@ def run_coordinator(
         fsync=fsync, finished_jobs_max=finished_jobs_max, job_retention_s=job_retention_s
     )
     if peers is None or node_id is None:
-        main_coro = serve_coordinator(sock, token, data_dir, config, address)
+        main_coro = serve_coordinator(sock, token, data_dir, config, address, http_sock=http_sock)
     else:
         from lepton_ai.node.replicated import serve_replicated
 
@@ -376,6 +409,7 @@ def run_coordinator(
             standby=standby,
             replace_after_s=replace_after_s,
             address=address,
+            http_sock=http_sock,
         )
     with contextlib.suppress(KeyboardInterrupt):
         eventloop.run(main_coro)
@@ -415,6 +449,7 @@ def _run_coordinator_args(args: object, peers_text: str | None) -> None:
         standby=bool(getattr(args, "standby", False)),
         replace_after_s=float(getattr(args, "replace_after_s", 10.0)),
         advertise=getattr(args, "advertise", None),
+        http_port=int(getattr(args, "http_port", 0)),
     )
 
 

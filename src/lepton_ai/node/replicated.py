@@ -50,8 +50,11 @@ from lepton_ai.consensus.driver import ReplicaDriver
 from lepton_ai.consensus.kv import KvMachine
 from lepton_ai.consensus.server import ReplicaHost, ReplicaOptions
 from lepton_ai.errors import LeptonError
+from lepton_ai.monitor import metrics
 from lepton_ai.node.coord_config import CoordinatorConfig
+from lepton_ai.node.coord_http import attach_http, http_address_of
 from lepton_ai.node.coord_machine import apply_deploy_bytes, apply_job_command
+from lepton_ai.node.coord_monitor import paxos_metrics
 from lepton_ai.node.coordinator import Coordinator
 from lepton_ai.node.messages import Event, MemberInfo
 from lepton_ai.serve.spec import DeploymentsMachine
@@ -292,7 +295,7 @@ class ReplicatedCoordinator(Coordinator):
         # that connection lasts, so a restarted peer never shows its predecessor's pid.
         # Paxos node id -> (link generation, its pid, its client address), asked once per
         # connection to it.
-        self.peer_pids: dict[int, tuple[int, int, str]] = {}
+        self.peer_pids: dict[int, tuple[int, int, str, str]] = {}
         self._held: list[JobCommand] = []  # non-urgent proposals of this term (FINISHED_HOLD_S)
         self._held_timer: asyncio.TimerHandle | None = None
 
@@ -305,6 +308,7 @@ class ReplicatedCoordinator(Coordinator):
     def event(self, kind: str, detail: str = "", job_id: str = "") -> None:
         if kind == "leader":
             return  # the replicated ``leader_elected`` entry says it, for every replica
+        self.monitor.event(kind)
         ev = Event(time.time(), kind, detail, job_id)
         self.events.append(ev)
         if self.leading and kind in self.replicated_kinds:
@@ -400,7 +404,15 @@ class ReplicatedCoordinator(Coordinator):
                 role = "follower" if node in voters else "standby"
                 role = "leader" if self.leading else role
                 out.append(
-                    MemberInfo("coordinator", str(node), pid, self.address, role, paxos=paxos)
+                    MemberInfo(
+                        "coordinator",
+                        str(node),
+                        pid,
+                        self.address,
+                        role,
+                        paxos=paxos,
+                        metrics=self.http_address,
+                    )
                 )
                 continue
             if node not in voters and node not in standbys:
@@ -413,7 +425,12 @@ class ReplicatedCoordinator(Coordinator):
             # Its own word (from its status) or, failing that, what it said as a leader.
             client = (known[2] if known else "") or self.machine.leaders.get(node, "")
             health = ("standby" if node in standbys else "follower") if up else "unreachable"
-            out.append(MemberInfo("coordinator", str(node), peer_pid, client, health, paxos=paxos))
+            metrics = known[3] if known else ""
+            out.append(
+                MemberInfo(
+                    "coordinator", str(node), peer_pid, client, health, paxos=paxos, metrics=metrics
+                )
+            )
         return out
 
     async def watch_peer_pids(self) -> None:
@@ -434,7 +451,12 @@ class ReplicatedCoordinator(Coordinator):
                         log.debug("status of replica %s: %s", node, exc)
                         continue
                     if status.node == node:
-                        self.peer_pids[node] = (generation, status.pid, status.service)
+                        self.peer_pids[node] = (
+                            generation,
+                            status.pid,
+                            status.service,
+                            status.metrics,
+                        )
                 await asyncio.sleep(PEER_PID_POLL_S)
         finally:
             await client.close()
@@ -461,6 +483,7 @@ async def serve_replicated(
     standby: bool = False,
     replace_after_s: float = 10.0,
     address: str = "",
+    http_sock: socket.socket | None = None,
 ) -> None:
     """Run one coordinator replica (``address``: its client address as others dial
     it; default the bound one). ``standby``: a learner (not in the group; its
@@ -479,6 +502,7 @@ async def serve_replicated(
         peers = {**peers, node_id: f"{paxos_host}:{paxos_port}"}
     os.makedirs(data_dir, exist_ok=True)
     machine = CoordinatorMachine(JobStateConfig(finished_jobs_max=config.finished_jobs_max))
+    http_address = "" if http_sock is None else http_address_of(address, http_sock)
     replica = ReplicaHost(
         node_id,
         peers,
@@ -491,13 +515,17 @@ async def serve_replicated(
             slots_in_flight_max=SLOTS_IN_FLIGHT_MAX,
             standby=standby,
             service_address=address,
+            metrics_address=http_address,
         ),
         listen_sock=paxos_sock,
     )
     await replica.start()
+    metrics.add_source("paxos", paxos_metrics(replica.log))
     coordinator = ReplicatedCoordinator(
         replica.log, machine, address, config, token=token, node_id=node_id
     )
+    if http_sock is not None:
+        attach_http(coordinator, http_sock)
     election = Election(coordinator, replica.log)
     replica.log.on_leadership(election.changed)
     coordinator.replicated_kinds = coordinator.replicated_kinds | EVENT_KINDS | SERVE_EVENT_KINDS

@@ -49,7 +49,10 @@ from lepton_ai.compute.scheduler_events import (
 )
 from lepton_ai.errors import LeptonError
 from lepton_ai.heal.backoff import Backoff
+from lepton_ai.monitor import metrics
+from lepton_ai.monitor.http import bind_http, metrics_routes, serve_http
 from lepton_ai.node.agent_data import SHUFFLE_CODEC, DataPort
+from lepton_ai.node.agent_monitor import AgentMonitor
 from lepton_ai.node.executors import (
     ExecutorConfig,
     ExecutorDied,
@@ -147,6 +150,7 @@ class WorkerConfig:
     # port of its balancer (0: any free port).
     serve_slots: int = 4
     serve_port: int = 0
+    metrics_port: int = 0  # the agent's HTTP /metrics (0: any free port)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     storage: NodeStorageConfig = field(default_factory=NodeStorageConfig)
     wire: WireConfig = field(default_factory=node_wire_config)
@@ -239,6 +243,9 @@ class WorkerAgent(DataPort):
         self._generation = 0
         # (job, stage) -> typical run time of its attempts here (moving average).
         self._typical_s: dict[tuple[str, int], float] = {}
+        self.shuffle_bytes_served = 0
+        self.monitor = AgentMonitor(self)
+        self.metrics_address = ""  # host:port of its /metrics, once run() bound it
 
     def _event(self, kind: str, detail: str) -> None:
         log.info("%s: %s", kind, detail)
@@ -260,6 +267,10 @@ class WorkerAgent(DataPort):
         )
         self.address = f"{host}:{bound_port(server)}"
         self.storage.address = self.address
+        bind_host = "127.0.0.1" if host == "127.0.0.1" else "0.0.0.0"
+        http_sock = bind_http(bind_host, self.config.metrics_port)
+        self.metrics_address = f"{host}:{http_sock.getsockname()[1]}"
+        metrics.add_source("agent", self.monitor.collect)
         if self.config.serve_slots > 0:
             # Its replicas' state changes (one ready, one died) reach the leader at once.
             self.serving = NodeServing(
@@ -268,6 +279,7 @@ class WorkerAgent(DataPort):
             await self.serving.start()
         try:
             async with asyncio.TaskGroup() as tg:
+                tg.create_task(serve_http(http_sock, metrics_routes()))
                 if self.serving is not None:
                     tg.create_task(self.serving.run())
                 tg.create_task(self.storage.run())
@@ -347,6 +359,7 @@ class WorkerAgent(DataPort):
                 self.serving.url if self.serving is not None else "",
                 self.config.serve_slots if self.serving is not None else 0,
                 self._replicas(),
+                self.metrics_address,
             )
         )
         reply = await conn.recv()
@@ -715,6 +728,7 @@ class WorkerAgent(DataPort):
             raise AssertionError(f"unexpected failure of {a}: {exc!r}") from exc
         else:
             reply = future.result()
+            self.monitor.executor_replied(reply)
             if isinstance(reply, ExecDone):
                 self._note_duration(a, reply.duration_s)
                 if self._copies_wanted(d, reply):

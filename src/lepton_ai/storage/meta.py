@@ -514,6 +514,22 @@ class StorageStateMachine:
         keys = sorted(self._by_oid[oid] for oid in self._on_node.get(node, ()))
         return [self.objects[k] for k in keys]
 
+    def copies_down(self, live_nodes: Iterable[str]) -> tuple[int, int]:
+        """(objects with a copy on a node that is not live but one live copy left,
+        objects with no live copy): through the per-node index, so it costs what the
+        down nodes hold, not a scan of every object (for metrics at each scrape)."""
+        live = set(live_nodes)
+        touched: set[str] = set()
+        for node, oids in self._on_node.items():
+            if node not in live:
+                touched.update(oids)
+        lost = 0
+        for oid in touched:
+            meta = self.objects[self._by_oid[oid]]
+            if not any(n in live for n in meta.replicas):
+                lost += 1
+        return len(touched) - lost, lost
+
     def under_replicated(
         self, live_nodes: Iterable[str], limit: int | None = None
     ) -> builtins.list[ObjectMeta]:

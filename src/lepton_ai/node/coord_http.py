@@ -1,0 +1,89 @@
+"""A coordinator's HTTP port: its own ``/metrics``, ``/sd`` (every process of the
+cluster as Prometheus targets) and the dashboard.
+
+Any coordinator answers ``/sd`` and the dashboard, the followers too: they read the
+cluster's state through an ordinary client of the cluster, which follows the
+leader by itself, so a Prometheus or a browser pointed at any coordinator keeps
+working across a leader change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import TYPE_CHECKING, Any
+
+from starlette.routing import BaseRoute
+
+from lepton_ai.errors import LeptonError
+from lepton_ai.monitor.http import metrics_routes, sd_route, serve_http
+from lepton_ai.node.client import ClientConfig, CoordinatorClient, check_reply
+from lepton_ai.node.messages import ClusterInfo, GetStatus, MemberInfo
+from lepton_ai.node.netutil import parse_address
+
+if TYPE_CHECKING:
+    from lepton_ai.node.coordinator import Coordinator
+
+SD_TIMEOUT_S = 5.0  # a scrape of /sd waits this long for the leader's status
+
+
+class CoordinatorHttp:
+    def __init__(self, coordinator: Coordinator, sock: socket.socket) -> None:
+        self.c = coordinator
+        self.sock = sock
+        self._client: CoordinatorClient | None = None
+        self._status_lock = asyncio.Lock()  # one status request in flight per process
+
+    def routes(self) -> list[BaseRoute]:
+        return [*metrics_routes(), sd_route(self.sd_targets)]
+
+    async def run(self) -> None:
+        try:
+            await serve_http(self.sock, self.routes())
+        finally:
+            if self._client is not None:
+                self._client.close()
+
+    def client(self) -> CoordinatorClient:
+        """A client of this cluster, through this coordinator (it follows redirects)."""
+        if self._client is None:
+            self._client = CoordinatorClient(
+                self.c.address, self.c.token, ClientConfig(request_timeout_s=SD_TIMEOUT_S)
+            )
+        return self._client
+
+    async def members(self) -> list[MemberInfo]:
+        async with self._status_lock:
+            reply = await asyncio.to_thread(self.client().request, GetStatus(), SD_TIMEOUT_S)
+        info = check_reply(reply)
+        if not isinstance(info, ClusterInfo):
+            raise LeptonError(f"unexpected reply {type(info).__name__} to GetStatus")
+        return info.members
+
+    async def sd_targets(self) -> list[dict[str, Any]]:
+        return sd_groups(await self.members())
+
+
+def http_address_of(client_address: str, sock: socket.socket) -> str:
+    """The HTTP port's address as others reach it: the host of the coordinator's
+    client address (its advertised one), the port ``sock`` is bound to."""
+    return f"{parse_address(client_address)[0]}:{sock.getsockname()[1]}"
+
+
+def attach_http(coordinator: Coordinator, sock: socket.socket) -> None:
+    coordinator.http = CoordinatorHttp(coordinator, sock)
+    coordinator.http_address = http_address_of(coordinator.address, sock)
+
+
+def sd_groups(members: list[MemberInfo]) -> list[dict[str, Any]]:
+    """Prometheus HTTP SD: one target group per process that serves ``/metrics``
+    (an executor's metrics are its agent's, so agents stand for them)."""
+    groups: list[dict[str, Any]] = []
+    for member in members:
+        if not member.metrics or member.role not in ("coordinator", "worker"):
+            continue
+        labels = {"lepton_role": member.role, "lepton_id": member.id}
+        if member.node:
+            labels["lepton_node"] = member.node
+        groups.append({"targets": [member.metrics], "labels": labels})
+    return groups

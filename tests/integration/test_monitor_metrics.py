@@ -1,0 +1,150 @@
+"""Every process's /metrics, the service-discovery list and the per-job task timeline,
+on a real default cluster (3 coordinators, 2 workers)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import cloudpickle
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import lepton_ai as lep
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[lep.LocalCluster]:
+    with lep.LocalCluster(workers=2) as c:
+        c.wait_ready()
+        yield c
+
+
+def scrape(url: str) -> dict[str, list[Any]]:
+    """The samples of ``url`` by metric family, parsed by prometheus-client's parser
+    (which raises on anything that is not the exposition format)."""
+    reply = httpx.get(url, timeout=10.0)
+    assert reply.status_code == 200
+    assert reply.headers["content-type"].startswith("text/plain")
+    return {f.name: f.samples for f in text_string_to_metric_families(reply.text)}
+
+
+def value(samples: dict[str, list[Any]], name: str, **labels: str) -> float:
+    """The sum of the family's samples named ``name`` (or ``name_total``: a counter)
+    with these labels."""
+    return sum(
+        s.value
+        for s in samples.get(name, [])
+        if s.name in (name, f"{name}_total")
+        and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def wait_for(predicate: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def word_count(cluster: lep.LocalCluster, n: int) -> lep.Job:
+    task = lep.DistributedTask(cluster)
+    words = task.parallelize([f"w{i % 7}" for i in range(n)], partitions=6)
+    return words.map(lambda w: (w, 1)).reduce_by_key(lambda a, b: a + b, partitions=2).submit()
+
+
+def every_process_url(cluster: lep.LocalCluster) -> list[str]:
+    members = cluster.status()["members"]
+    return sorted(
+        {
+            f"http://{m['metrics']}/metrics"
+            for m in members
+            if m["role"] in ("coordinator", "worker")
+        }
+    )
+
+
+def test_every_coordinator_and_agent_serves_metrics_that_move_when_work_runs(
+    cluster: lep.LocalCluster,
+) -> None:
+    # Every coordinator and worker shows its /metrics address (followers' once the
+    # leader has asked them).
+    wait_for(
+        lambda: all(m["metrics"] for m in cluster.status()["members"] if m["role"] != "executor"),
+        10.0,
+        "every member's metrics address in status",
+    )
+    urls = cluster.metrics_urls
+    assert urls == every_process_url(cluster)
+    assert len(urls) == 5  # 3 coordinators + 2 agents
+    before = {u: scrape(u) for u in urls}
+    job = word_count(cluster, 7_000)
+    assert dict(job.result(timeout=60)) == {f"w{i}": 1000 for i in range(7)}
+    after = {u: scrape(u) for u in urls}
+    leader = cluster.dashboard_url.rstrip("/") + "/metrics"
+    assert value(after[leader], "lepton_coordinator_leading") == 1
+    dispatched = value(after[leader], "lepton_task_dispatches", kind="first")
+    assert dispatched - value(before[leader], "lepton_task_dispatches", kind="first") >= 8
+    succeeded = value(after[leader], "lepton_task_attempts", outcome="succeeded")
+    assert succeeded - value(before[leader], "lepton_task_attempts", outcome="succeeded") >= 8
+    assert value(after[leader], "lepton_jobs_submitted") >= 1
+    assert value(after[leader], "lepton_workers") == 2
+    # Paxos: every coordinator applied the job's commands; exactly one leads.
+    assert sum(value(after[u], "lepton_paxos_leader") for u in urls) == 1
+    for u in urls:
+        if "lepton_paxos_commit_index" in after[u]:
+            assert value(after[u], "lepton_paxos_commit_index") > value(
+                before[u], "lepton_paxos_commit_index"
+            )
+    # The agents ran the tasks (their executors' counts add up to what succeeded).
+    agents = [u for u in urls if "lepton_executor_tasks" in after[u]]
+    assert len(agents) == 2
+    ran = sum(
+        value(after[u], "lepton_executor_tasks", outcome="succeeded")
+        - value(before[u], "lepton_executor_tasks", outcome="succeeded")
+        for u in agents
+    )
+    assert ran >= 6
+    assert all("process_resident_memory_bytes" in after[u] for u in urls)
+
+
+def test_service_discovery_lists_every_process_from_any_coordinator(
+    cluster: lep.LocalCluster,
+) -> None:
+    members = cluster.status()["members"]
+    coordinators = [m for m in members if m["role"] == "coordinator"]
+    wait_for(lambda: all(m["metrics"] for m in cluster.status()["members"]), 10.0, "addresses")
+    expected = sorted(
+        (m["role"], m["id"], m["metrics"])
+        for m in cluster.status()["members"]
+        if m["role"] in ("coordinator", "worker")
+    )
+    for c in coordinators:  # the followers answer too, through the leader
+        groups = httpx.get(f"http://{c['metrics']}/sd", timeout=10.0).json()
+        got = sorted(
+            (g["labels"]["lepton_role"], g["labels"]["lepton_id"], g["targets"][0]) for g in groups
+        )
+        assert got == expected
+
+
+def test_job_tasks_show_which_worker_ran_each_attempt(cluster: lep.LocalCluster) -> None:
+    job = word_count(cluster, 700)
+    job.result(timeout=60)
+    spans = cluster.job_tasks(job.id)
+    workers = {m["id"] for m in cluster.status()["members"] if m["role"] == "worker"}
+    assert sorted((s["stage"], s["partition"]) for s in spans if s["outcome"] == "succeeded") == [
+        (0, p) for p in range(6)
+    ] + [(1, p) for p in range(2)]
+    for s in spans:
+        assert s["worker"].split("-")[0] in workers  # incarnation ids start with the name
+        assert 0 < s["started"] <= s["ended"] <= time.time()
+    with pytest.raises(KeyError):
+        cluster.job_tasks("no-such-job")
