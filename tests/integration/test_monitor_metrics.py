@@ -148,3 +148,7 @@ def test_job_tasks_show_which_worker_ran_each_attempt(cluster: lep.LocalCluster)
         assert 0 < s["started"] <= s["ended"] <= time.time()
     with pytest.raises(KeyError):
         cluster.job_tasks("no-such-job")
+    # The job's end is wall-clock time (the scheduler's clock is monotonic).
+    info = cluster.job_info(job.id)
+    assert info.submitted_at <= info.finished_at <= time.time()
+    assert min(s["started"] for s in spans) >= info.submitted_at

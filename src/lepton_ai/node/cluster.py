@@ -432,6 +432,12 @@ def _checked_standbys(standbys: int, coordinators: int, replace_after_s: float) 
     return float(replace_after_s)
 
 
+def _checked_webhook(url: str) -> str:
+    if url and not url.startswith(("http://", "https://")):
+        raise ValueError(f"alert_webhook must be an http(s) URL, got {url!r}")
+    return url
+
+
 class LocalCluster(Cluster):
     """Coordinator(s) and ``workers`` worker agents as subprocesses of this process.
 
@@ -466,6 +472,7 @@ class LocalCluster(Cluster):
         host: str = "127.0.0.1",
         port: int = 0,
         token: str | None = None,
+        alert_webhook: str = "",
     ) -> None:
         """``spares_per_worker``: warm executors each agent keeps to replace a dead one
         at once (0 saves ~20 MB per worker). ``fsync``: fsync the coordinator's log
@@ -482,6 +489,8 @@ class LocalCluster(Cluster):
         ``replace_after_s``, so the group again survives a further death.
         ``host``/``port``: where the coordinators listen (``port`` is the first
         one's client port, 0: any); ``token``: the cluster token (default: a new one).
+        ``alert_webhook``: an http(s) URL the leader POSTs each alert raised and
+        cleared to (Alertmanager-style JSON).
         ``lepton cluster up`` runs a LocalCluster in a detached supervisor process."""
         coordinators = _checked_sizes(
             workers, coordinators, slots_per_worker, spares_per_worker, job_retention_s
@@ -493,6 +502,7 @@ class LocalCluster(Cluster):
             raise ValueError(f"storage_bytes_max must be an int >= 0, got {storage_bytes_max!r}")
         self.storage_bytes_max = storage_bytes_max
         self.job_retention_s = float(job_retention_s)
+        self.alert_webhook = _checked_webhook(alert_webhook)
         self.replace_after_s = _checked_standbys(standbys, coordinators, replace_after_s)
         self.standbys = standbys
         self._removed = 0  # coordinators the group removed (each replaced by a standby)
@@ -553,6 +563,9 @@ class LocalCluster(Cluster):
             fd = self._listeners[index].fileno()
             fds: tuple[int, ...] = (fd,)
             args = ["lepton_ai.node.coordinator", "--listen-fd", str(fd), "--quiet"]
+            args += ["--host", self.host]  # its HTTP port's (the listener is bound here)
+            if self.alert_webhook:
+                args += ["--alert-webhook", self.alert_webhook]
             if self.paxos_addresses:
                 pfd = self._paxos[index].fileno()
                 fds = (fd, pfd)

@@ -28,6 +28,7 @@ class CoordinatorConfig:
     job_retention_s: float = 0.0  # finished jobs older than this are deleted (0: kept)
     expiry_interval_s: float = 1.0
     expiries_per_round_max: int = 1000
+    alert_webhook: str = ""  # alerts raised and cleared are POSTed here ("" : none)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     storage: StorageControlConfig = field(default_factory=StorageControlConfig)
     serve: ServeControlConfig = field(default_factory=ServeControlConfig)

@@ -27,6 +27,8 @@ from collections import deque
 from collections.abc import Coroutine
 from typing import Any
 
+import msgspec
+
 from lepton_ai.compute.scheduler import Scheduler
 from lepton_ai.compute.scheduler_events import (
     Applied,
@@ -46,6 +48,8 @@ from lepton_ai.compute.state import (
     ApplyResult,
     JobCommand,
     JobDeleted,
+    JobFailedCmd,
+    JobFinished,
     decode_apply_result,
     encode_command,
 )
@@ -54,6 +58,7 @@ from lepton_ai.errors import LeptonError, Unavailable
 from lepton_ai.monitor import metrics
 from lepton_ai.monitor.phi import PhiAccrualDetector
 from lepton_ai.node import control as ctl
+from lepton_ai.node.coord_alerts import AlertShell
 from lepton_ai.node.coord_config import CoordinatorConfig
 from lepton_ai.node.coord_http import CoordinatorHttp
 from lepton_ai.node.coord_machine import HostedMachine
@@ -118,6 +123,7 @@ class Coordinator:
         self.monitor = CoordinatorMonitor(self)
         self.storage = StorageControl(self, config.storage)
         self.serving = ServeControl(self, config.serve)
+        self.alerting = AlertShell(self, config.alert_webhook)
         machine.listener = self._on_applied
         machine.storage_listener = self.storage.on_removed
 
@@ -153,6 +159,7 @@ class Coordinator:
             self.scheduler = Scheduler(self.config.scheduler, epoch=epoch)
         self.storage.became_leader()
         self.serving.became_leader()
+        self.alerting.became_leader()
         self.event("leader", f"{self.address} epoch {epoch}")
 
     def step_down(self) -> None:
@@ -197,6 +204,7 @@ class Coordinator:
             )
             if self.http is not None:
                 tg.create_task(self.http.run())
+            tg.create_task(self.alerting.run())
             try:
                 await self._tick_loop()
             finally:
@@ -212,6 +220,7 @@ class Coordinator:
                 self._control(ctl.CheckExpiry(time.time(), self.machine.jobs.state.jobs))
                 self.storage.tick(now)
                 self.serving.tick(now)
+                self.alerting.tick(now)
 
     def step(self, event: SchedulerEvent) -> None:
         if self.scheduler is None:
@@ -232,7 +241,7 @@ class Coordinator:
 
     def _carry_out(self, action: SchedulerAction) -> None:
         if isinstance(action, Propose):
-            self.propose_action(action)
+            self.propose_action(_wall_stamped(action))
         elif isinstance(action, Dispatch):
             self.monitor.dispatched(action)
             self._control(ctl.Dispatched(action, time.monotonic()))
@@ -324,6 +333,10 @@ class Coordinator:
     def all_events(self) -> list[Event]:
         return list(self.events)
 
+    def quorum(self) -> tuple[int, int]:
+        """(voting coordinators, those reachable from here, itself included)."""
+        return 1, 1
+
     def coordinator_members(self, pid: int) -> list[MemberInfo]:
         role = "leader" if self.leading else "follower"
         return [
@@ -375,6 +388,7 @@ class Coordinator:
         for action in self.control.step(joining):
             if isinstance(action, ctl.AdmitWorker):
                 view = self.workers[reg.worker] = WorkerView(reg, conn)
+                self.alerting.seen.add(reg.name)
             else:  # earlier incarnations of its node lost, then its join on the timeline
                 self._do(action)
         return view
@@ -409,3 +423,14 @@ if __name__ == "__main__":  # python -m lepton_ai.node.coordinator (node.cluster
     from lepton_ai.node.programs import coordinator_main
 
     coordinator_main()
+
+
+def _wall_stamped(action: Propose) -> Propose:
+    """The scheduler's clock is monotonic (it measures intervals); a job's end time in
+    the log is what users see, and what retention compares with ``time.time()``."""
+    cmd = action.command
+    if isinstance(cmd, JobFinished | JobFailedCmd):
+        return msgspec.structs.replace(
+            action, command=msgspec.structs.replace(cmd, finished_at=time.time())
+        )
+    return action

@@ -242,6 +242,12 @@ def add_coordinator_args(p: argparse.ArgumentParser) -> None:
         help="port of its HTTP endpoint (/metrics, /sd, the dashboard) on --host "
         "(0: any free port; `lepton cluster status` shows it)",
     )
+    p.add_argument(
+        "--alert-webhook",
+        default="",
+        metavar="URL",
+        help="POST each alert raised and cleared here (Alertmanager-style JSON; retried)",
+    )
     p.add_argument("--token", default=None, help="cluster token (default: $LEPTON_TOKEN)")
     p.add_argument("--no-fsync", action="store_true", help="do not fsync the command log")
     p.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
@@ -356,6 +362,7 @@ def run_coordinator(
     replace_after_s: float = 10.0,
     advertise: str | None = None,
     http_port: int = 0,
+    alert_webhook: str = "",
 ) -> None:
     """Entry point of ``lepton coordinator``: run until killed.
 
@@ -389,8 +396,13 @@ def run_coordinator(
         raise ValueError(f"--finished-jobs-max must be >= 1, got {finished_jobs_max}")
     if job_retention_s < 0:
         raise ValueError(f"--job-retention-s must be >= 0, got {job_retention_s}")
+    if alert_webhook and not alert_webhook.startswith(("http://", "https://")):
+        raise ValueError(f"--alert-webhook must be an http(s) URL, got {alert_webhook!r}")
     config = CoordinatorConfig(
-        fsync=fsync, finished_jobs_max=finished_jobs_max, job_retention_s=job_retention_s
+        fsync=fsync,
+        finished_jobs_max=finished_jobs_max,
+        job_retention_s=job_retention_s,
+        alert_webhook=alert_webhook,
     )
     if peers is None or node_id is None:
         main_coro = serve_coordinator(sock, token, data_dir, config, address, http_sock=http_sock)
@@ -450,6 +462,7 @@ def _run_coordinator_args(args: object, peers_text: str | None) -> None:
         replace_after_s=float(getattr(args, "replace_after_s", 10.0)),
         advertise=getattr(args, "advertise", None),
         http_port=int(getattr(args, "http_port", 0)),
+        alert_webhook=str(getattr(args, "alert_webhook", "") or ""),
     )
 
 

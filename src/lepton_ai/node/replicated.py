@@ -392,6 +392,16 @@ class ReplicatedCoordinator(Coordinator):
         if self.driver.is_leader:
             self.driver.propose_cb(encode_meta(cmd), _ignore_result)
 
+    def quorum(self) -> tuple[int, int]:
+        voters = self.driver.core.members
+        reachable = sum(
+            1
+            for node in voters
+            if node == self.node_id
+            or ((link := self.driver.links.get(node)) is not None and link.connected)
+        )
+        return len(voters), reachable
+
     def coordinator_members(self, pid: int) -> list[MemberInfo]:
         """Every voting replica (this one with its pid, the others as its Paxos links see
         them) and the standbys, health "standby": the leader's learners, or this replica
@@ -491,6 +501,7 @@ async def serve_replicated(
     membership shell promotes when a voter is silent for ``replace_after_s``. Raises
     ``coord_membership.MemberRemoved`` once a committed change removed this replica."""
     from lepton_ai.heal.membership import MembershipConfig
+    from lepton_ai.node.coord_alerts import EVENT_KINDS as ALERT_EVENT_KINDS
     from lepton_ai.node.coord_membership import EVENT_KINDS, MembershipShell
     from lepton_ai.node.coord_serve import EVENT_KINDS as SERVE_EVENT_KINDS
 
@@ -528,7 +539,9 @@ async def serve_replicated(
         attach_http(coordinator, http_sock)
     election = Election(coordinator, replica.log)
     replica.log.on_leadership(election.changed)
-    coordinator.replicated_kinds = coordinator.replicated_kinds | EVENT_KINDS | SERVE_EVENT_KINDS
+    coordinator.replicated_kinds = (
+        coordinator.replicated_kinds | EVENT_KINDS | SERVE_EVENT_KINDS | ALERT_EVENT_KINDS
+    )
     voters = len(replica.log.paxos.members)  # the bootstrap group (a standby's peers less it)
     shell = MembershipShell(
         coordinator, replica.log, MembershipConfig(voters, replace_after_s=replace_after_s)
