@@ -48,8 +48,21 @@ class BalancerConfig:
     retry_after_s: int = 1  # Retry-After on a 503 when every replica is full
     # The client side (serve/frontend.py):
     connections_max: int = 10_000  # open client connections; beyond that 503 and close
+    # Open connections of one client address; beyond that 429 and close. Above the
+    # pools of common clients (httpx and aiohttp: 100, browsers: 6 per host), and
+    # 10_000 / 128 = 78 addresses are needed to exhaust connections_max.
+    connections_per_client_max: int = 128
     pipeline_max: int = 16  # parsed requests waiting per connection; then stop reading
-    keep_alive_s: float = 75.0  # an idle (or stalled mid-request) client connection is closed
+    keep_alive_s: float = 75.0  # an idle client connection (between requests) is closed
+    # A request head must be complete this long after its first byte (the first request
+    # of a connection: after accept), else 408 and close. Go's ReadHeaderTimeout as
+    # commonly set; 6.5 kB/s for the largest head (header_bytes_max).
+    header_timeout_s: float = 10.0
+    # A request body must arrive within body_timeout_s plus one second per
+    # body_rate_min_bytes_s bytes received, else 408 and close (Apache mod_reqtimeout's
+    # default "body=20,MinRate=500"): a slow but steady upload completes, a drip does not.
+    body_timeout_s: float = 20.0
+    body_rate_min_bytes_s: int = 500
 
     def __post_init__(self) -> None:
         if not 0 < self.health_timeout_s <= self.health_period_s:
@@ -60,6 +73,10 @@ class BalancerConfig:
             raise ValueError("retries_max and pool_idle_max must be >= 0")
         if self.connections_max <= 0 or self.pipeline_max <= 0 or self.keep_alive_s <= 0:
             raise ValueError("connections_max, pipeline_max and keep_alive_s must be positive")
+        if self.connections_per_client_max <= 0 or self.body_rate_min_bytes_s <= 0:
+            raise ValueError("connections_per_client_max and body_rate_min_bytes_s must be > 0")
+        if self.header_timeout_s <= 0 or self.body_timeout_s <= 0:
+            raise ValueError("header_timeout_s and body_timeout_s must be positive")
 
 
 @dataclass(frozen=True)

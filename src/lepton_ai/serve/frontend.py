@@ -11,11 +11,24 @@ What it speaks: HTTP/1.1 and 1.0 requests, keep-alive (a 1.0 client that asks
 for it is told ``connection: keep-alive``), pipelining (answered in order, at
 most ``pipeline_max`` parsed requests waiting per connection before it stops
 reading), ``Expect: 100-continue``, Content-Length or chunked request bodies,
-HEAD (answered with the replica's Content-Length and no body). Bounds: request
-head ``header_bytes_max`` (else 431), body ``body_bytes_max`` (else 413),
-``connections_max`` open connections (beyond that a 503 and close), an idle or
-stalled connection is closed after ``keep_alive_s``. No upgrades (WebSocket)
-and no TLS: it fronts replicas on loopback.
+HEAD (answered with the replica's Content-Length and no body). No upgrades
+(WebSocket) and no TLS: it fronts replicas on loopback.
+
+Bounds, each answered with a JSON ``{"error": ...}`` and a close: request head
+``header_bytes_max`` (else 431); body ``body_bytes_max`` (else 413; at once, before
+any body byte, when ``Expect: 100-continue`` announces a larger Content-Length);
+``connections_max`` open connections (else 503); ``connections_per_client_max`` of
+them per client address (else 429: that client is over its share, the server is
+not full, and 4xx keeps it out of the server-error rate). Deadlines against slow
+clients (slowloris): a head must be complete ``header_timeout_s`` after its first
+byte (a connection's first head: after accept), a body within ``body_timeout_s``
+plus a second per ``body_rate_min_bytes_s`` bytes received, else 408. A connection
+idle between requests is closed after ``keep_alive_s``; a request handed to the
+balancer is bounded by the balancer's own ``request_timeout_s``, not by these.
+All deadlines are checked by one sweep per server (every second, more often when a
+deadline is under two seconds): no timer per request or connection, and per request
+only a few attribute writes in the parser callbacks, reusing the clock reading each
+read already takes.
 """
 
 from __future__ import annotations
@@ -104,6 +117,9 @@ class FrontEnd:
         self.balancer = balancer
         self.config = balancer.config
         self.connections: set[_Client] = set()
+        # Open connections per client address; an address leaves with its last one, so
+        # this holds at most connections_max entries.
+        self._per_client: dict[str, int] = {}
         self.in_flight = 0  # requests handed to the balancer and not yet answered
         self.closing = False
         self._server: asyncio.Server | None = None
@@ -135,6 +151,33 @@ class FrontEnd:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
 
+    def admit(self, client: _Client, peer: object) -> Reply | None:
+        """Count a new connection from ``peer`` (its address tuple), or the refusal to send."""
+        config = self.config
+        retry_after = [(b"retry-after", b"%d" % config.retry_after_s)]
+        if len(self.connections) >= config.connections_max:
+            return json_reply(503, {"error": "too many connections"}, retry_after)
+        # No address (the peer left before accept finished): one shared bucket.
+        host = str(peer[0]) if isinstance(peer, tuple) else ""
+        count = self._per_client.get(host, 0)
+        if count >= config.connections_per_client_max:
+            return json_reply(429, {"error": "too many connections from this client"}, retry_after)
+        self._per_client[host] = count + 1
+        client.host = host
+        self.connections.add(client)
+        return None
+
+    def release(self, client: _Client) -> None:
+        """A connection ``admit`` counted has closed."""
+        if client not in self.connections:
+            return
+        self.connections.discard(client)
+        count = self._per_client[client.host] - 1
+        if count:
+            self._per_client[client.host] = count
+        else:
+            del self._per_client[client.host]
+
     def date_line(self) -> bytes:
         """``date: ...`` plus CRLF, formatted once per second (as uvicorn does)."""
         now = time.time()
@@ -146,18 +189,20 @@ class FrontEnd:
         return self._date_line
 
     async def _sweep(self) -> None:
-        """Close connections idle (or stalled mid-request) longer than ``keep_alive_s``.
+        """Enforce the keep-alive, head and body deadlines of every connection.
 
         One periodic pass instead of a timer per request: a timer armed and
-        cancelled per request is measurable CPU at thousands of requests/s.
+        cancelled per request is measurable CPU at thousands of requests/s. A
+        deadline is enforced up to one period late; the period is at most half the
+        shortest deadline, so that is at most 50% (and at most a second).
         """
-        limit_s = self.config.keep_alive_s
+        config = self.config
+        shortest_s = min(config.keep_alive_s, config.header_timeout_s, config.body_timeout_s)
         while True:
-            await asyncio.sleep(min(1.0, limit_s / 2))
+            await asyncio.sleep(min(1.0, shortest_s / 2))
             now = time.monotonic()
             for client in list(self.connections):
-                if not client.busy and now - client.last_active_s > limit_s:
-                    client.close()
+                client.check_deadlines(now)
 
 
 class _Client(asyncio.Protocol):
@@ -168,11 +213,18 @@ class _Client(asyncio.Protocol):
         self.config = front.config
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
+        self.host = ""  # the client's address, once the front end counted the connection
         self.busy = False  # a request of this connection is being handled
         self._keep = True  # ... and whether the connection stays open after it
         self._announce = False  # ... and whether its answer says "connection: keep-alive"
         self._head = False  # ... and whether it is a HEAD (its answer has no body)
-        self.last_active_s = time.monotonic()
+        self.last_active_s = time.monotonic()  # when the last read or answer happened
+        # A request is being read: its first byte came (or, for the connection's first
+        # request, the connection was accepted) and it is not complete yet. The deadline
+        # of its head runs from _read_start_s, that of its body from _body_start_s.
+        self._reading = True
+        self._read_start_s = self.last_active_s
+        self._body_start_s = self.last_active_s
         self._pending: deque[_Request] = deque()
         self._raw_head_bytes = 0  # bytes read while a head is incomplete (parser buffers them)
         self._paused = False
@@ -193,18 +245,18 @@ class _Client(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport (uvloop's does not subclass asyncio.Transport).
         self.transport = cast(asyncio.Transport, transport)
-        if len(self.front.connections) >= self.config.connections_max:
+        refusal = self.front.admit(self, transport.get_extra_info("peername"))
+        if refusal is not None:
             self._closed = True
-            self._write_reply(json_reply(503, {"error": "too many connections"}), keep=False)
+            self.front.balancer.metrics.count(refusal[0])
+            self._write_reply(refusal, keep=False)
             transport.close()
-            return
-        self.front.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         # A request in flight still finishes (its replica's outcome is accounted);
         # only its answer has nowhere to go.
         self._closed = True
-        self.front.connections.discard(self)
+        self.front.release(self)
         self._pending.clear()
 
     def data_received(self, data: bytes) -> None:
@@ -235,6 +287,11 @@ class _Client(asyncio.Protocol):
     # -- httptools callbacks -------------------------------------------------------------
     def on_message_begin(self) -> None:
         self._reset()
+        # The head deadline runs from this request's first byte (its read's clock
+        # reading), or from accept for a connection's first request.
+        if not self._reading:
+            self._reading = True
+            self._read_start_s = self.last_active_s
 
     def on_url(self, url: bytes) -> None:
         self._count_head(len(url))
@@ -251,6 +308,7 @@ class _Client(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._body_start_s = self.last_active_s
         body_max = self.config.body_bytes_max
         expect = False
         for name, value in self._headers:
@@ -260,7 +318,13 @@ class _Client(asyncio.Protocol):
                 expect = True
             elif name == b"connection":
                 self._connection_header = True
-        if expect and not self._error and self.transport is not None:
+        if not expect:
+            return
+        if self._error:
+            # The client waits for our word before sending the body: refused now, it
+            # sends none (the 413 would otherwise wait for a body never coming).
+            raise _Refused(413, "request body too large")
+        if self.transport is not None:
             self.transport.write(_CONTINUE)
 
     def on_body(self, body: bytes) -> None:
@@ -292,6 +356,7 @@ class _Client(asyncio.Protocol):
             self._error,
         )
         self._in_head = True
+        self._reading = False
         self._raw_head_bytes = 0
         # Answered once the parser has returned (data_received), never from inside it.
         self._pending.append(request)
@@ -367,6 +432,26 @@ class _Client(asyncio.Protocol):
         parts += (b"\r\n", b"" if head else body)
         if self.transport is not None:
             self.transport.write(b"".join(parts))
+
+    def check_deadlines(self, now: float) -> None:
+        """Close this connection if it is past a deadline (the front end's sweep calls this).
+
+        A request being handled is the balancer's to bound (``request_timeout_s``);
+        the next request, if already arriving, is judged once it is answered.
+        """
+        if self.busy or self._closed:
+            return
+        config = self.config
+        if not self._reading:
+            if now - self.last_active_s > config.keep_alive_s:
+                self.close()  # idle between requests: nothing to answer
+        elif self._in_head:
+            if now - self._read_start_s > config.header_timeout_s:
+                self._refuse(408, "request head not received in time")
+        else:
+            allowed_s = config.body_timeout_s + self._body_bytes / config.body_rate_min_bytes_s
+            if now - self._body_start_s > allowed_s:
+                self._refuse(408, "request body not received in time")
 
     def _refuse(self, status: int, message: str) -> None:
         """A request that cannot be parsed or is too large: answer it and close."""
