@@ -24,6 +24,7 @@ _COMMAND_MODULES = (
     "lepton_ai.compute.cli",
     "lepton_ai.storage.cli",
     "lepton_ai.monitor.cli",
+    "lepton_ai.monitor.dashboard_cli",
     "lepton_ai.demo",
 )
 

@@ -17,7 +17,7 @@ from starlette.routing import BaseRoute
 
 from lepton_ai.errors import LeptonError
 from lepton_ai.monitor.http import metrics_routes, sd_route, serve_http
-from lepton_ai.node.client import ClientConfig, CoordinatorClient, check_reply
+from lepton_ai.node.client import check_reply
 from lepton_ai.node.messages import ClusterInfo, GetStatus, MemberInfo
 from lepton_ai.node.netutil import parse_address
 
@@ -31,30 +31,31 @@ class CoordinatorHttp:
     def __init__(self, coordinator: Coordinator, sock: socket.socket) -> None:
         self.c = coordinator
         self.sock = sock
-        self._client: CoordinatorClient | None = None
         self._status_lock = asyncio.Lock()  # one status request in flight per process
+        # A client of this cluster through this coordinator (it follows redirects):
+        # the dashboard's source and /sd read the cluster through it.
+        from lepton_ai.node.cluster import Cluster
+
+        self.cluster = Cluster(coordinator.address, coordinator.token)
 
     def routes(self) -> list[BaseRoute]:
-        return [*metrics_routes(), sd_route(self.sd_targets)]
+        from lepton_ai.monitor.dashboard import dashboard_routes
+        from lepton_ai.monitor.dashboard_source import ClusterSource
+
+        # The dashboard at "/": its paths do not clash with /metrics, /sd, /healthz.
+        dashboard = dashboard_routes(ClusterSource(self.cluster), self.c.token)
+        return [*metrics_routes(), sd_route(self.sd_targets), *dashboard]
 
     async def run(self) -> None:
         try:
             await serve_http(self.sock, self.routes())
         finally:
-            if self._client is not None:
-                self._client.close()
-
-    def client(self) -> CoordinatorClient:
-        """A client of this cluster, through this coordinator (it follows redirects)."""
-        if self._client is None:
-            self._client = CoordinatorClient(
-                self.c.address, self.c.token, ClientConfig(request_timeout_s=SD_TIMEOUT_S)
-            )
-        return self._client
+            self.cluster.close()
 
     async def members(self) -> list[MemberInfo]:
         async with self._status_lock:
-            reply = await asyncio.to_thread(self.client().request, GetStatus(), SD_TIMEOUT_S)
+            request = self.cluster.client.request
+            reply = await asyncio.to_thread(request, GetStatus(), SD_TIMEOUT_S)
         info = check_reply(reply)
         if not isinstance(info, ClusterInfo):
             raise LeptonError(f"unexpected reply {type(info).__name__} to GetStatus")
