@@ -33,6 +33,7 @@ _EXPORTS: dict[str, str] = {
     "Deployment": "lepton_ai.serve.deployment",
     "ServeClient": "lepton_ai.serve.client",
     "DeploymentFailed": "lepton_ai.serve.cluster_deployment",
+    "cost": "lepton_ai.monitor.cost",  # a module: lep.cost.job_time(...)
 }
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "TaskError",
     "Unavailable",
     "connect",
+    "cost",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
@@ -64,12 +66,15 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from lepton_ai.errors import StorageFull as StorageFull
     from lepton_ai.errors import TaskError as TaskError
     from lepton_ai.errors import Unavailable as Unavailable
+    from lepton_ai.monitor import cost as cost
 
 
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'lepton_ai' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    imported = importlib.import_module(module)
+    # "cost" names a module itself (lep.cost.job_time), the others a name in one.
+    value = imported if module.endswith(f".{name}") else getattr(imported, name)
     globals()[name] = value
     return value

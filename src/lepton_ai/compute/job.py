@@ -88,6 +88,15 @@ class Job:
         fetch = getattr(self.cluster, "fetch_object", None)
         return self._record.result(fetch if callable(fetch) else None)
 
+    def report(self, calibration: Any = None) -> Any:
+        """The cost model's terms for this finished job, predicted and measured: a
+        ``lep.cost.JobReport`` (print it for a table). ``calibration``: a
+        ``lep.cost.Calibration``; default, the last ``lepton estimate job``'s on this
+        cluster. ValueError unless the job finished. See docs/cost-model.md."""
+        from lepton_ai.monitor.estimate_report import job_report
+
+        return job_report(self.cluster, self.id, calibration)
+
     def _show_bar(self) -> bool:
         if self.progress_mode is not None:
             return self.progress_mode
