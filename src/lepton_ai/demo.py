@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from lepton_ai.data import loganalysis, synthetic
+from lepton_ai.monitor.events import phase_of
 
 SIZE_MB_DEFAULT = 100
 SIZE_MB_MAX = 10_000
@@ -486,18 +487,16 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None]) -> dict[str, Any]:
 # ----------------------------------------------------------------- output
 
 
+# The demo's own lines (what it did and saw); the cluster's events merged into its
+# timeline are styled by their phase (monitor.events), as on the dashboard.
 _STYLES = {
     "fault": "bold red",
     "detected": "yellow",
-    "worker_lost": "yellow",
-    "executor_died": "yellow",
-    "task_rescheduled": "cyan",
-    "output_lost": "cyan",
     "replaced": "green",
     "restarted": "green",
-    "member_restarted": "green",
     "completed": "bold green",
 }
+_PHASE_STYLES = {"fault": "red", "detection": "yellow", "healing": "cyan"}
 
 
 def render(out: dict[str, Any]) -> None:
@@ -518,7 +517,7 @@ def render(out: dict[str, Any]) -> None:
     tl.add_column("event")
     tl.add_column("detail")
     for ev in out["timeline"]:
-        style = _STYLES.get(ev["kind"], "")
+        style = _STYLES.get(ev["kind"]) or _PHASE_STYLES.get(phase_of(ev["kind"]), "")
         tl.add_row(
             f"{ev['t_s']:.3f}", f"[{style}]{ev['kind']}[/]" if style else ev["kind"], ev["detail"]
         )

@@ -33,6 +33,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from lepton_ai.monitor.events import EventKind
 from lepton_ai.serve.spec import (
     DeploymentSpec,
     Endpoint,
@@ -71,7 +72,7 @@ class Publish:
 
 @dataclass(frozen=True)
 class DeployEvent:
-    kind: str  # replica_placed | replica_removed | replica_lost | unschedulable | rollout_done
+    kind: EventKind  # REPLICA_PLACED, _REMOVED, _LOST, UNSCHEDULABLE or ROLLOUT_DONE
     detail: str
     deployment: str
 
@@ -154,7 +155,7 @@ class DeploymentReconciler:
                     del self.assigned[rid]
                     actions.append(
                         DeployEvent(
-                            "replica_lost",
+                            EventKind.REPLICA_LOST,
                             f"{rid} on node {node} (node gone)",
                             placed.assignment.deployment,
                         )
@@ -243,7 +244,9 @@ class DeploymentReconciler:
             self._rolling.discard(spec.name)
             actions.append(
                 DeployEvent(
-                    "rollout_done", f"{spec.name} serves version {spec.version} only", spec.name
+                    EventKind.ROLLOUT_DONE,
+                    f"{spec.name} serves version {spec.version} only",
+                    spec.name,
                 )
             )
 
@@ -262,7 +265,7 @@ class DeploymentReconciler:
                     self._stuck.add(spec.name)
                     actions.append(
                         DeployEvent(
-                            "unschedulable",
+                            EventKind.UNSCHEDULABLE,
                             f"{spec.name}: no node has a free serving slot ({len(nodes)} nodes)",
                             spec.name,
                         )
@@ -272,7 +275,9 @@ class DeploymentReconciler:
             self._minted += 1
             rid = f"{spec.name}.{spec.version}.{self.epoch}-{self._minted}"
             self.assigned[rid] = Placed(node, assignment_for(spec, rid))
-            actions.append(DeployEvent("replica_placed", f"{rid} on node {node}", spec.name))
+            actions.append(
+                DeployEvent(EventKind.REPLICA_PLACED, f"{rid} on node {node}", spec.name)
+            )
         return count
 
     def _pick_node(self, name: str, nodes: dict[str, NodeServe]) -> str | None:
@@ -288,7 +293,7 @@ class DeploymentReconciler:
         del self.assigned[rid]
         actions.append(
             DeployEvent(
-                "replica_removed", f"{rid} on node {p.node}: {why}", p.assignment.deployment
+                EventKind.REPLICA_REMOVED, f"{rid} on node {p.node}: {why}", p.assignment.deployment
             )
         )
 

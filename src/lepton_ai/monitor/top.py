@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from lepton_ai.monitor.dashboard_source import DashboardSource
+from lepton_ai.monitor.events import phase_of
 from lepton_ai.monitor.timeline import clock
 
 TOP_JOBS_MAX = 8  # jobs in one frame
@@ -22,8 +23,7 @@ TOP_EVENTS_MAX = 12  # events in one frame
 TOP_INTERVAL_S_MIN = 0.2  # the fastest refresh allowed (each one asks the cluster)
 _GOOD = {"leader", "follower", "alive", "idle", "ready", "finished"}
 _BAD = {"dead", "down", "crashloop", "gone", "failed", "suspect"}
-_FAULTS = {"fault_injected", "worker_lost", "executor_died", "replica_lost", "crash_loop"}
-_HEALING = {"member_restarted", "worker_joined", "task_rescheduled", "leader_elected"}
+_PHASE_STYLES = {"fault": "red", "detection": "yellow", "healing": "green"}
 
 
 def _style(state: str) -> str:
@@ -83,7 +83,7 @@ def _events(snap: dict[str, Any]) -> Table:
     for col in ("time", "kind", "detail"):
         table.add_column(col)
     for e in snap["events"][-TOP_EVENTS_MAX:]:
-        style = "red" if e["kind"] in _FAULTS else "green" if e["kind"] in _HEALING else ""
+        style = _PHASE_STYLES.get(e.get("phase") or phase_of(e["kind"]), "")
         job = f" [{e['job_id']}]" if e.get("job_id") else ""
         table.add_row(clock(float(e["t"])), Text(e["kind"], style=style), f"{e['detail']}{job}")
     return table

@@ -53,6 +53,7 @@ import msgspec
 from lepton_ai.compute.plan import JobOptions
 from lepton_ai.errors import LeptonError, Unavailable
 from lepton_ai.heal.restarts import Observed
+from lepton_ai.monitor.events import EventKind, phase_of
 from lepton_ai.node.client import CoordinatorClient, check_reply
 from lepton_ai.node.messages import (
     CancelJob,
@@ -186,7 +187,13 @@ class Cluster:
         merged = remote + [e for e in self._local_events if (e.t, e.kind, e.detail) not in seen]
         merged.sort(key=lambda e: e.t)
         return [
-            {"t": e.t, "kind": e.kind, "detail": e.detail, "job_id": e.job_id}
+            {
+                "t": e.t,
+                "kind": e.kind,
+                "detail": e.detail,
+                "job_id": e.job_id,
+                "phase": phase_of(e.kind),
+            }
             for e in merged
             if not job_id or e.job_id in ("", job_id)
         ]
@@ -272,7 +279,7 @@ class Cluster:
         if not kill_pid(pid, sig):
             raise LookupError(f"{role} {id} (pid {pid}) is not running")
         self.record_event(
-            "fault_injected", f"{verb} {role} {id} pid {pid} ({signal.Signals(sig).name})"
+            EventKind.FAULT_INJECTED, f"{verb} {role} {id} pid {pid} ({signal.Signals(sig).name})"
         )
         return pid
 
@@ -658,11 +665,13 @@ class LocalCluster(Cluster):
         try:
             pid = self._spawn("coordinator", new).pid
         except OSError as exc:
-            self._supervisor_event("restart_failed", f"standby {new}: {exc}", time.time())
+            self._supervisor_event(EventKind.RESTART_FAILED, f"standby {new}: {exc}", time.time())
             return
         self.supervisor.core.add(member_key("coordinator", new), time.monotonic())
         self._supervisor_event(
-            "standby_started", f"standby {new} pid {pid} in place of coordinator {id}", time.time()
+            EventKind.STANDBY_STARTED,
+            f"standby {new} pid {pid} in place of coordinator {id}",
+            time.time(),
         )
 
     def _supervisor_event(self, kind: str, detail: str, t: float) -> None:
@@ -762,7 +771,8 @@ class LocalCluster(Cluster):
         if not proc.alive():
             raise LookupError(f"{role} {id} (pid {proc.pid}) is not running")
         self.record_event(
-            "fault_injected", f"{verb} {role} {id} pid {proc.pid} ({signal.Signals(sig).name})"
+            EventKind.FAULT_INJECTED,
+            f"{verb} {role} {id} pid {proc.pid} ({signal.Signals(sig).name})",
         )
         os.kill(proc.pid, sig)
         return proc.pid
@@ -781,7 +791,7 @@ class LocalCluster(Cluster):
                 from lepton_ai.node.supervise import member_key
 
                 self.supervisor.core.reset(member_key(proc.role, proc.id), time.monotonic())
-        self.record_event("restarted", f"{role} {id} pid {new.pid}")
+        self.record_event(EventKind.RESTARTED, f"{role} {id} pid {new.pid}")
         return new.pid
 
     def status(self) -> dict[str, Any]:

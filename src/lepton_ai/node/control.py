@@ -45,6 +45,7 @@ from lepton_ai.compute.state import (
     OutputLost,
     OutputRef,
 )
+from lepton_ai.monitor.events import EventKind
 from lepton_ai.monitor.phi import PhiAccrualDetector, PhiConfig
 
 
@@ -150,7 +151,7 @@ ControlEvent = (
 
 @dataclass(frozen=True, slots=True)
 class RecordEvent:
-    kind: str
+    kind: EventKind
     detail: str = ""
     job_id: str = ""
 
@@ -289,7 +290,7 @@ class ControlCore:
         self.members[ev.worker] = Member(ev.name, ev.node)
         self.phi.heartbeat(ev.worker, ev.now)
         detail = f"{ev.name} ({ev.worker}) pid {ev.pid} at {ev.address}"
-        return [*actions, AdmitWorker(ev.worker), RecordEvent("worker_joined", detail)]
+        return [*actions, AdmitWorker(ev.worker), RecordEvent(EventKind.WORKER_JOINED, detail)]
 
     def _check_workers(self, now: float) -> list[ControlAction]:
         actions: list[ControlAction] = []
@@ -307,7 +308,7 @@ class ControlCore:
         self.lost.append(worker)
         self.phi.remove(worker)
         detail = f"{member.name} ({worker}): {why}"
-        return [RecordEvent("worker_lost", detail), LoseWorker(worker, why)]
+        return [RecordEvent(EventKind.WORKER_LOST, detail), LoseWorker(worker, why)]
 
     # -- tasks -------------------------------------------------------------------------
     def _dispatched(self, d: Dispatch, now: float) -> list[ControlAction]:
@@ -318,14 +319,16 @@ class ControlCore:
         actions: list[ControlAction] = []
         where = f"stage {a.stage} partition {a.partition}"
         if d.speculative:
-            actions.append(RecordEvent("backup_launched", f"{where} on {d.worker}", a.job_id))
+            actions.append(
+                RecordEvent(EventKind.BACKUP_LAUNCHED, f"{where} on {d.worker}", a.job_id)
+            )
         elif key in self.stolen:
             self.stolen.discard(key)
             detail = f"{where} to idle {d.worker} (queued behind a slow task elsewhere)"
-            actions.append(RecordEvent("task_moved", detail, a.job_id))
+            actions.append(RecordEvent(EventKind.TASK_MOVED, detail, a.job_id))
         elif n > 1:
             detail = f"{where} (run {n}) on {d.worker}"
-            actions.append(RecordEvent("task_rescheduled", detail, a.job_id))
+            actions.append(RecordEvent(EventKind.TASK_RESCHEDULED, detail, a.job_id))
         if d.worker not in self.members:
             # Lost between the scheduler's decision and now: report it as failed.
             actions.append(Schedule(TaskFailed(a, d.worker, "infra", now, "worker gone")))
@@ -343,7 +346,7 @@ class ControlCore:
             return []
         a = c.attempt
         detail = f"stage {a.stage} partition {a.partition}: {c.reason}"
-        return [RecordEvent("task_timed_out", detail, a.job_id)]
+        return [RecordEvent(EventKind.TASK_TIMED_OUT, detail, a.job_id)]
 
     def _report(self, ev: WorkerReport) -> list[ControlAction]:
         # The coordinator's clock, not the worker's, times the scheduler's events.
@@ -356,7 +359,7 @@ class ControlCore:
             on = member.name if member is not None else ev.worker
             a = rep.attempt
             detail = f"stage {a.stage} partition {a.partition} on {on}: {rep.message}"
-            return [RecordEvent("task_failed", detail, a.job_id), Schedule(rep)]
+            return [RecordEvent(EventKind.TASK_FAILED, detail, a.job_id), Schedule(rep)]
         return [Schedule(rep)]
 
     def _fetch_failed(self, ev: FetchFailed, inputs: list[OutputRef] | None) -> list[ControlAction]:
@@ -380,11 +383,14 @@ class ControlCore:
         detail = f"stage {ev.map_stage} map {ev.map_partition} from {ev.source_worker}"
         if stale:
             marked = msgspec.structs.replace(ev, stale=True)
-            return [RecordEvent("fetch_failed", detail + " (known bad)", job_id), Schedule(marked)]
+            return [
+                RecordEvent(EventKind.FETCH_FAILED, detail + " (known bad)", job_id),
+                Schedule(marked),
+            ]
         if block is not None:
             self.bad_outputs.add(key)
         ours = msgspec.structs.replace(ev, stale=False) if ev.stale else ev  # ours to set
-        return [RecordEvent("fetch_failed", detail, job_id), Schedule(ours)]
+        return [RecordEvent(EventKind.FETCH_FAILED, detail, job_id), Schedule(ours)]
 
     # -- applied commands and retention ------------------------------------------------
     def _applied(self, cmd: JobCommand, result: ApplyResult) -> list[ControlAction]:
@@ -393,16 +399,20 @@ class ControlCore:
         if not result.accepted:
             return []
         if isinstance(cmd, JobSubmitted):
-            return [RecordEvent("job_submitted", cmd.options.name or "", cmd.job_id)]
+            return [RecordEvent(EventKind.JOB_SUBMITTED, cmd.options.name or "", cmd.job_id)]
         if isinstance(cmd, OutputLost):
             detail = f"stage {cmd.stage} partition {cmd.partition}"
-            return [RecordEvent("output_lost", detail, cmd.job_id)]
+            return [RecordEvent(EventKind.OUTPUT_LOST, detail, cmd.job_id)]
         if isinstance(cmd, JobFailedCmd):
             what = (cmd.error.message.splitlines() or [""])[0]
-            kind = "job_cancelled" if cmd.error.kind == "cancelled" else "job_failed"
+            cancelled = cmd.error.kind == "cancelled"
+            kind = EventKind.JOB_CANCELLED if cancelled else EventKind.JOB_FAILED
             return [RecordEvent(kind, what, cmd.job_id), *self._job_over(cmd.job_id)]
         if isinstance(cmd, JobFinished):
-            return [RecordEvent("job_finished", "", cmd.job_id), *self._job_over(cmd.job_id)]
+            return [
+                RecordEvent(EventKind.JOB_FINISHED, "", cmd.job_id),
+                *self._job_over(cmd.job_id),
+            ]
         return []
 
     def _job_over(self, job_id: str) -> list[ControlAction]:
@@ -431,6 +441,6 @@ class ControlCore:
         actions: list[ControlAction] = []
         for job_id in expired:
             self.expiring.add(job_id)
-            actions += [RecordEvent("job_expired", f"older than {retention:g} s", job_id)]
+            actions += [RecordEvent(EventKind.JOB_EXPIRED, f"older than {retention:g} s", job_id)]
             actions.append(ExpireJob(job_id))
         return actions

@@ -23,14 +23,12 @@ import httpx
 
 from lepton_ai.heal.backoff import Backoff
 from lepton_ai.monitor.alerts import Alerts, Snapshot, Transition
+from lepton_ai.monitor.events import EventKind
 
 if TYPE_CHECKING:
     from lepton_ai.node.coordinator import Coordinator
 
 log = logging.getLogger("lepton_ai.alerts")
-
-EVENT_KINDS = frozenset({"alert_raised", "alert_cleared"})
-"""Timeline kinds of this shell; the coordinator replicates them to every replica."""
 
 INTERVAL_S = 1.0  # how often the rules are evaluated
 WEBHOOK_QUEUE_MAX = 1_000
@@ -97,7 +95,7 @@ class AlertShell:
 
     def _publish(self, t: Transition) -> None:
         a = t.alert
-        kind = "alert_raised" if t.status == "firing" else "alert_cleared"
+        kind = EventKind.ALERT_RAISED if t.status == "firing" else EventKind.ALERT_CLEARED
         job_id = a.subject if a.rule == "job_failed" else ""
         self.c.event(kind, f"{a.severity} {a.key}: {a.detail}", job_id)
         if self.webhook_url:

@@ -35,14 +35,13 @@ from lepton_ai.heal.membership import (
     RemoveMember,
     StandbyView,
 )
+from lepton_ai.monitor.events import EventKind
 
-__all__ = ["EVENT_KINDS", "EXIT_REMOVED", "MemberRemoved", "MembershipShell"]
+__all__ = ["EXIT_REMOVED", "MemberRemoved", "MembershipShell"]
 
 log = logging.getLogger("lepton_ai.coordinator.membership")
 
 STEP_INTERVAL_S = 0.25
-EVENT_KINDS = frozenset({"coordinator_removed", "standby_promoted"})
-"""Timeline kinds of this shell; the coordinator replicates them to every replica."""
 
 
 class MemberRemoved(LeptonError):
@@ -55,7 +54,7 @@ class Timeline(Protocol):
     @property
     def leading(self) -> bool: ...
 
-    def event(self, kind: str, detail: str = "", job_id: str = "") -> None: ...
+    def event(self, kind: EventKind, detail: str = "", job_id: str = "") -> None: ...
 
 
 class MembershipShell:
@@ -148,11 +147,11 @@ class MembershipShell:
     def _record(self, action: MembershipAction) -> None:
         if isinstance(action, RemoveMember):
             self.timeline.event(
-                "coordinator_removed",
+                EventKind.COORDINATOR_REMOVED,
                 f"coordinator {action.node} removed after {action.silent_s:.1f} s unheard; "
                 f"standby {action.replacement} replaces it",
             )
         elif isinstance(action, AddMember):
             self.timeline.event(
-                "standby_promoted", f"standby {action.node} ({action.address}) now votes"
+                EventKind.STANDBY_PROMOTED, f"standby {action.node} ({action.address}) now votes"
             )

@@ -17,6 +17,7 @@ from prometheus_client.core import HistogramMetricFamily, Metric
 
 from lepton_ai.compute.scheduler_events import Dispatch, TaskFailed, TaskSucceeded
 from lepton_ai.monitor import metrics as m
+from lepton_ai.monitor.events import EventKind
 from lepton_ai.monitor.tasklog import DispatchKind, Outcome, TaskLog
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ class CoordinatorMonitor:
     def committed(self, seconds: float) -> None:
         self.commit_seconds.observe(seconds)
 
-    def event(self, kind: str) -> None:
+    def event(self, kind: EventKind) -> None:
         self.events[kind] = self.events.get(kind, 0) + 1
 
     # -- scrape time ----------------------------------------------------------------------

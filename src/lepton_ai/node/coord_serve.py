@@ -28,6 +28,7 @@ from lepton_ai.heal.deployments import (
     NodeServe,
     Publish,
 )
+from lepton_ai.monitor.events import EventKind
 from lepton_ai.node.messages import (
     ChangeDeployment,
     ClientReply,
@@ -55,17 +56,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("lepton_ai.coordinator.serve")
 
 # On every replica's timeline (the leader commits them): what the controller did.
-EVENT_KINDS = frozenset(
-    {
-        "deployment_changed",
-        "replica_placed",
-        "replica_removed",
-        "replica_lost",
-        "unschedulable",
-        "rollout_done",
-        "autoscaled",
-    }
-)
 
 
 @dataclass(frozen=True)
@@ -150,7 +140,7 @@ class ServeControl:
         try:
             raw = await self.c.log.submit(encode_deploy_command(ScaleDeployment(name, replicas)))
             if decode_deploy_result(raw).ok:
-                self.c.event("autoscaled", detail)
+                self.c.event(EventKind.AUTOSCALED, detail)
         except LeptonError as exc:  # leadership lost meanwhile: the next leader decides
             log.info("autoscale of %s not committed: %s", name, exc)
         finally:
@@ -188,7 +178,7 @@ class ServeControl:
         detail = f"{name}: {what}"
         if res.spec is not None:
             detail += f" -> version {res.spec.version}, {res.spec.replicas} replicas"
-        self.c.event("deployment_changed", detail)
+        self.c.event(EventKind.DEPLOYMENT_CHANGED, detail)
         return Deployments([self.info(res.spec)] if res.spec is not None else [])
 
     # -- status ----------------------------------------------------------------------

@@ -45,6 +45,7 @@ from lepton_ai.heal.replication import (
     ReplicationConfig,
     ReplicationReconciler,
 )
+from lepton_ai.monitor.events import EventKind
 from lepton_ai.node.messages import (
     ClientReply,
     CopyObjects,
@@ -441,7 +442,7 @@ class StorageControl:
     def on_notice(self, view: WorkerView, notice: StorageNotice) -> None:
         now = time.monotonic()
         for oid in notice.corrupt:
-            self.c.event("replica_corrupt", f"object {oid} on {view.name}: deleted there")
+            self.c.event(EventKind.REPLICA_CORRUPT, f"object {oid} on {view.name}: deleted there")
             self.propose_soon(ReplicaDropped(oid, view.node))
         for copy in notice.copies:
             self.reconciler.copy_done(copy.oid, view.node, copy.ok, now)
@@ -449,7 +450,8 @@ class StorageControl:
                 self.propose_soon(ReplicaAdded(copy.oid, view.node))
             else:
                 self.c.event(
-                    "replica_copy_failed", f"object {copy.oid} to {view.name}: {copy.message}"
+                    EventKind.REPLICA_COPY_FAILED,
+                    f"object {copy.oid} to {view.name}: {copy.message}",
                 )
         if notice.check:
             unknown = [oid for oid in notice.check if not self._listed_on(oid, view.node)]
@@ -510,12 +512,14 @@ class StorageControl:
             if isinstance(action, CopyReplica):
                 sources = [live[n].address for n in action.source_nodes if n in live]
                 orders.setdefault(action.target, []).append(CopyOrder(action.oid, sources))
-                self.c.event("replica_copy", f"object {action.oid} to {action.target}")
+                self.c.event(EventKind.REPLICA_COPY, f"object {action.oid} to {action.target}")
             elif isinstance(action, DropReplica) and self.c._tg is not None:
                 self.c._tg.create_task(self._drop_replica(action.oid, action.node))
             elif isinstance(action, DataLostReport):
                 where = ", ".join(action.replicas) or "no node"
-                self.c.event("data_lost", f"object {action.key}: no live copy (was on {where})")
+                self.c.event(
+                    EventKind.DATA_LOST, f"object {action.key}: no live copy (was on {where})"
+                )
         for node, batch in orders.items():
             view = live.get(node)
             if view is not None:

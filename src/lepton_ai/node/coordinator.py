@@ -56,6 +56,7 @@ from lepton_ai.compute.state import (
 from lepton_ai.consensus.api import LogHost, NotLeader
 from lepton_ai.errors import LeptonError, Unavailable
 from lepton_ai.monitor import metrics
+from lepton_ai.monitor.events import EventKind
 from lepton_ai.monitor.phi import PhiAccrualDetector
 from lepton_ai.node import control as ctl
 from lepton_ai.node.coord_alerts import AlertShell
@@ -160,7 +161,7 @@ class Coordinator:
         self.storage.became_leader()
         self.serving.became_leader()
         self.alerting.became_leader()
-        self.event("leader", f"{self.address} epoch {epoch}")
+        self.event(EventKind.LEADER, f"{self.address} epoch {epoch}")
 
     def step_down(self) -> None:
         """Stop the controllers at once: another replica orders commands now."""
@@ -168,7 +169,7 @@ class Coordinator:
             return
         self.scheduler = None
         self.serving.stepped_down()
-        self.event("step_down", f"{self.address} epoch {self.epoch}")
+        self.event(EventKind.STEP_DOWN, f"{self.address} epoch {self.epoch}")
         for view in list(self.workers.values()):
             view.conn.writer.close()  # they re-register with the new leader
         self.workers.clear()
@@ -183,13 +184,13 @@ class Coordinator:
             self.step_down()
 
     # -- events for the timeline -----------------------------------------------------
-    def event(self, kind: str, detail: str = "", job_id: str = "") -> None:
+    def event(self, kind: EventKind, detail: str = "", job_id: str = "") -> None:
         self.monitor.event(kind)
         self.events.append(Event(time.time(), kind, detail, job_id))
 
     # -- the driver ------------------------------------------------------------------
     async def run(self, server_sock: socket.socket) -> None:
-        self.event("coordinator_started", f"{self.address} pid {os.getpid()}")
+        self.event(EventKind.COORDINATOR_STARTED, f"{self.address} pid {os.getpid()}")
         metrics.add_source("coordinator", self.monitor.collect)
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
@@ -300,7 +301,7 @@ class Coordinator:
             except NotLeader as exc:
                 # Only with a replicated log: another replica orders commands now
                 # (the leadership callback stops this term's scheduler).
-                self.event("not_leader", str(exc))
+                self.event(EventKind.NOT_LEADER, str(exc))
                 return ApplyResult(False, str(exc))
             except LeptonError as exc:
                 # Replicated log: leadership lost while in flight (the command may

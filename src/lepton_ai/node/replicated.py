@@ -51,6 +51,7 @@ from lepton_ai.consensus.kv import KvMachine
 from lepton_ai.consensus.server import ReplicaHost, ReplicaOptions
 from lepton_ai.errors import LeptonError
 from lepton_ai.monitor import metrics
+from lepton_ai.monitor.events import EventKind
 from lepton_ai.node.coord_config import CoordinatorConfig
 from lepton_ai.node.coord_http import attach_http, http_address_of
 from lepton_ai.node.coord_machine import apply_deploy_bytes, apply_job_command
@@ -260,22 +261,6 @@ class ReplicatedCoordinator(Coordinator):
     """A ``Coordinator`` whose redirects name the Paxos leader's client address."""
 
     machine: CoordinatorMachine
-    replicated_kinds = frozenset(
-        {
-            "worker_joined",
-            "worker_lost",
-            "task_rescheduled",
-            "task_moved",
-            "backup_launched",
-            "task_failed",
-            "fetch_failed",
-            "job_finished",
-            "job_failed",
-            "job_cancelled",
-            "job_expired",
-            "output_lost",
-        }
-    )
 
     def __init__(
         self,
@@ -305,13 +290,13 @@ class ReplicatedCoordinator(Coordinator):
         leader = self.driver.leader_id
         return None if leader is None else self.machine.leaders.get(leader)
 
-    def event(self, kind: str, detail: str = "", job_id: str = "") -> None:
-        if kind == "leader":
+    def event(self, kind: EventKind, detail: str = "", job_id: str = "") -> None:
+        if kind == EventKind.LEADER:
             return  # the replicated ``leader_elected`` entry says it, for every replica
         self.monitor.event(kind)
         ev = Event(time.time(), kind, detail, job_id)
         self.events.append(ev)
-        if self.leading and kind in self.replicated_kinds:
+        if self.leading and kind.replicated:
             # Same timestamp as the local entry, so ``all_events`` shows it once.
             self.propose_meta(ClusterEvent(ev.t, kind, detail, job_id))
 
@@ -323,7 +308,7 @@ class ReplicatedCoordinator(Coordinator):
             view = self.workers.get(event.worker)
             what = f"{event.exc_type}: {event.message}" if event.exc_type else event.message
             self.event(
-                "task_failed",
+                EventKind.TASK_FAILED,
                 f"stage {a.stage} partition {a.partition} on "
                 f"{view.name if view is not None else event.worker}: "
                 f"{what.splitlines()[0] if what else 'user code raised'}",
@@ -501,9 +486,7 @@ async def serve_replicated(
     membership shell promotes when a voter is silent for ``replace_after_s``. Raises
     ``coord_membership.MemberRemoved`` once a committed change removed this replica."""
     from lepton_ai.heal.membership import MembershipConfig
-    from lepton_ai.node.coord_alerts import EVENT_KINDS as ALERT_EVENT_KINDS
-    from lepton_ai.node.coord_membership import EVENT_KINDS, MembershipShell
-    from lepton_ai.node.coord_serve import EVENT_KINDS as SERVE_EVENT_KINDS
+    from lepton_ai.node.coord_membership import MembershipShell
 
     if not address:
         host, port = sock.getsockname()[:2]
@@ -539,9 +522,6 @@ async def serve_replicated(
         attach_http(coordinator, http_sock)
     election = Election(coordinator, replica.log)
     replica.log.on_leadership(election.changed)
-    coordinator.replicated_kinds = (
-        coordinator.replicated_kinds | EVENT_KINDS | SERVE_EVENT_KINDS | ALERT_EVENT_KINDS
-    )
     voters = len(replica.log.paxos.members)  # the bootstrap group (a standby's peers less it)
     shell = MembershipShell(
         coordinator, replica.log, MembershipConfig(voters, replace_after_s=replace_after_s)

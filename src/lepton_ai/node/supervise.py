@@ -29,6 +29,7 @@ from lepton_ai.heal.restarts import (
     RestartReconciler,
     StartMember,
 )
+from lepton_ai.monitor.events import EventKind
 
 log = logging.getLogger(__name__)
 
@@ -100,25 +101,27 @@ class Supervisor:
             try:
                 pid = self._start(action.member)
             except OSError as exc:
-                self._emit("restart_failed", f"{_name(action.member)}: {exc}")
+                self._emit(EventKind.RESTART_FAILED, f"{_name(action.member)}: {exc}")
                 failed = self.core.start_failed(action.member, time.monotonic(), str(exc))
                 if failed is not None:
                     self._carry_out(failed)
                 return
             self._emit(
-                "member_restarted",
+                EventKind.MEMBER_RESTARTED,
                 f"{_name(action.member)} pid {pid} after {action.cause} "
                 f"(restart {action.restarts}, waited {action.delay_s:.2f} s)",
             )
         elif isinstance(action, ReportCrashLoop):
             then = "retried at the back-off cap" if action.retrying else "left down"
             self._emit(
-                "crash_loop",
+                EventKind.CRASH_LOOP,
                 f"{_name(action.member)} died {action.deaths} times in a row "
                 f"({action.cause}): {then}",
             )
         else:
-            self._emit("member_gone", f"{_name(action.member)}: {action.cause}; not restarted")
+            self._emit(
+                EventKind.MEMBER_GONE, f"{_name(action.member)}: {action.cause}; not restarted"
+            )
             if self._on_gone is not None:
                 self._on_gone(action.member)
 

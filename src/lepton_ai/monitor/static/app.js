@@ -6,12 +6,8 @@
 const POLL_MS = 1000;
 const EVENTS_SHOWN_MAX = 200;
 const SEEN_KEYS_MAX = 2000; // event first-seen times kept for the latency figures
-const FAULT = new Set(["fault_injected", "crash_loop", "job_failed", "executor_start_failed"]);
-const DETECT = new Set(["worker_lost", "executor_died", "replica_lost", "replica_corrupt",
-  "task_failed", "task_timed_out", "member_gone", "replica_copy_failed"]);
-const HEAL = new Set(["member_restarted", "restarted", "worker_joined", "task_rescheduled",
-  "task_moved", "leader_elected", "replica_placed", "replica_copy", "coordinator_started",
-  "replica_removed", "coordinator_removed"]);
+// An event's phase comes with it (lepton_ai.monitor.events.EventKind.phase).
+const PHASE_CLASS = { fault: "fault", detection: "detect", healing: "heal" };
 const OUTCOME_COLOURS = { succeeded: "#2e9d5b", running: "#3b7dd8", failed: "#d64545",
   user_error: "#d64545", lost: "#e08a1e", cancelled: "#9aa1ad" };
 const TIMELINE_WIDTH_MIN = 480;
@@ -128,11 +124,8 @@ function renderJobs(jobs) {
   }));
 }
 
-function eventClass(kind) {
-  if (FAULT.has(kind)) return "fault";
-  if (DETECT.has(kind)) return "detect";
-  if (HEAL.has(kind)) return "heal";
-  return "info";
+function eventClass(phase) {
+  return PHASE_CLASS[phase] || "info";
 }
 
 function noteSeen(e, key, now) {
@@ -150,7 +143,7 @@ function renderEvents(events) {
   document.getElementById("events").replaceChildren(...shown.map((e) => {
     const key = `${e.t}|${e.kind}|${e.detail}`;
     noteSeen(e, key, now);
-    return el("li", { class: eventClass(e.kind), "data-kind": e.kind },
+    return el("li", { class: eventClass(e.phase), "data-kind": e.kind },
       el("span", { class: "muted" }, `${clock(e.t)} `), el("span", { class: "kind" }, e.kind),
       ` ${e.detail || ""}${e.job_id ? ` [${e.job_id}]` : ""}`);
   }));
