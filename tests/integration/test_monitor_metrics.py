@@ -6,7 +6,9 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import cloudpickle
 import httpx
@@ -62,14 +64,12 @@ def word_count(cluster: lep.LocalCluster, n: int) -> lep.Job:
 
 
 def every_process_url(cluster: lep.LocalCluster) -> list[str]:
-    members = cluster.status()["members"]
-    return sorted(
-        {
-            f"http://{m['metrics']}/metrics"
-            for m in members
-            if m["role"] in ("coordinator", "worker")
-        }
-    )
+    """Coordinators and agents by their metrics port, the nodes' serving balancers by
+    their URL (the agents run one each by default)."""
+    members = [m for m in cluster.status()["members"] if m["role"] in ("coordinator", "worker")]
+    urls = {f"http://{m['metrics']}/metrics" for m in members}
+    urls |= {f"{m['serve']}/metrics" for m in members if m["serve"]}
+    return sorted(urls)
 
 
 def test_every_coordinator_and_agent_serves_metrics_that_move_when_work_runs(
@@ -84,7 +84,7 @@ def test_every_coordinator_and_agent_serves_metrics_that_move_when_work_runs(
     )
     urls = cluster.metrics_urls
     assert urls == every_process_url(cluster)
-    assert len(urls) == 5  # 3 coordinators + 2 agents
+    assert len(urls) == 7  # 3 coordinators + 2 agents + 2 node balancers
     before = {u: scrape(u) for u in urls}
     job = word_count(cluster, 7_000)
     assert dict(job.result(timeout=60)) == {f"w{i}": 1000 for i in range(7)}
@@ -113,26 +113,40 @@ def test_every_coordinator_and_agent_serves_metrics_that_move_when_work_runs(
         for u in agents
     )
     assert ran >= 6
-    assert all("process_resident_memory_bytes" in after[u] for u in urls)
+    balancers = [u for u in urls if "lepton_lb_requests" in after[u]]
+    assert len(balancers) == 2
+    processes = [u for u in urls if u not in balancers]  # each its own process registry
+    assert all("process_resident_memory_bytes" in after[u] for u in processes)
 
 
 def test_service_discovery_lists_every_process_from_any_coordinator(
-    cluster: lep.LocalCluster,
+    cluster: lep.LocalCluster, tmp_path: Path
 ) -> None:
-    members = cluster.status()["members"]
-    coordinators = [m for m in members if m["role"] == "coordinator"]
-    wait_for(lambda: all(m["metrics"] for m in cluster.status()["members"]), 10.0, "addresses")
-    expected = sorted(
-        (m["role"], m["id"], m["metrics"])
-        for m in cluster.status()["members"]
-        if m["role"] in ("coordinator", "worker")
-    )
-    for c in coordinators:  # the followers answer too, through the leader
-        groups = httpx.get(f"http://{c['metrics']}/sd", timeout=10.0).json()
-        got = sorted(
-            (g["labels"]["lepton_role"], g["labels"]["lepton_id"], g["targets"][0]) for g in groups
+    (tmp_path / "model.py").write_text("def predict(instances):\n    return instances\n")
+    dep = lep.Deployment(
+        str(tmp_path / "model.py:predict"), replicas=2, cluster=cluster, name="sd"
+    ).wait_ready(60)
+    try:
+        wait_for(lambda: all(m["metrics"] for m in cluster.status()["members"]), 10.0, "addresses")
+        members = [m for m in cluster.status()["members"] if m["role"] in ("coordinator", "worker")]
+        replicas = dep.status()
+        expected = sorted(
+            [(m["role"], m["id"], m["metrics"]) for m in members]
+            + [("balancer", m["id"], urlsplit(m["serve"]).netloc) for m in members if m["serve"]]
+            + [("replica", r["id"], urlsplit(r["url"]).netloc) for r in replicas]
         )
-        assert got == expected
+        assert len(expected) == 3 + 2 + 2 + 2
+        for c in (m for m in members if m["role"] == "coordinator"):  # followers answer too
+            groups = httpx.get(f"http://{c['metrics']}/sd", timeout=10.0).json()
+            got = sorted(
+                (g["labels"]["lepton_role"], g["labels"]["lepton_id"], g["targets"][0])
+                for g in groups
+            )
+            assert got == expected
+        for url in cluster.metrics_urls:  # every target answers with Prometheus text
+            assert scrape(url)
+    finally:
+        dep.delete()
 
 
 def test_job_tasks_show_which_worker_ran_each_attempt(cluster: lep.LocalCluster) -> None:

@@ -59,8 +59,10 @@ from lepton_ai.node.messages import (
     CancelJob,
     ClusterInfo,
     DeleteJob,
+    Deployments,
     Event,
     EventList,
+    GetDeployments,
     GetEvents,
     GetJobTasks,
     GetStatus,
@@ -200,12 +202,23 @@ class Cluster:
 
     @property
     def metrics_urls(self) -> list[str]:
-        """Every process's Prometheus ``/metrics`` URL: the coordinators and worker
-        agents (an executor's metrics are its agent's, labelled ``executor``), as the
-        leader knows them now. The same targets as any coordinator's ``/sd``."""
-        info = self._cluster_info()
-        urls = {f"http://{m.metrics}/metrics" for m in info.members if m.metrics}
-        return sorted(urls)
+        """Every process's Prometheus ``/metrics`` URL: the coordinators, the worker
+        agents (an executor's metrics are its agent's, labelled ``executor``), the
+        nodes' serving balancers and the ready model replicas, as the leader knows
+        them now. The same targets as any coordinator's ``/sd``."""
+        from lepton_ai.monitor.targets import metrics_urls
+
+        return metrics_urls(self.scrape_targets())
+
+    def scrape_targets(self, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+        """The cluster's Prometheus targets as HTTP SD target groups (``/sd``)."""
+        from lepton_ai.monitor.targets import sd_groups
+
+        status = check_reply(self.client.request(GetStatus(), timeout_s))
+        deps = check_reply(self.client.request(GetDeployments(""), timeout_s))
+        if not isinstance(status, ClusterInfo) or not isinstance(deps, Deployments):
+            raise LeptonError("unexpected reply to GetStatus or GetDeployments")
+        return sd_groups(status.members, deps.deployments)
 
     @property
     def dashboard_url(self) -> str:
@@ -323,6 +336,7 @@ def _member_dict(m: MemberInfo) -> dict[str, Any]:
         "last_exit": "",
         **({"paxos": m.paxos} if m.paxos else {}),
         "metrics": m.metrics,
+        "serve": m.serve,
     }
 
 
@@ -826,6 +840,7 @@ class LocalCluster(Cluster):
                         "restarts": 0,
                         "last_exit": "",
                         "metrics": "",
+                        "serve": "",
                     }
                 )
         self._add_restarts(out["members"])

@@ -15,10 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.routing import BaseRoute
 
-from lepton_ai.errors import LeptonError
 from lepton_ai.monitor.http import metrics_routes, sd_route, serve_http
-from lepton_ai.node.client import check_reply
-from lepton_ai.node.messages import ClusterInfo, GetStatus, MemberInfo
 from lepton_ai.node.netutil import parse_address
 
 if TYPE_CHECKING:
@@ -31,7 +28,7 @@ class CoordinatorHttp:
     def __init__(self, coordinator: Coordinator, sock: socket.socket) -> None:
         self.c = coordinator
         self.sock = sock
-        self._status_lock = asyncio.Lock()  # one status request in flight per process
+        self._status_lock = asyncio.Lock()
         # A client of this cluster through this coordinator (it follows redirects):
         # the dashboard's source and /sd read the cluster through it.
         from lepton_ai.node.cluster import Cluster
@@ -52,17 +49,9 @@ class CoordinatorHttp:
         finally:
             self.cluster.close()
 
-    async def members(self) -> list[MemberInfo]:
-        async with self._status_lock:
-            request = self.cluster.client.request
-            reply = await asyncio.to_thread(request, GetStatus(), SD_TIMEOUT_S)
-        info = check_reply(reply)
-        if not isinstance(info, ClusterInfo):
-            raise LeptonError(f"unexpected reply {type(info).__name__} to GetStatus")
-        return info.members
-
     async def sd_targets(self) -> list[dict[str, Any]]:
-        return sd_groups(await self.members())
+        async with self._status_lock:  # one status request in flight per process
+            return await asyncio.to_thread(self.cluster.scrape_targets, SD_TIMEOUT_S)
 
 
 def http_address_of(client_address: str, sock: socket.socket) -> str:
@@ -74,17 +63,3 @@ def http_address_of(client_address: str, sock: socket.socket) -> str:
 def attach_http(coordinator: Coordinator, sock: socket.socket) -> None:
     coordinator.http = CoordinatorHttp(coordinator, sock)
     coordinator.http_address = http_address_of(coordinator.address, sock)
-
-
-def sd_groups(members: list[MemberInfo]) -> list[dict[str, Any]]:
-    """Prometheus HTTP SD: one target group per process that serves ``/metrics``
-    (an executor's metrics are its agent's, so agents stand for them)."""
-    groups: list[dict[str, Any]] = []
-    for member in members:
-        if not member.metrics or member.role not in ("coordinator", "worker"):
-            continue
-        labels = {"lepton_role": member.role, "lepton_id": member.id}
-        if member.node:
-            labels["lepton_node"] = member.node
-        groups.append({"targets": [member.metrics], "labels": labels})
-    return groups

@@ -258,13 +258,22 @@ class ClientApi:
                     v.node or v.worker_id,
                     phi,
                     metrics=v.metrics,
+                    serve=v.serve_url,
                 )
             )
             for e in v.executors:
                 if e.state == "spare":  # a warm replacement, not a slot: its own role
                     spare_id = f"{v.name}.spare{-1 - e.slot}"
                     members.append(
-                        MemberInfo("spare", spare_id, e.pid, "", "idle", v.node or v.worker_id)
+                        MemberInfo(
+                            "spare",
+                            spare_id,
+                            e.pid,
+                            "",
+                            "idle",
+                            v.node or v.worker_id,
+                            metrics=v.metrics,
+                        )
                     )
                     continue
                 members.append(

@@ -262,6 +262,7 @@ class MemberInfo(msgspec.Struct, frozen=True):
     phi: float = 0.0
     paxos: str = ""  # a replicated coordinator's Paxos (and KV) address
     metrics: str = ""  # host:port of its HTTP /metrics (an executor's: its agent's)
+    serve: str = ""  # a worker's serving balancer (http://host:port; "" none)
 
 
 class GetStatus(msgspec.Struct, frozen=True, tag=True):
