@@ -109,6 +109,8 @@ def test_a_worker_down_raises_node_down_and_its_return_clears_it(
     # Raised once and cleared once, not once per evaluation.
     assert len(alert_events(cluster, "alert_raised", "node_down:1")) == 1
     assert len(alert_events(cluster, "alert_cleared", "node_down:1")) == 1
+    # The coordinators finding each other at start-up (seconds ago) raised nothing.
+    assert not [e for e in cluster.events() if "quorum_at_risk" in e["detail"]]
 
 
 def boom(x: int) -> int:
@@ -117,8 +119,11 @@ def boom(x: int) -> int:
 
 def test_a_failed_job_raises_job_failed(cluster: lep.LocalCluster) -> None:
     job = lep.DistributedTask(cluster).parallelize(range(4), partitions=2).map(boom).submit()
-    with pytest.raises(lep.TaskError):
+    with pytest.raises(lep.TaskError) as failed:
         job.result(timeout=60)
+    # The remote traceback names this file and the line that raised.
+    assert f'File "{__file__}"' in failed.value.remote_traceback
+    assert 'raise ValueError(f"bad record {x}")' in failed.value.remote_traceback
     wait_for(
         lambda: alert_events(cluster, "alert_raised", f"job_failed:{job.id}"), 20.0, "job_failed"
     )

@@ -166,3 +166,25 @@ def test_job_tasks_show_which_worker_ran_each_attempt(cluster: lep.LocalCluster)
     info = cluster.job_info(job.id)
     assert info.submitted_at <= info.finished_at <= time.time()
     assert min(s["started"] for s in spans) >= info.submitted_at
+
+
+def test_every_event_shows_once_after_a_leader_failover(cluster: lep.LocalCluster) -> None:
+    """Last in the module: it kills the leader. A follower used to record a job's end
+    itself when applying it, and the leader's replicated entry again."""
+    jobs = [word_count(cluster, 70) for _ in range(3)]
+    for job in jobs:
+        job.result(timeout=60)
+    old = cluster.dashboard_url
+    cluster.kill("leader")
+    wait_for(lambda: _new_leader(cluster, old), 20.0, "a new leader")
+    events = cluster.events()
+    for job in jobs:
+        ends = [e for e in events if e["job_id"] == job.id and e["kind"] == "job_finished"]
+        assert len(ends) == 1, ends
+
+
+def _new_leader(cluster: lep.LocalCluster, old: str) -> bool:
+    try:
+        return cluster.dashboard_url != old
+    except lep.LeptonError:
+        return False  # no leader known right now

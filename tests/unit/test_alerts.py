@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from lepton_ai.monitor.alerts import (
     ALERTS_MAX,
+    HOLD_S,
     JOB_FAILED_HOLD_S,
     Alerts,
     Snapshot,
@@ -56,20 +57,31 @@ def test_quorum_at_risk_means_one_more_loss_stops_the_cluster() -> None:
     assert keys(Snapshot(now=0, voters=1, voters_reachable=1)) == []  # nothing to lose
 
 
-def test_raised_once_while_it_holds_and_cleared_once() -> None:
+def test_raised_once_after_holding_its_time_and_cleared_once() -> None:
     alerts = Alerts()
-    down = Snapshot(now=1.0, nodes_down=("w1",))
-    first = alerts.step(down)
+    hold = HOLD_S["node_down"]
+    assert alerts.step(Snapshot(now=1.0, nodes_down=("w1",))) == []  # pending
+    assert alerts.step(Snapshot(now=1.0 + hold / 2, nodes_down=("w1",))) == []
+    first = alerts.step(Snapshot(now=1.0 + hold, nodes_down=("w1",)))
     assert [(t.status, t.alert.key) for t in first] == [("firing", "node_down:w1")]
-    assert alerts.step(Snapshot(now=2.0, nodes_down=("w1",))) == []
-    cleared = alerts.step(Snapshot(now=3.0))
+    assert alerts.step(Snapshot(now=2.0 + hold, nodes_down=("w1",))) == []
+    cleared = alerts.step(Snapshot(now=3.0 + hold))
     assert [(t.status, t.alert.key, t.alert.since) for t in cleared] == [
-        ("resolved", "node_down:w1", 1.0)  # since: when it was first raised
+        ("resolved", "node_down:w1", 1.0)  # since: when it started to hold
     ]
-    assert alerts.step(Snapshot(now=4.0)) == []
+    assert alerts.step(Snapshot(now=4.0 + hold)) == []
 
 
-def test_a_failed_job_alert_clears_after_its_hold() -> None:
+def test_a_blip_shorter_than_the_hold_never_raises() -> None:
+    # A worker killed and restarted by self-healing within a second pages nobody.
+    alerts = Alerts()
+    assert alerts.step(Snapshot(now=1.0, nodes_down=("w1",))) == []
+    assert alerts.step(Snapshot(now=1.5)) == []
+    assert alerts.step(Snapshot(now=1.0 + HOLD_S["node_down"], nodes_down=("w1",))) == []
+    assert alerts.pending == {"node_down:w1": 1.0 + HOLD_S["node_down"]}
+
+
+def test_a_failed_job_alert_fires_at_once_and_clears_after_its_window() -> None:
     alerts = Alerts()
     assert len(alerts.step(Snapshot(now=10.0, failed_jobs=(("j", 10.0),)))) == 1
     later = Snapshot(now=10.0 + JOB_FAILED_HOLD_S, failed_jobs=(("j", 10.0),))
@@ -79,6 +91,8 @@ def test_a_failed_job_alert_clears_after_its_hold() -> None:
 def test_a_storm_is_bounded() -> None:
     alerts = Alerts()
     nodes = tuple(f"w{i}" for i in range(ALERTS_MAX * 10))
-    raised = alerts.step(Snapshot(now=1.0, nodes_down=nodes))
+    alerts.step(Snapshot(now=1.0, nodes_down=nodes))
+    raised = alerts.step(Snapshot(now=1.0 + HOLD_S["node_down"], nodes_down=nodes))
     assert len(raised) == len(alerts.active) == ALERTS_MAX
-    assert len(alerts.step(Snapshot(now=2.0))) == ALERTS_MAX  # all cleared
+    assert len(alerts.step(Snapshot(now=100.0))) == ALERTS_MAX  # all cleared
+    assert alerts.pending == {}

@@ -267,10 +267,10 @@ LogicalOp = SourceOp | NarrowOp | ShuffleOp
 
 def dumps_function(obj: Any, what: str) -> bytes:
     """cloudpickle ``obj``; an unpicklable function raises TypeError naming ``what``."""
-    import cloudpickle
+    from lepton_ai.compute import pickling
 
     try:
-        data: bytes = cloudpickle.dumps(obj, protocol=5)
+        data: bytes = pickling.dumps(obj)
     except Exception as exc:
         raise TypeError(f"{what} cannot be pickled to ship to workers: {exc}") from exc
     return data

@@ -98,10 +98,9 @@ def dumps_data(obj: Any) -> bytes:
         return pickle.dumps(obj, protocol=5)
     except (pickle.PicklingError, TypeError, AttributeError):
         # pickle refuses dynamic classes and lambdas; cloudpickle ships them by value
-        import cloudpickle
+        from lepton_ai.compute import pickling
 
-        data: bytes = cloudpickle.dumps(obj, protocol=5)
-        return data
+        return pickling.dumps(obj)
 
 
 def encode_bucket(d: dict[Any, Any]) -> bytes:

@@ -133,8 +133,7 @@ def inline_sources(
     ``inline_bytes_max``, is stored on the nodes and only its reference travels.
     Without ``put_blob``, ``LimitExceeded`` once the inline total passes the bound.
     """
-    import cloudpickle
-
+    from lepton_ai.compute import pickling
     from lepton_ai.errors import LimitExceeded
 
     out: list[Source | tuple[Any, int, int]] = []
@@ -145,7 +144,7 @@ def inline_sources(
             data = pickle.dumps(chunk, protocol=5)
         except (pickle.PicklingError, TypeError, AttributeError):
             # objects of classes defined in __main__, lambdas, and the like
-            data = cloudpickle.dumps(chunk, protocol=5)
+            data = pickling.dumps(chunk)
         big = len(data) > limits.inline_chunk_bytes_max
         if put_blob is not None and (big or total + len(data) > limits.inline_bytes_max):
             ref = put_blob(data)

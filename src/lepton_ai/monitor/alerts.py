@@ -12,7 +12,7 @@ change starts from no alerts: the new leader raises again what still holds
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 ALERTS_MAX = 1_000  # alerts held at once; past it the rest wait (a storm is one screen)
@@ -30,6 +30,19 @@ Rule = Literal[
     "disk_nearly_full",
 ]
 Severity = Literal["warning", "critical"]
+
+# How long a rule must hold before its alert fires (Prometheus' ``for:``): a
+# coordinator starting up reaches its peers within a second or two, a worker
+# killed from outside is back in ~0.2 s (self-healing), and neither should page.
+HOLD_S: dict[Rule, float] = {
+    "node_down": 5.0,
+    "quorum_at_risk": 5.0,
+    "data_under_replicated": 10.0,
+    "data_unavailable": 0.0,
+    "job_failed": 0.0,
+    "replica_crashloop": 0.0,
+    "disk_nearly_full": 30.0,
+}
 
 SEVERITY: dict[Rule, Severity] = {
     "node_down": "warning",
@@ -121,18 +134,26 @@ def evaluate(s: Snapshot) -> list[Alert]:
 
 @dataclass
 class Alerts:
-    """The alerts raised and not cleared yet."""
+    """The alerts raised and not cleared yet, and those holding but not for long
+    enough yet (``pending``: key -> when it started to hold)."""
 
     active: dict[str, Alert] = field(default_factory=dict)
+    pending: dict[str, float] = field(default_factory=dict)
 
     def step(self, s: Snapshot) -> list[Transition]:
         holding = {a.key: a for a in evaluate(s)}
         out: list[Transition] = []
         for key in sorted(self.active.keys() - holding.keys()):
             out.append(Transition("resolved", self.active.pop(key)))
+        for key in list(self.pending):
+            if key not in holding:
+                del self.pending[key]  # stopped holding before it fired: never raised
         for key in sorted(holding.keys() - self.active.keys()):
-            if len(self.active) >= ALERTS_MAX:
-                break
-            self.active[key] = holding[key]
-            out.append(Transition("firing", holding[key]))
+            alert = holding[key]
+            since = self.pending.setdefault(key, s.now)
+            if s.now - since < HOLD_S[alert.rule] or len(self.active) >= ALERTS_MAX:
+                continue
+            del self.pending[key]
+            self.active[key] = replace(alert, since=since)
+            out.append(Transition("firing", self.active[key]))
         return out

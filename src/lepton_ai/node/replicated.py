@@ -293,6 +293,11 @@ class ReplicatedCoordinator(Coordinator):
     def event(self, kind: EventKind, detail: str = "", job_id: str = "") -> None:
         if kind == EventKind.LEADER:
             return  # the replicated ``leader_elected`` entry says it, for every replica
+        if kind.replicated and not self.leading:
+            # A follower applying the log sees what the leader saw (a job finished)
+            # and would record it a second time, at its own apply time: the leader's
+            # entry reaches it through the log.
+            return
         self.monitor.event(kind)
         ev = Event(time.time(), kind, detail, job_id)
         self.events.append(ev)
