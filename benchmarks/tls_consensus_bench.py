@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import consensus_bench  # noqa: E402
+import consensus_bench
 
-from lepton_ai.wire.certs import create  # noqa: E402
-from lepton_ai.wire.tls import TLS_DIR_ENV  # noqa: E402
+from lepton_ai.wire.certs import create
+from lepton_ai.wire.tls import TLS_DIR_ENV
 
 
 def main() -> int:

@@ -86,7 +86,8 @@ def main() -> int:
             print(f"tls={key}: {rps[key][-1]:.0f} req/s", flush=True)
     for key, runs in rps.items():
         print(
-            f"tls={key}: median {statistics.median(runs):.0f} req/s, runs {[round(x) for x in runs]}"
+            f"tls={key}: median {statistics.median(runs):.0f} req/s, "
+            f"runs {[round(x) for x in runs]}"
         )
     return 0
 
