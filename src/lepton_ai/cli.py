@@ -26,6 +26,7 @@ _COMMAND_MODULES = (
     "lepton_ai.monitor.cli",
     "lepton_ai.monitor.dashboard_cli",
     "lepton_ai.demo",
+    "lepton_ai.wire.cli",  # lepton certs
 )
 
 
@@ -44,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.register(subparsers)
+    from lepton_ai.wire.cli import add_global_options
+
+    add_global_options(parser)  # --tls-dir, --http-token-file on every command
     return parser
 
 

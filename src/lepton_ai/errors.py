@@ -24,6 +24,11 @@ class AuthError(ProtocolError):
     """A peer failed the HMAC handshake (wrong token or wrong protocol version)."""
 
 
+class TlsError(AuthError):
+    """A TLS handshake failed: a certificate not from the cluster CA, none at all, or
+    one side speaking TLS and the other not. The message names which."""
+
+
 class FrameTooLarge(ProtocolError):
     """A frame's declared length exceeds the configured bound."""
 

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from lepton_ai.errors import AuthError, FrameTooLarge, ProtocolError
 from lepton_ai.wire import Codec, Connection, WireConfig, bound_port, connect, encode_frame, serve
 from lepton_ai.wire.frames import ConnectionClosed, read_frame
+from lepton_ai.wire.handshake import PREAMBLE
 
 TOKEN = "s3cret-token"
 
@@ -140,10 +141,11 @@ def test_wrong_token_is_rejected_with_reason_and_server_survives() -> None:
 
 
 async def _raw(port: int, payload: bytes) -> bytes:
-    """Send raw bytes after reading the server's Hello; return what the server sent back."""
+    """Send raw bytes after reading the server's Hello; return what the server sent back.
+    ``payload`` follows the preamble, unless it is a bad preamble itself (8 bytes)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     await read_frame(reader, 1024)  # Hello
-    writer.write(payload)
+    writer.write(payload if len(payload) == len(PREAMBLE) else PREAMBLE + payload)
     await writer.drain()
     data = await asyncio.wait_for(reader.read(), 5)
     writer.close()
@@ -167,6 +169,8 @@ def _frame(body: bytes) -> bytes:
         # the handshake bound): skipping it, msgspec recursed past the interpreter's
         # limit and the RecursionError escaped the handshake.
         _frame(_NESTED_AUTH),
+        b"LEPTON1\n",  # a wrong preamble (an older peer)
+        b"\x16\x03\x01\x02\x00\x01\x00\x00",  # a TLS ClientHello to a plain server
     ],
 )
 def test_garbage_before_auth_closes_only_that_connection(

@@ -7,6 +7,11 @@ program), so a scrape reads the process's state between two of its steps, with n
 lock and no thread. Requests are small and few (a scrape every few seconds, a
 dashboard poll a second), so uvicorn's defaults fit; the bounds that matter here
 are ``CONNECTIONS_MAX`` and the keep-alive timeout.
+
+With ``$LEPTON_TLS_DIR`` the port speaks HTTPS (the node certificate); with
+``$LEPTON_HTTP_TOKEN`` ``/metrics`` and ``/sd`` want ``Authorization: Bearer
+<token>`` (Prometheus: ``authorization: {credentials_file: ...}``), else 401.
+``/healthz`` stays open (it says nothing), the dashboard has its own login.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from lepton_ai.monitor import metrics
+from lepton_ai.wire.http_auth import bearer_ok, http_token
+from lepton_ai.wire.tls import tls_from_env, uvicorn_tls_options
 
 log = logging.getLogger("lepton_ai.monitor.http")
 
@@ -43,6 +50,8 @@ def bind_http(host: str, port: int = 0) -> socket.socket:
 
 def metrics_routes() -> list[BaseRoute]:
     async def scrape(request: Request) -> Response:
+        if not _authorized(request):
+            return _UNAUTHORIZED()
         return Response(metrics.render(), media_type=metrics.CONTENT_TYPE)
 
     async def healthz(request: Request) -> Response:
@@ -56,9 +65,21 @@ def sd_route(targets: Callable[[], Any]) -> Route:
     (awaitable of a list of ``{"targets": [...], "labels": {...}}``)."""
 
     async def sd(request: Request) -> Response:
+        if not _authorized(request):
+            return _UNAUTHORIZED()
         return JSONResponse(await targets())
 
     return Route("/sd", sd)
+
+
+def _authorized(request: Request) -> bool:
+    return bearer_ok(request.headers.get("authorization"), http_token())
+
+
+def _UNAUTHORIZED() -> Response:
+    return PlainTextResponse(
+        "401: a bearer token is required\n", 401, {"www-authenticate": "Bearer"}
+    )
 
 
 class _Server(uvicorn.Server):
@@ -81,6 +102,7 @@ async def serve_http(sock: socket.socket, routes: Sequence[BaseRoute]) -> None:
         limit_concurrency=CONNECTIONS_MAX,
         timeout_keep_alive=KEEP_ALIVE_S,
         loop="none",
+        **uvicorn_tls_options(tls_from_env()),
     )
     server = _Server(config)
     try:

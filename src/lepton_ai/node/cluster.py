@@ -35,6 +35,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
@@ -54,7 +55,7 @@ from lepton_ai.compute.plan import JobOptions
 from lepton_ai.errors import LeptonError, Unavailable
 from lepton_ai.heal.restarts import Observed
 from lepton_ai.monitor.events import EventKind, phase_of
-from lepton_ai.node.client import CoordinatorClient, check_reply
+from lepton_ai.node.client import ClientConfig, CoordinatorClient, check_reply
 from lepton_ai.node.messages import (
     CancelJob,
     ClusterInfo,
@@ -77,6 +78,8 @@ from lepton_ai.node.messages import (
     WaitJob,
 )
 from lepton_ai.node.process import Lifeline, kill_pid
+from lepton_ai.wire.http_auth import HTTP_TOKEN_ENV
+from lepton_ai.wire.tls import TLS_DIR_ENV, TlsConfig, http_scheme, load_tls, tls_from_env
 
 if TYPE_CHECKING:
     from lepton_ai.node.supervise import Supervisor
@@ -94,10 +97,12 @@ _ROLES = ("coordinator", "leader", "worker", "executor")
 class Cluster:
     """A handle on a running cluster (``lep.connect``); also the base of ``LocalCluster``."""
 
-    def __init__(self, address: str, token: str) -> None:
+    def __init__(self, address: str, token: str, tls_dir: str | None = None) -> None:
         self.address = address
         self.token = token
-        self.client = CoordinatorClient(address, token)
+        # Mutual TLS for this handle's connections: ``tls_dir``, else $LEPTON_TLS_DIR.
+        self.tls = load_tls(tls_dir) if tls_dir else tls_from_env()
+        self.client = CoordinatorClient(address, token, client_config(self.tls))
         self.kv: Any = None  # the consensus layer's KV client (attach_kv)
         self._local_events: list[Event] = []
         self.slots_total = 0
@@ -110,14 +115,24 @@ class Cluster:
         """Where the consensus layer plugs in its KV client (``cluster.kv.put`` ...)."""
         self.kv = kv
 
+    def _attach_kv_at(self, paxos: list[str]) -> None:
+        from lepton_ai.consensus.client import KV
+        from lepton_ai.consensus.client import ClientConfig as KvConfig
+        from lepton_ai.wire import WireConfig
+
+        config = KvConfig(wire=WireConfig(tls=self.tls))
+        self.attach_kv(KV(",".join(paxos), token=self.token, config=config))
+
     # -- the storage layer ----------------------------------------------------------
     @property
     def storage(self) -> StorageClient:
         """The cluster's replicated object store (``put/get/open/stat/list/delete``)."""
         if self._storage is None:
             from lepton_ai.storage.client import StorageClient
+            from lepton_ai.storage.dataclient import DataClientConfig
 
-            self._storage = StorageClient(self._control, self._run, self.token)
+            data = DataClientConfig(tls=self.tls)
+            self._storage = StorageClient(self._control, self._run, self.token, data)
         return self._storage
 
     def _control(self, msg: Any, timeout_s: float) -> Any:
@@ -218,7 +233,7 @@ class Cluster:
         deps = check_reply(self.client.request(GetDeployments(""), timeout_s))
         if not isinstance(status, ClusterInfo) or not isinstance(deps, Deployments):
             raise LeptonError("unexpected reply to GetStatus or GetDeployments")
-        return sd_groups(status.members, deps.deployments)
+        return sd_groups(status.members, deps.deployments, http_scheme(self.tls))
 
     @property
     def dashboard_url(self) -> str:
@@ -227,7 +242,7 @@ class Cluster:
         info = self._cluster_info()
         for m in info.members:
             if m.role == "coordinator" and m.health == "leader" and m.metrics:
-                return f"http://{m.metrics}/"
+                return f"{http_scheme(self.tls)}://{m.metrics}/"
         raise Unavailable("no leading coordinator with an HTTP port is known")
 
     def job_tasks(self, job_id: str) -> list[dict[str, Any]]:
@@ -494,6 +509,8 @@ class LocalCluster(Cluster):
         port: int = 0,
         token: str | None = None,
         alert_webhook: str = "",
+        tls: bool = False,
+        http_token: str | None = None,
     ) -> None:
         """``spares_per_worker``: warm executors each agent keeps to replace a dead one
         at once (0 saves ~20 MB per worker). ``fsync``: fsync the coordinator's log
@@ -512,6 +529,10 @@ class LocalCluster(Cluster):
         one's client port, 0: any); ``token``: the cluster token (default: a new one).
         ``alert_webhook``: an http(s) URL the leader POSTs each alert raised and
         cleared to (Alertmanager-style JSON).
+        ``tls``: mutual TLS on every connection and HTTPS on every HTTP port, with a
+        CA and node certificate made in ``data_dir/tls`` (``self.tls_dir``).
+        ``http_token``: the bearer token serving and ``/metrics`` require (default:
+        none, or ``$LEPTON_HTTP_TOKEN``).
         ``lepton cluster up`` runs a LocalCluster in a detached supervisor process."""
         coordinators = _checked_sizes(
             workers, coordinators, slots_per_worker, spares_per_worker, job_retention_s
@@ -557,16 +578,15 @@ class LocalCluster(Cluster):
         self._lock = threading.RLock()
         self.supervisor: Supervisor | None = None
         token = token or generate_token()
-        super().__init__(",".join(self.coordinator_addresses), token)
+        self._set_security(tls, http_token)
+        super().__init__(",".join(self.coordinator_addresses), token, self.tls_dir)
         self.slots_total = workers * slots_per_worker
         _live_clusters.add(self)
         try:
             for id in self.coordinator_ids:
                 self._spawn("coordinator", id)
             if self.paxos_addresses:
-                from lepton_ai.consensus.client import KV
-
-                self.attach_kv(KV(",".join(self.paxos_addresses), token=token))
+                self._attach_kv_at(self.paxos_addresses)
             for i in range(workers):
                 self._spawn("worker", str(i))
             if restart:
@@ -724,6 +744,11 @@ class LocalCluster(Cluster):
         line = Lifeline() if self.tie_children else None
         env = dict(os.environ)
         env["LEPTON_TOKEN"] = self.token
+        # Secrets and settings in the environment, never in argv (argv is public in ps).
+        if self.tls_dir:
+            env[TLS_DIR_ENV] = self.tls_dir
+        if self.http_token:
+            env[HTTP_TOKEN_ENV] = self.http_token
         kwargs: dict[str, Any] = {}
         if line is not None:
             env.update(line.child_env())
@@ -738,6 +763,17 @@ class LocalCluster(Cluster):
         proc = _Proc(role, id, popen, line)
         self.procs[(role, id)] = proc
         return proc
+
+    def _set_security(self, tls: bool, http_token: str | None) -> None:
+        """``tls_dir``: certificates made in the data dir, else the process's (if any)."""
+        from lepton_ai.wire.certs import create
+
+        self.http_token = http_token
+        self.tls_dir = os.environ.get(TLS_DIR_ENV)
+        if tls:
+            self.tls_dir = os.path.join(self.data_dir, "tls")
+            if not os.path.exists(os.path.join(self.tls_dir, "node.pem")):  # a reused dir
+                create(self.tls_dir, [self.host])
 
     def wait_ready(self, workers: int | None = None, timeout_s: float = 30.0) -> None:
         """Block until ``workers`` workers are registered with all executors started."""
@@ -938,16 +974,27 @@ def find_cluster(
     return str(state["address"]), token or str(state["token"])
 
 
-def connect(address: str | None = None, token: str | None = None) -> Cluster:
+def connect(
+    address: str | None = None, token: str | None = None, tls_dir: str | None = None
+) -> Cluster:
     """A handle on a running cluster: ``"host:port"`` (or a comma-separated list);
     without one, the cluster ``find_cluster`` names (``$LEPTON_ADDRESS``, else the one
-    ``lepton cluster up`` started). Close it (or use ``with``) when done."""
+    ``lepton cluster up`` started). ``tls_dir``: the cluster's certificates (default
+    ``$LEPTON_TLS_DIR``; none: plain TCP). Close it (or use ``with``) when done."""
     address, token = find_cluster(address, token)
-    cluster = Cluster(address, token)
-    status = cluster.status()  # fail here, with a clear error, if nobody answers
+    cluster = Cluster(address, token, tls_dir)
+    try:
+        status = cluster.status()  # fail here, with a clear error, if nobody answers
+    except BaseException:
+        cluster.close()
+        raise
     paxos = [m["paxos"] for m in status["members"] if m.get("paxos")]
     if paxos:  # replicated coordinators: KV commands go through the same Paxos log
-        from lepton_ai.consensus.client import KV
-
-        cluster.attach_kv(KV(",".join(paxos), token=cluster.token))
+        cluster._attach_kv_at(paxos)
     return cluster
+
+
+def client_config(tls: TlsConfig | None) -> ClientConfig:
+    """A coordinator client's config with ``tls`` (not the process's default)."""
+    wire = dataclasses.replace(ClientConfig().wire, tls=tls)
+    return ClientConfig(wire=wire)

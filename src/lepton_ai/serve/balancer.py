@@ -26,6 +26,7 @@ import json
 import random
 import time
 from collections.abc import Callable
+from ssl import SSLContext
 from typing import Any
 
 from lepton_ai.serve.config import BalancerConfig
@@ -76,9 +77,11 @@ class Balancer:
         return self._clock()
 
     # -- membership (called by the supervisor) ---------------------------------------
-    def add_replica(self, replica_id: int, port: int, host: str = "127.0.0.1") -> None:
+    def add_replica(
+        self, replica_id: int, port: int, host: str = "127.0.0.1", ssl: SSLContext | None = None
+    ) -> None:
         self.router.add(replica_id)
-        self._pools[replica_id] = UpstreamPool(host, port, self._limits)
+        self._pools[replica_id] = UpstreamPool(host, port, self._limits, ssl)
 
     def set_ready(self, replica_id: int) -> None:
         self.router.health_result(replica_id, alive=True, ready=True)

@@ -34,6 +34,7 @@ import uvicorn
 from lepton_ai.serve.config import ReplicaConfig
 from lepton_ai.serve.replica import REPLICA_HEADER, VERSION_HEADER, ReplicaState, build_app
 from lepton_ai.serve.target import TargetError, load_target
+from lepton_ai.wire.tls import replica_tls, uvicorn_tls_options
 
 _PARENT_POLL_S = 0.5
 _EXIT_PARENT_GONE = 3
@@ -132,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         timeout_keep_alive=config.keep_alive_s,
         timeout_graceful_shutdown=max(1, int(args.drain_timeout_s)),
         lifespan="on",
+        # Off-host reachable: HTTPS, and only the cluster's balancers (their certificate).
+        **uvicorn_tls_options(replica_tls(args.host), client_cert=True),
     )
     server = _Server(uv_config, state)
     _say(channel, {"port": sock.getsockname()[1], "pid": os.getpid()})

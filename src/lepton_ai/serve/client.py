@@ -9,10 +9,16 @@ next on a connection error, a timeout or a 502/503 from the balancer (no replica
 behind it right now), so one dead node costs a request one retry, not a failure.
 Anything else (a 4xx for bad input, a 500 from the model) is the answer and is
 raised as it is: retrying elsewhere would give the same.
+
+Over HTTPS (a cluster with ``--tls-dir``) the balancers' certificate is checked
+against the cluster CA, ``tls_dir``'s ``ca.pem`` (default ``$LEPTON_TLS_DIR``);
+``token`` (default ``$LEPTON_HTTP_TOKEN``) is sent as ``Authorization: Bearer``.
 """
 
 from __future__ import annotations
 
+import os
+import ssl
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -20,16 +26,34 @@ from typing import Any
 import httpx
 
 from lepton_ai.errors import Unavailable
+from lepton_ai.wire.http_auth import http_token
+from lepton_ai.wire.tls import CA_CERT, TLS_DIR_ENV
 
 RETRYABLE_STATUS = frozenset({502, 503, 504})
 ENTRY_POINTS_MAX = 1_024
+
+
+def _http_client(timeout_s: float, tls_dir: str | None, token: str | None) -> httpx.Client:
+    ca_dir = tls_dir or os.environ.get(TLS_DIR_ENV)
+    verify: ssl.SSLContext | bool = True  # the system's CAs
+    if ca_dir:
+        verify = ssl.create_default_context(cafile=os.path.join(ca_dir, CA_CERT))
+    bearer = token or http_token()
+    headers = {"authorization": f"Bearer {bearer}"} if bearer else {}
+    return httpx.Client(timeout=timeout_s, verify=verify, headers=headers)
 
 
 class ServeClient:
     """Thread-safe; ``close()`` (or ``with``) releases its connections."""
 
     def __init__(
-        self, urls: str | Sequence[str], *, timeout_s: float = 10.0, rounds_max: int = 2
+        self,
+        urls: str | Sequence[str],
+        *,
+        timeout_s: float = 10.0,
+        rounds_max: int = 2,
+        tls_dir: str | None = None,
+        token: str | None = None,
     ) -> None:
         found = [urls] if isinstance(urls, str) else list(urls)
         self.urls = [u.rstrip("/") for u in found if u]
@@ -43,7 +67,7 @@ class ServeClient:
         self.rounds_max = rounds_max  # passes over every URL before giving up
         self._current = 0
         self._lock = threading.Lock()
-        self._http = httpx.Client(timeout=timeout_s)
+        self._http = _http_client(timeout_s, tls_dir, token)
 
     def predict(self, instances: list[Any]) -> list[Any]:
         """POST ``{"instances": ...}`` to ``/predict``; the ``predictions`` list."""

@@ -47,6 +47,8 @@ import httptools
 
 from lepton_ai.serve.balancer import Headers, OnReply, Reply, json_reply
 from lepton_ai.serve.config import BalancerConfig
+from lepton_ai.wire.http_auth import bearer_ok, http_token
+from lepton_ai.wire.tls import TlsConfig, tls_from_env
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 LISTEN_BACKLOG = 2048  # connections the kernel queues before we accept them
@@ -113,9 +115,20 @@ _STATUS_LINES = {s.value: _status_line(s.value) for s in http.HTTPStatus}
 class FrontEnd:
     """Accepts client connections for one ``Dispatcher``; ``close`` drains and stops."""
 
-    def __init__(self, balancer: Dispatcher) -> None:
+    def __init__(
+        self,
+        balancer: Dispatcher,
+        *,
+        tls: TlsConfig | bool | None = True,
+        token: str | bool | None = True,
+    ) -> None:
+        """``tls``: HTTPS with these certificates (True: the process's, from
+        ``$LEPTON_TLS_DIR``; None: plain HTTP). ``token``: the bearer token every
+        request must carry (True: ``$LEPTON_HTTP_TOKEN``; None: none)."""
         self.balancer = balancer
         self.config = balancer.config
+        self.tls = tls_from_env() if tls is True else tls or None
+        self.token = http_token() if token is True else token or None
         self.connections: set[_Client] = set()
         # Open connections per client address; an address leaves with its last one, so
         # this holds at most connections_max entries.
@@ -130,7 +143,13 @@ class FrontEnd:
     async def start(self, sock: socket.socket) -> None:
         """Serve on an already bound and listening socket."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Client(self), sock=sock)
+        tls = self.tls
+        self._server = await loop.create_server(
+            lambda: _Client(self),
+            sock=sock,
+            ssl=None if tls is None else tls.http_server,
+            ssl_handshake_timeout=None if tls is None else self.config.header_timeout_s,
+        )
         self._sweeper = loop.create_task(self._sweep(), name="lepton-frontend-sweep")
 
     async def close(self, drain_timeout_s: float) -> None:
@@ -311,6 +330,7 @@ class _Client(asyncio.Protocol):
         self._body_start_s = self.last_active_s
         body_max = self.config.body_bytes_max
         expect = False
+        authorization: bytes | None = None
         for name, value in self._headers:
             if name == b"content-length" and value.isdigit() and int(value) > body_max:
                 self._error = 413
@@ -318,8 +338,14 @@ class _Client(asyncio.Protocol):
                 expect = True
             elif name == b"connection":
                 self._connection_header = True
+            elif name == b"authorization":
+                authorization = value
+        if not bearer_ok(authorization, self.front.token):
+            self._error = 401  # before 413: a stranger learns nothing about the limits
         if not expect:
             return
+        if self._error == 401:
+            raise _Refused(401, _ERRORS[401])
         if self._error:
             # The client waits for our word before sending the body: refused now, it
             # sends none (the 413 would otherwise wait for a body never coming).
@@ -332,7 +358,7 @@ class _Client(asyncio.Protocol):
         if self._body_bytes <= self.config.body_bytes_max:
             self._body.append(body)
             return
-        self._error = 413
+        self._error = self._error or 413  # a 401 stays a 401
         # Swallowing the rest keeps the 413 readable by the client, but only so far.
         if self._body_bytes > 2 * self.config.body_bytes_max:
             raise _Refused(413, "request body too large")
@@ -379,7 +405,8 @@ class _Client(asyncio.Protocol):
             self.front.in_flight += 1
             if request.error:
                 self.front.balancer.metrics.count(request.error)
-                self._on_reply(json_reply(request.error, {"error": "request body too large"}))
+                extra = _WWW_AUTHENTICATE if request.error == 401 else None
+                self._on_reply(json_reply(request.error, {"error": _ERRORS[request.error]}, extra))
                 continue
             try:
                 self.front.balancer.dispatch(
@@ -469,6 +496,10 @@ class _Client(asyncio.Protocol):
         self._closed = True
         if self.transport is not None:
             self.transport.abort()
+
+
+_ERRORS = {401: "a bearer token is required", 413: "request body too large"}
+_WWW_AUTHENTICATE = [(b"www-authenticate", b"Bearer")]
 
 
 class _Refused(Exception):

@@ -13,6 +13,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from ssl import SSLContext
 from urllib.parse import urlsplit
 
 from lepton_ai import eventloop
@@ -59,14 +60,17 @@ async def run_load(
     duration_s_max: float,
     timeout_s: float = 10.0,
     stop: threading.Event | None = None,
+    ssl: SSLContext | None = None,
 ) -> LoadResult:
-    """POST ``body`` to ``url`` (``http://127.0.0.1:PORT/path``) under bounded load."""
+    """POST ``body`` to ``url`` (``http://127.0.0.1:PORT/path``) under bounded load;
+    ``https://`` with ``ssl`` (the client context that trusts the server)."""
     parts = urlsplit(url)
-    if parts.scheme != "http" or parts.hostname != "127.0.0.1" or parts.port is None:
-        raise ValueError("the load generator only targets http://127.0.0.1:PORT")
+    scheme = "http" if ssl is None else "https"
+    if parts.scheme != scheme or parts.hostname != "127.0.0.1" or parts.port is None:
+        raise ValueError(f"the load generator only targets {scheme}://127.0.0.1:PORT")
     if concurrency <= 0 or requests_max <= 0 or duration_s_max <= 0:
         raise ValueError("concurrency, requests_max and duration_s_max must be positive")
-    pool = UpstreamPool("127.0.0.1", parts.port)
+    pool = UpstreamPool("127.0.0.1", parts.port, ssl=ssl)
     headers = [(b"content-type", b"application/json")]
     result = LoadResult()
     sent = 0

@@ -22,6 +22,7 @@ from lepton_ai.serve.balancer import Balancer, Headers, OnReply, Reply, json_rep
 from lepton_ai.serve.config import BalancerConfig
 from lepton_ai.serve.lb_metrics import CONTENT_TYPE, BalancerMetrics, render_grouped
 from lepton_ai.serve.spec import DEPLOYMENTS_MAX, REPLICAS_MAX, Endpoint
+from lepton_ai.wire.tls import replica_ssl
 
 NODE_DEPLOYMENTS_MAX = DEPLOYMENTS_MAX  # deployments routed; a larger table is refused
 # Ready replicas routed, all deployments together: every replica of every deployment,
@@ -101,7 +102,9 @@ class NodeBalancer:
             parts = urlsplit(endpoint.url)
             router_id = self._next_id
             self._next_id += 1
-            dep.balancer.add_replica(router_id, parts.port or 80, parts.hostname or "")
+            # An https replica (off-host reachable) wants the cluster's client certificate.
+            ssl = replica_ssl() if parts.scheme == "https" else None
+            dep.balancer.add_replica(router_id, parts.port or 80, parts.hostname or "", ssl)
             # The leader lists ready replicas only; active probes take it out if not.
             dep.balancer.set_ready(router_id)
             dep.routes[replica_id] = _Route(endpoint, router_id)
@@ -222,9 +225,9 @@ def _check_table(endpoints: list[Endpoint]) -> dict[str, dict[str, Endpoint]]:
             port = parts.port
         except ValueError:
             port = None
-        if parts.scheme != "http" or not parts.hostname or port is None:
+        if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
             raise ValueError(
-                f"endpoint {e.replica_id!r}: url must be http://host:port, got {e.url!r}"
+                f"endpoint {e.replica_id!r}: url must be http(s)://host:port, got {e.url!r}"
             )
         if not e.deployment or "/" in e.deployment:
             raise ValueError(f"endpoint {e.replica_id!r}: bad deployment name {e.deployment!r}")

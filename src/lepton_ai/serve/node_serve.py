@@ -35,6 +35,7 @@ from lepton_ai.serve.policy import RestartBackoff
 from lepton_ai.serve.spawn import StartupError, read_port, reap, spawn_replica
 from lepton_ai.serve.spec import Endpoint, ReplicaAssignment, ReplicaReport
 from lepton_ai.serve.upstream import UpstreamError, UpstreamPool
+from lepton_ai.wire.tls import http_scheme, replica_tls
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class NodeServing:
         if stop_grace_s < 0:
             raise ValueError("stop_grace_s must be >= 0")
         self.host = host
+        self._replica_scheme = http_scheme(replica_tls(host))
         self.port = port
         self.config = config or ServeConfig()
         self.stop_grace_s = stop_grace_s
@@ -94,7 +96,7 @@ class NodeServing:
         front = FrontEnd(self.balancer)
         await front.start(sock)
         self._front = front
-        self.url = f"http://{self.host}:{self.port}"
+        self.url = f"{http_scheme(front.tls)}://{self.host}:{self.port}"
 
     async def run(self) -> None:
         """Supervise the replicas until cancelled; then stop them all and the front end."""
@@ -273,7 +275,11 @@ class NodeServing:
             self._update(rep, state="failed", error=str(exc), url="", pid=0)
             return
         self._update(
-            rep, state="starting", error="", url=f"http://{self.host}:{port}", pid=proc.pid
+            rep,
+            state="starting",
+            error="",
+            url=f"{self._replica_scheme}://{self.host}:{port}",
+            pid=proc.pid,
         )
         await self._serve_until_exit(rep, proc, port)
 
@@ -313,7 +319,8 @@ class NodeServing:
         sup = self.config.supervisor
         loop = asyncio.get_running_loop()
         deadline = loop.time() + sup.ready_timeout_s
-        pool = UpstreamPool(self.host, port)
+        tls = replica_tls(self.host)
+        pool = UpstreamPool(self.host, port, ssl=None if tls is None else tls.client)
         try:
             while (left := deadline - loop.time()) > 0:
                 try:

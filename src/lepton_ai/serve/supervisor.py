@@ -25,6 +25,7 @@ from lepton_ai.serve.config import ServeConfig
 from lepton_ai.serve.frontend import FrontEnd, listen
 from lepton_ai.serve.policy import RestartBackoff
 from lepton_ai.serve.spawn import LOOPBACK, StartupError, read_port, reap, spawn_replica
+from lepton_ai.wire.tls import http_scheme
 
 HOST = LOOPBACK
 __all__ = ["HOST", "ServeRuntime", "StartupError"]
@@ -159,8 +160,8 @@ class ServeRuntime:
         sock = listen(self.host, self.port)
         self.port = sock.getsockname()[1]
         shown = advertised_address(sock, None, None).rpartition(":")[0]  # not 0.0.0.0
-        self.url = f"http://{shown}:{self.port}"
         front = FrontEnd(self.balancer)
+        self.url = f"{http_scheme(front.tls)}://{shown}:{self.port}"
         await front.start(sock)
         health_task = tg.create_task(self.balancer.health_loop(self._on_dead), name="lepton-health")
         try:

@@ -17,6 +17,7 @@ import asyncio
 import time
 from collections import deque
 from dataclasses import dataclass
+from ssl import SSLContext
 from typing import Protocol, cast
 
 import httptools
@@ -243,9 +244,16 @@ class _FutureSink:
 class UpstreamPool:
     """Keep-alive connections to one replica (``host:port``)."""
 
-    def __init__(self, host: str, port: int, limits: PoolLimits | None = None) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        limits: PoolLimits | None = None,
+        ssl: SSLContext | None = None,
+    ) -> None:
         self.host = host
         self.port = port
+        self.ssl = ssl  # HTTPS to the replica (mutual: it wants our certificate)
         self.limits = limits or PoolLimits()
         self._host_line = f"\r\nhost: {host}:{port}\r\n".encode()
         self._idle: deque[Conn] = deque()
@@ -273,7 +281,9 @@ class UpstreamPool:
         loop = asyncio.get_running_loop()
         limits = self.limits
         try:
-            _, conn = await loop.create_connection(lambda: Conn(limits), self.host, self.port)
+            _, conn = await loop.create_connection(
+                lambda: Conn(limits), self.host, self.port, ssl=self.ssl
+            )
         except ConnectionRefusedError as exc:
             raise UpstreamError(Outcome.REFUSED, True, f"connect refused: {exc}") from exc
         except OSError as exc:

@@ -80,10 +80,12 @@ class ObjectStat:
 class StorageClient:
     """The object store of one cluster (``cluster.storage``)."""
 
-    def __init__(self, request: Request, run: Runner, token: str) -> None:
+    def __init__(
+        self, request: Request, run: Runner, token: str, data: DataClientConfig | None = None
+    ) -> None:
         self._request = request
         self._run = run
-        self._data = DataClient(token, DataClientConfig())
+        self._data = DataClient(token, data or DataClientConfig())
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.timeout_s = 30.0
 

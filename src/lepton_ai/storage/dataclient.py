@@ -32,7 +32,7 @@ import asyncio
 import os
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -71,6 +71,7 @@ from lepton_ai.storage.objects import (
     write_object_file,
 )
 from lepton_ai.wire import Codec, Connection, ConnectionClosed, connect
+from lepton_ai.wire.tls import TlsConfig, tls_from_env
 
 _CODEC = Codec[ObjectWireMessage](ObjectWireMessage)
 # What a failing peer or network can raise; anything else is our own bug.
@@ -125,6 +126,8 @@ class DataClientConfig:
     fsync: bool = False
     # Read and write the object files of nodes on this host directly (see above).
     short_circuit: bool = True
+    # Mutual TLS to the nodes' data ports (default: the process's, $LEPTON_TLS_DIR).
+    tls: TlsConfig | None = field(default_factory=tls_from_env)
 
 
 class DataRequestFailed(LeptonError):
@@ -181,7 +184,7 @@ class DataClient:
     def __init__(self, token: str, config: DataClientConfig | None = None) -> None:
         self.config = config or DataClientConfig()
         self._token = token
-        self._wire = node_wire_config(self.config.connect_timeout_s)
+        self._wire = replace(node_wire_config(self.config.connect_timeout_s), tls=self.config.tls)
         self._idle: OrderedDict[str, list[Conn]] = OrderedDict()
         self._idle_count = 0
         self._slots = asyncio.Semaphore(self.config.connections_max)

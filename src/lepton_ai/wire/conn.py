@@ -4,6 +4,15 @@
 authenticated ``Connection`` to the service's handler. A peer that fails the
 handshake, or sends a malformed, oversized or unknown frame, is disconnected
 with a logged reason; the process and its state are untouched.
+
+With ``WireConfig.tls`` (by default from ``$LEPTON_TLS_DIR``, see ``wire.tls``)
+both ends first run a mutual TLS handshake, then the token handshake inside it.
+The server's TLS handshake is the event loop's (``start_server(ssl=...)``): a
+peer it refuses never reaches ``on_connect`` and is not logged here (asyncio and
+uvloop log it only in debug mode); the client side gets the reason. Upgrading
+inside ``on_connect`` (``StreamWriter.start_tls``) would let us log it, but under
+uvloop the client's hello is already in the stream buffer by then and the
+handshake stalls.
 """
 
 from __future__ import annotations
@@ -12,15 +21,17 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from lepton_ai.errors import LeptonError, ProtocolError
+from lepton_ai.errors import LeptonError, ProtocolError, TlsError
 from lepton_ai.wire.codec import Codec
 from lepton_ai.wire.frames import ConnectionClosed, encode_frame, read_frame
 from lepton_ai.wire.handshake import client_handshake, server_handshake
+from lepton_ai.wire.tls import TlsConfig, describe_ssl_error, tls_from_env
 
 T = TypeVar("T")
 log = logging.getLogger("lepton_ai.wire")
@@ -36,6 +47,10 @@ class WireConfig:
     connect_timeout_s: float = 5.0
     # StreamReader buffer: above this the transport stops reading from the socket.
     read_buffer_bytes_max: int = 4 * 1024 * 1024
+    # Mutual TLS, or None for plain TCP. The process's setting unless given: the
+    # programs and their clients build their configs in many places, and TLS must
+    # hold for all of them or it holds for none.
+    tls: TlsConfig | None = field(default_factory=tls_from_env)
 
 
 class Connection(Generic[T]):
@@ -120,20 +135,54 @@ async def connect(
 ) -> Connection[T]:
     """Open an authenticated connection; ``OSError``/``TimeoutError``/``AuthError`` on failure."""
     cfg = config or WireConfig()
-    reader, writer = await asyncio.wait_for(
-        asyncio.open_connection(host, port, limit=cfg.read_buffer_bytes_max),
-        cfg.connect_timeout_s,
-    )
+    reader, writer = await _open(host, port, cfg)
     _tune(writer)
     try:
         await asyncio.wait_for(
             client_handshake(reader, writer, token, cfg.handshake_bytes_max),
             cfg.handshake_timeout_s,
         )
+    except ssl.SSLError as exc:  # TLS 1.3: the server refuses our certificate only now
+        writer.close()
+        raise TlsError(
+            f"{host}:{port} refused the TLS connection: {describe_ssl_error(exc)}"
+        ) from None
+    except ConnectionClosed as exc:
+        writer.close()
+        if cfg.tls is None:
+            raise
+        # TLS 1.3 finishes the client's side first; a refusal of our certificate
+        # comes as the connection closing under the first read.
+        raise TlsError(
+            f"{host}:{port} closed the connection after the TLS handshake: it refused "
+            f"our certificate (not from its CA?) ({exc})"
+        ) from None
     except BaseException:
         writer.close()
         raise
     return Connection(reader, writer, codec, cfg)
+
+
+async def _open(
+    host: str, port: int, cfg: WireConfig
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """TCP connect, then the TLS handshake if configured; both under the connect timeout."""
+    tls: dict[str, Any] = {}
+    if cfg.tls is not None:
+        tls = {
+            "ssl": cfg.tls.client,
+            "server_hostname": host,  # checked against the certificate's subjectAltNames
+            "ssl_handshake_timeout": cfg.handshake_timeout_s,
+        }
+    try:
+        return await asyncio.wait_for(
+            asyncio.open_connection(host, port, limit=cfg.read_buffer_bytes_max, **tls),
+            cfg.connect_timeout_s,
+        )
+    except ssl.SSLError as exc:
+        raise TlsError(
+            f"TLS handshake with {host}:{port} failed: {describe_ssl_error(exc)}"
+        ) from None
 
 
 Handler = Callable[[Connection[T]], Awaitable[None]]
@@ -169,18 +218,26 @@ async def serve(
             _HANDSHAKE_FAILURES.warn("closing %s: handshake failed: %s", conn.peer, exc)
             await conn.close()
             return
-        try:
-            await handler(conn)
-        except ProtocolError as exc:
-            log.warning("closing %s: %s", conn.peer, exc)
-        except (ConnectionClosed, ConnectionError):
-            pass
-        finally:
-            await conn.close()
+        await _handle(conn, handler)
 
+    tls: dict[str, Any] = {}
+    if cfg.tls is not None:
+        tls = {"ssl": cfg.tls.server, "ssl_handshake_timeout": cfg.handshake_timeout_s}
+    limit = cfg.read_buffer_bytes_max
     if sock is not None:
-        return await asyncio.start_server(on_connect, sock=sock, limit=cfg.read_buffer_bytes_max)
-    return await asyncio.start_server(on_connect, host, port, limit=cfg.read_buffer_bytes_max)
+        return await asyncio.start_server(on_connect, sock=sock, limit=limit, **tls)
+    return await asyncio.start_server(on_connect, host, port, limit=limit, **tls)
+
+
+async def _handle(conn: Connection[T], handler: Handler[T]) -> None:
+    try:
+        await handler(conn)
+    except ProtocolError as exc:
+        log.warning("closing %s: %s", conn.peer, exc)
+    except (ConnectionClosed, ConnectionError):
+        pass
+    finally:
+        await conn.close()
 
 
 class RateLimitedLog:
