@@ -251,3 +251,10 @@ def test_leader_and_worker_hosts_killed_and_restarted(cluster: BedCluster, run: 
 
 def test_leader_host_paused(cluster: BedCluster, run: Run) -> None:
     _scenario(cluster, run, _leader_host_paused)
+
+
+def test_probe_catches_a_coordinator_that_serves(cluster: BedCluster, run: Run) -> None:
+    """The "must not serve" check is not vacuous: aimed at a leader with its quorum, it fails."""
+    leader = cluster.wait_leader(cluster.coordinator_hosts, LEADER_TIMEOUT_S)
+    with pytest.raises(AssertionError, match="served without a quorum"):
+        _probe_no_service(cluster, run, leader)
