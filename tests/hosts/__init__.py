@@ -1,0 +1,1 @@
+"""Multi-host tests: lepton programs in Linux network namespaces, with partitions."""
