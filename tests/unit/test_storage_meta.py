@@ -298,6 +298,22 @@ def test_node_queries() -> None:
     assert [m.key for m in sm.under_replicated(set(), limit=1)] == ["x"]
 
 
+def test_objects_on_down_nodes_through_the_index() -> None:
+    """What metrics and the dashboard poll: the index finds the objects a down node
+    held (without reading every object), split by whether a live copy is left."""
+    sm = StorageStateMachine()
+    put(sm, meta("x", 1, ["a", "b"]))
+    put(sm, meta("y", 2, ["b", "c"]))
+    put(sm, meta("z", 3, ["c"], want=1))
+    assert sm.copies_down({"a", "b", "c"}) == (0, 0)
+    assert sm.copies_down({"a", "b"}) == (1, 1)  # y still on b; z only on c
+    assert sm.copies_down({"a"}) == (1, 2)  # x on a; y and z lost
+    under, lost = sm.on_down_nodes({"a"}, limit=10)
+    assert ([m.key for m in under], [m.key for m in lost]) == (["x"], ["y", "z"])
+    under, lost = sm.on_down_nodes(set(), limit=2)
+    assert (under, [m.key for m in lost]) == ([], ["x", "y"])  # the first by key
+
+
 # ------------------------------------------------------------------ encoding
 
 

@@ -424,9 +424,12 @@ class StorageControl:
         live = set(self.live_views())
         under: list[ObjectMeta] = []
         lost: list[ObjectMeta] = []
-        for meta in self.state.under_replicated(live):
-            alive = [n for n in meta.replicas if n in live]
-            (under if alive else lost).append(meta)
+        if msg.quick:
+            under, lost = self.state.on_down_nodes(live, max(1, msg.limit))
+        else:
+            for meta in self.state.under_replicated(live):
+                alive = [n for n in meta.replicas if n in live]
+                (under if alive else lost).append(meta)
         limit = max(1, msg.limit)
         usage = {n: u for n, u in self._usable_nodes()}
         return StorageReport(

@@ -205,9 +205,10 @@ class StorageClient:
         _check_key(key)
         self._request(DeleteObject(key), self.timeout_s)
 
-    def fsck(self, limit: int = 1000) -> StorageReport:
-        """Objects short of replicas, objects lost, and every node's usage."""
-        report: StorageReport = self._control(StorageCheck(limit), StorageReport)
+    def fsck(self, limit: int = 1000, *, quick: bool = False) -> StorageReport:
+        """Objects short of replicas, objects lost, and every node's usage.
+        ``quick``: only those with a copy on a node that is down (cheap: for polling)."""
+        report: StorageReport = self._control(StorageCheck(limit, quick), StorageReport)
         return report
 
     def _control(self, msg: Any, want: type[T]) -> T:

@@ -74,9 +74,14 @@ class DeleteObject(msgspec.Struct, frozen=True, tag=True):
 
 
 class StorageCheck(msgspec.Struct, frozen=True, tag=True):
-    """fsck: the objects short of replicas or lost, and every node's usage."""
+    """fsck: the objects short of replicas or lost, and every node's usage.
+
+    ``quick``: only objects with a copy on a node that is down, found through the
+    per-node index (what a dashboard polls: its cost is what the down nodes held,
+    where the full check reads every object in the log)."""
 
     limit: int = 1000
+    quick: bool = False
 
 
 class StorageReport(msgspec.Struct, frozen=True, tag=True):

@@ -33,6 +33,7 @@ import bisect
 import builtins
 import heapq
 import math
+import operator
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -519,16 +520,28 @@ class StorageStateMachine:
         objects with no live copy): through the per-node index, so it costs what the
         down nodes hold, not a scan of every object (for metrics at each scrape)."""
         live = set(live_nodes)
+        metas = [self.objects[self._by_oid[oid]] for oid in self._on_down(live)]
+        lost = sum(1 for m in metas if not any(n in live for n in m.replicas))
+        return len(metas) - lost, lost
+
+    def on_down_nodes(
+        self, live_nodes: Iterable[str], limit: int
+    ) -> tuple[builtins.list[ObjectMeta], builtins.list[ObjectMeta]]:
+        """At most ``limit`` each (the first by key) of the objects with a copy on a
+        node that is not live, with a live copy left and with none; by the index."""
+        live = set(live_nodes)
+        metas = [self.objects[self._by_oid[oid]] for oid in self._on_down(live)]
+        under = [m for m in metas if any(n in live for n in m.replicas)]
+        lost = [m for m in metas if not any(n in live for n in m.replicas)]
+        by_key = operator.attrgetter("key")
+        return heapq.nsmallest(limit, under, by_key), heapq.nsmallest(limit, lost, by_key)
+
+    def _on_down(self, live: set[str]) -> set[str]:
         touched: set[str] = set()
         for node, oids in self._on_node.items():
             if node not in live:
                 touched.update(oids)
-        lost = 0
-        for oid in touched:
-            meta = self.objects[self._by_oid[oid]]
-            if not any(n in live for n in meta.replicas):
-                lost += 1
-        return len(touched) - lost, lost
+        return touched
 
     def under_replicated(
         self, live_nodes: Iterable[str], limit: int | None = None
