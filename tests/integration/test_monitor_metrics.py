@@ -168,6 +168,32 @@ def test_job_tasks_show_which_worker_ran_each_attempt(cluster: lep.LocalCluster)
     assert min(s["started"] for s in spans) >= info.submitted_at
 
 
+def test_the_dashboard_shows_live_request_rates_and_the_commit_index(
+    cluster: lep.LocalCluster, tmp_path: Path
+) -> None:
+    from lepton_ai.monitor.dashboard_source import ClusterSource
+
+    (tmp_path / "model.py").write_text("def predict(instances):\n    return instances\n")
+    dep = lep.Deployment(
+        str(tmp_path / "model.py:predict"), replicas=1, cluster=cluster, name="rates"
+    ).wait_ready(60)
+    try:
+        source = ClusterSource(cluster)
+        source.snapshot()  # the first reading: no rate yet
+        client = lep.ServeClient(dep.urls)
+        for _ in range(50):
+            assert client.predict([[1, 2]]) == [[1, 2]]
+        snap = source.snapshot()
+        assert "rates" not in snap["errors"]
+        (view,) = [d for d in snap["deployments"] if d["name"] == "rates"]
+        assert view["requests_per_s"] > 0
+        assert view["latency_ms"] > 0
+        (leader,) = [m for m in snap["members"] if m.get("health") == "leader"]
+        assert leader["commit_index"] > 0
+    finally:
+        dep.delete()
+
+
 def test_every_event_shows_once_after_a_leader_failover(cluster: lep.LocalCluster) -> None:
     """Last in the module: it kills the leader. A follower used to record a job's end
     itself when applying it, and the leader's replicated entry again."""

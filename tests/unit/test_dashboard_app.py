@@ -44,7 +44,7 @@ class FakeClient:
 
 
 class FakeStorage:
-    def fsck(self, limit: int) -> StorageReport:
+    def fsck(self, limit: int, *, quick: bool = False) -> StorageReport:
         usage = StorageUsage(used_bytes=2048, capacity_bytes=10**9, objects=2)
         return StorageReport(
             objects=2, bytes=4096, under_replicated=[], lost=[], nodes={"0-aa": usage}

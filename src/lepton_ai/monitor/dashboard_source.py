@@ -19,9 +19,11 @@ from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 from lepton_ai.errors import LeptonError
+from lepton_ai.monitor.rates import Rates, annotate
 from lepton_ai.node.client import check_reply
 from lepton_ai.node.messages import Deployments, GetDeployments
 from lepton_ai.node.state_file import read_state
+from lepton_ai.wire.http_auth import http_token
 
 T = TypeVar("T")
 
@@ -34,7 +36,16 @@ FSCK_LIMIT = 100  # objects the storage check lists per category
 DEPLOYMENTS_TIMEOUT_S = 10.0
 # Extra per-member or per-deployment facts shown when the cluster reports them
 # (newer coordinators add them; older ones do not).
-MEMBER_EXTRAS = ("phi", "paxos", "commit_index", "commit_latency_ms", "epoch", "last_exit")
+MEMBER_EXTRAS = (
+    "phi",
+    "paxos",
+    "commit_index",
+    "commit_latency_ms",
+    "epoch",
+    "last_exit",
+    "metrics",
+    "serve",
+)
 DEPLOYMENT_EXTRAS = ("requests_per_s", "latency_ms", "latency_p50_ms", "latency_p99_ms", "inflight")
 # What a failing section may raise: the cluster cannot answer (LeptonError,
 # including Unavailable), a reply of an unexpected shape, or a lost connection.
@@ -76,6 +87,7 @@ class ClusterSource:
         self.state_file = state_file
         self.jobs_max = jobs_max
         self.events_max = events_max
+        self._rates: Rates | None = None  # counters' previous readings, for rates
 
     # -- the snapshot ------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
@@ -91,7 +103,7 @@ class ClusterSource:
             "storage", errors, lambda: self._storage(members), None
         )
         links: dict[str, Any] = _section("links", errors, self._links, {})
-        return {
+        snap = {
             "fetched_at": time.time(),
             "fetch_ms": round((time.monotonic() - started) * 1000, 1),
             "address": self.cluster.address,
@@ -106,6 +118,23 @@ class ClusterSource:
             "features": {"job_tasks": self._tasks_call() is not None},
             "errors": errors,
         }
+        _section("rates", errors, lambda: annotate(snap, self._read_rates(members)), None)
+        return snap
+
+    def _read_rates(self, members: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+        """Requests/s and latency per deployment, the leader's commit index and
+        latency: from the balancers' and coordinators' /metrics (monitor.rates)."""
+        if self._rates is None:
+            tls = getattr(self.cluster, "tls", None)
+            self._rates = Rates(verify=tls.client if tls is not None else True, bearer=http_token())
+        scheme = "https" if getattr(self.cluster, "tls", None) is not None else "http"
+        urls = [
+            f"{scheme}://{m['metrics']}/metrics"
+            for m in members
+            if m.get("role") == "coordinator" and m.get("metrics")
+        ]
+        urls += [f"{m['serve']}/metrics" for m in members if m.get("serve")]
+        return self._rates.read(urls)
 
     def _status(self) -> dict[str, Any]:
         status: dict[str, Any] = self.cluster.status()

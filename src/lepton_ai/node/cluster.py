@@ -352,6 +352,7 @@ def _member_dict(m: MemberInfo) -> dict[str, Any]:
         **({"paxos": m.paxos} if m.paxos else {}),
         "metrics": m.metrics,
         "serve": m.serve,
+        **({"phi": round(m.phi, 3)} if m.role == "worker" else {}),
     }
 
 
