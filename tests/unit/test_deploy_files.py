@@ -53,7 +53,10 @@ ROOT = Path(__file__).resolve().parents[2]
 SYSTEMD = ROOT / "deploy" / "systemd"
 CONTAINER = ROOT / "deploy" / "container"
 KUBERNETES = ROOT / "deploy" / "kubernetes"
-UNITS = {"coordinator": SYSTEMD / "lepton-coordinator@.service", "worker": SYSTEMD / "lepton-worker@.service"}
+UNITS = {
+    "coordinator": SYSTEMD / "lepton-coordinator@.service",
+    "worker": SYSTEMD / "lepton-worker@.service",
+}
 ENV_EXAMPLE = SYSTEMD / "lepton.env.example"
 DOCKERFILE = CONTAINER / "Dockerfile"
 DOCKERIGNORE = CONTAINER / "Dockerfile.dockerignore"
@@ -101,7 +104,9 @@ def parse_lepton(args: list[str]) -> argparse.Namespace:
     for word in args:
         if word.startswith("--"):
             flag = word.split("=", 1)[0]
-            assert flag in known, f"`lepton {shlex.join(args)}`: {flag} is not a flag of its command"
+            assert flag in known, (
+                f"`lepton {shlex.join(args)}`: {flag} is not a flag of its command"
+            )
     return ns
 
 
@@ -328,7 +333,9 @@ def test_dockerfile_user_volume_token_healthcheck() -> None:
             assert "TOKEN" not in rest.upper(), f"{instruction} {rest}: no token in the image"
     (health,) = [r for i, r in final if i == "HEALTHCHECK"]
     assert health.split("CMD", 1)[1].strip() == '["lepton-healthcheck"]'
-    assert any(i == "COPY" and "healthcheck.py /usr/local/bin/lepton-healthcheck" in r for i, r in final)
+    assert any(
+        i == "COPY" and "healthcheck.py /usr/local/bin/lepton-healthcheck" in r for i, r in final
+    )
     # The package comes from the repository (a wheel built in the first stage).
     assert any(i == "RUN" and "pip wheel" in r and r.endswith(" .") for i, r in dockerfile())
     assert any(i == "RUN" and "--no-index" in r and "lepton-ai" in r for i, r in final)
@@ -364,8 +371,14 @@ def test_dockerignore_lets_in_what_the_build_copies() -> None:
         assert not _ignored(source, patterns), f"{source} is excluded from the build context"
     for inside in ("src/lepton_ai/cli.py", "pyproject.toml"):
         assert not _ignored(inside, patterns), inside
-    for outside in (".venv/bin/python", "tests/unit/test_wal.py", ".git/HEAD", "lepton-data/x",
-                    "src/lepton_ai/__pycache__/cli.cpython-311.pyc", "benchmarks/results/a.json"):
+    for outside in (
+        ".venv/bin/python",
+        "tests/unit/test_wal.py",
+        ".git/HEAD",
+        "lepton-data/x",
+        "src/lepton_ai/__pycache__/cli.cpython-311.pyc",
+        "benchmarks/results/a.json",
+    ):
         assert _ignored(outside, patterns), f"{outside} would be sent to the build"
 
 
@@ -455,7 +468,10 @@ def test_manifests_validate_strict() -> None:
     kv = pytest.importorskip("kubernetes_validate")
     docs = k8s_documents()
     assert {d["kind"] for _, d in docs} >= {
-        "StatefulSet", "Deployment", "Service", "PodDisruptionBudget"
+        "StatefulSet",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
     }
     for name, doc in docs:
         try:
@@ -552,7 +568,10 @@ def invocations() -> list[Invocation]:
         for container in [*spec.get("initContainers", []), *spec["containers"]]:
             env = container_env(workload, container)
             command = [k8s_expand(w, env) for w in container.get("command", entrypoint)]
-            args = [k8s_expand(w, env) for w in container.get("args", [] if "command" in container else cmd)]
+            args = [
+                k8s_expand(w, env)
+                for w in container.get("args", [] if "command" in container else cmd)
+            ]
             argv = command + args
             if PurePosixPath(argv[0]).name == "python":
                 continue  # the DNS wait (checked in test_wait_dns_names)
@@ -598,7 +617,7 @@ def test_secrets_only_from_secret_objects() -> None:
                 if container["name"] == program:
                     names = {e["name"] for e in container["env"]}
                     assert "LEPTON_TOKEN" in names
-                    token = [e for e in container["env"] if e["name"] == "LEPTON_TOKEN"][0]
+                    token = next(e for e in container["env"] if e["name"] == "LEPTON_TOKEN")
                     assert "optional" not in token["valueFrom"]["secretKeyRef"]
 
 
@@ -719,11 +738,10 @@ def test_probes_resources_and_security() -> None:
             assert "memory" in c["resources"]["limits"], c["name"]
             assert c["securityContext"]["allowPrivilegeEscalation"] is False
             assert c["securityContext"]["readOnlyRootFilesystem"] is True
-            assert "/tmp" in {m["mountPath"] for m in c.get("volumeMounts", [])} or c["name"] != (
-                spec["containers"][0]["name"]
-            ), "a writable /tmp for the program"
-        # The CA key reaches only the init container that signs this pod's certificate.
+        # The CA key reaches only the init container that signs this pod's certificate;
+        # the program's root file system is read-only, its /tmp an emptyDir.
         for c in spec["containers"]:
+            assert "/tmp" in {m["mountPath"] for m in c["volumeMounts"]}, c["name"]
             assert "ca" not in {m["name"] for m in c.get("volumeMounts", [])}, c["name"]
 
 
@@ -732,7 +750,8 @@ def test_services_select_pods_and_ports() -> None:
     for service in by_kind("Service"):
         selector = service["spec"]["selector"]
         (target,) = [
-            w for w in workloads
+            w
+            for w in workloads
             if selector.items() <= w["spec"]["template"]["metadata"]["labels"].items()
         ]
         ports = {
@@ -831,14 +850,18 @@ def test_systemd_command_lines_run_a_cluster(tmp_path: Path) -> None:
             procs.append(
                 subprocess.Popen(
                     _systemd_command("coordinator", str(i), env),
-                    stdout=log, stderr=subprocess.STDOUT, env=child_env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=child_env,
                 )
             )
         log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115
         procs.append(
             subprocess.Popen(
                 _systemd_command("worker", "h1", common),
-                stdout=log, stderr=subprocess.STDOUT, env=child_env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=child_env,
             )
         )
         deadline = time.monotonic() + 60
@@ -865,8 +888,11 @@ def test_systemd_command_lines_run_a_cluster(tmp_path: Path) -> None:
                 .reduce_by_key(operator.add, 2)
                 .collect()
             )
-            assert dict(result) == {0: sum(range(0, 100, 3)), 1: sum(range(1, 100, 3)),
-                                    2: sum(range(2, 100, 3))}
+            assert dict(result) == {
+                0: sum(range(0, 100, 3)),
+                1: sum(range(1, 100, 3)),
+                2: sum(range(2, 100, 3)),
+            }
         # The fixed HTTP ports of the units: /healthz, and /sd lists the worker's.
         for port in http_ports:
             assert _get(f"http://127.0.0.1:{port}/healthz") == b"ok\n"
