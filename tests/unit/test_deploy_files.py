@@ -897,10 +897,15 @@ def test_systemd_command_lines_run_a_cluster(tmp_path: Path) -> None:
         for port in http_ports:
             assert _get(f"http://127.0.0.1:{port}/healthz") == b"ok\n"
         assert _get(f"http://127.0.0.1:{ports[9]}/healthz") == b"ok\n"
-        sd = json.loads(_get(f"http://127.0.0.1:{http_ports[0]}/sd"))
-        targets = {t for group in sd for t in group["targets"]}
-        assert f"127.0.0.1:{ports[9]}" in targets, targets
-        assert {f"127.0.0.1:{p}" for p in http_ports} <= targets
+        # (The leader learns a follower's HTTP address from its messages: poll.)
+        wanted = {f"127.0.0.1:{p}" for p in [*http_ports, ports[9]]}
+        targets: set[str] = set()
+        deadline = time.monotonic() + 20
+        while not wanted <= targets and time.monotonic() < deadline:
+            time.sleep(0.2)
+            sd = json.loads(_get(f"http://127.0.0.1:{http_ports[0]}/sd"))
+            targets = {t for group in sd for t in group["targets"]}
+        assert wanted <= targets, targets
     finally:
         for p in procs:
             p.terminate()
