@@ -52,3 +52,27 @@ def test_bounded_per_job_and_in_jobs() -> None:
     assert log.spans("big") == ([], 0)
     assert [log.spans(f"j{j}")[0] != [] for j in (27, 28, 29)] == [True, True, True]
     assert log.spans("j26") == ([], 0)
+
+
+def test_a_queued_attempt_starts_when_its_worker_says_so() -> None:
+    log = TaskLog()
+    log.dispatched(att("j", 0, 0, 1), "w1", False, 10.0)
+    log.started(att("j", 0, 0, 1), 12.0)  # it sat behind another attempt for 2 s
+    span = log.ended(att("j", 0, 0, 1), "w1", "succeeded", 13.0)
+    assert span is not None
+    assert (span.dispatched, span.started, span.ended) == (10.0, 12.0, 13.0)
+    log.started(att("j", 0, 0, 1), 14.0)  # late: an ended attempt keeps its times
+    assert log.spans("j")[0][0].started == 12.0
+
+
+def test_a_lost_worker_takes_its_running_attempts_with_it() -> None:
+    log = TaskLog()
+    log.dispatched(att("j", 0, 0, 1), "w1", False, 1.0)
+    log.dispatched(att("j", 0, 1, 2), "w1", False, 1.0)
+    log.dispatched(att("j", 0, 2, 3), "w2", False, 1.0)
+    log.ended(att("j", 0, 1, 2), "w1", "succeeded", 2.0)
+    assert log.worker_lost("w1", 3.0) == 1  # the finished one stays finished
+    outcomes = {s.partition: (s.outcome, s.ended) for s in log.spans("j")[0]}
+    assert outcomes == {0: ("lost", 3.0), 1: ("succeeded", 2.0), 2: ("running", 0.0)}
+    assert log.ended(att("j", 0, 0, 1), "w1", "succeeded", 4.0) is None  # too late
+    assert log.worker_lost("w1", 5.0) == 0

@@ -21,13 +21,16 @@ from lepton_ai.compute.scheduler_events import TaskAttempt
 SPANS_PER_JOB_MAX = 20_000  # the attempts of one job kept (oldest dropped first)
 JOBS_MAX = 64  # jobs kept; the least recently touched go first
 
-Outcome = Literal["running", "succeeded", "failed", "user_error", "cancelled"]
+Outcome = Literal["running", "succeeded", "failed", "user_error", "cancelled", "lost"]
 DispatchKind = Literal["first", "retry", "backup"]
 
 
 class TaskSpan(msgspec.Struct, frozen=True):
-    """One attempt of one task. Times are wall-clock seconds at the leader: from
-    dispatch to the report's arrival (``ended`` is 0.0 while it runs)."""
+    """One attempt of one task. Times are wall-clock seconds at the leader:
+    ``dispatched``, ``started`` (when its worker last said it began running: an
+    attempt queued at a worker behind others starts later than its dispatch) and
+    the report's arrival (``ended``, 0.0 while it runs). ``lost``: its worker was
+    declared dead before it reported."""
 
     stage: int
     partition: int
@@ -37,6 +40,7 @@ class TaskSpan(msgspec.Struct, frozen=True):
     ended: float = 0.0
     outcome: Outcome = "running"
     speculative: bool = False
+    dispatched: float = 0.0
 
 
 @dataclass
@@ -48,6 +52,9 @@ class _JobSpans:
     tasks: set[tuple[int, int]] = field(default_factory=set)
 
 
+_Key = tuple[int, int, int, int]
+
+
 class TaskLog:
     def __init__(
         self, spans_per_job_max: int = SPANS_PER_JOB_MAX, jobs_max: int = JOBS_MAX
@@ -55,6 +62,9 @@ class TaskLog:
         self.spans_per_job_max = spans_per_job_max
         self.jobs_max = jobs_max
         self._jobs: OrderedDict[str, _JobSpans] = OrderedDict()
+        # worker -> (job, key) of its attempts still running: what a lost worker takes
+        # with it. Bounded by the spans kept (an entry goes when its span ends or goes).
+        self._running: dict[str, set[tuple[str, _Key]]] = {}
 
     def dispatched(
         self, a: TaskAttempt, worker: str, speculative: bool, now: float
@@ -62,10 +72,15 @@ class TaskLog:
         """Open the attempt's span; says whether it is the task's first run, a retry
         or a speculative backup."""
         job = self._job(a.job_id)
-        span = TaskSpan(a.stage, a.partition, a.attempt, worker, now, speculative=speculative)
-        job.spans[_key(a)] = span
+        key = _key(a)
+        span = TaskSpan(
+            a.stage, a.partition, a.attempt, worker, now, speculative=speculative, dispatched=now
+        )
+        job.spans[key] = span
+        self._running.setdefault(worker, set()).add((a.job_id, key))
         if len(job.spans) > self.spans_per_job_max:
-            job.spans.popitem(last=False)
+            old_key, old = job.spans.popitem(last=False)
+            self._not_running(a.job_id, old_key, old)
             job.dropped += 1
         task = (a.stage, a.partition)
         if speculative:
@@ -80,15 +95,41 @@ class TaskLog:
         leader's term — starts and ends at ``now``). Returns the closed span, or None
         for a second report of an attempt already closed."""
         job = self._job(a.job_id)
-        old = job.spans.get(_key(a))
+        key = _key(a)
+        old = job.spans.get(key)
         if old is None:
             span = TaskSpan(a.stage, a.partition, a.attempt, worker, now, now, outcome)
         elif old.outcome != "running":
-            return None  # a duplicate report: the first one counts
+            return None  # a duplicate report (or one after its worker was lost)
         else:
             span = msgspec.structs.replace(old, ended=now, outcome=outcome)
-        job.spans[_key(a)] = span
+            self._not_running(a.job_id, key, old)
+        job.spans[key] = span
         return span
+
+    def started(self, a: TaskAttempt, now: float) -> None:
+        """Its worker says the attempt (re)started running now (it sat queued)."""
+        job = self._jobs.get(a.job_id)
+        span = None if job is None else job.spans.get(_key(a))
+        if job is not None and span is not None and span.outcome == "running":
+            job.spans[_key(a)] = msgspec.structs.replace(span, started=now)
+
+    def worker_lost(self, worker: str, now: float) -> int:
+        """Close the lost worker's running attempts as "lost"; returns how many."""
+        lost = self._running.pop(worker, set())
+        for job_id, key in lost:
+            job = self._jobs.get(job_id)
+            span = None if job is None else job.spans.get(key)
+            if job is not None and span is not None:
+                job.spans[key] = msgspec.structs.replace(span, ended=now, outcome="lost")
+        return len(lost)
+
+    def _not_running(self, job_id: str, key: _Key, span: TaskSpan) -> None:
+        running = self._running.get(span.worker)
+        if running is not None:
+            running.discard((job_id, key))
+            if not running:
+                del self._running[span.worker]
 
     def spans(self, job_id: str) -> tuple[list[TaskSpan], int]:
         """The job's attempts in dispatch order and how many were dropped."""
@@ -98,18 +139,20 @@ class TaskLog:
         return list(job.spans.values()), job.dropped
 
     def forget(self, job_id: str) -> None:
-        self._jobs.pop(job_id, None)
+        job = self._jobs.pop(job_id, None)
+        for key, span in job.spans.items() if job is not None else ():
+            self._not_running(job_id, key, span)
 
     def _job(self, job_id: str) -> _JobSpans:
         job = self._jobs.get(job_id)
         if job is None:
             job = self._jobs[job_id] = _JobSpans()
             if len(self._jobs) > self.jobs_max:
-                self._jobs.popitem(last=False)
+                self.forget(next(iter(self._jobs)))
         else:
             self._jobs.move_to_end(job_id)
         return job
 
 
-def _key(a: TaskAttempt) -> tuple[int, int, int, int]:
+def _key(a: TaskAttempt) -> _Key:
     return (a.stage, a.partition, a.epoch, a.attempt)

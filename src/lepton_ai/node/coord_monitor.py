@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING
 
 from prometheus_client.core import HistogramMetricFamily, Metric
 
-from lepton_ai.compute.scheduler_events import Dispatch, TaskFailed, TaskSucceeded
+from lepton_ai.compute.scheduler_events import (
+    Dispatch,
+    TaskFailed,
+    TaskStarted,
+    TaskSucceeded,
+    WorkerLost,
+)
 from lepton_ai.monitor import metrics as m
 from lepton_ai.monitor.events import EventKind
 from lepton_ai.monitor.tasklog import DispatchKind, Outcome, TaskLog
@@ -25,7 +31,7 @@ if TYPE_CHECKING:
     from lepton_ai.node.coordinator import Coordinator
 
 _FAILURE_OUTCOME: dict[str, Outcome] = {"user": "user_error", "cancelled": "cancelled"}
-_OUTCOMES: tuple[Outcome, ...] = ("succeeded", "failed", "user_error", "cancelled")
+_OUTCOMES: tuple[Outcome, ...] = ("succeeded", "failed", "user_error", "cancelled", "lost")
 _KINDS: tuple[DispatchKind, ...] = ("first", "retry", "backup")
 
 
@@ -44,6 +50,14 @@ class CoordinatorMonitor:
     def dispatched(self, d: Dispatch) -> None:
         kind = self.tasklog.dispatched(d.attempt, d.worker, d.speculative, time.time())
         self.dispatches[kind] += 1
+
+    def observe(self, event: TaskSucceeded | TaskFailed | TaskStarted | WorkerLost) -> None:
+        if isinstance(event, TaskStarted):
+            self.tasklog.started(event.attempt, time.time())
+        elif isinstance(event, WorkerLost):
+            self.attempts["lost"] += self.tasklog.worker_lost(event.worker, time.time())
+        else:
+            self.task_ended(event)
 
     def task_ended(self, event: TaskSucceeded | TaskFailed) -> None:
         outcome: Outcome
@@ -99,7 +113,7 @@ class CoordinatorMonitor:
         )
         family = HistogramMetricFamily(
             "lepton_task_duration_seconds",
-            "A successful attempt's time from dispatch to its report at the leader, by stage",
+            "A successful attempt's time from its start at the worker to its report, by stage",
             labels=["stage"],
         )
         for stage, histo in sorted(self.task_seconds.items()):

@@ -39,6 +39,7 @@ from lepton_ai.compute.scheduler_events import (
     SchedulerAction,
     SchedulerEvent,
     TaskFailed,
+    TaskStarted,
     TaskSucceeded,
     Tick,
     WorkerJoined,
@@ -226,8 +227,8 @@ class Coordinator:
     def step(self, event: SchedulerEvent) -> None:
         if self.scheduler is None:
             return  # not leading: applied commands only update the state machine
-        if isinstance(event, TaskSucceeded | TaskFailed):
-            self.monitor.task_ended(event)
+        if isinstance(event, TaskSucceeded | TaskFailed | TaskStarted | WorkerLost):
+            self.monitor.observe(event)
         try:
             actions = self.scheduler.step(event)
         except AssertionError as exc:
