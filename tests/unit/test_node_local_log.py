@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
 from pathlib import Path
 
 import pytest
@@ -69,7 +70,7 @@ def test_torn_tail_is_cut_and_log_continues(tmp_path: Path) -> None:
         await lg.close()
 
     asyncio.run(go(log, [1, 2, 3]))
-    path = tmp_path / "commands.log"
+    path = tmp_path / "commands.wal"
     good = path.read_bytes()
     path.write_bytes(good + b"\x10\x00\x00\x00garbage")  # a record cut short by a crash
     sm = Counter()
@@ -91,12 +92,12 @@ def test_compaction_keeps_state_and_bounds_the_log(tmp_path: Path) -> None:
         await log.close()
 
     asyncio.run(go())
-    assert (tmp_path / "snapshot.bin").exists()
-    assert (tmp_path / "commands.log").stat().st_size <= 300
+    (snap,) = tmp_path.glob("snapshot-*.snap")  # the older ones were removed
+    assert (tmp_path / "commands.wal").stat().st_size <= 300 + 64
     sm = Counter()
-    LocalLog(tmp_path, sm, config)
+    log2 = LocalLog(tmp_path, sm, config)
     assert (sm.total, sm.applied) == (sum(range(50)), 50)
-    snap = tmp_path / "snapshot.bin"
+    asyncio.run(log2.close())
     snap.write_bytes(snap.read_bytes()[:-1] + b"!")
     with pytest.raises(LogCorrupt):
         LocalLog(tmp_path, Counter(), config)
@@ -116,3 +117,53 @@ def test_bad_input_and_closed_log(tmp_path: Path) -> None:
 
     asyncio.run(go())
     assert not log.is_leader
+
+
+class Picky(Counter):
+    """Applying {"add": -1} raises: a command the state machine cannot take."""
+
+    def apply(self, command: bytes) -> bytes:
+        if json.loads(command)["add"] < 0:
+            raise ValueError("negative")
+        return super().apply(command)
+
+
+def test_an_apply_error_stops_the_log_and_its_runner(tmp_path: Path) -> None:
+    log = LocalLog(tmp_path, Picky(), LocalLogConfig(fsync=False))
+
+    async def go() -> None:
+        runner = asyncio.create_task(log.run())
+        assert await log.submit(cmd(2)) == b"2"
+        with pytest.raises(Unavailable, match="applying a command failed"):
+            await log.submit(cmd(-1))
+        with pytest.raises(ValueError, match="negative"):
+            await runner  # the coordinator's task group ends with this
+        assert not log.is_leader
+        with pytest.raises(Unavailable):
+            await log.submit(cmd(3))
+        await log.close()
+
+    asyncio.run(go())
+
+
+def test_an_earlier_versions_log_is_carried_over(tmp_path: Path) -> None:
+    """``commands.log`` + ``snapshot.bin`` of the earlier format (length, crc32c,
+    payload): read once, snapshotted in the WAL's format, then removed."""
+    from lepton_ai.storage import checksum
+
+    def record(payload: bytes) -> bytes:
+        return struct.pack("<II", len(payload), checksum.crc32c(payload)) + payload
+
+    (tmp_path / "snapshot.bin").write_bytes(record(json.dumps([100, 4]).encode()))
+    (tmp_path / "commands.log").write_bytes(
+        record(cmd(1)) + record(cmd(2)) + b"\x10\x00\x00\x00torn"
+    )
+    sm = Counter()
+    log = LocalLog(tmp_path, sm, LocalLogConfig(fsync=False))
+    assert (sm.total, sm.applied, log.replayed) == (103, 6, 2)
+    assert not (tmp_path / "commands.log").exists()
+    assert not (tmp_path / "snapshot.bin").exists()
+    asyncio.run(log.close())
+    again = Counter()
+    LocalLog(tmp_path, again, LocalLogConfig(fsync=False))
+    assert (again.total, again.applied) == (103, 6)

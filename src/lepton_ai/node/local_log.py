@@ -1,26 +1,31 @@
-"""``LocalLog``: the single-coordinator ``LogHost`` - an append-only file of commands.
+"""``LocalLog``: the single-coordinator ``LogHost`` - the replicated log's write-ahead
+log and snapshot files (``consensus/wal.py``), with one writer and no peers.
 
-Each record is ``[u32 length][u32 crc32c(payload)][payload]``. On start the
-snapshot (if any) is restored and the log replayed into the state machine; a
-torn or corrupt tail (a crash in the middle of a write) is cut off, because a
-command whose record never became whole was never acknowledged.
+Each command is one WAL record (salted crc32c per record: see ``consensus/wal.py``).
+On start the newest snapshot (if any) is restored and the WAL replayed into the
+state machine; a torn tail (a crash in the middle of a write) is cut off, because
+a command whose record never became whole was never acknowledged, and a corrupt
+record in the middle stops the start (``WalCorruption``), as for a replica.
 
 Commands are group-committed: ``submit`` queues the record; one flusher task
-writes everything queued, fsyncs once (when ``fsync`` is on), then applies the
-commands in order and answers each submitter. While an fsync runs in a thread,
-new commands queue up for the next batch, so the fsync cost is shared.
+appends everything queued with one write and one fdatasync, in a thread (the
+event loop keeps serving meanwhile, and new commands queue for the next batch, so
+the fsync is shared), then applies the commands in order and answers each
+submitter. A command whose apply raises stops the log for good, and the
+coordinator with it (``run`` raises), as an apply error stops a replica: the
+command is in the log, so the state that follows it can no longer be trusted.
 
-When the log passes ``log_bytes_max`` the state is snapshotted (written to a
-temporary file, fsynced, renamed) and the log truncated, so disk use is bounded.
-
-The replicated log of a later issue implements the same ``LogHost`` protocol; the
-coordinator cannot tell the two apart.
+When the WAL passes ``log_bytes_max`` the state is snapshotted (written to a
+temporary file, fsynced, renamed, in a thread) and the WAL rewritten empty, so
+disk use is bounded. A directory written by an earlier version (``commands.log``
+and ``snapshot.bin``) is read once and carried over into these files.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import struct
 from collections.abc import Callable
@@ -29,14 +34,24 @@ from pathlib import Path
 from typing import BinaryIO
 
 from lepton_ai.consensus.api import StateMachine
+from lepton_ai.consensus.wal import (
+    WalConfig,
+    WalCorruption,
+    WriteAheadLog,
+    load_latest_snapshot,
+    write_snapshot,
+)
 from lepton_ai.errors import LeptonError, Unavailable
 from lepton_ai.storage import checksum as crc32c
 
-_REC = struct.Struct("<II")
+log = logging.getLogger("lepton_ai.local_log")
+
+_LEGACY_REC = struct.Struct("<II")  # the earlier format: length, crc32c(payload)
+WAL_NAME = "commands.wal"
 
 
 class LogCorrupt(LeptonError):
-    """The snapshot file failed its checksum: the durable state cannot be trusted."""
+    """The durable state failed its checksums: it cannot be trusted."""
 
 
 @dataclass(frozen=True)
@@ -82,8 +97,6 @@ class LocalLog:
         self.config = config or LocalLogConfig()
         self._dir = Path(directory)
         self._dir.mkdir(parents=True, exist_ok=True)
-        self._log_path = self._dir / "commands.log"
-        self._snap_path = self._dir / "snapshot.bin"
         self._sm = state_machine
         self._lock = _lock_dir(self._dir)
         self._address = address
@@ -92,44 +105,51 @@ class LocalLog:
         self._flusher: asyncio.Task[None] | None = None
         self._closed = False
         self._callbacks: list[Callable[[bool], None]] = []
-        self.applied = 0
-        self.replayed = self._recover()
-        self._file = open(self._log_path, "ab")  # noqa: SIM115 - lives as long as the log
-        self._log_bytes = self._file.tell()
+        self.applied = 0  # commands applied since the last snapshot (its index)
+        wal_config = WalConfig(
+            fsync=self.config.fsync, record_bytes_max=self.config.record_bytes_max
+        )
+        try:
+            self.replayed = self._recover(wal_config)
+        except WalCorruption as exc:
+            self._lock.close()
+            raise LogCorrupt(str(exc)) from exc
 
     # -- recovery ---------------------------------------------------------------------
-    def _recover(self) -> int:
-        if self._snap_path.exists():
-            raw = self._snap_path.read_bytes()
-            if len(raw) < _REC.size:
-                raise LogCorrupt(f"{self._snap_path}: truncated snapshot")
-            length, crc = _REC.unpack_from(raw)
-            body = raw[_REC.size :]
-            if length != len(body) or crc32c.crc32c(body) != crc:
-                raise LogCorrupt(f"{self._snap_path}: snapshot failed its checksum")
+    def _recover(self, wal_config: WalConfig) -> int:
+        snapshot = load_latest_snapshot(self._dir)
+        if snapshot is not None:
+            self.applied, body = snapshot
             self._sm.restore(body)
-        if not self._log_path.exists():
-            return 0
-        count = 0
-        good = 0
-        with open(self._log_path, "rb") as f:
-            data = f.read()
-        while good + _REC.size <= len(data):
-            length, crc = _REC.unpack_from(data, good)
-            start = good + _REC.size
-            if length > self.config.record_bytes_max or start + length > len(data):
-                break
-            payload = data[start : start + length]
-            if crc32c.crc32c(payload) != crc:
-                break
+        self._wal, payloads = WriteAheadLog.open(self._dir / WAL_NAME, wal_config)
+        for payload in payloads:
             self._sm.apply(payload)
-            count += 1
-            good = start + length
-        if good != len(data):
-            # A torn tail: the write that made it was never acknowledged.
-            with open(self._log_path, "r+b") as f:
-                f.truncate(good)
-        return count
+        self.applied += len(payloads)
+        legacy = self._carry_over_legacy()
+        return len(payloads) + legacy
+
+    def _carry_over_legacy(self) -> int:
+        """Replay an earlier version's ``snapshot.bin`` + ``commands.log`` (when this
+        directory has nothing newer), snapshot the result in the current format, and
+        only then remove the old files."""
+        old_log, old_snap = self._dir / "commands.log", self._dir / "snapshot.bin"
+        if not (old_log.exists() or old_snap.exists()):
+            return 0
+        if self.applied or self._wal.size_bytes > len(b"LPWAL\x00\x00\x01") + 8:
+            raise LogCorrupt(f"{self._dir} holds logs of two formats; move one away")
+        if old_snap.exists():
+            self._sm.restore(_legacy_snapshot(old_snap))
+        payloads = _legacy_records(old_log) if old_log.exists() else []
+        for payload in payloads:
+            self._sm.apply(payload)
+        self.applied = len(payloads) + 1  # a snapshot index past every legacy command
+        write_snapshot(self._dir, self.applied, self._sm.snapshot(), fsync=self.config.fsync)
+        old_log.unlink(missing_ok=True)
+        old_snap.unlink(missing_ok=True)
+        log.warning(
+            "%s: carried %d commands over from the earlier log format", self._dir, len(payloads)
+        )
+        return len(payloads)
 
     # -- LogHost ----------------------------------------------------------------------
     async def submit(self, command: bytes) -> bytes:
@@ -167,10 +187,18 @@ class LocalLog:
         callback(not self._closed)
 
     # -- the flusher ------------------------------------------------------------------
-    def _ensure_flusher(self) -> None:
+    async def run(self) -> None:
+        """Wait on the flusher until cancelled (which stops it). It raises when a write
+        or an apply failed, so the task that runs this (the coordinator's task group)
+        ends with the error. The flusher itself starts with the first submit."""
+        flusher = self._ensure_flusher()
+        await flusher
+
+    def _ensure_flusher(self) -> asyncio.Task[None]:
         if self._flusher is None:
             self._wake = asyncio.Event()
             self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+        return self._flusher
 
     async def _flush_loop(self) -> None:
         if self._wake is None:
@@ -184,63 +212,86 @@ class LocalLog:
                 await self._commit(batch)
 
     async def _commit(self, batch: list[tuple[bytes, asyncio.Future[bytes]]]) -> None:
-        parts: list[bytes] = []
-        for command, _ in batch:
-            parts.append(_REC.pack(len(command), crc32c.crc32c(command)))
-            parts.append(command)
+        commands = [command for command, _ in batch]
         try:
-            self._file.writelines(parts)
-            self._file.flush()
-            if self.config.fsync:
-                await asyncio.to_thread(os.fsync, self._file.fileno())
+            # One write and one fdatasync for the batch, off the event loop.
+            await asyncio.to_thread(self._wal.append, commands, sync=True)
         except OSError as exc:
             # The disk refused: nothing in this batch is durable, so nobody may
             # believe it was applied. Stop accepting commands.
-            self._closed = True
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(Unavailable(f"log write failed: {exc}"))
+            self._fail(batch, Unavailable(f"log write failed: {exc}"))
             raise
-        self._log_bytes += sum(len(p) for p in parts)
         for command, fut in batch:
             try:
                 result = self._sm.apply(command)
-            except Exception as exc:  # noqa: BLE001 - handed to the submitter
-                if not fut.done():
-                    fut.set_exception(exc)
-                continue
+            except Exception as exc:
+                # The command is in the log: replaying it would raise again, and the
+                # state after it cannot be trusted. Stop, as a replica stops.
+                log.critical("applying a logged command failed: %r; stopping", exc)
+                self._fail(batch, Unavailable(f"the log stopped: applying a command failed: {exc}"))
+                raise
             self.applied += 1
             if not fut.done():
                 fut.set_result(result)
-        if self._log_bytes > self.config.log_bytes_max:
+        if self._wal.size_bytes > self.config.log_bytes_max:
             await self._compact()
+
+    def _fail(self, batch: list[tuple[bytes, asyncio.Future[bytes]]], exc: Exception) -> None:
+        self._closed = True
+        for _, fut in [*batch, *self._pending]:
+            if not fut.done():
+                fut.set_exception(exc)
+        self._pending.clear()
+        for cb in self._callbacks:
+            cb(False)
 
     async def _compact(self) -> None:
         body = self._sm.snapshot()
-        tmp = self._snap_path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            f.write(_REC.pack(len(body), crc32c.crc32c(body)))
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._snap_path)
+        index = self.applied
         # Only after the snapshot is durable may the commands it covers go.
-        self._file.truncate(0)
-        self._file.seek(0)
-        self._log_bytes = 0
+        await asyncio.to_thread(write_snapshot, self._dir, index, body, fsync=self.config.fsync)
+        await asyncio.to_thread(self._wal.rewrite, [])
 
     async def close(self) -> None:
         self._closed = True
-        if self._flusher is not None:
-            self._flusher.cancel()
+        flusher, self._flusher = self._flusher, None
+        if flusher is not None and not flusher.done():
+            flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
-            self._flusher = None
+                await flusher
+        # A flusher that failed raised to its runner (``run``) already.
         for _, fut in self._pending:
             if not fut.done():
                 fut.set_exception(Unavailable("the local log closed"))
         self._pending.clear()
-        self._file.close()
+        self._wal.close()
         self._lock.close()
         for cb in self._callbacks:
             cb(False)
+
+
+def _legacy_snapshot(path: Path) -> bytes:
+    raw = path.read_bytes()
+    if len(raw) < _LEGACY_REC.size:
+        raise LogCorrupt(f"{path}: truncated snapshot")
+    length, crc = _LEGACY_REC.unpack_from(raw)
+    body = raw[_LEGACY_REC.size :]
+    if length != len(body) or crc32c.crc32c(body) != crc:
+        raise LogCorrupt(f"{path}: snapshot failed its checksum")
+    return body
+
+
+def _legacy_records(path: Path) -> list[bytes]:
+    """The earlier ``[u32 length][u32 crc32c][payload]`` records, up to a torn tail."""
+    data = path.read_bytes()
+    out: list[bytes] = []
+    good = 0
+    while good + _LEGACY_REC.size <= len(data):
+        length, crc = _LEGACY_REC.unpack_from(data, good)
+        start = good + _LEGACY_REC.size
+        payload = data[start : start + length]
+        if len(payload) != length or crc32c.crc32c(payload) != crc:
+            break
+        out.append(payload)
+        good = start + length
+    return out

@@ -15,6 +15,7 @@ and only two of them start a program.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import logging
@@ -339,7 +340,11 @@ async def serve_coordinator(
     epoch = next_epoch(data_dir)
     local_log.on_leadership(lambda leading: coordinator.on_leadership(leading, epoch))
     try:
-        await coordinator.run(sock)
+        # The log's flusher in the same task group: a failed write or apply ends the
+        # coordinator (the process exits with the error) instead of going unnoticed.
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(local_log.run())
+            await coordinator.run(sock)
     finally:
         await local_log.close()
 
