@@ -101,6 +101,11 @@ def test_estimate_consensus_measures_each_term(tmp_path: Path) -> None:
         assert got["p"] > 0 and got["d"] > 0 and got["u"] >= 0 and got["e"] > 0
         assert got["T_s"] == pytest.approx(got["p"] + got["d"] + 3 * got["u"] + got["e"])
         assert "leader_elected" in got["how"]["e"]
+        # p, d and u are the replicas' own timings, from their /metrics.
+        assert "lepton_paxos_propose_seconds" in got["how"]["p"]
+        assert "lepton_paxos_decide_seconds" in got["how"]["d"]
+        assert "lepton_paxos_apply_seconds" in got["how"]["u"]
+        assert got["p"] < got["d"]  # a lone write waits for no batch; a quorum round does
         # The kill is in the timeline now: without --measure-election e comes from it.
         again = lepton("estimate", "consensus", "--writes", "5", "--json", *where, timeout_s=60)
         assert again.returncode == 0, again.stderr

@@ -51,6 +51,7 @@ from lepton_ai.consensus.messages import (
 )
 from lepton_ai.consensus.ready_order import split_early
 from lepton_ai.consensus.storage import ReplicaStorage
+from lepton_ai.consensus.timings import ConsensusTimings
 from lepton_ai.consensus.transport import PeerLink, TransportConfig
 from lepton_ai.errors import LeptonError, Unavailable
 from lepton_ai.wire import Codec
@@ -155,6 +156,7 @@ class ReplicaDriver:
                 self.links[peer] = self._new_link(peer, address)
         self._inbox: deque[PeerMessage] = deque()
         self._proposals: deque[tuple[bytes, Done]] = deque()
+        self.timings = ConsensusTimings()  # the cost model's p, d, u, e, as measured
         self._read_requests: deque[Done] = deque()
         self._waiting: dict[int, list[tuple[ProposalId, Done]]] = {}
         self._waiting_count = 0
@@ -278,6 +280,7 @@ class ReplicaDriver:
             done(None, Overloaded("too many proposals pending"))
         else:
             self._proposals.append((command, done))
+            self.timings.queued()
             self._wake.set()
 
     def read_index_cb(self, done: Done) -> None:
@@ -501,6 +504,7 @@ class ReplicaDriver:
         self._last_batch = time.monotonic()
         # Bounded per pass so one burst cannot stall heartbeats and replies for long.
         self._last_batch_size = min(len(self._proposals), self.config.proposals_per_pass_max)
+        self.timings.proposing(self._last_batch_size, self._last_batch)
         for _ in range(self._last_batch_size):
             command, done = self._proposals.popleft()
             try:
@@ -513,6 +517,7 @@ class ReplicaDriver:
                 continue
             self._waiting.setdefault(pid.slot, []).append((pid, done))
             self._waiting_count += 1
+            self.timings.sent(pid.slot, self._last_batch)
 
     def _take_reads(self) -> None:
         while self._read_requests:
@@ -592,7 +597,10 @@ class ReplicaDriver:
         results: list[bytes] = []
         if value.kind == KIND_COMMANDS:
             apply = self.state_machine.apply
+            self.timings.committed(slot)
+            started = time.perf_counter()
             results = [apply(cmd) for cmd in value.commands]
+            self.timings.applied(len(value.commands), time.perf_counter() - started)
         elif value.kind == KIND_CONFIG:
             self._apply_config(value)
             results = [b""]
@@ -665,6 +673,7 @@ class ReplicaDriver:
         if self.core.leader_id != self._last_leader:
             self._last_leader = self.core.leader_id
             self.leader_changes += 1
+            self.timings.leader_changed(self.core.leader_id is not None, self.core.is_leader)
         leading = self.core.is_leader
         if leading == self._was_leader:
             return

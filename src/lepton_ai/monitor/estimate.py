@@ -267,6 +267,81 @@ def measure_election(cluster: Any) -> float:
     raise TimeoutError(f"no leader was elected within {ELECTION_WAIT_S} s of killing the leader")
 
 
+def _histogram_means(
+    text: str, names: tuple[str, ...]
+) -> tuple[bool, dict[str, tuple[float, float]]]:
+    """Whether the exposition is the leading coordinator's, and (sum, count) of each
+    named histogram in it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    leading = False
+    out: dict[str, tuple[float, float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "lepton_coordinator_leading":
+            leading = any(s.value == 1 for s in family.samples)
+        if family.name not in names:
+            continue
+        total = sum(s.value for s in family.samples if s.name.endswith("_sum"))
+        count = sum(s.value for s in family.samples if s.name.endswith("_count"))
+        out[family.name] = (total, count)
+    return leading, out
+
+
+@dataclass(frozen=True)
+class MetricTerms:
+    p: float
+    d: float
+    u: float
+    e: float | None  # None: no replica has timed an election
+
+
+def consensus_from_metrics(cluster: Any) -> MetricTerms | None:
+    """p, d, u, e as means of the coordinators' Paxos histograms: p and d from the
+    leader, u and e over every replica; None when the cluster does not export them
+    (or nothing was timed yet)."""
+    import httpx
+
+    scrape = getattr(cluster, "scrape_targets", None)
+    if not callable(scrape):
+        return None
+    groups = [g for g in scrape() if g["labels"].get("lepton_role") == "coordinator"]
+    names = ("lepton_paxos_propose_seconds", "lepton_paxos_decide_seconds")
+    leader: dict[str, tuple[float, float]] = {}
+    apply_sum = apply_count = election_sum = election_count = 0.0
+    for g in groups:
+        url = f"{g['labels'].get('__scheme__', 'http')}://{g['targets'][0]}/metrics"
+        try:
+            reply = httpx.get(url, timeout=5.0, verify=_verify(cluster), headers=_bearer())
+            reply.raise_for_status()
+        except httpx.HTTPError:
+            continue
+        wanted = (*names, "lepton_paxos_apply_seconds", "lepton_paxos_election_seconds")
+        leading, means = _histogram_means(reply.text, wanted)
+        total, count = means.get("lepton_paxos_apply_seconds", (0.0, 0.0))
+        apply_sum, apply_count = apply_sum + total, apply_count + count
+        total, count = means.get("lepton_paxos_election_seconds", (0.0, 0.0))
+        election_sum, election_count = election_sum + total, election_count + count
+        if leading:
+            leader = means
+    if not leader or not apply_count or not all(leader.get(n, (0, 0))[1] for n in names):
+        return None
+    p, d = (leader[n][0] / leader[n][1] for n in names)
+    e = election_sum / election_count if election_count else None
+    return MetricTerms(p, d, apply_sum / apply_count, e)
+
+
+def _bearer() -> dict[str, str]:
+    from lepton_ai.wire.http_auth import http_token
+
+    token = http_token()
+    return {"authorization": f"Bearer {token}"} if token else {}
+
+
+def _verify(cluster: Any) -> Any:
+    tls = getattr(cluster, "tls", None)
+    return tls.client if tls is not None else True
+
+
 def measure_consensus(
     cluster: Any, writes: int = CONSENSUS_WRITES_DEFAULT, election: bool = False
 ) -> ConsensusEstimate:
@@ -287,6 +362,17 @@ def measure_consensus(
         "d": f"median of {writes} KV writes less p: accept at a majority, fsync, commit",
         "u": f"median time until all {m} replicas applied a committed write (polled), / m",
     }
+    from_metrics = consensus_from_metrics(cluster)
+    if from_metrics is not None:
+        # The replicas' own timings (consensus/timings.py): each stage apart, where the
+        # client can only time whole round trips.
+        p = from_metrics.p
+        put, lag = p + from_metrics.d, from_metrics.u * m
+        how = {
+            "p": "mean of the leader's lepton_paxos_propose_seconds (arrival to Accept sent)",
+            "d": "mean of the leader's lepton_paxos_decide_seconds (Accept sent to chosen)",
+            "u": "mean of the replicas' lepton_paxos_apply_seconds (one command applied)",
+        }
     e: float | None = None
     if election:
         e = measure_election(cluster)
@@ -296,5 +382,10 @@ def measure_consensus(
         if past:
             e = statistics.median(past)
             how["e"] = f"median of {len(past)} leader kill -> leader_elected gaps in the timeline"
+        elif from_metrics is not None and from_metrics.e is not None:
+            e = from_metrics.e
+            how["e"] = (
+                "mean of the replicas' lepton_paxos_election_seconds (no leader known -> one)"
+            )
     kv.delete(_PROBE_KEY)
     return ConsensusEstimate(m, p, max(put - p, 0.0), lag / m, e, how)

@@ -233,6 +233,21 @@ def paxos_metrics(driver: ReplicaDriver) -> Callable[[], Iterator[Metric]]:
             "Times the leader this replica knows of changed (to another or to none)",
             driver.leader_changes,
         )
+        t = driver.timings  # the seed's T' terms (consensus/timings.py)
+        yield m.histogram(
+            "lepton_paxos_propose_seconds",
+            "p: a command's wait at the leader for its slot",
+            t.propose,
+        )
+        yield m.histogram(
+            "lepton_paxos_decide_seconds", "d: a slot's Accept sent to it known chosen", t.decide
+        )
+        yield m.histogram(
+            "lepton_paxos_apply_seconds", "u: applying one command to the state machine", t.apply
+        )
+        yield m.histogram(
+            "lepton_paxos_election_seconds", "e: no leader known to a leader known", t.election
+        )
         stats = driver.storage.stats
         yield m.counter("lepton_paxos_fsyncs", "Log fdatasyncs", stats.syncs)
         yield m.histogram(
