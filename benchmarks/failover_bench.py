@@ -90,7 +90,7 @@ def restore(cluster: Any, old: str) -> None:
         for address in cluster.paxos_addresses:
             try:
                 statuses.append(cluster.kv.status(address, 1.0))
-            except Exception:  # noqa: BLE001 - not up yet: ask again
+            except Exception:  # not up yet: ask again
                 statuses = []
                 break
         if statuses and any(s.role == "leader" for s in statuses):

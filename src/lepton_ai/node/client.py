@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from lepton_ai.consensus.leader_search import Asking, LeaderSearch, SearchConfig
 from lepton_ai.errors import AuthError, LeptonError, LimitExceeded, StorageFull, Unavailable
+from lepton_ai.heal.backoff import Backoff
 from lepton_ai.node.messages import ClientReply, CoordinatorMessage, ErrorReply
 from lepton_ai.node.netutil import node_wire_config, parse_address
 from lepton_ai.wire import Codec, Connection, WireConfig, connect
@@ -43,6 +44,10 @@ class ClientConfig:
     suspect_s: float = 1.0  # a coordinator that failed is not trusted as leader this long
     redirects_max: int = 10_000  # bounded by the request's deadline in practice
     wire: WireConfig = field(default_factory=lambda: node_wire_config(connect_timeout_s=1.0))
+
+    def retry_backoff(self) -> Backoff:
+        """The pauses while every coordinator is unreachable (``LeaderSearch.pause_s``)."""
+        return Backoff(self.retry_backoff_s, 2.0, self.retry_backoff_max_s)
 
     def search(self) -> SearchConfig:
         return SearchConfig(
