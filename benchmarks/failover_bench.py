@@ -2,6 +2,9 @@
 
     PYTHONPATH=src .venv/bin/python benchmarks/failover_bench.py [--trials 10] [--label after]
 
+(``lepton_ai`` comes from PYTHONPATH, which the cluster's processes inherit: point it
+at another checkout's ``src`` to measure that code with this script.)
+
 One ``LocalCluster(workers=1, coordinators=3, restart=False)``. Each trial, a client
 writes in a loop; after a few writes the loop itself SIGKILLs the leading
 coordinator (``cluster.kill("leader")``) and times the next write from the kill to
@@ -30,15 +33,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import lepton_ai as lep
+from lepton_ai.compute.plan import JobOptions
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "failover.json"
 WRITES_BEFORE_KILL = 20  # a warm connection to the leader, as a running client has
 CATCH_UP_TIMEOUT_S = 30.0
-
-sys.path.insert(0, str(ROOT / "src"))
-
-import lepton_ai as lep  # noqa: E402
-from lepton_ai.compute.plan import JobOptions  # noqa: E402
 
 
 def _kill_leader(cluster: Any) -> tuple[str, float, float]:
@@ -148,6 +149,7 @@ def main() -> int:
         {
             "command": f"python benchmarks/failover_bench.py --trials {args.trials} "
             f"--label {args.label}",
+            "code": str(Path(lep.__file__).resolve().parents[1]),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
             f"Python {platform.python_version()}",
             "load_average_start_end": [load_start[0], os.getloadavg()[0]],

@@ -19,8 +19,16 @@ def test_a_failed_address_is_suspect_until_it_answers_or_suspicion_expires() -> 
     s.answered(B)
     assert s.usable(B, 10.1)
     assert not s.usable(None, 10.1)
-    s.failed("unknown:9", now=10.0)  # not one of ours: no entry, no suspicion
-    assert not s.suspect("unknown:9", 10.1)
+    # A replica nobody listed (a hint named one that joined) is suspected like the others.
+    s.failed("d:1", now=10.0)
+    assert s.suspect("d:1", 10.1) and "d:1" in s.to_ask(11.5)
+
+
+def test_remembered_addresses_are_bounded() -> None:
+    s = LeaderSearch([A], SearchConfig(addresses_max=2))
+    s.add(B)
+    s.failed(C, 0.0)  # beyond the bound: neither remembered nor suspected
+    assert s.addresses == [A, B] and not s.suspect(C, 0.1)
 
 
 def test_to_ask_skips_suspects_unless_every_replica_is_one() -> None:

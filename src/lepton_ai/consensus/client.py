@@ -3,9 +3,9 @@
 The client knows every replica's address. It sends to its guess of the leader; a
 follower answers ``Redirect(leader)``. When it loses the leader (its connection
 closes, is refused or stays silent) it asks every other replica at once which leader
-it knows (``StatusQuery``), and again every few tens of milliseconds while none names
-a live one, so it reaches a new leader within a poll of its election instead of
-sleeping through it on a back-off (``leader_search.py``; one search at a time per
+it knows (``StatusQuery``), and again every 10-20 ms while none names a live one, so
+it reaches a new leader within a poll of its election instead of sleeping through it
+on a back-off (``leader_search.py``; one search at a time per
 client, shared by its concurrent requests). A write is retried with the *same*
 session sequence number (the same command bytes), so the KV machine applies it at
 most once and returns its first result (see ``kv.py``). Reads use the leader's read
@@ -70,8 +70,8 @@ class ClientConfig:
     attempt_timeout_s: float = 2.0  # one try on one replica
     backoff_s: float = 0.02  # pause after a refused try (or none reachable), doubled ...
     backoff_max_s: float = 0.3  # ... up to this
-    poll_s: float = 0.02  # leader lost: ask the replicas again after this while none names
-    poll_max_s: float = 0.05  # a live leader, growing to this (leader_search.SearchConfig)
+    poll_s: float = 0.01  # leader lost: ask the replicas again after this while none names
+    poll_max_s: float = 0.02  # a live leader, growing to this (leader_search.SearchConfig)
     suspect_s: float = 1.0  # a replica that failed is not trusted as the leader for this long
     probe_timeout_s: float = 0.5  # one StatusQuery of a leader search
     inflight_max: int = 8192  # concurrent operations of one client

@@ -33,14 +33,17 @@ A = TypeVar("A", bound=Hashable)  # a replica's address: "host:port" or (host, p
 @dataclass(frozen=True)
 class SearchConfig:
     suspect_s: float = 1.0  # longer than an election (0.2-0.4 s timer + one round trip)
-    poll_s: float = 0.02  # pause before asking again while nobody names a leader ...
-    poll_max_s: float = 0.05  # ... growing to this: many clients may poll one election
+    # Pause before asking again while nobody names a leader, growing to poll_max_s (many
+    # clients may poll one election): a client sees a new leader at most this late.
+    poll_s: float = 0.01
+    poll_max_s: float = 0.02
     backoff_s: float = 0.02  # pause when every replica is suspect, doubled up to the max
     backoff_max_s: float = 0.3
+    addresses_max: int = 64  # replicas remembered (those given, then those hints named)
 
     def __post_init__(self) -> None:
-        if self.suspect_s < 0:
-            raise ValueError("suspect_s must be >= 0")
+        if self.suspect_s < 0 or self.addresses_max < 1:
+            raise ValueError("suspect_s must be >= 0 and addresses_max >= 1")
         Backoff(self.poll_s, 1.5, self.poll_max_s)  # ValueError if inconsistent
         Backoff(self.backoff_s, 2.0, self.backoff_max_s)
 
@@ -58,12 +61,14 @@ class LeaderSearch(Generic[A]):
         self._failed_at: dict[A, float] = {}  # bounded: one entry per known address
 
     def add(self, address: A) -> None:
-        """A replica the client was not told about (a redirect named it)."""
-        if address not in self.addresses:
+        """A replica the client was not told about (a redirect named it, e.g. one that
+        joined the group): remembered, so that its death is suspected like any other's."""
+        if address not in self.addresses and len(self.addresses) < self.config.addresses_max:
             self.addresses.append(address)
 
     def failed(self, address: A, now: float) -> None:
         """``address`` did not answer (connection closed, refused, timed out)."""
+        self.add(address)
         if address in self.addresses:
             self._failed_at[address] = now
 

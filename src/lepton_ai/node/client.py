@@ -6,9 +6,9 @@ long-poll (``WaitJob``) on one does not block a ``status()`` on another.
 
 After losing the leader the client asks the other coordinators in turn at once (a
 follower answers with the leader it knows, and holds the request while it knows
-none: ``coord_views.NO_LEADER_WAIT_S``), and again every few tens of milliseconds
-while they still name the dead one, instead of sleeping on a back-off through the
-election (``consensus/leader_search.py``).
+none: ``coord_views.NO_LEADER_WAIT_S``), and again every 10-20 ms while they still
+name the dead one, instead of sleeping on a back-off through the election
+(``consensus/leader_search.py``).
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ class ClientConfig:
     retries_max: int = 3  # connection failures per address, per request, before giving up
     retry_backoff_s: float = 0.05  # every coordinator unreachable: doubles per round ...
     retry_backoff_max_s: float = 0.5  # ... up to this
-    poll_s: float = 0.02  # leader lost: ask round again after this while none names a live
-    poll_max_s: float = 0.05  # leader, growing to this (leader_search.SearchConfig)
+    poll_s: float = 0.01  # leader lost: ask round again after this while none names a live
+    poll_max_s: float = 0.02  # leader, growing to this (leader_search.SearchConfig)
     suspect_s: float = 1.0  # a coordinator that failed is not trusted as leader this long
     redirects_max: int = 10_000  # bounded by the request's deadline in practice
     wire: WireConfig = field(default_factory=lambda: node_wire_config(connect_timeout_s=1.0))
