@@ -15,6 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "src" / "lepton_ai"
 CORE_GLOBS = (
     "consensus/core*.py",
     "consensus/ready_order.py",
+    "consensus/leader_search.py",
     "consensus/paxos/*.py",
     "compute/scheduler*.py",
     "compute/state.py",

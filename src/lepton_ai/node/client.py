@@ -3,6 +3,12 @@
 User code is synchronous (``job.result()``), so the client runs its own event
 loop in a daemon thread and hands requests to it. Connections are pooled: a
 long-poll (``WaitJob``) on one does not block a ``status()`` on another.
+
+After losing the leader the client asks the other coordinators in turn at once (a
+follower answers with the leader it knows, and holds the request while it knows
+none: ``coord_views.NO_LEADER_WAIT_S``), and again every 10-20 ms while they still
+name the dead one, instead of sleeping on a back-off through the election
+(``consensus/leader_search.py``).
 """
 
 from __future__ import annotations
@@ -12,9 +18,11 @@ import concurrent.futures
 import contextlib
 import socket
 import threading
+import time
 import weakref
 from dataclasses import dataclass, field
 
+from lepton_ai.consensus.leader_search import Asking, LeaderSearch, SearchConfig
 from lepton_ai.errors import AuthError, LeptonError, LimitExceeded, StorageFull, Unavailable
 from lepton_ai.heal.backoff import Backoff
 from lepton_ai.node.messages import ClientReply, CoordinatorMessage, ErrorReply
@@ -29,13 +37,26 @@ class ClientConfig:
     request_timeout_s: float = 30.0
     idle_connections_max: int = 8  # per coordinator address
     retries_max: int = 3  # connection failures per address, per request, before giving up
-    retry_backoff_s: float = 0.05  # doubles per retry up to the max
-    retry_backoff_max_s: float = 0.5
+    retry_backoff_s: float = 0.05  # every coordinator unreachable: doubles per round ...
+    retry_backoff_max_s: float = 0.5  # ... up to this
+    poll_s: float = 0.01  # leader lost: ask round again after this while none names a live
+    poll_max_s: float = 0.02  # leader, growing to this (leader_search.SearchConfig)
+    suspect_s: float = 1.0  # a coordinator that failed is not trusted as leader this long
     redirects_max: int = 10_000  # bounded by the request's deadline in practice
     wire: WireConfig = field(default_factory=lambda: node_wire_config(connect_timeout_s=1.0))
 
     def retry_backoff(self) -> Backoff:
+        """The pauses while every coordinator is unreachable (``LeaderSearch.pause_s``)."""
         return Backoff(self.retry_backoff_s, 2.0, self.retry_backoff_max_s)
+
+    def search(self) -> SearchConfig:
+        return SearchConfig(
+            suspect_s=self.suspect_s,
+            poll_s=self.poll_s,
+            poll_max_s=self.poll_max_s,
+            backoff_s=self.retry_backoff_s,
+            backoff_max_s=self.retry_backoff_max_s,
+        )
 
 
 class CoordinatorClient:
@@ -49,7 +70,8 @@ class CoordinatorClient:
             raise ValueError("a cluster token is required")
         self.token = token
         self.config = config or ClientConfig()
-        self._backoff = self.config.retry_backoff()
+        # Shared by the requests (they run on one loop): which coordinators failed lately.
+        self._search = LeaderSearch(self.addresses, self.config.search())
         self._idle: dict[tuple[str, int], list[Connection[ClientReply]]] = {}
         self._target = 0  # index into addresses: the leader as far as we know
         self._loop = asyncio.new_event_loop()
@@ -80,22 +102,29 @@ class CoordinatorClient:
             fut.cancel()
             raise Unavailable(f"no answer from a coordinator within {limit:.1f} s") from None
 
-    def _redirect(self, leader: str) -> None:
-        if leader:
-            with contextlib.suppress(ValueError):
-                addr = parse_address(leader)
-                if addr not in self.addresses:
-                    self.addresses.append(addr)  # a coordinator we were not told about
-                self._target = self.addresses.index(addr)
-                return
-        self._target = (self._target + 1) % len(self.addresses)
+    def _follow(self, leader: str) -> bool:
+        """Make ``leader`` (a follower's hint) the target, unless it is empty, malformed or
+        a coordinator that failed lately (followers name a dead leader until their
+        election timer fires). False: the caller asks another coordinator."""
+        try:
+            addr = parse_address(leader) if leader else None
+        except ValueError:
+            addr = None
+        if addr is None or not self._search.usable(addr, time.monotonic()):
+            return False
+        if addr not in self.addresses:
+            self.addresses.append(addr)  # a coordinator we were not told about
+            self._search.add(addr)
+        self._target = self.addresses.index(addr)
+        return True
 
     async def _request(self, msg: CoordinatorMessage, timeout_s: float) -> ClientReply:
-        deadline = asyncio.get_running_loop().time() + timeout_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         last: Exception | str | None = None
-        failures = 0  # pauses so far in this request: each waits longer
+        asking = Asking(self._search)  # this request's walk while it knows no leader
         for _ in range(self.config.redirects_max):
-            left = deadline - asyncio.get_running_loop().time()
+            left = deadline - loop.time()
             if left <= 0:
                 break
             address = self.addresses[self._target]
@@ -110,9 +139,8 @@ class CoordinatorClient:
                     conn.writer.close()
                 self._fail_fast(address, exc)
                 self._drop_idle(address)
-                self._redirect("")
-                failures += 1
-                await asyncio.sleep(min(self._backoff.next_delay(failures), max(0.0, left)))
+                self._search.failed(address, time.monotonic())
+                await self._ask_next(asking, address, deadline)
                 continue
             except BaseException:
                 if conn is not None:
@@ -120,18 +148,29 @@ class CoordinatorClient:
                 raise
             self._give_back(address, conn)
             self._answered = True
+            self._search.answered(address)
             if isinstance(reply, ErrorReply) and _retryable(reply):
                 last = reply.message or "no leader known"
-                self._redirect(reply.message if reply.kind == "redirect" else "")
-                if reply.kind != "redirect" or not reply.message:
-                    failures += 1
-                    await asyncio.sleep(min(self._backoff.next_delay(failures), max(0.0, left)))
+                if reply.kind == "redirect" and self._follow(reply.message):
+                    asking.found()
+                else:  # no leader known yet, or a dead one named: ask the next one
+                    await self._ask_next(asking, address, deadline)
                 continue
             return reply
         names = ",".join(f"{h}:{p}" for h, p in self.addresses)
         raise Unavailable(
             f"no coordinator leader answered within {timeout_s:.1f} s ({names}): {last}"
         )
+
+    async def _ask_next(
+        self, asking: Asking[tuple[str, int]], after: tuple[str, int], deadline: float
+    ) -> None:
+        """Target the next coordinator to ask, pausing first once every one was asked."""
+        nxt, pause = asking.next(after, time.monotonic())
+        self._target = self.addresses.index(nxt)
+        if pause > 0:
+            left = deadline - asyncio.get_running_loop().time()
+            await asyncio.sleep(min(pause, max(0.0, left)))
 
     def _fail_fast(self, address: tuple[str, int], exc: BaseException) -> None:
         """Raise at once for what no retry can fix: a wrong token, a host name that does
