@@ -90,6 +90,22 @@ def isolation_trial(cluster: BedCluster, writer: Writer) -> dict[str, Any]:
     return {"old": old, "new": new, "new_leader_s": elected, "next_write_s": write}
 
 
+def kill_trial(cluster: BedCluster, writer: Writer) -> dict[str, Any]:
+    """SIGKILL every process of the leader's host (issue 13's client failover figure,
+    across hosts), then start it again."""
+    old = cluster.wait_leader(cluster.coordinator_hosts, 10)
+    cluster.kill_host(old)
+    t = time.monotonic()
+    majority = [c for c in cluster.coordinator_hosts if c != old]
+    new = cluster.wait_leader(majority, 15)
+    elected = time.monotonic() - t
+    write = writer.next_ack_after(t)
+    cluster.restart_host(old)
+    converged(cluster)
+    time.sleep(1.0)
+    return {"old": old, "new": new, "new_leader_s": elected, "next_write_s": write}
+
+
 def job_trial(cluster: BedCluster, lc: Any, partitioned: bool) -> float:
     started = time.monotonic()
     job = submit_wordcount(lc, TEXT, PARTITIONS, PAUSE_S, "measure")
@@ -119,6 +135,7 @@ def measure(cluster: BedCluster, trials: int, job_trials: int) -> dict[str, Any]
     writer = Writer(cluster)
     try:
         runs = [isolation_trial(cluster, writer) for _ in range(trials)]
+        kills = [kill_trial(cluster, writer) for _ in range(trials)]
     finally:
         writer.close()
     with cluster.connect() as lc:
@@ -128,6 +145,9 @@ def measure(cluster: BedCluster, trials: int, job_trials: int) -> dict[str, Any]
         "isolation_trials": runs,
         "new_leader_s": summary([r["new_leader_s"] for r in runs]),
         "next_write_s": summary([r["next_write_s"] for r in runs]),
+        "kill_trials": kills,
+        "kill_new_leader_s": summary([r["new_leader_s"] for r in kills]),
+        "kill_next_write_s": summary([r["next_write_s"] for r in kills]),
         "job_s_no_fault": summary(plain),
         "job_s_leader_isolated": summary(cut),
     }
