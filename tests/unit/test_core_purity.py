@@ -17,6 +17,7 @@ CORE_GLOBS = (
     "consensus/ready_order.py",
     "consensus/paxos/*.py",
     "compute/scheduler*.py",
+    "compute/scheduler/*.py",
     "compute/state.py",
     "monitor/phi.py",
     "monitor/alerts.py",
