@@ -108,8 +108,7 @@ def test_a_second_accepted_result_stops_the_scheduler_with_the_task_history() ->
     assert "RESULT_APPLIED is not allowed in state DONE" in str(info.value)
     assert info.value.history == (
         "PENDING -DISPATCHED-> RUNNING",
-        "RUNNING -ATTEMPT_ENDED-> PENDING",
-        "PENDING -RESULT_PROPOSED-> COMMITTING",
+        "RUNNING -RESULT_PROPOSED-> COMMITTING",
         "COMMITTING -RESULT_APPLIED-> DONE",
     )
 

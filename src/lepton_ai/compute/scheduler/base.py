@@ -159,11 +159,12 @@ class SchedulerBase:
         task.to(DISPATCHED)
 
     @staticmethod
-    def _drop_run(task: Task, run: Run) -> None:
-        """``run`` is no longer live: a RUNNING task left with none is PENDING again."""
+    def _drop_run(task: Task, run: Run, settle: bool = True) -> None:
+        """``run`` is no longer live: a RUNNING task left with none is PENDING again
+        (unless ``settle`` is false: the caller moves the task on itself)."""
         if run in task.runs:
             task.runs.remove(run)
-            if not task.runs and task.state is RUNNING:
+            if settle and not task.runs and task.state is RUNNING:
                 task.to(ATTEMPT_ENDED)
 
     def _cancel(self, run: Run) -> None:
@@ -171,8 +172,10 @@ class SchedulerBase:
             run.cancelled = True
             self._out.append(Cancel(run.attempt, run.worker))
 
-    def _release(self, attempt: TaskAttempt, worker: str) -> Run | None:
-        """End ``attempt``: free its slot; return its run if it was live (not cancelled)."""
+    def _release(self, attempt: TaskAttempt, worker: str, settle: bool = True) -> Run | None:
+        """End ``attempt``: free its slot; return its run if it was live (not cancelled).
+
+        ``settle``: as for ``_drop_run``."""
         run = self._runs.get(attempt)
         if run is None or run.worker != worker:
             return None  # unknown (an old leader's attempt) or already ended
@@ -182,7 +185,7 @@ class SchedulerBase:
             w.free.append(run.slot)
         job = self._jobs.get(attempt.job_id)
         if job is not None:
-            self._drop_run(job.tasks[attempt.stage][attempt.partition], run)
+            self._drop_run(job.tasks[attempt.stage][attempt.partition], run, settle)
         return None if run.cancelled else run
 
     def _task_of(self, attempt: TaskAttempt) -> tuple[Job, Task] | None:

@@ -134,13 +134,11 @@ class Scheduler(Speculation, Recovery):
     # ------------------------------------------------------------------ reports
 
     def _succeeded(self, ev: TaskSucceeded) -> None:
-        run = self._release(ev.attempt, ev.worker)
         found = self._task_of(ev.attempt)
-        if found is None:
-            return
+        if found is None or found[1].state not in UNFINISHED:
+            self._release(ev.attempt, ev.worker)
+            return  # a backup or a retry lost the race (or the job closes): output discarded
         job, task = found
-        if task.state not in UNFINISHED:
-            return  # a backup or a retry lost the race: its output is discarded
         spec = job.plan.stages[task.stage]
         ok = (
             len(ev.outputs) == 1 and (ev.outputs[0].data is None) != (ev.outputs[0].obj is None)
@@ -149,8 +147,12 @@ class Scheduler(Speculation, Recovery):
             and len(ev.outputs) == spec.shuffle_write.num_buckets
         )
         if not ok:
+            self._release(ev.attempt, ev.worker)
             self._count_failure(job, task, "worker reported malformed outputs", ev.now)
             return
+        # Straight on to COMMITTING, also when this was its last live attempt (checking
+        # first is the same: releasing an attempt changes neither the job nor the checks).
+        run = self._release(ev.attempt, ev.worker, settle=False)
         task.to(RESULT_PROPOSED)
         job.proposed_count[task.stage] += 1
         duration = ev.now - run.start if run is not None else 0.0

@@ -99,8 +99,9 @@ TRANSITIONS: Final[Mapping[tuple[TaskState, TaskEvent], TaskState]] = {
     (PENDING, DISPATCHED): RUNNING,
     (RUNNING, DISPATCHED): RUNNING,  # a speculative backup, or a second adopted attempt
     (RUNNING, ATTEMPT_ENDED): PENDING,  # retried (or the job fails past max_retries)
-    # PENDING: the succeeded attempt was its last (released first) or one we never
-    # tracked (an earlier leader's); RUNNING: the other of original and backup runs on.
+    # From RUNNING: the usual way (a backup or original may still run: it is cancelled
+    # once the result applies). From PENDING: an attempt no longer live succeeded (an
+    # earlier leader's, or one given up: timed out, lost in a re-registration).
     (PENDING, RESULT_PROPOSED): COMMITTING,
     (RUNNING, RESULT_PROPOSED): COMMITTING,
     (COMMITTING, RESULT_REJECTED): PENDING,
