@@ -4,8 +4,9 @@ Modules: ``core`` (the Scheduler, event dispatch, reports and applied commands),
 ``task_state`` (a task's states and transition table), ``base`` (soft state and
 shared steps), ``placement`` (workers, slots, locality, stealing),
 ``speculation`` (stragglers, backups, timeouts) and ``recovery`` (lost workers
-and outputs, fetch failures, rebuilding after a leader change). What the module
-``compute/scheduler.py`` exported before it became this package is re-exported.
+and outputs, fetch failures, rebuilding after a leader change). This package was
+the module ``compute/scheduler.py``: ``from lepton_ai.compute.scheduler import
+Scheduler, SchedulerConfig`` works as it did.
 """
 
 from lepton_ai.compute.scheduler.core import Scheduler

@@ -44,6 +44,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Final, NamedTuple
 
 from lepton_ai.compute.scheduler_events import TaskAttempt
@@ -95,28 +96,31 @@ PENDING, RUNNING, COMMITTING, DONE, LOST = TaskState
 ) = TaskEvent
 UNFINISHED: Final = frozenset((PENDING, RUNNING))  # no result proposed or recorded
 
-TRANSITIONS: Final[Mapping[tuple[TaskState, TaskEvent], TaskState]] = {
-    (PENDING, DISPATCHED): RUNNING,
-    (RUNNING, DISPATCHED): RUNNING,  # a speculative backup, or a second adopted attempt
-    (RUNNING, ATTEMPT_ENDED): PENDING,  # retried (or the job fails past max_retries)
-    # From RUNNING: the usual way (a backup or original may still run: it is cancelled
-    # once the result applies). From PENDING: an attempt no longer live succeeded (an
-    # earlier leader's, or one given up: timed out, lost in a re-registration).
-    (PENDING, RESULT_PROPOSED): COMMITTING,
-    (RUNNING, RESULT_PROPOSED): COMMITTING,
-    (COMMITTING, RESULT_REJECTED): PENDING,
-    (COMMITTING, RESULT_REJECTED_RUNNING): RUNNING,
-    # From PENDING or RUNNING: an earlier leader's result, applied from the log.
-    # From DONE or LOST it would be a second result for one output: not allowed.
-    (PENDING, RESULT_APPLIED): DONE,
-    (RUNNING, RESULT_APPLIED): DONE,
-    (COMMITTING, RESULT_APPLIED): DONE,
-    (PENDING, RESTORED): DONE,
-    (DONE, LOSS_PROPOSED): LOST,
-    (DONE, LOSS_APPLIED): PENDING,  # proposed by an earlier leader
-    (LOST, LOSS_APPLIED): PENDING,
-    (LOST, LOSS_REJECTED): DONE,
-}
+TRANSITIONS: Final[Mapping[tuple[TaskState, TaskEvent], TaskState]] = MappingProxyType(
+    {
+        (PENDING, DISPATCHED): RUNNING,
+        (RUNNING, DISPATCHED): RUNNING,  # a speculative backup, or a second adopted attempt
+        (RUNNING, ATTEMPT_ENDED): PENDING,  # retried (or the job fails past max_retries)
+        # From RUNNING: the usual way (a backup or original may still run: it is cancelled
+        # once the result applies). From PENDING: an attempt no longer live succeeded (an
+        # earlier leader's, or one given up: timed out, lost in a re-registration).
+        (PENDING, RESULT_PROPOSED): COMMITTING,
+        (RUNNING, RESULT_PROPOSED): COMMITTING,
+        (COMMITTING, RESULT_REJECTED): PENDING,
+        (COMMITTING, RESULT_REJECTED_RUNNING): RUNNING,
+        # From PENDING or RUNNING: an earlier leader's result, applied from the log (or
+        # ours, after a rejected result of an earlier leader ended COMMITTING early).
+        # From DONE or LOST it would be a second result for one output: not allowed.
+        (PENDING, RESULT_APPLIED): DONE,
+        (RUNNING, RESULT_APPLIED): DONE,
+        (COMMITTING, RESULT_APPLIED): DONE,
+        (PENDING, RESTORED): DONE,
+        (DONE, LOSS_PROPOSED): LOST,
+        (DONE, LOSS_APPLIED): PENDING,  # proposed by an earlier leader
+        (LOST, LOSS_APPLIED): PENDING,
+        (LOST, LOSS_REJECTED): DONE,
+    }
+)
 
 
 class Step(NamedTuple):
