@@ -7,9 +7,26 @@ unable to answer (Unavailable).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class LeptonError(Exception):
     """Base class of every lepton_ai error."""
+
+
+class InvariantError(AssertionError):
+    """An invariant of a core broke: a bug, not a caller's misuse nor a peer's fault.
+
+    Its state can no longer be trusted, so the process must stop (never catch it
+    and carry on); the log survives and a restart rebuilds from it. ``history``
+    holds what led there when the core keeps it (a task's last transitions),
+    oldest first; the message includes it too. An AssertionError, so a check that
+    raises it survives ``python -O`` and still reads as a failed assertion.
+    """
+
+    def __init__(self, message: str, *, history: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.history = tuple(history)
 
 
 class Unavailable(LeptonError):

@@ -18,6 +18,7 @@ CORE_GLOBS = (
     "consensus/leader_search.py",
     "consensus/paxos/*.py",
     "compute/scheduler*.py",
+    "compute/scheduler/*.py",
     "compute/state.py",
     "monitor/phi.py",
     "monitor/alerts.py",

@@ -29,7 +29,7 @@ import msgspec
 
 from lepton_ai.compute.plan import JobOptions, decode_plan, finalize
 from lepton_ai.data.outputs import LEP, WriteSpec, WrittenPart, commit_parts, part_name
-from lepton_ai.errors import JobCancelled, JobFailed, TaskError
+from lepton_ai.errors import InvariantError, JobCancelled, JobFailed, TaskError
 from lepton_ai.storage.messages import ObjectMeta
 
 JobStatus = Literal["running", "finished", "failed"]
@@ -209,7 +209,7 @@ class JobRecord(msgspec.Struct):
         refs: list[OutputRef] = []
         for o in self.outcomes[-1]:
             if o is None or (o.outputs[0].data is None and o.outputs[0].obj is None):
-                raise AssertionError(f"finished job {self.job_id} lacks a result part")
+                raise InvariantError(f"finished job {self.job_id} lacks a result part")
             refs.append(o.outputs[0])
         return refs
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from lepton_ai.consensus.api import NotLeader
 from lepton_ai.consensus.messages import ZERO_BALLOT, Ballot, Entry, PeerMessage, Snapshot, Value
-from lepton_ai.errors import LeptonError
+from lepton_ai.errors import InvariantError, LeptonError  # InvariantError: re-exported
 
 __all__ = [
     "DurableState",
@@ -21,10 +21,6 @@ __all__ = [
     "ProposalId",
     "Ready",
 ]
-
-
-class InvariantError(AssertionError):
-    """A protocol invariant broke: the replica must stop (never caught and ignored)."""
 
 
 class Overloaded(LeptonError):

@@ -55,7 +55,7 @@ from lepton_ai.compute.state import (
     encode_command,
 )
 from lepton_ai.consensus.api import LogHost, NotLeader
-from lepton_ai.errors import LeptonError, Unavailable
+from lepton_ai.errors import InvariantError, LeptonError, Unavailable
 from lepton_ai.monitor import metrics
 from lepton_ai.monitor.events import EventKind
 from lepton_ai.monitor.phi import PhiAccrualDetector
@@ -231,9 +231,10 @@ class Coordinator:
             self.monitor.observe(event)
         try:
             actions = self.scheduler.step(event)
-        except AssertionError as exc:
+        except InvariantError as exc:
             # A broken invariant of the core: state can no longer be trusted. Stop
-            # the process (the log survives; a restart rebuilds from it).
+            # the process (the log survives; a restart rebuilds from it). The core
+            # raises nothing else for a broken invariant (no bare asserts).
             log.critical("scheduler invariant broken on %s: %s", type(event).__name__, exc)
             logging.shutdown()
             os._exit(70)
