@@ -17,6 +17,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from helpers import wait_until
 from lepton_ai.consensus import cli as kv_cli
 from lepton_ai.consensus.client import KV, ClientConfig
 from lepton_ai.consensus.cluster import KvCluster, LauncherConfig
@@ -232,18 +233,16 @@ def test_add_and_remove_a_replica(tmp_path: Path) -> None:
         c.kill(dead)
         new = c.add_replica()
         c.remove_replica(dead)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
+
+        def caught_up() -> bool:
             st = c.status().get(new)
-            if (
+            return (
                 st is not None
                 and st.applied_index >= 20
                 and sorted(st.members) == sorted(c.replicas)
-            ):
-                break
-            time.sleep(0.1)
-        else:
-            pytest.fail(f"new replica did not catch up: {c.status().get(new)}")
+            )
+
+        wait_until(caught_up, 20.0, f"new replica {new} caught up and a member")
         # The group is now {others, new}: it survives losing one more original replica.
         c.kill(next(n for n in c.replicas if n not in (new, c.leader())))
         c.kv.put("after", "change")
