@@ -121,7 +121,9 @@ def test_sigkill_worker_mid_job(cluster: LocalCluster) -> None:
     fault = first(events, "fault_injected")
     lost = first(events, "worker_lost")
     assert lost["t"] - fault["t"] < DETECT_LIMIT_S
-    assert any(e["kind"] in ("task_rescheduled", "output_lost") for e in events)
+    # It was running a task (busy just before the kill): that partition ran again
+    # elsewhere. (Its finished outputs have copies on the other node: shuffle_replicas=2.)
+    assert "task_rescheduled" in [e["kind"] for e in events], events
     assert first(events, "job_finished")["t"] > lost["t"]
 
 
