@@ -13,8 +13,9 @@ import contextlib
 import operator
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from typing import Any
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any, TypeVar
 
 import psutil
 
@@ -22,8 +23,76 @@ from lepton_ai.compute.api import DistributedTask
 from lepton_ai.compute.plan import JobOptions
 from lepton_ai.compute.state import OutputRef, TaskFinished
 from lepton_ai.consensus.driver import ReplicaDriver
+from lepton_ai.node.process import pid_alive
 
 CLI_TIMEOUT_S = 60.0
+POLL_S = 0.05
+
+T = TypeVar("T")
+
+
+def wait_until(
+    predicate: Callable[[], T],
+    timeout_s: float,
+    what: str,
+    *,
+    interval_s: float = POLL_S,
+    ignore: tuple[type[BaseException], ...] = (),
+) -> T:
+    """Poll ``predicate`` until it returns something truthy and return that.
+
+    ``AssertionError`` naming ``what``, the timeout and the last value (or exception)
+    if it does not within ``timeout_s``. Exceptions of the types in ``ignore`` count as
+    "not yet" (e.g. ``Unavailable`` between two leaders). The predicate runs at least
+    once, also after the deadline passed during a slow call, so a wait never fails
+    without a last look.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            last: Any = predicate()
+        except ignore as exc:
+            last = exc
+        else:
+            if last:
+                return last  # type: ignore[no-any-return]
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"not within {timeout_s} s: {what} (last: {last!r})")
+        time.sleep(interval_s)
+
+
+async def wait_until_async(
+    predicate: Callable[[], T],
+    timeout_s: float,
+    what: str,
+    *,
+    interval_s: float = 0.01,
+    ignore: tuple[type[BaseException], ...] = (),
+) -> T:
+    """``wait_until`` inside an event loop: the predicate is checked between
+    ``asyncio.sleep``s, so the code under test runs while the test waits."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        try:
+            last: Any = predicate()
+        except ignore as exc:
+            last = exc
+        else:
+            if last:
+                return last  # type: ignore[no-any-return]
+        if loop.time() >= deadline:
+            raise AssertionError(f"not within {timeout_s} s: {what} (last: {last!r})")
+        await asyncio.sleep(interval_s)
+
+
+def pids_left(pids: Iterable[int], timeout_s: float) -> list[int]:
+    """Wait up to ``timeout_s`` for every one of ``pids`` to exit (zombies count as
+    exited); returns those still alive then, for the caller to kill and report."""
+    pids = list(pids)
+    with contextlib.suppress(AssertionError):
+        wait_until(lambda: not any(pid_alive(p) for p in pids), timeout_s, "processes exited")
+    return [p for p in pids if pid_alive(p)]
 
 
 def lepton(
@@ -108,16 +177,32 @@ def strength_gap(cluster: Any, coordinators: int = 3, workers: int = 2) -> str:
 
 
 def wait_full_strength(cluster: Any, timeout_s: float) -> None:
-    import time
-
     from lepton_ai.errors import Unavailable
 
-    gap = "?"
-    deadline = time.monotonic() + timeout_s
-    while gap and time.monotonic() < deadline:
-        try:
-            gap = strength_gap(cluster)
-        except Unavailable as exc:  # between leaders
-            gap = str(exc)
-        time.sleep(0.05)
-    assert not gap, f"not back to full strength within {timeout_s} s: {gap}"
+    # A gap is a non-empty string: wait for the predicate "no gap", keeping the last
+    # gap for the message. Unavailable: between leaders.
+    gap = ["?"]
+
+    def full() -> bool:
+        gap[0] = strength_gap(cluster)
+        return not gap[0]
+
+    try:
+        wait_until(full, timeout_s, "back to full strength", ignore=(Unavailable,))
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last gap: {gap[0]}") from None
+
+
+def assert_mid_job(cluster: Any, job_id: str) -> tuple[int, int]:
+    """Fail unless job ``job_id`` is still running with tasks left; (done, total).
+
+    Called right before a chaos test injects its fault: a job that got fast enough to
+    finish first would leave the test checking a fault that hit nothing, and passing.
+    """
+    info = cluster.job_info(job_id, 0.0)
+    done, total = int(info.done), int(info.total)
+    assert info.status == "running" and done < total, (
+        f"job {job_id} is {info.status} with {done}/{total} tasks done before the fault:"
+        " the fault would not land mid-job (make the job slower)"
+    )
+    return done, total

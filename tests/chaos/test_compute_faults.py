@@ -22,6 +22,7 @@ import cloudpickle
 import pytest
 
 import lepton_ai as lep
+from helpers import assert_mid_job, pids_left, wait_until
 from lepton_ai.node.cluster import LocalCluster
 from lepton_ai.node.process import pid_alive
 
@@ -59,10 +60,7 @@ def cluster() -> Iterator[LocalCluster]:
         except lep.LeptonError:
             pass
         c.close()
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and any(pid_alive(p) for p in with_new):
-            time.sleep(0.02)
-        left = [p for p in with_new if pid_alive(p)]
+        left = pids_left(with_new, 5.0)
         for pid in left:
             os.kill(pid, signal.SIGKILL)
         assert not left, f"processes left running: {left}"
@@ -76,16 +74,15 @@ def submit(cluster: LocalCluster) -> lep.Job:
 
 def wait_busy(cluster: LocalCluster, role: str, timeout_s: float = 10.0) -> str:
     """Id of a member of ``role`` that is running a task right now."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+
+    def busy() -> list[dict[str, Any]]:
         members = cluster.status()["members"]
-        busy = [m for m in members if m["role"] == "executor" and m["health"] == "busy"]
-        if busy:
-            if role == "executor":
-                return str(busy[0]["id"])
-            return str(busy[-1]["id"]).split(".")[0]
-        time.sleep(0.02)
-    raise AssertionError("no executor became busy")
+        return [m for m in members if m["role"] == "executor" and m["health"] == "busy"]
+
+    found = wait_until(busy, timeout_s, "an executor busy", interval_s=0.02)
+    if role == "executor":
+        return str(found[0]["id"])
+    return str(found[-1]["id"]).split(".")[0]
 
 
 def first(events: list[dict[str, Any]], kind: str) -> dict[str, Any]:
@@ -99,6 +96,7 @@ def test_sigkill_executor_mid_job(cluster: LocalCluster) -> None:
     job = submit(cluster)
     time.sleep(0.3)
     target = wait_busy(cluster, "executor")
+    assert_mid_job(cluster, job.id)
     pid = cluster.kill("executor", target)
     assert dict(job.result(timeout=60)) == expected()
     assert not pid_alive(pid)
@@ -116,13 +114,16 @@ def test_sigkill_worker_mid_job(cluster: LocalCluster) -> None:
     job = submit(cluster)
     time.sleep(0.5)
     worker = wait_busy(cluster, "worker")
+    assert_mid_job(cluster, job.id)
     cluster.kill("worker", worker)
     assert dict(job.result(timeout=60)) == expected()
     events = cluster.events()
     fault = first(events, "fault_injected")
     lost = first(events, "worker_lost")
     assert lost["t"] - fault["t"] < DETECT_LIMIT_S
-    assert any(e["kind"] in ("task_rescheduled", "output_lost") for e in events)
+    # It was running a task (busy just before the kill): that partition ran again
+    # elsewhere. (Its finished outputs have copies on the other node: shuffle_replicas=2.)
+    assert "task_rescheduled" in [e["kind"] for e in events], events
     assert first(events, "job_finished")["t"] > lost["t"]
 
 
@@ -131,6 +132,7 @@ def test_sigstop_worker_mid_job_is_detected_as_a_hang(cluster: LocalCluster) -> 
     job = submit(cluster)
     time.sleep(0.5)
     worker = wait_busy(cluster, "worker")
+    assert_mid_job(cluster, job.id)
     cluster.pause("worker", worker)
     try:
         assert dict(job.result(timeout=60)) == expected()
@@ -142,13 +144,11 @@ def test_sigstop_worker_mid_job_is_detected_as_a_hang(cluster: LocalCluster) -> 
     assert "phi" in lost["detail"]  # the connection stayed open: heartbeats told
     assert lost["t"] - fault["t"] < DETECT_LIMIT_S
     # Resumed, the agent rejoins under a new incarnation id and takes work again.
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        joined = [e for e in cluster.events() if e["kind"] == "worker_joined"]
-        if len(joined) >= 3:
-            break
-        time.sleep(0.05)
-    assert len(joined) >= 3
+    wait_until(
+        lambda: len([e for e in cluster.events() if e["kind"] == "worker_joined"]) >= 3,
+        10.0,
+        "a third worker_joined (the resumed agent, re-incarnated)",
+    )
 
 
 def pairs_gated(gate: str, chunk: range) -> Any:
@@ -156,6 +156,8 @@ def pairs_gated(gate: str, chunk: range) -> Any:
     back until the test has damaged the other outputs (a fixed sleep raced a slow
     machine: the job could finish before six outputs were seen at once)."""
     if chunk[0] == 0:
+        # Runs in an executor, where the tests' helpers cannot be imported; and on a
+        # timeout it must go on, not fail (the test then fails on its own check).
         deadline = time.monotonic() + 30
         while not os.path.exists(gate) and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -224,6 +226,7 @@ def test_coordinator_sigkill_and_restart_resumes_the_job_from_its_log(
 ) -> None:
     job = submit(cluster)
     time.sleep(0.5)
+    assert_mid_job(cluster, job.id)
     old = cluster.kill("coordinator", 0)
     new = cluster.restart("coordinator", 0)
     assert new != old and not pid_alive(old)

@@ -20,6 +20,7 @@ import cloudpickle
 import pytest
 
 import lepton_ai as lep
+from helpers import assert_mid_job, pids_left, wait_until
 from lepton_ai.node.cluster import LocalCluster
 from lepton_ai.node.messages import ClientReply, ErrorReply, GetStatus, WaitJob
 from lepton_ai.node.process import pid_alive
@@ -61,10 +62,7 @@ def cluster() -> Iterator[LocalCluster]:
                 os.kill(pid, signal.SIGCONT)
         seen |= set(c.pids())
         c.close()
-        deadline = time.monotonic() + 5
-        while any(pid_alive(p) for p in seen) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not [p for p in seen if pid_alive(p)], "processes left running"
+        assert not pids_left(seen, 5.0), "processes left running"
 
 
 @pytest.mark.timeout(90)
@@ -74,6 +72,7 @@ def test_leader_sigkilled_at_random_points_of_a_shuffle_job(cluster: LocalCluste
         job = shuffle_job(cluster)
         time.sleep(rng.uniform(0.05, 0.6))
         old = cluster.leader_id()
+        assert_mid_job(cluster, job.id)
         cluster.kill("leader")
         assert dict(job.result(timeout=40)) == expected(), f"trial {trial}"
         assert cluster.leader_id() != old
@@ -88,6 +87,7 @@ def test_follower_sigkilled_mid_job(cluster: LocalCluster) -> None:
     follower = next(i for i in ("0", "1", "2") if i != leader)
     job = shuffle_job(cluster)
     time.sleep(0.2)
+    assert_mid_job(cluster, job.id)
     cluster.kill("coordinator", follower)
     assert dict(job.result(timeout=40)) == expected()
     assert cluster.leader_id() == leader  # a follower's death changes no leadership
@@ -100,6 +100,7 @@ def test_leader_sigstopped_steps_down_and_its_stale_scheduling_loses(
     job = shuffle_job(cluster)
     time.sleep(0.3)
     old = cluster.leader_id()
+    assert_mid_job(cluster, job.id)
     pid = cluster.pause("leader")
     assert dict(job.result(timeout=40)) == expected()
     new = cluster.leader_id()
@@ -110,16 +111,14 @@ def test_leader_sigstopped_steps_down_and_its_stale_scheduling_loses(
     assert dict(shuffle_job(cluster).result(timeout=40)) == expected()
     assert cluster.status()["leader"] == cluster.coordinator_addresses[int(cluster.leader_id())]
     assert pid_alive(pid)
+
     # The woken replica knows it lost: it reports a follower role, never a second leader.
-    deadline = time.monotonic() + 10
-    roles: dict[str, str] = {}
-    while time.monotonic() < deadline:
+    def old_follows() -> dict[str, str] | None:
         members = cluster.status()["members"]
         roles = {m["id"]: m["health"] for m in members if m["role"] == "coordinator"}
-        if roles.get(old) == "follower":
-            break
-        time.sleep(0.1)
-    assert roles.get(old) == "follower", roles
+        return roles if roles.get(old) == "follower" else None
+
+    roles = wait_until(old_follows, 10.0, f"coordinator {old} reporting itself a follower")
     assert list(roles.values()).count("leader") == 1, roles
     # And asked directly, the old leader sends clients to the new one.
     reply = asyncio.run(ask(cluster, cluster.coordinator_addresses[int(old)], GetStatus()))
@@ -145,6 +144,7 @@ def test_quorum_loss_gives_unavailable_then_one_back_resumes(cluster: LocalClust
     time.sleep(0.2)
     leader = cluster.leader_id()
     followers = [i for i in ("0", "1", "2") if i != leader]
+    assert_mid_job(cluster, job.id)
     # 2 of 3 unreachable: the leader alone has no quorum. Paused, not killed: the
     # cluster's supervisor would start killed ones again at once.
     for follower in followers:

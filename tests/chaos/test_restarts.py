@@ -21,7 +21,7 @@ import cloudpickle
 import pytest
 
 import lepton_ai as lep
-from helpers import strength_gap, wait_full_strength
+from helpers import pids_left, strength_gap, wait_full_strength, wait_until
 from lepton_ai.node.cluster import LocalCluster
 from lepton_ai.node.process import pid_alive
 
@@ -61,18 +61,8 @@ def where(_: int) -> str:
 
 
 def until(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except lep.Unavailable as exc:  # between leaders
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(0.02)
-    raise AssertionError(f"not within {timeout_s} s: {what} (last: {last!r})")
+    # Status calls fail with Unavailable between leaders: not yet, not a failure.
+    return wait_until(check, timeout_s, what, interval_s=0.02, ignore=(lep.Unavailable,))
 
 
 def member(cluster: LocalCluster, role: str, id: str) -> dict[str, Any]:
@@ -91,10 +81,7 @@ def cleanup() -> Iterator[list[LocalCluster]]:
                 os.kill(pid, signal.SIGCONT)  # a paused one must not outlive the test
         seen |= set(c.pids())
         c.close()
-    deadline = time.monotonic() + 5
-    while any(pid_alive(p) for p in seen) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not [p for p in seen if pid_alive(p)], "processes left running"
+    assert not pids_left(seen, 5.0), "processes left running"
 
 
 @pytest.mark.timeout(60)

@@ -22,7 +22,7 @@ import cloudpickle
 import pytest
 
 import lepton_ai as lep
-from helpers import wait_full_strength
+from helpers import pids_left, wait_full_strength
 from lepton_ai.node.cluster import LocalCluster
 from lepton_ai.node.process import pid_alive
 
@@ -118,10 +118,7 @@ def cluster() -> Iterator[LocalCluster]:
                 os.kill(pid, signal.SIGCONT)
         seen |= set(c.pids())
         c.close()
-        deadline = time.monotonic() + 5
-        while any(pid_alive(p) for p in seen) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not [p for p in seen if pid_alive(p)], "processes left running"
+        assert not pids_left(seen, 5.0), "processes left running"
 
 
 @pytest.mark.timeout(SOAK_S + 240)

@@ -15,25 +15,17 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
 
 import cloudpickle
 import pytest
 
 import lepton_ai as lep
+from helpers import assert_mid_job, wait_until
 from lepton_ai.node.cluster import LocalCluster
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 ITEMS, PARTS = 24_000, 12
-
-
-def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s} s: {what}")
-        time.sleep(0.05)
 
 
 DRIVER = textwrap.dedent(
@@ -66,9 +58,9 @@ def test_output_is_whole_and_once_through_driver_leader_and_node_kills() -> None
             stderr=subprocess.PIPE,
         )
         try:
-            wait_for(lambda: bool(submitted_job(cluster)), 30, "the driver submitted its job")
+            wait_until(lambda: bool(submitted_job(cluster)), 30, "the driver submitted its job")
             job = lep.Job(cluster, submitted_job(cluster))
-            wait_for(lambda: job.progress()[0] >= 2, 30, "the job started")
+            wait_until(lambda: job.progress()[0] >= 2, 30, "the job started")
             driver.kill()  # the driver is gone: the job lives in the log
             cluster.kill("leader")
             time.sleep(0.3)
@@ -105,7 +97,8 @@ def test_a_job_on_stored_inputs_survives_a_node_that_held_them() -> None:
         lines = [f"{i:08d}-" + "z" * 200 for i in range(120_000)]  # ~25 MB: stored inputs
         task = lep.DistributedTask(cluster)
         job = task.parallelize(lines, partitions=12).map(slow_len).submit("reduce")
-        wait_for(lambda: job.progress()[0] >= 1, 30, "the job started")
+        wait_until(lambda: job.progress()[0] >= 1, 30, "the job started")
+        assert_mid_job(cluster, job.id)
         cluster.kill("worker", 0)
         assert job.result(timeout=90) == sum(map(len, lines))
 
@@ -142,7 +135,8 @@ def test_replicated_shuffle_loses_no_finished_map_output_with_its_node() -> None
         for replicas in (1, 2):
             ds = task.parallelize(range(24_000), partitions=12).map_partitions(slow_pairs)
             job = ds.reduce_by_key(operator.add, 3).submit(shuffle_replicas=replicas)
-            wait_for(lambda j=job: j.progress()[0] >= 4, 30, "a third of the maps done")
+            wait_until(lambda j=job: j.progress()[0] >= 4, 30, "a third of the maps done")
+            assert_mid_job(cluster, job.id)
             cluster.kill("worker", 0)
             assert dict(job.result(timeout=90)) == want
             kinds = [e["kind"] for e in cluster.events(job.id)]

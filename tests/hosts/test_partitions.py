@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import pytest
 
+from helpers import wait_until
 from lepton_ai.consensus.client import KV, ClientConfig
 from lepton_ai.errors import Unavailable
 from lepton_ai.node.client import CoordinatorClient
@@ -101,11 +102,12 @@ def _note_failover(cluster: BedCluster, run: Run, old: int, t_fault: float) -> i
     majority = [c for c in cluster.coordinator_hosts if c != old]
     new = cluster.wait_leader(majority, LEADER_TIMEOUT_S)
     run.notes["new_leader_s"] = round(run.now() - t_fault, 3)
-    deadline = time.monotonic() + LEADER_TIMEOUT_S
-    while not run.acked_writes(after=t_fault) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    acked = run.acked_writes(after=t_fault)
-    assert acked, "no write committed after the fault while a majority was connected"
+    acked = wait_until(
+        lambda: run.acked_writes(after=t_fault),
+        LEADER_TIMEOUT_S,
+        "a write committed after the fault while a majority was connected",
+        interval_s=0.02,
+    )
     run.notes["next_write_s"] = round(min(op.ret or 0.0 for op in acked) - t_fault, 3)
     return new
 
@@ -151,14 +153,13 @@ def _leader_isolated(cluster: BedCluster, run: Run) -> None:
 def _wait_stepped_down(cluster: BedCluster, run: Run, old: int, t_fault: float) -> None:
     """The isolated leader (which the client still reaches) must stop calling itself
     leader once it hears no quorum (check-quorum)."""
-    deadline = time.monotonic() + LEADER_TIMEOUT_S
-    while time.monotonic() < deadline:
+
+    def stepped_down() -> bool:
         status = cluster.paxos_status(old)
-        if status is not None and status.role != "leader":
-            run.notes["old_leader_stepped_down_s"] = round(run.now() - t_fault, 3)
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"isolated leader on host {old} still leads after {LEADER_TIMEOUT_S} s")
+        return status is not None and status.role != "leader"
+
+    wait_until(stepped_down, LEADER_TIMEOUT_S, f"the isolated leader on host {old} stepped down")
+    run.notes["old_leader_stepped_down_s"] = round(run.now() - t_fault, 3)
 
 
 def _majority_minority(cluster: BedCluster, run: Run) -> None:

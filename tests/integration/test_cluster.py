@@ -18,6 +18,7 @@ import cloudpickle
 import pytest
 
 import lepton_ai as lep
+from helpers import lepton, pids_left, wait_until
 from lepton_ai.node.cluster import LocalCluster
 from lepton_ai.node.process import pid_alive
 
@@ -32,15 +33,6 @@ def all_pids(cluster: LocalCluster) -> list[int]:
     return sorted(pids)
 
 
-def wait_all_dead(pids: list[int], timeout_s: float = 5.0) -> list[int]:
-    deadline = time.monotonic() + timeout_s
-    alive = list(pids)
-    while alive and time.monotonic() < deadline:
-        alive = [p for p in alive if pid_alive(p)]
-        time.sleep(0.02)
-    return alive
-
-
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalCluster]:
     c = LocalCluster(workers=2)
@@ -49,7 +41,7 @@ def cluster() -> Iterator[LocalCluster]:
         yield c
     finally:
         c.close()
-        left = wait_all_dead(pids)
+        left = pids_left(pids, 5.0)
         for pid in left:
             os.kill(pid, signal.SIGKILL)
         assert not left, f"processes left running: {left}"
@@ -322,7 +314,7 @@ def test_status_lists_members_and_close_leaves_nothing() -> None:
         assert all(pid_alive(p) for p in pids)
     finally:
         c.close()
-    assert not wait_all_dead(pids), "processes survived close()"
+    assert not pids_left(pids, 5.0), "processes survived close()"
     assert started_s < 30
 
 
@@ -350,7 +342,7 @@ def test_parent_death_takes_the_cluster_down(tmp_path: Path) -> None:
         assert len(pids) >= 3  # coordinator, worker, executor (and maybe a spare)
         owner.kill()
         owner.wait(10)
-        left = wait_all_dead(pids, 10.0)
+        left = pids_left(pids, 10.0)
         assert not left, f"children outlived their parent: {left}"
     finally:
         if owner.poll() is None:
@@ -437,14 +429,9 @@ def _nap(x: int) -> int:
 def test_a_running_job_is_cancelled_and_frees_its_executors(cluster: LocalCluster) -> None:
     import json
 
-    from helpers import lepton
-
     task = lep.DistributedTask(cluster, progress=False)
     job = task.parallelize(range(40), partitions=40).map(_nap).submit()  # ~40 s of work
-    deadline = time.monotonic() + 20
-    while job.progress()[0] == 0:  # it has really started
-        assert time.monotonic() < deadline, "the job never started"
-        time.sleep(0.1)
+    wait_until(lambda: job.progress()[0] > 0, 20.0, "the job really started")
     on = ("--address", cluster.address, "--token", cluster.token)
     listed = lepton("job", "list", "--json", *on)
     assert listed.returncode == 0, listed.stderr

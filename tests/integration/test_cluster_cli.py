@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from helpers import lepton
+from helpers import lepton, pids_left, wait_until
 from lepton_ai.node.process import pid_alive
 
 
@@ -42,15 +42,14 @@ def test_up_status_chaos_down(tmp_path: Path) -> None:
         killed = lepton("chaos", "kill", "executor", "0", "--json", env=env)
         assert killed.returncode == 0, killed.stderr
         victim = json.loads(killed.stdout)["pid"]
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:  # the agent replaces its executor
+
+        def replaced() -> list[dict[str, Any]] | None:
             members = json.loads(lepton("cluster", "status", "--json", env=env).stdout)["members"]
             fresh = [m for m in members if m["role"] == "executor" and m["health"] == "idle"]
-            if len(fresh) == 2 and victim not in [m["pid"] for m in fresh]:
-                break
-            time.sleep(0.1)
-        else:
-            pytest.fail(f"executor {victim} was not replaced: {members}")
+            ok = len(fresh) == 2 and victim not in [m["pid"] for m in fresh]
+            return list(members) if ok else None
+
+        members = wait_until(replaced, 15.0, f"executor {victim} replaced by its agent")
         pids += [m["pid"] for m in members]
 
         bad = lepton("chaos", "kill", "worker", "9", env=env)
@@ -59,16 +58,13 @@ def test_up_status_chaos_down(tmp_path: Path) -> None:
         # The supervisor dies: the members live on, unsupervised, and say so; down
         # still stops every one of them.
         os.kill(state["supervisor"], signal.SIGKILL)
-        time.sleep(0.3)
+        wait_until(lambda: not pid_alive(state["supervisor"]), 5.0, "the supervisor gone")
         st = json.loads(lepton("cluster", "status", "--json", env=env).stdout)
         assert st["supervisor"] == {"pid": state["supervisor"], "alive": False}, st
         assert all(pid_alive(p) for p in pids[1:4])
         down = lepton("cluster", "down", "--json", env=env)
         assert down.returncode == 0, down.stderr
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
-            time.sleep(0.05)
-        assert not [p for p in pids if pid_alive(p)]
+        assert not pids_left(pids, 10.0)
         gone = lepton("cluster", "status", env=env)
         assert gone.returncode != 0 and "no running cluster" in gone.stderr
     finally:

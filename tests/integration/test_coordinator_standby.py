@@ -17,14 +17,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from helpers import lepton
+from helpers import lepton, wait_until
 from lepton_ai.consensus.client import KV
 from lepton_ai.heal.membership import EXIT_REMOVED
 from lepton_ai.node.process import pid_alive
@@ -111,19 +111,9 @@ def group(tmp_path: Path) -> Iterator[dict[int, Coord]]:
         yield coords
 
 
-def _until(cond: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = cond()
-        except Exception as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not within {timeout_s} s (last: {last!r})")
+# Coordinators start, hang and die under these tests: while waiting, any client or
+# status error only means "not yet" (the last one is in the failure message).
+NOT_YET = (Exception,)
 
 
 def _leader(kv: KV, coords: dict[int, Coord], skip: set[int]) -> Any:
@@ -165,16 +155,17 @@ def test_standby_replaces_a_hung_voter_and_the_removed_one_exits(
             kv.put("k0", 0)
             return True
 
-        _until(first_write, 30, "a first write")
-        leader = _until(lambda: _leader(kv, group, set()), 20, "a leader")
+        wait_until(first_write, 30, "a first write", ignore=NOT_YET)
+        leader = wait_until(lambda: _leader(kv, group, set()), 20, "a leader", ignore=NOT_YET)
         # The standby shows up in the status, as a coordinator with health "standby".
-        _until(
+        wait_until(
             lambda: any(
                 m["id"] == str(STANDBY) and m["health"] == "standby"
                 for m in _status_members(group, leader.node)
             ),
             20,
             "the standby in cluster status",
+            ignore=NOT_YET,
         )
         hung = next(n for n in (0, 1, 2) if n != leader.node)
         os.kill(group[hung].proc.pid, signal.SIGSTOP)
@@ -185,7 +176,7 @@ def test_standby_replaces_a_hung_voter_and_the_removed_one_exits(
             st = _leader(kv, group, {hung})
             return st is not None and sorted(st.members) == want
 
-        _until(replaced, 25, "the standby promoted in place of the hung voter")
+        wait_until(replaced, 25, "the standby promoted in place of the hung voter", ignore=NOT_YET)
         assert time.monotonic() - stopped_at >= REPLACE_AFTER_S
         leader = _leader(kv, group, {hung})
         events = _events(group, leader.node)
@@ -243,12 +234,15 @@ def test_workers_and_clients_follow_the_advertised_leader_address(tmp_path: Path
                     return [st["leader"], *got] if all(got) and st["leader"] else []
 
                 # Every coordinator's client address, the followers' too, as advertised.
-                shown = _until(addresses, 30, "a leader and every coordinator's address")
+                shown = wait_until(
+                    addresses, 30, "a leader and every coordinator's address", ignore=NOT_YET
+                )
                 assert len(shown) == 4 and all(a.startswith("localhost:") for a in shown), shown
-                _until(
+                wait_until(
                     lambda: any(m["role"] == "worker" for m in cluster.status()["members"]),
                     30,
                     "the worker, redirected to the leader",
+                    ignore=NOT_YET,
                 )
                 task = lep.DistributedTask(cluster)
                 assert task.parallelize(range(100), partitions=4).count() == 100

@@ -13,7 +13,7 @@ import json
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import cloudpickle
 import pytest
 
 import lepton_ai as lep
+from helpers import wait_until
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -62,17 +63,6 @@ def _browser(profile: Path) -> Any:
     return webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
 
 
-def _wait(what: str, check: Callable[[], Any], timeout_s: float = PAGE_WAIT_S) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the page did not show {what} within {timeout_s} s")
-        time.sleep(0.05)
-
-
 @pytest.fixture
 def setup(tmp_path: Path) -> Iterator[tuple[lep.LocalCluster, str, Any]]:
     """The dashboard as the leading coordinator serves it (``cluster.dashboard_url``)."""
@@ -90,7 +80,9 @@ def _log_in(driver: Any, url: str, token: str) -> None:
     from selenium.webdriver.common.by import By
 
     driver.get(url)
-    _wait("the login form", lambda: driver.find_elements(By.ID, "token"))
+    wait_until(
+        lambda: driver.find_elements(By.ID, "token"), PAGE_WAIT_S, "the page showing the login form"
+    )
     driver.find_element(By.ID, "token").send_keys(token)
     driver.find_element(By.ID, "login-submit").click()
 
@@ -128,7 +120,11 @@ def _check_login(cluster: lep.LocalCluster, url: str, driver: Any) -> dict[str, 
 
     # A wrong token: the form again, an error, and still no data.
     _log_in(driver, url, "wrong-" + cluster.token)
-    _wait("the login error", lambda: driver.find_elements(By.ID, "login-error"))
+    wait_until(
+        lambda: driver.find_elements(By.ID, "login-error"),
+        PAGE_WAIT_S,
+        "the page showing the login error",
+    )
     assert "Wrong token" in driver.page_source
     assert not driver.find_elements(By.ID, "members")
     assert cluster.address not in driver.page_source
@@ -137,8 +133,16 @@ def _check_login(cluster: lep.LocalCluster, url: str, driver: Any) -> dict[str, 
     # The right one: the members appear.
     clicked = time.monotonic()
     _log_in(driver, url, cluster.token)
-    _wait("3 coordinators", lambda: len(_texts(driver, "#members tr[data-role=coordinator]")) == 3)
-    _wait("2 workers", lambda: len(_texts(driver, "#members tr[data-role=worker]")) == 2)
+    wait_until(
+        lambda: len(_texts(driver, "#members tr[data-role=coordinator]")) == 3,
+        PAGE_WAIT_S,
+        "the page showing 3 coordinators",
+    )
+    wait_until(
+        lambda: len(_texts(driver, "#members tr[data-role=worker]")) == 2,
+        PAGE_WAIT_S,
+        "the page showing 2 workers",
+    )
     login_to_members_s = time.monotonic() - clicked
     first_render_ms = driver.execute_script("return window.__lepton.firstRenderMs")
     assert _api_status(driver) == 200
@@ -163,12 +167,20 @@ def _check_job(cluster: lep.LocalCluster, driver: Any) -> None:
             statuses.add(found[0])
         return found is not None and "(100%)" in found[1]
 
-    _wait(f"job {job.id} at 100%", finished, 60.0)
+    wait_until(finished, 60.0, f"the page showing job {job.id} at 100%")
     assert sorted(job.result(timeout=30)) == [2 * x for x in range(8)]
     assert "running" in statuses, statuses  # seen on its way, not only at the end
     if hasattr(cluster, "job_tasks"):  # the task timeline: a bar per attempt
-        done = _wait("the task timeline", lambda: _texts(driver, "#timeline rect.succeeded"))
-        _wait("8 succeeded tasks", lambda: len(_texts(driver, "#timeline rect.succeeded")) >= 8)
+        done = wait_until(
+            lambda: _texts(driver, "#timeline rect.succeeded"),
+            PAGE_WAIT_S,
+            "the page showing the task timeline",
+        )
+        wait_until(
+            lambda: len(_texts(driver, "#timeline rect.succeeded")) >= 8,
+            PAGE_WAIT_S,
+            "the page showing 8 succeeded tasks",
+        )
         assert "stage 0 partition" in done[0]
     else:
         assert _texts(driver, "#timeline-box[hidden]")  # no timing API: no chart
@@ -178,15 +190,20 @@ def _check_fault(cluster: lep.LocalCluster, driver: Any) -> dict[str, float]:
     """A worker killed: the fault and the recovery, on the event timeline."""
     killed_at = time.time()
     cluster.kill("worker", 1)
-    lost = _wait("worker_lost", lambda: _texts(driver, "#events li[data-kind=worker_lost]"))
+    lost = wait_until(
+        lambda: _texts(driver, "#events li[data-kind=worker_lost]"),
+        PAGE_WAIT_S,
+        "the page showing worker_lost",
+    )
     fault_visible_s = time.time() - killed_at
     assert "worker_lost 1 (" in lost[0], lost
-    _wait(
-        "the worker's restart",
+    wait_until(
         lambda: (
             _texts(driver, "#events li[data-kind=member_restarted]")
             and len(_texts(driver, "#events li[data-kind=worker_joined]")) >= 3
         ),
+        PAGE_WAIT_S,
+        "the page showing the worker's restart",
     )
     lags = driver.execute_script("return window.__lepton.eventLagMs")
     lost_lag_ms = next(x["lagMs"] for x in lags if x["kind"] == "worker_lost")

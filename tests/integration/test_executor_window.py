@@ -6,6 +6,7 @@ come back as ``Requeued`` (they never ran, so no retry is charged)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 import sys
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
+from helpers import wait_until_async
 from lepton_ai.compute.plan import NarrowOp, SourceOp, build_plan, encode_plan
 from lepton_ai.compute.scheduler_events import TaskAttempt
 from lepton_ai.data.sources import range_sources
@@ -25,14 +27,28 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 PARTS = 4
 
 
-def _slow(x: int) -> int:
-    time.sleep(0.3 if x == 0 else 0.01)
+def _slow(started: str, x: int) -> int:
+    if x == 0:
+        Path(started).touch()  # the test kills the executor only once this is running
+        time.sleep(0.3)
+    else:
+        time.sleep(0.01)
     return x
 
 
-def _plan() -> bytes:
-    ops = [SourceOp(tuple(range_sources(range(PARTS), PARTS))), NarrowOp("map", _slow)]
+def _plan(tmp_path: Path) -> bytes:
+    started = str(tmp_path / "partition-0-running")
+    ops = [
+        SourceOp(tuple(range_sources(range(PARTS), PARTS))),
+        NarrowOp("map", functools.partial(_slow, started)),
+    ]
     return encode_plan(build_plan(ops, "collect"))
+
+
+async def _running_partition_0(tmp_path: Path) -> None:
+    """Until the executor really runs partition 0 (it is not just queued in the slot)."""
+    marker = tmp_path / "partition-0-running"
+    await wait_until_async(marker.exists, 30.0, "partition 0 running in the executor")
 
 
 def _attempt(p: int) -> TaskAttempt:
@@ -53,7 +69,7 @@ async def _with_slot(tmp_path: Path, body) -> None:  # type: ignore[no-untyped-d
 @pytest.mark.timeout(90)
 def test_window_runs_in_order_and_a_queued_attempt_can_be_cancelled(tmp_path: Path) -> None:
     async def body(slot: ExecutorSlot) -> None:
-        plan = _plan()
+        plan = _plan(tmp_path)
         futures = [await slot.submit("job1", plan, ExecRun(_attempt(p))) for p in range(PARTS)]
         assert slot.is_running(_attempt(0)) and len(slot.outstanding) == PARTS
         assert slot.cancel(_attempt(2))  # queued behind the slow one: dropped, no kill
@@ -69,9 +85,9 @@ def test_window_runs_in_order_and_a_queued_attempt_can_be_cancelled(tmp_path: Pa
 @pytest.mark.timeout(90)
 def test_executor_death_fails_the_running_attempt_and_requeues_the_rest(tmp_path: Path) -> None:
     async def body(slot: ExecutorSlot) -> None:
-        plan = _plan()
+        plan = _plan(tmp_path)
         futures = [await slot.submit("job1", plan, ExecRun(_attempt(p))) for p in range(PARTS)]
-        await asyncio.sleep(0.1)  # the slow partition 0 is running
+        await _running_partition_0(tmp_path)
         assert slot.signal(signal.SIGKILL)
         outcomes = await asyncio.gather(*futures, return_exceptions=True)
         assert type(outcomes[0]) is ExecutorDied and not outcomes[0].cancelled
@@ -86,10 +102,10 @@ def test_executor_death_fails_the_running_attempt_and_requeues_the_rest(tmp_path
 @pytest.mark.timeout(90)
 def test_cancelling_the_running_attempt_kills_only_it(tmp_path: Path) -> None:
     async def body(slot: ExecutorSlot) -> None:
-        plan = _plan()
+        plan = _plan(tmp_path)
         first = await slot.submit("job1", plan, ExecRun(_attempt(0)))
         second = await slot.submit("job1", plan, ExecRun(_attempt(1)))
-        await asyncio.sleep(0.1)
+        await _running_partition_0(tmp_path)
         assert slot.cancel(_attempt(0))
         done = await asyncio.gather(first, second, return_exceptions=True)
         assert type(done[0]) is ExecutorDied and done[0].cancelled
@@ -104,7 +120,7 @@ def test_a_smaller_window_for_slow_stages_keeps_attempts_with_the_agent(tmp_path
     it still holds can be stolen at once, unlike what the executor has queued."""
 
     async def body(slot: ExecutorSlot) -> None:
-        plan = _plan()
+        plan = _plan(tmp_path)
         futures = [await slot.submit("job1", plan, ExecRun(_attempt(p))) for p in range(2)]
         assert not slot.can_take(slot.config.window_slow) and slot.can_take()
         replies = [await f for f in futures]

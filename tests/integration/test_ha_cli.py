@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from helpers import lepton
+from helpers import lepton, pids_left, wait_until
 from lepton_ai.node.process import pid_alive
 
 
@@ -29,13 +29,16 @@ def test_three_coordinators_from_the_cli_survive_a_leader_kill(tmp_path: Path) -
         coordinators = [m for m in st["members"] if m["role"] == "coordinator"]
         assert sorted(m["health"] for m in coordinators) == ["follower", "follower", "leader"]
         pids += [m["pid"] for m in st["members"] if m["pid"]]
+
         # Every coordinator's real pid (a remote status: each replica reports its own).
-        deadline = time.monotonic() + 10
-        while not all(m["pid"] in state["pids"] for m in coordinators):
-            assert time.monotonic() < deadline, coordinators
-            time.sleep(0.1)
-            st = json.loads(lepton("cluster", "status", "--json", env=env).stdout)
-            coordinators = [m for m in st["members"] if m["role"] == "coordinator"]
+        def status() -> dict[str, Any]:
+            return dict(json.loads(lepton("cluster", "status", "--json", env=env).stdout))
+
+        def real_pids() -> list[dict[str, Any]] | None:
+            coords = [m for m in status()["members"] if m["role"] == "coordinator"]
+            return coords if all(m["pid"] in state["pids"] for m in coords) else None
+
+        coordinators = wait_until(real_pids, 10.0, "every coordinator's real pid")
 
         # The KV and replica commands find the cluster like every other (no --peers).
         put = lepton("kv", "put", "greeting", "hello", env=env)
@@ -48,30 +51,28 @@ def test_three_coordinators_from_the_cli_survive_a_leader_kill(tmp_path: Path) -
         killed = lepton("chaos", "kill", "leader", "0", "--json", env=env)
         assert killed.returncode == 0, killed.stderr
         old = json.loads(killed.stdout)["pid"]
-        deadline = time.monotonic() + 20
-        leader = None
-        while time.monotonic() < deadline:
-            st = json.loads(lepton("cluster", "status", "--json", env=env).stdout)
-            leaders = [m for m in st["members"] if m["health"] == "leader"]
-            workers = [m for m in st["members"] if m["role"] == "worker"]
-            if leaders and leaders[0]["pid"] != old and len(workers) == 2:
-                leader = leaders[0]
-                break
-            time.sleep(0.2)
-        assert leader is not None, st
+
+        def new_leader() -> bool:
+            members = status()["members"]
+            leaders = [m for m in members if m["health"] == "leader"]
+            workers = [m for m in members if m["role"] == "worker"]
+            return bool(leaders) and leaders[0]["pid"] != old and len(workers) == 2
+
+        wait_until(new_leader, 20.0, "a new leader and both workers", interval_s=0.2)
         # The supervisor started the killed one again: it is back as a follower,
         # and status says it was restarted once and why.
         killed_id = next(m["id"] for m in coordinators if m["pid"] == old)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            st = json.loads(lepton("cluster", "status", "--json", env=env).stdout)
+
+        def restarted() -> tuple[dict[str, Any], dict[str, Any]] | None:
+            st = status()
             back = next(
                 m for m in st["members"] if m["id"] == killed_id and m["role"] == "coordinator"
             )
-            if back["health"] == "follower" and back["restarts"] == 1:
-                break
-            time.sleep(0.2)
-        assert back["health"] == "follower" and back["restarts"] == 1, st
+            return (st, back) if back["health"] == "follower" and back["restarts"] == 1 else None
+
+        st, back = wait_until(
+            restarted, 20.0, f"coordinator {killed_id} back as a follower", interval_s=0.2
+        )
         assert back["last_exit"] == "killed by SIGKILL" and back["pid"] != old, back
         assert st["supervisor"]["alive"], st
         pids.append(back["pid"])
@@ -86,10 +87,7 @@ def test_three_coordinators_from_the_cli_survive_a_leader_kill(tmp_path: Path) -
 
         down = lepton("cluster", "down", "--json", env=env)
         assert down.returncode == 0, down.stderr
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
-            time.sleep(0.05)
-        assert not [p for p in pids if pid_alive(p)]
+        assert not pids_left(pids, 10.0)
     finally:
         for pid in pids:
             if pid_alive(pid):

@@ -44,12 +44,17 @@ def test_demo_with_three_coordinators_survives_a_leader_kill() -> None:
     assert out["config"]["coordinators"] == 3 and out["checks"]["faults_planned"] == 3
     leader = next(f for f in out["faults"] if f["role"] == "leader")
     kinds = [ev["kind"] for ev in out["timeline"]]
-    if leader["injected_s"] is not None and leader["injected_s"] >= 0:
-        # The kill landed mid-job: the timeline shows the election and the job going on.
-        assert leader["detected_s"] is not None
-        assert "leader_elected" in kinds or "elected" in kinds, out["timeline"]
-        # ... and the killed leader restarted by the cluster's supervisor, back as a follower.
-        assert leader["back_s"] is not None and "restarted" in kinds, out["timeline"]
+    own = {ev["kind"]: ev["detail"] for ev in out["timeline"]}  # the demo's own lines
+    # The kill landed mid-job (this test is about it: a skipped kill would check nothing);
+    # the demo saw it, saw another coordinator elected, and printed who.
+    assert leader["injected_s"] is not None and leader["injected_s"] >= 0, out["timeline"]
+    assert leader["detected_s"] is not None
+    assert leader["replacement_pid"] not in (None, leader["pid"]), leader
+    assert own.get("elected", "").endswith(f"leads now (pid {leader['replacement_pid']})"), own
+    # ... and the killed leader restarted by the cluster's supervisor, back as a follower.
+    assert leader["back_s"] is not None, leader
+    back = f"coordinator {leader['member_id']} running again"
+    assert own.get("restarted", "").startswith(back), own
     restarted = [ev["detail"] for ev in out["timeline"] if ev["kind"] == "member_restarted"]
     for fault in out["faults"]:
         if fault["role"] in ("worker", "leader") and (fault["injected_s"] or -1) >= 0:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 import lepton_ai as lep
-from helpers import lepton
+from helpers import lepton, wait_until
 from lepton_ai.node.cluster import LocalCluster
 from lepton_ai.node.process import pid_alive
 
@@ -93,11 +93,14 @@ def test_driver_sigkilled_after_submit_result_fetched_by_a_new_process(
         assert sorted(m["health"] for m in coordinators) == ["follower", "follower", "leader"]
         # Real pids for every replica, not only the one that answered (each reports its own).
         started = {cluster.procs[("coordinator", str(i))].pid for i in range(3)}
-        deadline = time.monotonic() + 10
-        while {m["pid"] for m in coordinators} != started and time.monotonic() < deadline:
-            time.sleep(0.1)
-            coordinators = [m for m in other.status()["members"] if m["role"] == "coordinator"]
-        assert {m["pid"] for m in coordinators} == started
+        wait_until(
+            lambda: (
+                {m["pid"] for m in other.status()["members"] if m["role"] == "coordinator"}
+                == started
+            ),
+            10.0,
+            "every coordinator's real pid in the status",
+        )
         status = lepton("job", "status", job_id, "--json", *auth)
         assert json.loads(status.stdout)["status"] == "finished"
         rm = lepton("job", "rm", job_id, "--json", *auth)
@@ -142,13 +145,13 @@ def test_finished_jobs_expire_after_the_retention() -> None:
         task = lep.DistributedTask(c)
         job = task.parallelize(range(10), partitions=2).map(lambda x: x + 1).submit()
         assert sorted(job.result(timeout=30)) == list(range(1, 11))
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+
+        def expired() -> bool:
             try:
                 c.job_info(job.id)
             except KeyError:
-                break
-            time.sleep(0.2)
-        else:
-            pytest.fail("the finished job was not expired")
+                return True
+            return False
+
+        wait_until(expired, 10.0, "the finished job expired", interval_s=0.2)
         assert "job_expired" in {e["kind"] for e in c.events()}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import wait_until_async
 from lepton_ai.consensus.api import LogHost, NotLeader
 from lepton_ai.consensus.server import ReplicaHost, ReplicaOptions
 
@@ -50,13 +51,11 @@ def _ports(n: int) -> list[socket.socket]:
 
 
 async def _leader(hosts: dict[int, ReplicaHost], timeout_s: float = 10.0) -> ReplicaHost:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while asyncio.get_running_loop().time() < deadline:
+    def single() -> list[ReplicaHost] | None:
         leaders = [h for h in hosts.values() if h.log.is_leader]
-        if len(leaders) == 1:
-            return leaders[0]
-        await asyncio.sleep(0.02)
-    raise AssertionError("no single leader")
+        return leaders if len(leaders) == 1 else None
+
+    return (await wait_until_async(single, timeout_s, "a single leader", interval_s=0.02))[0]
 
 
 @pytest.mark.timeout(60)
@@ -110,10 +109,9 @@ def test_replica_host_is_a_log_host(tmp_path: Path) -> None:
             hosts[follower.node_id] = make_host(follower.node_id, fresh, sock)
             await hosts[follower.node_id].start()
             await log.submit(b"3")
-            deadline = asyncio.get_running_loop().time() + 10
-            while fresh.total != 523 and asyncio.get_running_loop().time() < deadline:
-                await asyncio.sleep(0.02)
-            assert fresh.total == 523
+            await wait_until_async(
+                lambda: fresh.total == 523, 10.0, "the restarted follower at 523"
+            )
             assert fresh.applied == machines[leader.node_id].applied
         finally:
             for host in hosts.values():
@@ -170,10 +168,7 @@ def test_lagging_replica_catches_up_by_snapshot_install(tmp_path: Path) -> None:
             )
             await hosts[lagging.node_id].start()
             await leader.log.submit(b"1")
-            deadline = asyncio.get_running_loop().time() + 10
-            while fresh.total != 101 and asyncio.get_running_loop().time() < deadline:
-                await asyncio.sleep(0.02)
-            assert fresh.total == 101
+            await wait_until_async(lambda: fresh.total == 101, 10.0, "the lagging one at 101")
             assert hosts[lagging.node_id].log.storage.snapshot_slot >= 60
         finally:
             for host in hosts.values():

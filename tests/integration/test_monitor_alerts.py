@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -16,6 +15,7 @@ import cloudpickle
 import pytest
 
 import lepton_ai as lep
+from helpers import wait_until
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -69,14 +69,6 @@ def cluster(receiver: Receiver) -> Iterator[lep.LocalCluster]:
         yield c
 
 
-def wait_for(predicate: Any, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.1)
-
-
 def alert_events(cluster: lep.LocalCluster, kind: str, key: str) -> list[dict[str, Any]]:
     return [e for e in cluster.events() if e["kind"] == kind and f" {key}:" in e["detail"]]
 
@@ -86,8 +78,8 @@ def test_a_worker_down_raises_node_down_and_its_return_clears_it(
 ) -> None:
     assert not alert_events(cluster, "alert_raised", "node_down:1")
     cluster.kill("worker", 1)
-    wait_for(lambda: alert_events(cluster, "alert_raised", "node_down:1"), 20.0, "node_down")
-    wait_for(
+    wait_until(lambda: alert_events(cluster, "alert_raised", "node_down:1"), 20.0, "node_down")
+    wait_until(
         lambda: any(d["labels"]["alertname"] == "node_down" for d in receiver.docs),
         20.0,
         "the webhook's firing notification (after one retry)",
@@ -97,8 +89,8 @@ def test_a_worker_down_raises_node_down_and_its_return_clears_it(
     assert firing["labels"] == {"alertname": "node_down", "severity": "warning", "subject": "1"}
     assert receiver.posts >= 2  # the first POST got a 500 and was retried
     cluster.restart("worker", 1)
-    wait_for(lambda: alert_events(cluster, "alert_cleared", "node_down:1"), 30.0, "cleared")
-    wait_for(
+    wait_until(lambda: alert_events(cluster, "alert_cleared", "node_down:1"), 30.0, "cleared")
+    wait_until(
         lambda: any(
             d["status"] == "resolved" and d["labels"]["alertname"] == "node_down"
             for d in receiver.docs
@@ -124,7 +116,7 @@ def test_a_failed_job_raises_job_failed(cluster: lep.LocalCluster) -> None:
     # The remote traceback names this file and the line that raised.
     assert f'File "{__file__}"' in failed.value.remote_traceback
     assert 'raise ValueError(f"bad record {x}")' in failed.value.remote_traceback
-    wait_for(
+    wait_until(
         lambda: alert_events(cluster, "alert_raised", f"job_failed:{job.id}"), 20.0, "job_failed"
     )
     raised = alert_events(cluster, "alert_raised", f"job_failed:{job.id}")

@@ -16,6 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import lepton_ai as lep
+from helpers import wait_until
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -49,14 +50,6 @@ def value(samples: dict[str, list[Any]], name: str, **labels: str) -> float:
     )
 
 
-def wait_for(predicate: Any, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.1)
-
-
 def word_count(cluster: lep.LocalCluster, n: int) -> lep.Job:
     task = lep.DistributedTask(cluster)
     words = task.parallelize([f"w{i % 7}" for i in range(n)], partitions=6)
@@ -77,7 +70,7 @@ def test_every_coordinator_and_agent_serves_metrics_that_move_when_work_runs(
 ) -> None:
     # Every coordinator and worker shows its /metrics address (followers' once the
     # leader has asked them).
-    wait_for(
+    wait_until(
         lambda: all(m["metrics"] for m in cluster.status()["members"] if m["role"] != "executor"),
         10.0,
         "every member's metrics address in status",
@@ -127,7 +120,9 @@ def test_service_discovery_lists_every_process_from_any_coordinator(
         str(tmp_path / "model.py:predict"), replicas=2, cluster=cluster, name="sd"
     ).wait_ready(60)
     try:
-        wait_for(lambda: all(m["metrics"] for m in cluster.status()["members"]), 10.0, "addresses")
+        wait_until(
+            lambda: all(m["metrics"] for m in cluster.status()["members"]), 10.0, "addresses"
+        )
         members = [m for m in cluster.status()["members"] if m["role"] in ("coordinator", "worker")]
         replicas = dep.status()
         expected = sorted(
@@ -202,7 +197,7 @@ def test_every_event_shows_once_after_a_leader_failover(cluster: lep.LocalCluste
         job.result(timeout=60)
     old = cluster.dashboard_url
     cluster.kill("leader")
-    wait_for(lambda: _new_leader(cluster, old), 20.0, "a new leader")
+    wait_until(lambda: _new_leader(cluster, old), 20.0, "a new leader")
     events = cluster.events()
     for job in jobs:
         ends = [e for e in events if e["job_id"] == job.id and e["kind"] == "job_finished"]

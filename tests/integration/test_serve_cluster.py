@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 import lepton_ai as lep
+from helpers import wait_until
 from lepton_ai.node.process import pid_alive
 
 MODEL_V1 = "def predict(instances):\n    return [sum(x) for x in instances]\n"
@@ -76,13 +77,6 @@ class Load:
         return sum(self.answers.values()) + len(self.failures)
 
 
-def _until(cond: Any, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, f"{what} not within {timeout_s} s"
-        time.sleep(0.1)
-
-
 @pytest.mark.timeout(120)
 def test_a_deployment_outlives_its_driver_and_keeps_serving(
     cluster: Any, models: tuple[str, str]
@@ -123,25 +117,25 @@ def test_node_kill_leader_kill_and_rolling_update_fail_no_request(
     dep = lep.Deployment(v1, replicas=2, cluster=cluster, name="steady").wait_ready(60)
     try:
         with Load(dep.urls) as load:
-            _until(lambda: load.done >= 50, 30, "first answers")
+            wait_until(lambda: load.done >= 50, 30, "first answers")
             # A node with a replica: its replica (and balancer) die with it.
             victim = dep.status()[0]
             node = victim["node"]
             cluster.kill("worker", node)
-            _until(lambda: not pid_alive(victim["pid"]), 10, "the replica gone with its node")
+            wait_until(lambda: not pid_alive(victim["pid"]), 10, "the replica gone with its node")
             dep.wait_ready(60)  # the count is restored (on a new incarnation or the other)
             assert victim["id"] not in {r["id"] for r in dep.status()}
             before = load.done
-            _until(lambda: load.done >= before + 50, 30, "answers after the node kill")
+            wait_until(lambda: load.done >= before + 50, 30, "answers after the node kill")
             # The leader.
             cluster.kill("leader")
             time.sleep(1.0)
             before = load.done
-            _until(lambda: load.done >= before + 50, 30, "answers after the leader kill")
+            wait_until(lambda: load.done >= before + 50, 30, "answers after the leader kill")
             # A rolling update: every answer from v1 or v2, never an error.
             assert dep.update(v2, timeout_s=120) == 2
             before = load.done
-            _until(lambda: load.done >= before + 50, 30, "answers after the update")
+            wait_until(lambda: load.done >= before + 50, 30, "answers after the update")
         print(f"answers {dict(load.answers)} versions {dict(load.versions)}")
         assert not load.failures, load.failures[:5]
         assert set(load.answers) <= {3, 30} and load.answers[30] > 0, load.answers
@@ -153,7 +147,7 @@ def test_node_kill_leader_kill_and_rolling_update_fail_no_request(
     finally:
         pids = dep.pids()
         dep.delete()
-    _until(lambda: not any(pid_alive(p) for p in pids), 30, "every replica stopped")
+    wait_until(lambda: not any(pid_alive(p) for p in pids), 30, "every replica stopped")
 
 
 @pytest.mark.timeout(60)
@@ -220,14 +214,14 @@ def test_autoscaling_follows_a_burst_up_and_back_down(cluster: Any, tmp_path: Pa
         for t in threads:
             t.start()
         # 8 requests in flight, 2 wanted per replica: 4, capped at 3.
-        _until(lambda: sum(r["ready"] for r in dep.status()) == 3, 60, "3 replicas under load")
+        wait_until(lambda: sum(r["ready"] for r in dep.status()) == 3, 60, "3 replicas under load")
     finally:
         stop.set()
         for t in threads:
             t.join(30)
     assert not failures, failures[:5]
     # The burst is over: back to min_replicas (1) after the scale-down delay.
-    _until(lambda: len(dep.status()) == 1, 60, "back to 1 replica")
+    wait_until(lambda: len(dep.status()) == 1, 60, "back to 1 replica")
     events = [e["detail"] for e in cluster.events() if e["kind"] == "autoscaled"]
     assert any("bursty: 1 -> 3" in d for d in events), events
     assert "-> 1 replicas (0 requests in flight" in events[-1], events  # maybe via 2

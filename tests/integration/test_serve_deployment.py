@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -20,31 +19,12 @@ import httpx
 import pytest
 
 import lepton_ai as lep
+from helpers import pids_left, wait_until
 from lepton_ai.serve.target import TargetError
 
 ROOT = Path(__file__).resolve().parents[2]
 IRIS = f"{ROOT}/examples/iris_serve.py:predict"
 ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as fh:
-        return fh.read().split(")")[-1].split()[0] != "Z"
-    return True
-
-
-def _wait_gone(pids: list[int], timeout_s: float = 10.0) -> list[int]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        left = [p for p in pids if _alive(p)]
-        if not left:
-            return []
-        time.sleep(0.05)
-    return [p for p in pids if _alive(p)]
 
 
 @contextlib.contextmanager
@@ -87,16 +67,17 @@ def test_deployment_api_predicts_scales_and_cleans_up(tmp_path: Path) -> None:
         assert "lepton_lb_requests_total" in metrics
         with pytest.raises(ValueError):
             dep.scale(0)
-    assert _wait_gone(sorted(seen)) == []
+    assert pids_left(sorted(seen), 10.0) == []
 
 
 def _wait_in_flight(dep: lep.Deployment, n: int, timeout_s: float = 10.0) -> None:
     """Until the balancer has ``n`` requests at replicas (a fixed sleep flakes on a busy host)."""
-    deadline = time.monotonic() + timeout_s
-    while sum(r["outstanding"] for r in dep.status()) < n:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"fewer than {n} requests reached the replicas")
-        time.sleep(0.01)
+    wait_until(
+        lambda: sum(r["outstanding"] for r in dep.status()) >= n,
+        timeout_s,
+        f"{n} requests at the replicas",
+        interval_s=0.01,
+    )
 
 
 @pytest.mark.timeout(60)
@@ -122,7 +103,7 @@ def test_scale_down_and_stop_drain_requests_in_flight(tmp_path: Path) -> None:
             _wait_in_flight(dep, 2)
             dep.stop()  # leaving the block drains these too
             assert [c.result().status_code for c in calls] == [200] * 2
-    assert _wait_gone(pids) == []
+    assert pids_left(pids, 10.0) == []
 
 
 @pytest.mark.timeout(60)
@@ -137,9 +118,12 @@ def test_crash_loop_restarts_with_growing_back_off(tmp_path: Path) -> None:
             resp = httpx.post(f"{dep.url}/predict", json={"instances": ["crash"]}, timeout=10)
             assert resp.status_code == 502  # died mid-request; no other replica to retry on
             t0 = time.monotonic()
-            while not (dep.status()[0]["ready"] and dep.pids()[0] not in pids):
-                assert time.monotonic() - t0 < 15, dep.status()
-                time.sleep(0.02)
+            wait_until(
+                lambda: dep.status()[0]["ready"] and dep.pids()[0] not in pids,
+                15.0,
+                "a fresh replica ready",
+                interval_s=0.02,
+            )
             waits.append(time.monotonic() - t0)
             pids.extend(dep.pids())
         assert dep.status()[0]["restarts"] == 3
@@ -147,7 +131,7 @@ def test_crash_loop_restarts_with_growing_back_off(tmp_path: Path) -> None:
         assert waits[1] >= 0.9 and waits[2] >= 1.9 and waits[2] > waits[0] + 1.0, waits
         ok = httpx.post(f"{dep.url}/predict", json={"instances": ["fine"]}, timeout=10)
         assert ok.json() == {"predictions": ["fine"]}
-    assert _wait_gone(pids) == []
+    assert pids_left(pids, 10.0) == []
 
 
 @pytest.mark.timeout(60)
@@ -167,7 +151,7 @@ def test_joblib_model_file_with_micro_batching(tmp_path: Path) -> None:
         wrong = httpx.post(f"{dep.url}/predict", json={"instances": [[1.0, 2.0]]})
         assert wrong.status_code == 400 and "4 features" in wrong.json()["error"]
         pids = dep.pids()
-    assert _wait_gone(pids) == []
+    assert pids_left(pids, 10.0) == []
 
 
 def test_deployment_with_bad_target_fails_before_starting_anything(tmp_path: Path) -> None:
@@ -197,7 +181,7 @@ def test_lepton_serve_iris_then_ctrl_c_stops_everything() -> None:
         assert bad.status_code == 400
         proc.send_signal(signal.SIGINT)
         assert proc.wait(20) == 0
-    assert _wait_gone(pids) == []
+    assert pids_left(pids, 10.0) == []
 
 
 @pytest.mark.timeout(60)
@@ -210,7 +194,7 @@ def test_replicas_exit_when_lepton_serve_is_killed(tmp_path: Path) -> None:
         pids = [r["pid"] for r in json.loads(proc.stdout.readline())["replicas"]]
         proc.kill()  # no chance to clean up: the replicas' watchdog must notice
         proc.wait(10)
-        assert _wait_gone(pids, timeout_s=5) == []
+        assert pids_left(pids, 5.0) == []
 
 
 def test_lepton_serve_unimportable_target_exits_nonzero_with_reason() -> None:
@@ -235,7 +219,7 @@ def test_port_in_use_fails_clearly_and_leaves_nothing_running(tmp_path: Path) ->
         with pytest.raises(OSError, match=f"127.0.0.1:{port}"):
             lep.Deployment(f"{tmp_path}/m.py:predict", replicas=2, port=port).start()
     started = [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in before]
-    assert _wait_gone(started, timeout_s=5) == []
+    assert pids_left(started, 5.0) == []
 
 
 @pytest.mark.timeout(60)

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from helpers import wait_until_async
 from lepton_ai.serve.balancer import Balancer
 from lepton_ai.serve.config import BalancerConfig
 from lepton_ai.serve.frontend import FrontEnd
@@ -253,9 +254,9 @@ def test_connections_past_the_per_client_limit_get_429_and_others_are_served(loo
                     writer.write(b"GET /healthz HTTP/1.1\r\n\r\n")
                     assert (await _read_answer(reader))[0] == 200
             # Once the held ones are closed, the address gets its share back.
-            async with asyncio.timeout(ANSWER_WAIT_S):
-                while front.connections:
-                    await asyncio.sleep(0.02)
+            await wait_until_async(
+                lambda: not front.connections, ANSWER_WAIT_S, "the held connections closed"
+            )
             async with _connections(port, limit) as again:
                 for reader, writer in again:
                     writer.write(b"GET /healthz HTTP/1.1\r\n\r\n")

@@ -17,6 +17,7 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
+from helpers import wait_until_async
 from lepton_ai.node.process import pid_alive
 from lepton_ai.serve.config import ServeConfig, SupervisorConfig
 from lepton_ai.serve.node_balancer import NODE_DEPLOYMENTS_MAX
@@ -72,12 +73,10 @@ class _Node:
         return "gone" if r is None else r.state
 
     async def until(self, check: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while not check():
-            if loop.time() > deadline:
-                raise AssertionError(f"timed out waiting for {what}: {self.node.reports()}")
-            await asyncio.sleep(0.05)
+        try:
+            await wait_until_async(check, timeout_s, what, interval_s=0.05)
+        except AssertionError as exc:  # what the node saw is the useful part
+            raise AssertionError(f"{exc}: {self.node.reports()}") from None
 
 
 @contextlib.asynccontextmanager

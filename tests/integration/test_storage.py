@@ -8,27 +8,20 @@ import os
 import pathlib
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import cloudpickle
 import numpy as np
 import pytest
 
 import lepton_ai as lep
+from helpers import wait_until
 from lepton_ai.errors import StorageFull
 from lepton_ai.node.cluster import LocalCluster
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 MB = 1 << 20
-
-
-def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s} s: {what}")
-        time.sleep(0.1)
 
 
 def node_ids(cluster: LocalCluster) -> dict[str, str]:
@@ -129,7 +122,7 @@ def test_reads_survive_a_node_kill_and_replicas_are_restored() -> None:
         def restored() -> bool:
             return all(len(set(c.storage.stat(k).replicas) & live) == 2 for k in data)
 
-        wait_for(restored, 30.0, "every object back to 2 live replicas")
+        wait_until(restored, 30.0, "every object back to 2 live replicas")
         report = c.storage.fsck()
         assert not report.lost
 
@@ -150,7 +143,7 @@ def test_a_flipped_bit_is_never_read_and_is_repaired(tmp_path: pathlib.Path) -> 
             st = c.storage.stat("flip")
             return len(copies) == 2 and len(st.replicas) == 2 and path.exists()
 
-        wait_for(healed, 30.0, "the corrupt replica replaced from the good one")
+        wait_until(healed, 30.0, "the corrupt replica replaced from the good one")
         assert c.storage.get("flip") == data
 
 
@@ -193,7 +186,7 @@ def test_the_scrubber_finds_a_flipped_bit_no_reader_touched(tmp_path: pathlib.Pa
                 "replica_corrupt" in kinds and fresh and len(c.storage.stat("quiet").replicas) == 2
             )
 
-        wait_for(repaired, 30.0, "the scrubber reported the bad copy and it was re-made")
+        wait_until(repaired, 30.0, "the scrubber reported the bad copy and it was re-made")
         assert copies[0].read_bytes()[-2 * MB :] == copies[1].read_bytes()[-2 * MB :]
         assert c.storage.get("quiet") == data
 
@@ -218,7 +211,7 @@ def test_bytes_of_a_put_never_committed_are_swept(tmp_path: pathlib.Path) -> Non
 
         asyncio.run(write_without_commit())  # a writer that died before CommitObject
         assert list(tmp_path.rglob(f"{orphan}.obj"))
-        wait_for(lambda: not list(tmp_path.rglob(f"{orphan}.obj")), 30.0, "the orphan swept")
+        wait_until(lambda: not list(tmp_path.rglob(f"{orphan}.obj")), 30.0, "the orphan swept")
         assert len(list(tmp_path.rglob(f"{kept.oid}.obj"))) == 2
         assert c.storage.get("kept") == b"k" * MB
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from simkit import make
 
 from lepton_ai.consensus.messages import Entry
 from lepton_ai.sim.cluster import DiskConfig, SimCluster
@@ -20,10 +21,6 @@ from lepton_ai.sim.network import NetConfig
 SEEDS = seeds_from_env(range(5))
 STALL_UNITS = 1_000  # a leader fdatasync that outlasts everything in these tests
 FAST_NET = NetConfig(delay_min=1, delay_max=3)
-
-
-def make(n: int, seed: int, request: pytest.FixtureRequest, **kw: object) -> SimCluster:
-    return SimCluster(n, seed, name=request.node.nodeid, **kw)  # type: ignore[arg-type]
 
 
 def _stalled_proposal(c: SimCluster) -> tuple[int, bytes, Entry]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+from simkit import make
 
 from lepton_ai.consensus.core import Overloaded, PaxosConfig, ProposalId, Replica
 from lepton_ai.consensus.core_types import NotLeader
@@ -34,15 +35,6 @@ from lepton_ai.sim.fuzz import seeds_from_env
 SEEDS = seeds_from_env(range(5))
 SNAP = {"snapshot_entries": 10, "log_retain_entries": 2}
 REPLACE_AFTER = 40.0  # ticks
-
-
-def make(n: int, seed: int, request: pytest.FixtureRequest, **kw: object) -> SimCluster:
-    kw.setdefault("paxos", SNAP)
-    c = SimCluster(n, seed, name=request.node.nodeid, **kw)  # type: ignore[arg-type]
-    # Learners persist accepted entries too: the acceptor-level quorum check of the
-    # checker assumes every acceptor votes, so it is off (learner-level checks stay).
-    c.checker.static_membership = False
-    return c
 
 
 def add_learner(c: SimCluster, node_id: int) -> SimNode:
@@ -173,7 +165,7 @@ def observe(rep: Replica) -> Observed:
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_learner_catches_up_and_never_votes(seed: int, request: pytest.FixtureRequest) -> None:
-    c = make(3, seed, request)
+    c = make(3, seed, request, paxos=SNAP, learners=True)
     c.wait_leader()
     for _ in range(30):  # past snapshot_entries + log_retain_entries: needs a snapshot
         c.one()
@@ -203,7 +195,7 @@ def test_learner_catches_up_and_never_votes(seed: int, request: pytest.FixtureRe
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_new_leader_learns_the_learners(seed: int, request: pytest.FixtureRequest) -> None:
-    c = make(3, seed, request)
+    c = make(3, seed, request, paxos=SNAP, learners=True)
     c.wait_leader()
     learner = add_learner(c, 100)
     c.one()
@@ -224,7 +216,13 @@ def test_new_leader_learns_the_learners(seed: int, request: pytest.FixtureReques
 def test_silent_learner_is_forgotten_and_learners_are_bounded(
     seed: int, request: pytest.FixtureRequest
 ) -> None:
-    c = make(3, seed, request, paxos={**SNAP, "learners_max": 2, "learner_timeout_ticks": 50})
+    c = make(
+        3,
+        seed,
+        request,
+        paxos={**SNAP, "learners_max": 2, "learner_timeout_ticks": 50},
+        learners=True,
+    )
     c.wait_leader()
     for node_id in (100, 101, 102):
         add_learner(c, node_id)
@@ -251,7 +249,7 @@ def test_silent_learner_is_forgotten_and_learners_are_bounded(
 def test_dead_voter_replaced_and_removed_one_stops(
     seed: int, request: pytest.FixtureRequest
 ) -> None:
-    c = make(3, seed, request)
+    c = make(3, seed, request, paxos=SNAP, learners=True)
     leader = c.wait_leader()
     shell = Shell(c, voters=3)
     learner = add_learner(c, 100)
@@ -289,7 +287,7 @@ def test_dead_voter_replaced_and_removed_one_stops(
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_flapping_voter_is_not_removed(seed: int, request: pytest.FixtureRequest) -> None:
-    c = make(3, seed, request)
+    c = make(3, seed, request, paxos=SNAP, learners=True)
     leader = c.wait_leader()
     shell = Shell(c, voters=3)
     add_learner(c, 100)
@@ -312,7 +310,7 @@ def test_flapping_voter_is_not_removed(seed: int, request: pytest.FixtureRequest
 def test_voter_back_during_removal_is_removed_once(
     seed: int, request: pytest.FixtureRequest
 ) -> None:
-    c = make(3, seed, request)
+    c = make(3, seed, request, paxos=SNAP, learners=True)
     leader = c.wait_leader()
     shell = Shell(c, voters=3)
     add_learner(c, 100)
@@ -341,7 +339,7 @@ def test_voter_back_during_removal_is_removed_once(
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_standby_lost_mid_promotion(seed: int, request: pytest.FixtureRequest) -> None:
-    c = make(3, seed, request)
+    c = make(3, seed, request, paxos=SNAP, learners=True)
     leader = c.wait_leader()
     shell = Shell(c, voters=3)
     add_learner(c, 100)
@@ -380,7 +378,7 @@ def test_standby_lost_mid_promotion(seed: int, request: pytest.FixtureRequest) -
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_leader_change_mid_repair(seed: int, request: pytest.FixtureRequest) -> None:
-    c = make(5, seed, request)
+    c = make(5, seed, request, paxos=SNAP, learners=True)
     leader = c.wait_leader()
     shell = Shell(c, voters=5)
     add_learner(c, 100)

@@ -6,16 +6,13 @@ from __future__ import annotations
 import random
 
 import pytest
+from simkit import make
 
 from lepton_ai.consensus.core import Overloaded
 from lepton_ai.sim.cluster import SimCluster
 from lepton_ai.sim.fuzz import seeds_from_env
 
 SEEDS = seeds_from_env(range(5))
-
-
-def make(n: int, seed: int, request: pytest.FixtureRequest, **kw: object) -> SimCluster:
-    return SimCluster(n, seed, name=request.node.nodeid, **kw)  # type: ignore[arg-type]
 
 
 def wait_members(c: SimCluster, members: set[int], ticks_max: int = 300) -> None:

@@ -6,17 +6,13 @@ from __future__ import annotations
 import random
 
 import pytest
+from simkit import make
 
 from lepton_ai.consensus.core import NotLeader
-from lepton_ai.sim.cluster import SimCluster
 from lepton_ai.sim.fuzz import seeds_from_env
 from lepton_ai.sim.network import NetConfig
 
 SEEDS = seeds_from_env(range(5))
-
-
-def make(n: int, seed: int, request: pytest.FixtureRequest, **kw: object) -> SimCluster:
-    return SimCluster(n, seed, name=request.node.nodeid, **kw)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("seed", SEEDS)

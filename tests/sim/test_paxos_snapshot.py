@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from simkit import make
 
 from lepton_ai.sim.cluster import SimCluster
 from lepton_ai.sim.fuzz import seeds_from_env
@@ -14,11 +15,6 @@ from lepton_ai.sim.network import NetConfig
 SEEDS = seeds_from_env(range(5))
 SNAP = {"snapshot_entries": 10, "log_retain_entries": 3, "batch_commands_max": 1}
 """One command per slot, a snapshot every 10 applied slots, 3 slots kept below it."""
-
-
-def make(n: int, seed: int, request: pytest.FixtureRequest, **kw: object) -> SimCluster:
-    kw.setdefault("paxos", SNAP)
-    return SimCluster(n, seed, name=request.node.nodeid, **kw)  # type: ignore[arg-type]
 
 
 def log_bound(c: SimCluster) -> int:
@@ -35,7 +31,7 @@ def assert_compacted(c: SimCluster) -> None:
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_snapshot_basic(seed: int, request: pytest.FixtureRequest) -> None:
-    c = make(3, seed, request)
+    c = make(3, seed, request, paxos=SNAP)
     c.wait_leader()
     for _ in range(60):
         c.one()
@@ -66,7 +62,7 @@ def _install(c: SimCluster, rng: random.Random, crash: bool) -> None:
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_snapshot_install(seed: int, request: pytest.FixtureRequest) -> None:
-    c = make(3, seed, request)
+    c = make(3, seed, request, paxos=SNAP)
     _install(c, random.Random(seed), crash=False)
     c.settle()
 
@@ -74,21 +70,21 @@ def test_snapshot_install(seed: int, request: pytest.FixtureRequest) -> None:
 @pytest.mark.parametrize("seed", SEEDS)
 def test_snapshot_install_unreliable(seed: int, request: pytest.FixtureRequest) -> None:
     net = NetConfig(loss=0.1, duplicate=0.1, delay_max=15, long_delay=0.02)
-    c = make(3, seed, request, net=net)
+    c = make(3, seed, request, net=net, paxos=SNAP)
     _install(c, random.Random(seed), crash=False)
     c.settle()
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_snapshot_install_crash(seed: int, request: pytest.FixtureRequest) -> None:
-    c = make(3, seed, request)
+    c = make(3, seed, request, paxos=SNAP)
     _install(c, random.Random(seed), crash=True)
     c.settle()
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_snapshot_all_crash(seed: int, request: pytest.FixtureRequest) -> None:
-    c = make(3, seed, request)
+    c = make(3, seed, request, paxos=SNAP)
     c.wait_leader()
     for _ in range(5):
         for _ in range(15):
@@ -108,7 +104,7 @@ def test_snapshot_all_crash(seed: int, request: pytest.FixtureRequest) -> None:
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_snapshot_init(seed: int, request: pytest.FixtureRequest) -> None:
-    c = make(3, seed, request)
+    c = make(3, seed, request, paxos=SNAP)
     c.wait_leader()
     for _ in range(25):
         c.one()

@@ -183,7 +183,8 @@ def test_big_chunks_go_by_reference_when_the_cluster_stores_blobs() -> None:
     data = [*range(1000), "x"]
     plan = decode_plan(task.parallelize(data, 2).plan_bytes())
     srcs = plan.stages[0].sources or []
-    assert all(isinstance(s, BlobSource) for s in srcs) and len(runner.blobs) == 2
+    assert len(srcs) == 2 and all(isinstance(s, BlobSource) for s in srcs), srcs
+    assert len(runner.blobs) == 2
     from lepton_ai.compute.tasks import run_task
 
     out = run_task(plan, 0, 1, fetch_blob=runner.blobs.__getitem__)
@@ -191,7 +192,8 @@ def test_big_chunks_go_by_reference_when_the_cluster_stores_blobs() -> None:
     with pytest.raises(ValueError, match="fetch_blob"):
         run_task(plan, 0, 0)
     small = decode_plan(task.parallelize([1, 2], 2).plan_bytes())
-    assert all(isinstance(s, InlineSource) for s in small.stages[0].sources or [])
+    small_srcs = small.stages[0].sources or []  # (all() of nothing would pass)
+    assert len(small_srcs) == 2 and all(isinstance(s, InlineSource) for s in small_srcs), small_srcs
 
 
 def test_read_parquet_builds_a_plan_that_runs(tmp_path: Path) -> None:

@@ -36,7 +36,6 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from typing import Any
 
 import pytest
 
+from helpers import wait_until
 from lepton_ai.cli import build_parser
 from lepton_ai.consensus.server import parse_peers
 from lepton_ai.node.netutil import parse_address
@@ -864,22 +864,24 @@ def test_systemd_command_lines_run_a_cluster(tmp_path: Path) -> None:
                 env=child_env,
             )
         )
-        deadline = time.monotonic() + 60
-        cluster = None
-        while time.monotonic() < deadline:
-            for p in procs:
+
+        def joined() -> Any:
+            for p in procs:  # a unit that exited will not come up: fail now, with its log
                 assert p.poll() is None, (tmp_path / "worker.log").read_text()
             try:
                 cluster = lep.connect(common["LEPTON_JOIN"], token=token)
+            except Exception:  # not up yet
+                return None
+            try:
                 workers = [m for m in cluster.status()["members"] if m["role"] == "worker"]
                 if workers and cluster.status()["leader"]:
-                    break
-                cluster.close()
-            except Exception:
+                    return cluster
+            except Exception:  # no leader yet
                 pass
-            cluster = None
-            time.sleep(0.5)
-        assert cluster is not None, "no leader with a worker within 60 s"
+            cluster.close()
+            return None
+
+        cluster = wait_until(joined, 60.0, "a leader with a worker", interval_s=0.5)
         with cluster:
             task = lep.DistributedTask(cluster, progress=False)
             result = (
@@ -899,13 +901,14 @@ def test_systemd_command_lines_run_a_cluster(tmp_path: Path) -> None:
         assert _get(f"http://127.0.0.1:{ports[9]}/healthz") == b"ok\n"
         # (The leader learns a follower's HTTP address from its messages: poll.)
         wanted = {f"127.0.0.1:{p}" for p in [*http_ports, ports[9]]}
-        targets: set[str] = set()
-        deadline = time.monotonic() + 20
-        while not wanted <= targets and time.monotonic() < deadline:
-            time.sleep(0.2)
+
+        def targets() -> set[str]:
             sd = json.loads(_get(f"http://127.0.0.1:{http_ports[0]}/sd"))
-            targets = {t for group in sd for t in group["targets"]}
-        assert wanted <= targets, targets
+            return {t for group in sd for t in group["targets"]}
+
+        wait_until(
+            lambda: wanted <= targets(), 20.0, f"/sd listing {sorted(wanted)}", interval_s=0.2
+        )
     finally:
         for p in procs:
             p.terminate()

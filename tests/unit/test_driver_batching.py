@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import running
+from helpers import running, wait_until_async
 from lepton_ai.consensus.core_types import PaxosConfig
 from lepton_ai.consensus.driver import DriverConfig, ReplicaDriver
 from lepton_ai.consensus.server import SERVER_CODEC
@@ -64,10 +64,9 @@ def _driver(
 
 async def _leading(driver: ReplicaDriver) -> float:
     t0 = time.monotonic()
-    while not driver.is_leader:
-        if time.monotonic() - t0 > 5.0:
-            raise AssertionError("the only member of a new group did not lead within 5 s")
-        await asyncio.sleep(0.001)
+    await wait_until_async(
+        lambda: driver.is_leader, 5.0, "the only member of a new group leading", interval_s=0.001
+    )
     return time.monotonic() - t0
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import running
+from helpers import running, wait_until_async
 from lepton_ai.consensus.core_types import PaxosConfig
 from lepton_ai.consensus.driver import DriverConfig, ReplicaDriver
 from lepton_ai.consensus.messages import Heartbeat
@@ -66,10 +66,25 @@ def test_follower_sleeps_while_it_hears_its_leader_and_ticks_each_tick_when_not(
             assert follower.leader_id == 0
             cap = follower.config.ticks_per_pass_max
             assert follower._ticks_per_wake() == cap - 1
-            # Silent for a heartbeat interval: back to every tick before any election
-            # timeout (election_ticks_min) can run out.
-            await asyncio.sleep(follower.paxos.heartbeat_ticks * TICK_S * 1.5)
-            assert follower._ticks_per_wake() == 1
+            # Silent for a heartbeat interval: back to every tick, long before any
+            # election timeout (election_ticks_min) can run out. The switch depends on
+            # the clock alone (the driver takes no clock to fake), so the test watches
+            # for it and checks each look against the moment the heartbeat arrived:
+            # asleep before one heartbeat interval of silence, every tick from then on.
+            switch_at = follower._last_heard + follower.paxos.heartbeat_ticks * TICK_S
+            looks: list[tuple[float, int, float]] = []  # (before, ticks per wake, after)
+
+            def every_tick() -> bool:
+                before = time.monotonic()
+                per = follower._ticks_per_wake()
+                looks.append((before, per, time.monotonic()))
+                return per == 1
+
+            await wait_until_async(every_tick, 5.0, "ticking every tick", interval_s=0.002)
+            *asleep, (_, _, switched_by) = looks
+            assert all(before < switch_at for before, _, _ in asleep), (switch_at, looks)
+            assert switched_by >= switch_at, (switch_at, looks)  # not before the silence
+            assert follower.paxos.heartbeat_ticks < follower.paxos.election_ticks_min
         finally:
             await follower.close()
 
@@ -81,13 +96,12 @@ def test_leader_wakes_once_per_heartbeat(tmp_path: Path) -> None:
     async def scenario() -> None:
         leader = _driver(tmp_path, 0, (0,))
         async with running(leader):
-            t0 = time.monotonic()
-            while not leader.is_leader:
-                assert time.monotonic() - t0 < 5.0, "a one-member group did not elect itself"
-                await asyncio.sleep(0.005)
+            await wait_until_async(
+                lambda: leader.is_leader, 5.0, "a one-member group electing itself"
+            )
             assert leader._ticks_per_wake() == leader.paxos.heartbeat_ticks
             passes, t1 = leader.passes, time.monotonic()
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # a measuring window (nothing to wait for): count passes
             elapsed_ticks = (time.monotonic() - t1) / TICK_S
             # Idle: one pass per wake-up, every heartbeat_ticks ticks (not every tick).
             assert leader.passes - passes <= elapsed_ticks / leader.paxos.heartbeat_ticks + 3
@@ -106,9 +120,12 @@ def test_a_follower_whose_leader_goes_silent_campaigns_within_its_election_timeo
                 _heartbeat(follower)
                 await asyncio.sleep(TICK_S)
             silent_at = time.monotonic()
-            while follower.core.promised == (1, 0):
-                assert time.monotonic() - silent_at < 5.0, "the follower never campaigned"
-                await asyncio.sleep(0.002)
+            await wait_until_async(
+                lambda: follower.core.promised != (1, 0),
+                5.0,
+                "the follower campaigning",
+                interval_s=0.002,
+            )
             waited_s = time.monotonic() - silent_at
             paxos = follower.paxos
             # Not before the shortest timeout; not much after the longest one (the

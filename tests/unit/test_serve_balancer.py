@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from helpers import wait_until_async
 from lepton_ai.serve.balancer import Balancer
 from lepton_ai.serve.config import BalancerConfig
 from lepton_ai.serve.frontend import FrontEnd
@@ -267,7 +268,9 @@ def test_all_queues_full_is_503_with_retry_after() -> None:
             lb = _balancer(ports, router=RouterConfig(outstanding_max=1))
             async with _client(lb) as client:
                 first = asyncio.create_task(client.post("/predict", json=BODY))
-                await asyncio.sleep(0.1)
+                await wait_until_async(
+                    lambda: lb.router.outstanding(0) == 1, 5.0, "the first request at the replica"
+                )
                 second = await client.post("/predict", json=BODY)
                 assert second.status_code == 503 and second.headers["retry-after"] == "1"
                 assert (await first).status_code == 200
@@ -302,9 +305,7 @@ def test_active_health_marks_a_dead_replica_after_three_failed_probes() -> None:
             dead: list[int] = []
             task = asyncio.create_task(lb.health_loop(dead.append))
             try:
-                async with asyncio.timeout(3):
-                    while not dead:
-                        await asyncio.sleep(0.02)
+                await wait_until_async(lambda: dead, 3.0, "replica 1 reported dead")
             finally:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -361,7 +362,12 @@ def test_upstream_reuses_keep_alive_and_replaces_a_stale_connection() -> None:
             pool = UpstreamPool("127.0.0.1", ports[0])
             for _ in range(3):
                 assert (await pool.request("GET", "/", [], b"")).body == b"ok"
-                await asyncio.sleep(0.05)
+                # The server closed it after answering: the pooled connection is seen closed.
+                await wait_until_async(
+                    lambda: pool._idle and all(c.closed for c in pool._idle),
+                    5.0,
+                    "the pooled connection seen closed",
+                )
             pool.close()
         assert connections == 3  # each stale connection was noticed and replaced
 
@@ -625,7 +631,7 @@ def test_front_end_bounds_connections_and_closes_idle_ones() -> None:
         lb = _balancer([], connections_max=1, keep_alive_s=0.3)
         async with _front(lb) as (front, port):
             r1, w1 = await asyncio.open_connection("127.0.0.1", port)
-            await asyncio.sleep(0.05)
+            await wait_until_async(lambda: len(front.connections) == 1, 5.0, "connection 1 taken")
             r2, w2 = await asyncio.open_connection("127.0.0.1", port)
             status, _, body = await _read_answer(r2)
             assert status == 503 and b"too many connections" in body
@@ -648,7 +654,9 @@ def test_front_end_close_drains_requests_in_flight() -> None:
             async with _front(lb) as (front, port):
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
                 writer.write(_post(b"/predict", b"{}"))
-                await asyncio.sleep(0.1)
+                await wait_until_async(
+                    lambda: lb.router.outstanding(0) == 1, 5.0, "the request at the replica"
+                )
                 t0 = time.monotonic()
                 await front.close(drain_timeout_s=5.0)
                 assert time.monotonic() - t0 < 1.0

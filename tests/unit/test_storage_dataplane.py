@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from helpers import wait_until_async
 from lepton_ai.errors import DataLost, StorageFull
 from lepton_ai.node.netutil import node_wire_config
 from lepton_ai.storage.checksum import crc32c
@@ -367,10 +368,9 @@ def test_busy_when_puts_inflight_max_reached(tmp_path: Path) -> None:
             with pytest.raises(PutFailed):
                 result.require(1)
             await hold.close()
-            for _ in range(100):  # the server notices the dropped put
-                if a.store.reserved_bytes == 0:
-                    break
-                await asyncio.sleep(0.01)
+            await wait_until_async(
+                lambda: a.store.reserved_bytes == 0, 5.0, "the server noticed the dropped put"
+            )
             (await client.put(o, b"z" * 100, [a.address], CB)).require(1)
             await client.close()
 
@@ -512,8 +512,7 @@ def test_scrub_loop_deletes_and_reports_corrupt_replicas(tmp_path: Path) -> None
 
     async def go() -> None:
         task = asyncio.create_task(scrub_loop(store, 100e6, 0.01, reported.append))
-        while not reported:
-            await asyncio.sleep(0.01)
+        await wait_until_async(lambda: reported, 10.0, "the scrubber reported the bad copy")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -564,11 +563,9 @@ def no_temporaries(node: Node) -> bool:
 
 async def settled(node: Node) -> bool:
     """The server dropped every put in progress (it notices a closed connection soon)."""
-    for _ in range(200):
-        if no_temporaries(node):
-            return True
-        await asyncio.sleep(0.01)
-    return False
+    return await wait_until_async(
+        lambda: no_temporaries(node), 5.0, "no temporaries and nothing reserved"
+    )
 
 
 def test_chunk_frame_head_is_msgspecs_encoding() -> None:
