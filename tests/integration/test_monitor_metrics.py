@@ -189,6 +189,22 @@ def test_the_dashboard_shows_live_request_rates_and_the_commit_index(
         dep.delete()
 
 
+def test_status_says_liveness_executor_state_and_paxos_role_apart(
+    cluster: lep.LocalCluster,
+) -> None:
+    members = cluster.status()["members"]
+    by_role: dict[str, list[dict[str, Any]]] = {}
+    for m in members:
+        by_role.setdefault(m["role"], []).append(m)
+    roles = sorted(m["paxos_role"] for m in by_role["coordinator"])
+    assert roles == ["follower", "follower", "leader"]
+    assert all(m["liveness"] == "alive" for m in members)
+    assert {m["state"] for m in by_role["executor"]} <= {"idle", "busy"}
+    assert all(m["state"] == "" and m["paxos_role"] == "" for m in by_role["worker"])
+    # ``health`` keeps the one word it always showed, for scripts written against it.
+    assert sorted(m["health"] for m in by_role["coordinator"]) == roles
+
+
 def test_every_event_shows_once_after_a_leader_failover(cluster: lep.LocalCluster) -> None:
     """Last in the module: it kills the leader. A follower used to record a job's end
     itself when applying it, and the leader's replicated entry again."""

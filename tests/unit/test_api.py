@@ -215,3 +215,15 @@ def test_read_parquet_builds_a_plan_that_runs(tmp_path: Path) -> None:
         with pytest.raises(exc):
             call()
     assert runner.plans == []
+
+
+def test_health_split_into_typed_fields() -> None:
+    from lepton_ai.node.cluster import split_health
+
+    assert split_health("coordinator", "leader") == ("alive", "", "leader")
+    assert split_health("coordinator", "standby") == ("alive", "", "standby")
+    assert split_health("coordinator", "unreachable") == ("unreachable", "", "")
+    assert split_health("worker", "suspect") == ("suspect", "", "")
+    assert split_health("worker", "crashloop") == ("crashloop", "", "")
+    assert split_health("executor", "busy") == ("alive", "busy", "")
+    assert split_health("spare", "idle") == ("alive", "spare", "")

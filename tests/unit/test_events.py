@@ -25,9 +25,6 @@ def test_what_every_replica_shows() -> None:
         "backup_launched",
         "task_failed",
         "fetch_failed",
-        "job_finished",
-        "job_failed",
-        "job_cancelled",
         "job_expired",
         "output_lost",
         "coordinator_removed",
@@ -43,6 +40,8 @@ def test_what_every_replica_shows() -> None:
         "alert_cleared",
     } == replicated
     assert not EventKind.COORDINATOR_STARTED.replicated
+    # A job's end is derived from the logged command on every replica instead.
+    assert not EventKind.JOB_FINISHED.replicated
     assert not EventKind.LEADER.replicated  # LEADER_ELECTED is, as its own log entry
 
 

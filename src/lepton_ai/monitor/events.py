@@ -94,9 +94,6 @@ _REPLICATED = frozenset(
         EventKind.BACKUP_LAUNCHED,
         EventKind.TASK_FAILED,
         EventKind.FETCH_FAILED,
-        EventKind.JOB_FINISHED,
-        EventKind.JOB_FAILED,
-        EventKind.JOB_CANCELLED,
         EventKind.JOB_EXPIRED,
         EventKind.OUTPUT_LOST,
         EventKind.COORDINATOR_REMOVED,
@@ -112,8 +109,11 @@ _REPLICATED = frozenset(
         EventKind.ALERT_CLEARED,
     }
 )
-# LEADER_ELECTED is in the log too, as its own command (``node.replicated``), and
-# JOB_SUBMITTED is derived from the log's JobSubmitted on every replica.
+# LEADER_ELECTED is in the log too, as its own command (``node.replicated``), and a
+# job's submission and end (JOB_SUBMITTED, JOB_FINISHED, JOB_FAILED, JOB_CANCELLED)
+# are derived from the log's own commands on every replica, stamped with the time
+# the command carries: each replica shows the same entry, and a leader dying before
+# it could propose a separate entry loses nothing.
 
 _PHASES: dict[EventKind, Phase] = {
     EventKind.FAULT_INJECTED: "fault",

@@ -192,6 +192,8 @@ def _cmd_down(args: argparse.Namespace) -> int:
 
 def _merge_supervised(args: argparse.Namespace, status: dict[str, Any]) -> None:
     """Restarts and last exits as ``cluster up``'s supervisor saw them."""
+    from lepton_ai.node.cluster import with_typed_health
+
     if args.address:
         return
     try:
@@ -207,6 +209,7 @@ def _merge_supervised(args: argparse.Namespace, status: dict[str, Any]) -> None:
             m["restarts"], m["last_exit"] = seen["restarts"], seen["last_exit"]
             if seen["state"] in ("crashloop", "gone"):
                 m["health"] = seen["state"]
+    with_typed_health(status["members"])
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

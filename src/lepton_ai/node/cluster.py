@@ -47,7 +47,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import msgspec
 
@@ -189,9 +189,12 @@ class Cluster:
         return reply
 
     def status(self) -> dict[str, Any]:
-        """``{"leader": address, "members": [{role, id, pid, address, health}, ...]}``."""
+        """``{"leader": address, "members": [{role, id, pid, address, health, ...}]}``;
+        each member's ``liveness``, ``state`` and ``paxos_role`` say separately what
+        ``health`` says in one word (see ``split_health``)."""
         info = self._cluster_info()
-        return {"leader": info.leader, "members": [_member_dict(m) for m in info.members]}
+        members = [_member_dict(m) for m in info.members]
+        return {"leader": info.leader, "members": with_typed_health(members)}
 
     def events(self, job_id: str | None = None) -> list[dict[str, Any]]:
         """The timeline (faults, detection, rescheduling, completion), oldest first."""
@@ -337,6 +340,35 @@ class Cluster:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+Liveness = Literal[
+    "alive", "suspect", "unreachable", "down", "unregistered", "crashloop", "gone", "dead"
+]
+ExecutorState = Literal["starting", "idle", "busy", "spare", ""]
+PaxosRole = Literal["leader", "follower", "standby", ""]
+_PAXOS_ROLES = frozenset({"leader", "follower", "standby"})
+_EXECUTOR_STATES = frozenset({"starting", "idle", "busy"})
+
+
+def split_health(role: str, health: str) -> tuple[Liveness | str, ExecutorState, PaxosRole]:
+    """A member's one-word ``health`` (what ``status()`` has always shown) as three
+    fields: is it up (``liveness``), what an executor is doing (``state``) and a
+    coordinator's part in the Paxos group (``paxos_role``)."""
+    if role == "coordinator" and health in _PAXOS_ROLES:
+        return "alive", "", health  # type: ignore[return-value]  # checked just above
+    if role == "spare":
+        return "alive", "spare", ""
+    if role == "executor" and health in _EXECUTOR_STATES:
+        return "alive", health, ""  # type: ignore[return-value]  # checked just above
+    return health, "", ""
+
+
+def with_typed_health(members: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Add (or refresh, after ``health`` changed) each member's typed fields."""
+    for m in members:
+        m["liveness"], m["state"], m["paxos_role"] = split_health(m["role"], m["health"])
+    return members
 
 
 def _member_dict(m: MemberInfo) -> dict[str, Any]:
@@ -881,6 +913,7 @@ class LocalCluster(Cluster):
                     }
                 )
         self._add_restarts(out["members"])
+        with_typed_health(out["members"])
         return out
 
     def _add_restarts(self, members: list[dict[str, Any]]) -> None:

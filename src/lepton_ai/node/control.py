@@ -154,6 +154,10 @@ class RecordEvent:
     kind: EventKind
     detail: str = ""
     job_id: str = ""
+    # The time a logged command carries (0.0: now): every replica applying it then
+    # records the same entry, and none is lost with a leader that died before
+    # proposing its own timeline entry for it.
+    t: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,7 +403,8 @@ class ControlCore:
         if not result.accepted:
             return []
         if isinstance(cmd, JobSubmitted):
-            return [RecordEvent(EventKind.JOB_SUBMITTED, cmd.options.name or "", cmd.job_id)]
+            name = cmd.options.name or ""
+            return [RecordEvent(EventKind.JOB_SUBMITTED, name, cmd.job_id, cmd.submitted_at)]
         if isinstance(cmd, OutputLost):
             detail = f"stage {cmd.stage} partition {cmd.partition}"
             return [RecordEvent(EventKind.OUTPUT_LOST, detail, cmd.job_id)]
@@ -407,10 +412,11 @@ class ControlCore:
             what = (cmd.error.message.splitlines() or [""])[0]
             cancelled = cmd.error.kind == "cancelled"
             kind = EventKind.JOB_CANCELLED if cancelled else EventKind.JOB_FAILED
-            return [RecordEvent(kind, what, cmd.job_id), *self._job_over(cmd.job_id)]
+            ended = RecordEvent(kind, what, cmd.job_id, cmd.finished_at)
+            return [ended, *self._job_over(cmd.job_id)]
         if isinstance(cmd, JobFinished):
             return [
-                RecordEvent(EventKind.JOB_FINISHED, "", cmd.job_id),
+                RecordEvent(EventKind.JOB_FINISHED, "", cmd.job_id, cmd.finished_at),
                 *self._job_over(cmd.job_id),
             ]
         return []

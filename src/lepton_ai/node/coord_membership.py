@@ -54,7 +54,9 @@ class Timeline(Protocol):
     @property
     def leading(self) -> bool: ...
 
-    def event(self, kind: EventKind, detail: str = "", job_id: str = "") -> None: ...
+    def event(
+        self, kind: EventKind, detail: str = "", job_id: str = "", t: float = 0.0
+    ) -> None: ...
 
 
 class MembershipShell:

@@ -185,9 +185,10 @@ class Coordinator:
             self.step_down()
 
     # -- events for the timeline -----------------------------------------------------
-    def event(self, kind: EventKind, detail: str = "", job_id: str = "") -> None:
+    def event(self, kind: EventKind, detail: str = "", job_id: str = "", t: float = 0.0) -> None:
+        """Record a timeline entry (``t``: its time if a logged command carries one)."""
         self.monitor.event(kind)
-        self.events.append(Event(time.time(), kind, detail, job_id))
+        self.events.append(Event(t or time.time(), kind, detail, job_id))
 
     # -- the driver ------------------------------------------------------------------
     async def run(self, server_sock: socket.socket) -> None:
@@ -259,7 +260,7 @@ class Coordinator:
 
     def _do(self, action: ctl.ControlAction) -> None:
         if isinstance(action, ctl.RecordEvent):
-            self.event(action.kind, action.detail, action.job_id)
+            self.event(action.kind, action.detail, action.job_id, action.t)
         elif isinstance(action, ctl.Schedule):
             self.step(action.event)
         elif isinstance(action, ctl.SendDispatch):

@@ -290,7 +290,7 @@ class ReplicatedCoordinator(Coordinator):
         leader = self.driver.leader_id
         return None if leader is None else self.machine.leaders.get(leader)
 
-    def event(self, kind: EventKind, detail: str = "", job_id: str = "") -> None:
+    def event(self, kind: EventKind, detail: str = "", job_id: str = "", t: float = 0.0) -> None:
         if kind == EventKind.LEADER:
             return  # the replicated ``leader_elected`` entry says it, for every replica
         if kind.replicated and not self.leading:
@@ -299,7 +299,7 @@ class ReplicatedCoordinator(Coordinator):
             # entry reaches it through the log.
             return
         self.monitor.event(kind)
-        ev = Event(time.time(), kind, detail, job_id)
+        ev = Event(t or time.time(), kind, detail, job_id)
         self.events.append(ev)
         if self.leading and kind.replicated:
             # Same timestamp as the local entry, so ``all_events`` shows it once.
