@@ -120,8 +120,11 @@ def main() -> int:
         }
         try:
             samples: dict[str, list[dict[str, Any]]] = {"without": [], "with": []}
-            for _ in range(args.runs):
-                for name, tree in trees.items():
+            for i in range(args.runs):
+                # ABBA: which goes first alternates, so an order effect (a warm page
+                # cache, a neighbour's load rising over a round) cancels out.
+                order = list(trees.items()) if i % 2 == 0 else list(trees.items())[::-1]
+                for name, tree in order:
                     scrape = args.scrape_s if name == "with" else 0.0
                     samples[name].append(one_run(tree, args.tasks, scrape))
         finally:
