@@ -151,6 +151,14 @@ def single_job(name: str, nodes: int, tasks: int, seed: int = 1) -> SchedSpec:
     return SchedSpec(name, nodes, (JobShape(tasks - reducers, reducers),), seed=seed)
 
 
+def trivial_tasks(name: str, tasks: int, seed: int = 1) -> SchedSpec:
+    """The README's "10,000 trivial tasks" shape: one map-only job on
+    ``LocalCluster(workers=2)`` (one executor per node, pipeline_depth 8), no faults."""
+    return SchedSpec(
+        name, 2, (JobShape(tasks, 0),), executors=1, depth=8, node_failures=0, seed=seed
+    )
+
+
 def job_mix(name: str, nodes: int, tasks: int, seed: int = 1) -> SchedSpec:
     """Jobs of mixed shapes (a third map-only) arriving over the run, ``tasks`` in all."""
     rng = random.Random(seed * 31 + 7)
@@ -512,6 +520,8 @@ def sched_result(world: SchedWorld, wall_s: float) -> dict[str, Any]:
         "us_per_step": 1e6 * m.cpu_s / m.steps,
         "us_per_task": 1e6 * m.cpu_s / spec.tasks,
         "max_step_ms": 1e3 * m.max_step_s,
+        # Without the longest step (the one dispatching every reducer of a big shuffle).
+        "us_per_other_step": 1e6 * (m.cpu_s - m.max_step_s) / max(1, m.steps - 1),
         "state_apply_cpu_s": world.apply_cpu_s,
         "simulated_s": world.now,
         "wall_s": wall_s,
@@ -722,7 +732,7 @@ class Plan:
     paxos_replicas: tuple[int, ...] = (3, 5, 7)
 
 
-FULL = Plan(3, (10, 30, 100, 300), 10_000, (1_000, 10_000, 100_000), 100, 100_000, 100_000, 20_000)
+FULL = Plan(3, (10, 30, 100, 300), 10_000, (1_000, 10_000, 100_000), 100, 100_000, 100_000, 100_000)
 QUICK = Plan(1, (10, 30), 1_000, (300, 1_000), 10, 1_000, 2_000, 1_000)
 
 MEDIAN_KEYS = (
@@ -733,6 +743,7 @@ MEDIAN_KEYS = (
     "us_per_step",
     "us_per_task",
     "max_step_ms",
+    "us_per_other_step",
     "state_apply_cpu_s",
     "leader_cpu_s",
     "total_cpu_s",
@@ -774,6 +785,7 @@ def sched_cases(plan: Plan) -> dict[str, list[Callable[[int], SchedSpec]]]:
             p(single_job, f"{t} tasks", plan.task_sweep_nodes, t) for t in plan.task_sweep
         ],
         "job_mix": [p(job_mix, "job mix", plan.task_sweep_nodes, plan.mix_tasks)],
+        "trivial": [p(trivial_tasks, "trivial tasks, 2 nodes", plan.node_sweep_tasks)],
     }
 
 
@@ -798,8 +810,8 @@ def paxos_sweep(plan: Plan) -> list[dict[str, Any]]:
     modes: tuple[PaxosMode, ...] = ("batched", "slot_per_command", "one_at_a_time")
     for n in plan.paxos_replicas:
         for mode in modes:
-            # One at a time is a round of messages per command: a tenth of the commands.
-            commands = plan.paxos_commands // (10 if mode == "one_at_a_time" else 1)
+            # One at a time is a round of messages per command: a twentieth of the commands.
+            commands = plan.paxos_commands // (20 if mode == "one_at_a_time" else 1)
             for crashed in (0, 1):
                 spec = PaxosSpec(n, mode, crashed, commands)
                 run = functools.partial(_run_seeded, spec, cost)
@@ -814,13 +826,14 @@ def _run_seeded(spec: PaxosSpec, cost: float, seed: int) -> dict[str, Any]:
 def sched_table(rows: list[dict[str, Any]]) -> str:
     head = (
         "| case | nodes | slots | tasks | jobs | steps | dispatches | core CPU s | steps/s "
-        "| dispatches/s | us/step | us/task | longest step ms | spec. | lost outputs |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| dispatches/s | us/step | us/other step | us/task | longest step ms | spec. "
+        "| lost outputs |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = [
         f"| {r['name']} | {r['nodes']} | {r['slots']} | {r['tasks']:,} | {r['jobs']} "
         f"| {r['steps']:,} | {r['dispatches']:,} | {r['core_cpu_s']:.2f} "
         f"| {r['steps_per_s']:,.0f} | {r['dispatches_per_s']:,.0f} | {r['us_per_step']:.1f} "
+        f"| {r['us_per_other_step']:.1f} "
         f"| {r['us_per_task']:.1f} | {r['max_step_ms']:.1f} | {r['speculative']} "
         f"| {r['output_lost']} |"
         for r in rows
@@ -874,6 +887,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_profile:
             spec = single_job("profile", plan.task_sweep_nodes, plan.profile_tasks)
             result["scheduler_profile"] = profile_sched(spec)
+            most = plan.node_sweep[-1]
+            spec = single_job("profile nodes", most, plan.node_sweep_tasks)
+            result["scheduler_profile_nodes"] = profile_sched(spec)
     if args.only != "sched":
         result["paxos"] = paxos_sweep(plan)
     print_report(result)
@@ -889,14 +905,21 @@ def print_report(result: dict[str, Any]) -> None:
         print("\n## Scheduler core, by nodes\n")
         print(sched_table(sched["by_nodes"]))
         print("\n## Scheduler core, by tasks\n")
-        print(sched_table(sched["by_tasks"] + sched["job_mix"]))
+        print(sched_table(sched["by_tasks"] + sched["job_mix"] + sched["trivial"]))
         print(f"\n## Scheduler core CPU per event, {sched['by_tasks'][-1]['name']}\n")
         print(event_table(sched["by_tasks"][-1]))
-    for row in result.get("scheduler_profile", []):
-        if row is result["scheduler_profile"][0]:
-            print("\n## cProfile of Scheduler.step (own time)\n")
-        own, cum = row["tottime_s"], row["cumtime_s"]
-        print(f"{own:8.3f}s {cum:8.3f}s {row['calls']:>10} {row['function']}")
+    plan = result["plan"]
+    titles = {
+        "scheduler_profile": f"{plan['profile_tasks']:,} tasks, {plan['task_sweep_nodes']} nodes",
+        "scheduler_profile_nodes": f"{plan['node_sweep_tasks']:,} tasks, "
+        f"{plan['node_sweep'][-1]} nodes",
+    }
+    for key, title in titles.items():
+        if key in result:
+            print(f"\n## cProfile of Scheduler.step, {title} (own s, cumulative s, calls)\n")
+            for row in result[key]:
+                own, cum = row["tottime_s"], row["cumtime_s"]
+                print(f"{own:8.3f} {cum:8.3f} {row['calls']:>10} {row['function']}")
     if "paxos" in result:
         print("\n## Paxos core\n")
         print(paxos_table(result["paxos"]))
