@@ -277,7 +277,8 @@ class SchedWorld:
         self.lost: set[str] = set()  # declared lost by the failure detector
         self.bad_outputs: set[tuple[str, str, int]] = set()  # (job, worker, map) failed once
         self.stats = dict.fromkeys(
-            ("speculative", "infra", "cancelled", "fetch_failed", "output_lost", "stolen"), 0
+            ("speculative", "lost_with_node", "cancelled", "fetch_failed", "output_lost", "stolen"),
+            0,
         )
         for _ in range(spec.nodes):
             self.add_node()
@@ -375,6 +376,7 @@ class SchedWorld:
             return
         node = self.rng.choice(alive)
         node.alive = False
+        self.stats["lost_with_node"] += len(node.running)  # queued or running there
         node.running.clear()
         for lane in node.lanes:
             lane.clear()
