@@ -72,12 +72,21 @@ class Placement(SchedulerBase):
             else:
                 movable[wid].sort(key=lambda r: (r.attempt.epoch, r.attempt.attempt))
         gap = self.config.steal_imbalance_min
+        # The busiest movable worker, kept while neither ``loads`` nor ``movable``
+        # change: a thief that cannot take from it leaves both as they were, so the
+        # next thief would find the same one. Re-finding it for every thief cost
+        # O(workers^2) per call, on every step near the end of a stage
+        # (benchmarks/sim_scale_bench.py).
+        busiest: str | None = None
         for thief in sorted(room, key=lambda wid: -room[wid]):
             while room[thief] > 0 and movable:
-                victim = max(movable, key=lambda wid: loads[wid] / execs[wid])
+                if busiest is None:
+                    busiest = max(movable, key=lambda wid: loads[wid] / execs[wid])
+                victim = busiest
                 # Per executor, the victim must lead by ``gap`` (cross-multiplied).
                 if loads[victim] * execs[thief] < (loads[thief] + gap) * execs[victim]:
                     break
+                busiest = None  # an attempt is taken from ``movable`` below
                 run = movable[victim].pop()
                 if not movable[victim] or loads[victim] - 1 <= execs[victim]:
                     del movable[victim]

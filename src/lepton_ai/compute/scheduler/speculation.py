@@ -85,7 +85,11 @@ class Speculation(Placement):
             return None
         cached = job.medians.get(stage)
         if cached is None or cached[0] != len(durations):
-            ordered = sorted(durations)
+            # Sorted in place (their order means nothing): the next call then sorts a
+            # sorted run plus the few durations added since, which Timsort merges in
+            # about linear time, where sorting a copy cost O(n log n) on every Tick.
+            durations.sort()
+            ordered = durations
             mid = len(ordered) // 2
             median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
             cached = (len(durations), median)
