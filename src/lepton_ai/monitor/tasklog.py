@@ -43,16 +43,55 @@ class TaskSpan(msgspec.Struct, frozen=True):
     dispatched: float = 0.0
 
 
+class Span:
+    """The mutable record the log keeps per attempt: the leader updates it in place at
+    start and end (a frozen ``TaskSpan`` per event cost the leader an allocation and
+    GC pressure on every task report); ``TaskSpan``s are built only when asked."""
+
+    __slots__ = (
+        "attempt",
+        "dispatched",
+        "ended",
+        "outcome",
+        "partition",
+        "speculative",
+        "stage",
+        "started",
+        "worker",
+    )
+
+    def __init__(self, a: TaskAttempt, worker: str, now: float, speculative: bool = False) -> None:
+        self.stage, self.partition, self.attempt = a.stage, a.partition, a.attempt
+        self.worker = worker
+        self.dispatched = self.started = now
+        self.ended = 0.0
+        self.outcome: Outcome = "running"
+        self.speculative = speculative
+
+    def frozen(self) -> TaskSpan:
+        return TaskSpan(
+            self.stage,
+            self.partition,
+            self.attempt,
+            self.worker,
+            self.started,
+            self.ended,
+            self.outcome,
+            self.speculative,
+            self.dispatched,
+        )
+
+
+_Key = tuple[int, int, int, int]
+
+
 @dataclass
 class _JobSpans:
-    spans: OrderedDict[tuple[int, int, int, int], TaskSpan] = field(default_factory=OrderedDict)
+    spans: OrderedDict[_Key, Span] = field(default_factory=OrderedDict)
     dropped: int = 0  # attempts pushed out by SPANS_PER_JOB_MAX
     # (stage, partition) of every task dispatched: a job's task count is bounded by its
     # plan's partitions, so this is too.
     tasks: set[tuple[int, int]] = field(default_factory=set)
-
-
-_Key = tuple[int, int, int, int]
 
 
 class TaskLog:
@@ -62,6 +101,7 @@ class TaskLog:
         self.spans_per_job_max = spans_per_job_max
         self.jobs_max = jobs_max
         self._jobs: OrderedDict[str, _JobSpans] = OrderedDict()
+        self._last: tuple[str, _JobSpans] | None = None  # the job touched last (MRU)
         # worker -> (job, key) of its attempts still running: what a lost worker takes
         # with it. Bounded by the spans kept (an entry goes when its span ends or goes).
         self._running: dict[str, set[tuple[str, _Key]]] = {}
@@ -72,11 +112,8 @@ class TaskLog:
         """Open the attempt's span; says whether it is the task's first run, a retry
         or a speculative backup."""
         job = self._job(a.job_id)
-        key = _key(a)
-        span = TaskSpan(
-            a.stage, a.partition, a.attempt, worker, now, speculative=speculative, dispatched=now
-        )
-        job.spans[key] = span
+        key = (a.stage, a.partition, a.epoch, a.attempt)
+        job.spans[key] = Span(a, worker, now, speculative)
         self._running.setdefault(worker, set()).add((a.job_id, key))
         if len(job.spans) > self.spans_per_job_max:
             old_key, old = job.spans.popitem(last=False)
@@ -90,29 +127,28 @@ class TaskLog:
         job.tasks.add(task)
         return "first"
 
-    def ended(self, a: TaskAttempt, worker: str, outcome: Outcome, now: float) -> TaskSpan | None:
+    def ended(self, a: TaskAttempt, worker: str, outcome: Outcome, now: float) -> Span | None:
         """Close the attempt's span (one it never saw start — a report of the previous
         leader's term — starts and ends at ``now``). Returns the closed span, or None
         for a second report of an attempt already closed."""
         job = self._job(a.job_id)
-        key = _key(a)
-        old = job.spans.get(key)
-        if old is None:
-            span = TaskSpan(a.stage, a.partition, a.attempt, worker, now, now, outcome)
-        elif old.outcome != "running":
+        key = (a.stage, a.partition, a.epoch, a.attempt)
+        span = job.spans.get(key)
+        if span is None:
+            span = job.spans[key] = Span(a, worker, now)
+        elif span.outcome != "running":
             return None  # a duplicate report (or one after its worker was lost)
         else:
-            span = msgspec.structs.replace(old, ended=now, outcome=outcome)
-            self._not_running(a.job_id, key, old)
-        job.spans[key] = span
+            self._not_running(a.job_id, key, span)
+        span.ended, span.outcome = now, outcome
         return span
 
     def started(self, a: TaskAttempt, now: float) -> None:
         """Its worker says the attempt (re)started running now (it sat queued)."""
         job = self._jobs.get(a.job_id)
-        span = None if job is None else job.spans.get(_key(a))
-        if job is not None and span is not None and span.outcome == "running":
-            job.spans[_key(a)] = msgspec.structs.replace(span, started=now)
+        span = None if job is None else job.spans.get((a.stage, a.partition, a.epoch, a.attempt))
+        if span is not None and span.outcome == "running":
+            span.started = now
 
     def worker_lost(self, worker: str, now: float) -> int:
         """Close the lost worker's running attempts as "lost"; returns how many."""
@@ -120,11 +156,11 @@ class TaskLog:
         for job_id, key in lost:
             job = self._jobs.get(job_id)
             span = None if job is None else job.spans.get(key)
-            if job is not None and span is not None:
-                job.spans[key] = msgspec.structs.replace(span, ended=now, outcome="lost")
+            if span is not None:
+                span.ended, span.outcome = now, "lost"
         return len(lost)
 
-    def _not_running(self, job_id: str, key: _Key, span: TaskSpan) -> None:
+    def _not_running(self, job_id: str, key: _Key, span: Span) -> None:
         running = self._running.get(span.worker)
         if running is not None:
             running.discard((job_id, key))
@@ -136,14 +172,19 @@ class TaskLog:
         job = self._jobs.get(job_id)
         if job is None:
             return [], 0
-        return list(job.spans.values()), job.dropped
+        return [span.frozen() for span in job.spans.values()], job.dropped
 
     def forget(self, job_id: str) -> None:
         job = self._jobs.pop(job_id, None)
+        if self._last is not None and self._last[0] == job_id:
+            self._last = None
         for key, span in job.spans.items() if job is not None else ():
             self._not_running(job_id, key, span)
 
     def _job(self, job_id: str) -> _JobSpans:
+        last = self._last
+        if last is not None and last[0] == job_id:
+            return last[1]  # already the most recently used
         job = self._jobs.get(job_id)
         if job is None:
             job = self._jobs[job_id] = _JobSpans()
@@ -151,8 +192,5 @@ class TaskLog:
                 self.forget(next(iter(self._jobs)))
         else:
             self._jobs.move_to_end(job_id)
+        self._last = (job_id, job)
         return job
-
-
-def _key(a: TaskAttempt) -> _Key:
-    return (a.stage, a.partition, a.epoch, a.attempt)

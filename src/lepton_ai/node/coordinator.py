@@ -89,6 +89,11 @@ log = logging.getLogger("lepton_ai.coordinator")
 CODEC = Codec[CoordinatorMessage](CoordinatorMessage)
 
 
+# What the monitor sees of the scheduler's input (a tuple: ``A | B`` would build a
+# union object on every step).
+_OBSERVED = (TaskSucceeded, TaskFailed, TaskStarted, WorkerLost)
+
+
 class Coordinator:
     def __init__(
         self,
@@ -228,7 +233,7 @@ class Coordinator:
     def step(self, event: SchedulerEvent) -> None:
         if self.scheduler is None:
             return  # not leading: applied commands only update the state machine
-        if isinstance(event, TaskSucceeded | TaskFailed | TaskStarted | WorkerLost):
+        if isinstance(event, _OBSERVED):
             self.monitor.observe(event)
         try:
             actions = self.scheduler.step(event)
