@@ -134,8 +134,8 @@ async def _lepton_pipelined(
 ) -> dict[str, float]:
     """Up to ``window`` writes in flight on one connection, each with its session sequence."""
     from lepton_ai.consensus.client import KvClient
+    from lepton_ai.consensus.client_messages import Reply, ReplyMessage, Submit
     from lepton_ai.consensus.kv import Put, Request, decode_result, encode_command
-    from lepton_ai.consensus.protocol import Reply, ReplyMessage, Submit
     from lepton_ai.wire import Codec, connect, encode_frame
 
     async with KvClient(addresses, token=token) as probe:
@@ -232,10 +232,10 @@ def lepton_throughput(fsync: bool, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def lepton_failover(fsync: bool, args: argparse.Namespace) -> dict[str, Any]:
-    from lepton_ai.consensus.client import ClientConfig, KvClient
+    from lepton_ai.consensus.client import KvClient, KvClientConfig
 
     times: list[float] = []
-    config = ClientConfig(
+    config = KvClientConfig(
         deadline_s=10, attempt_timeout_s=0.25, backoff_s=0.005, backoff_max_s=0.02
     )
     with _lepton_cluster(fsync, args.tick_s) as cluster:

@@ -90,7 +90,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _direct_replica(target: str) -> tuple[subprocess.Popen[bytes], str]:
-    proc = _spawn([sys.executable, "-m", "lepton_ai.serve.child", "--target", target])
+    proc = _spawn([sys.executable, "-m", "lepton_ai.serve.replica_main", "--target", target])
     if proc.stdout is None:
         raise AssertionError("no stdout pipe")
     hello = json.loads(proc.stdout.readline())

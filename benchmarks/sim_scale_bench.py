@@ -53,6 +53,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from lepton_ai.compute.job_state import (
+    JobCommand,
+    JobStateConfig,
+    JobStateMachine,
+    JobSubmitted,
+    OutputLost,
+    OutputRef,
+    TaskFinished,
+)
 from lepton_ai.compute.plan import (
     JobOptions,
     JobPlan,
@@ -79,15 +88,6 @@ from lepton_ai.compute.scheduler_events import (
     Tick,
     WorkerJoined,
     WorkerLost,
-)
-from lepton_ai.compute.state import (
-    JobCommand,
-    JobStateConfig,
-    JobStateMachine,
-    JobSubmitted,
-    OutputLost,
-    OutputRef,
-    TaskFinished,
 )
 from lepton_ai.consensus.core import Replica
 from lepton_ai.data.sources import RangeSource

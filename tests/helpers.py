@@ -20,8 +20,8 @@ from typing import Any, TypeVar
 import psutil
 
 from lepton_ai.compute.api import DistributedTask
+from lepton_ai.compute.job_state import OutputRef, TaskFinished
 from lepton_ai.compute.plan import JobOptions
-from lepton_ai.compute.state import OutputRef, TaskFinished
 from lepton_ai.consensus.driver import ReplicaDriver
 from lepton_ai.node.process import pid_alive
 

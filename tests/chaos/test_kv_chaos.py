@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from lepton_ai.consensus.client import ClientConfig, KvClient
+from lepton_ai.consensus.client import KvClient, KvClientConfig
 from lepton_ai.consensus.cluster import KvCluster, LauncherConfig
 from lepton_ai.errors import LeptonError
 from lepton_ai.sim.linearizability import Operation, check_history
@@ -31,7 +31,7 @@ async def _client_loop(
     cluster: KvCluster, client_id: int, stop: asyncio.Event, history: list[Operation], seed: int
 ) -> None:
     rng = random.Random(seed)
-    config = ClientConfig(deadline_s=6.0, attempt_timeout_s=1.0)
+    config = KvClientConfig(deadline_s=6.0, attempt_timeout_s=1.0)
     async with KvClient(cluster.addresses, token=cluster.token, config=config) as client:
         while not stop.is_set():
             key = rng.choice(KEYS)
@@ -81,7 +81,7 @@ async def _guess(client: KvClient, key: str, rng: random.Random) -> object:
 
 
 async def _final_reads(cluster: KvCluster, history: list[Operation]) -> None:
-    config = ClientConfig(deadline_s=20.0)
+    config = KvClientConfig(deadline_s=20.0)
     async with KvClient(cluster.addresses, token=cluster.token, config=config) as client:
         for key in KEYS:
             call = time.monotonic()

@@ -3,7 +3,7 @@
     sudo PYTHONPATH=src .venv/bin/python tests/hosts/measure.py [--trials 10] [--job-trials 3]
 
 Leader isolation trials: a writer thread puts back to back through ``cluster.kv``'s
-client (default ``ClientConfig``: 10 s deadline, 2 s per attempt); the leader's host
+client (default ``KvClientConfig``: 10 s deadline, 2 s per attempt); the leader's host
 is cut off from every other host (not from the client); measured from the moment the
 drop rules are in place: when a majority-side coordinator first reports itself
 leader (status polled every ~50 ms) and when the writer's next write is acknowledged.

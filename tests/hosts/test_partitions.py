@@ -19,7 +19,7 @@ from collections.abc import Callable
 import pytest
 
 from helpers import wait_until
-from lepton_ai.consensus.client import KV, ClientConfig
+from lepton_ai.consensus.client import KV, KvClientConfig
 from lepton_ai.errors import Unavailable
 from lepton_ai.node.client import CoordinatorClient
 from lepton_ai.node.messages import ListJobs
@@ -118,7 +118,7 @@ def _probe_no_service(cluster: BedCluster, run: Run, host: int) -> None:
     side = [h for h in cluster.coordinator_hosts + cluster.worker_hosts if h != host]
     run.fault("client_cut_off", reachable=host, cut=side)
     cluster.bed.isolate_client(*side)
-    config = ClientConfig(deadline_s=PROBE_DEADLINE_S, attempt_timeout_s=0.5)
+    config = KvClientConfig(deadline_s=PROBE_DEADLINE_S, attempt_timeout_s=0.5)
     with KV([cluster.paxos_addresses[host]], token=cluster.token, config=config) as kv:
         kinds = ("get", "put", "cas")[:PROBE_OPS]
         ops = [one_op(run, kv, PROBE_CLIENT, kind, run.keys[0], expected=None) for kind in kinds]

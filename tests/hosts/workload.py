@@ -31,7 +31,7 @@ from typing import Any
 import cloudpickle
 
 from lepton_ai.compute.api import DistributedTask
-from lepton_ai.consensus.client import KV, ClientConfig
+from lepton_ai.consensus.client import KV, KvClientConfig
 from lepton_ai.errors import LeptonError
 from lepton_ai.sim.linearizability import Operation, check_history
 
@@ -132,7 +132,7 @@ class KvLoad:
 
     def _loop(self, client: int) -> None:
         rng = random.Random(client)
-        config = ClientConfig(deadline_s=OP_DEADLINE_S, attempt_timeout_s=OP_ATTEMPT_S)
+        config = KvClientConfig(deadline_s=OP_DEADLINE_S, attempt_timeout_s=OP_ATTEMPT_S)
         seen: dict[str, Any] = {}
         with KV(self.addresses, token=self.token, config=config) as kv:
             while not self._stop.is_set():
@@ -169,7 +169,7 @@ def one_op(run: Run, kv: KV, client: int, kind: str, key: str, *, expected: Any)
 def final_reads(run: Run, addresses: Sequence[str], token: str) -> None:
     """After healing, a fresh client reads every key: a lost acknowledged write then
     makes the history non-linearizable."""
-    config = ClientConfig(deadline_s=FINAL_READ_DEADLINE_S)
+    config = KvClientConfig(deadline_s=FINAL_READ_DEADLINE_S)
     with KV(list(addresses), token=token, config=config) as kv:
         for key in run.keys:
             call = run.now()

@@ -21,7 +21,7 @@ import pytest
 
 import lepton_ai as lep
 from lepton_ai.compute.plan import JobOptions
-from lepton_ai.consensus.client import ClientConfig, KvClient
+from lepton_ai.consensus.client import KvClient, KvClientConfig
 from lepton_ai.errors import LeptonError, Unavailable
 from lepton_ai.node.cluster import LocalCluster
 from lepton_ai.node.process import pid_alive
@@ -189,7 +189,7 @@ def test_kv_client_fails_fast_when_nothing_listens_at_any_address() -> None:
         with socket.socket() as s:  # a port nothing listens on once closed
             s.bind(("127.0.0.1", 0))
             ports.append(s.getsockname()[1])
-    config = ClientConfig(deadline_s=30.0)
+    config = KvClientConfig(deadline_s=30.0)
 
     async def put() -> None:
         addresses = [f"127.0.0.1:{p}" for p in ports]

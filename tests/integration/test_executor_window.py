@@ -19,7 +19,7 @@ from helpers import wait_until_async
 from lepton_ai.compute.plan import NarrowOp, SourceOp, build_plan, encode_plan
 from lepton_ai.compute.scheduler_events import TaskAttempt
 from lepton_ai.data.sources import range_sources
-from lepton_ai.node.executors import ExecutorConfig, ExecutorDied, ExecutorSlot, Requeued
+from lepton_ai.node.executor_slots import ExecutorConfig, ExecutorDied, ExecutorSlot, Requeued
 from lepton_ai.node.messages import ExecDone, ExecFailed, ExecRun
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -19,12 +19,12 @@ import pytest
 
 from helpers import wait_until
 from lepton_ai.consensus import cli as kv_cli
-from lepton_ai.consensus.client import KV, ClientConfig
+from lepton_ai.consensus.client import KV, KvClientConfig
 from lepton_ai.consensus.cluster import KvCluster, LauncherConfig
 from lepton_ai.consensus.kv import KvConfig
-from lepton_ai.consensus.messages import Accept, Prepare
+from lepton_ai.consensus.peer_messages import Accept, Prepare
+from lepton_ai.consensus.replica_disk import WAL_NAME
 from lepton_ai.consensus.server import SERVER_CODEC
-from lepton_ai.consensus.storage import WAL_NAME
 from lepton_ai.consensus.transport import PeerHello
 from lepton_ai.errors import AuthError, Unavailable
 from lepton_ai.wire import connect
@@ -207,7 +207,7 @@ def test_corrupt_wal_record_mid_file_refuses_to_start(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(90)
 def test_no_quorum_raises_unavailable_then_recovers(tmp_path: Path) -> None:
-    config = ClientConfig(deadline_s=2.0, attempt_timeout_s=0.5)
+    config = KvClientConfig(deadline_s=2.0, attempt_timeout_s=0.5)
     with KvCluster(
         3, data_dir=str(tmp_path), config=LauncherConfig(tick_s=0.02), client_config=config
     ) as c:

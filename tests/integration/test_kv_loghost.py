@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from helpers import wait_until_async
-from lepton_ai.consensus.api import LogHost, NotLeader
+from lepton_ai.consensus.log_host import LogHost, NotLeader
 from lepton_ai.consensus.server import ReplicaHost, ReplicaOptions
 
 

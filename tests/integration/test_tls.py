@@ -19,7 +19,7 @@ import pytest
 import lepton_ai as lep
 from lepton_ai.errors import LeptonError, TlsError
 from lepton_ai.node.messages import ClientReply, GetStatus
-from lepton_ai.node.netutil import parse_address
+from lepton_ai.node.node_net import parse_address
 from lepton_ai.wire import Codec, ConnectionClosed, WireConfig, connect
 from lepton_ai.wire.certs import create
 from lepton_ai.wire.tls import TlsConfig, load_tls

@@ -35,7 +35,17 @@ from typing import Any
 import pytest
 
 from lepton_ai.compute.api import DistributedTask
+from lepton_ai.compute.job_state import (
+    JobStateMachine,
+    JobSubmitted,
+    OutputLost,
+    OutputRef,
+    TaskFinished,
+    decode_command,
+    encode_command,
+)
 from lepton_ai.compute.plan import JobOptions, decode_plan
+from lepton_ai.compute.run_task import run_local, run_task
 from lepton_ai.compute.scheduler import Scheduler
 from lepton_ai.compute.scheduler_events import (
     Applied,
@@ -53,17 +63,7 @@ from lepton_ai.compute.scheduler_events import (
     WorkerJoined,
     WorkerLost,
 )
-from lepton_ai.compute.state import (
-    JobStateMachine,
-    JobSubmitted,
-    OutputLost,
-    OutputRef,
-    TaskFinished,
-    decode_command,
-    encode_command,
-)
-from lepton_ai.compute.tasks import run_local, run_task
-from lepton_ai.consensus.messages import KIND_COMMANDS
+from lepton_ai.consensus.peer_messages import KIND_COMMANDS
 from lepton_ai.sim.cluster import SimCluster
 from lepton_ai.sim.fuzz import seeds_from_env
 

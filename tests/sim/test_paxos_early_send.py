@@ -13,7 +13,7 @@ import random
 import pytest
 from simkit import make
 
-from lepton_ai.consensus.messages import Entry
+from lepton_ai.consensus.peer_messages import Entry
 from lepton_ai.sim.cluster import DiskConfig, SimCluster
 from lepton_ai.sim.fuzz import seeds_from_env
 from lepton_ai.sim.network import NetConfig

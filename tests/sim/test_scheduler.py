@@ -32,7 +32,16 @@ from typing import Any
 import pytest
 
 from lepton_ai.compute.api import DistributedTask
+from lepton_ai.compute.job_state import (
+    JobCommand,
+    JobStateMachine,
+    JobSubmitted,
+    OutputLost,
+    OutputRef,
+    TaskFinished,
+)
 from lepton_ai.compute.plan import JobOptions, decode_plan
+from lepton_ai.compute.run_task import CorruptInput, UserCodeError, run_local, run_task
 from lepton_ai.compute.scheduler import Scheduler
 from lepton_ai.compute.scheduler_events import (
     Applied,
@@ -51,15 +60,6 @@ from lepton_ai.compute.scheduler_events import (
     WorkerJoined,
     WorkerLost,
 )
-from lepton_ai.compute.state import (
-    JobCommand,
-    JobStateMachine,
-    JobSubmitted,
-    OutputLost,
-    OutputRef,
-    TaskFinished,
-)
-from lepton_ai.compute.tasks import CorruptInput, UserCodeError, run_local, run_task
 from lepton_ai.monitor.phi import PhiAccrualDetector
 from lepton_ai.sim.fuzz import seeds_from_env
 

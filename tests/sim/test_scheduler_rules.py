@@ -6,7 +6,17 @@ import operator
 from collections import deque
 
 from lepton_ai.compute.api import DistributedTask
+from lepton_ai.compute.job_state import (
+    JobFailedCmd,
+    JobFinished,
+    JobStateMachine,
+    JobSubmitted,
+    OutputLost,
+    OutputRef,
+    TaskFinished,
+)
 from lepton_ai.compute.plan import JobOptions, decode_plan
+from lepton_ai.compute.run_task import run_task
 from lepton_ai.compute.scheduler import Scheduler
 from lepton_ai.compute.scheduler_events import (
     Applied,
@@ -24,16 +34,6 @@ from lepton_ai.compute.scheduler_events import (
     WorkerJoined,
     WorkerLost,
 )
-from lepton_ai.compute.state import (
-    JobFailedCmd,
-    JobFinished,
-    JobStateMachine,
-    JobSubmitted,
-    OutputLost,
-    OutputRef,
-    TaskFinished,
-)
-from lepton_ai.compute.tasks import run_task
 
 
 class _Runner:

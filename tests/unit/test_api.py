@@ -11,7 +11,7 @@ import pytest
 
 from lepton_ai.compute.api import DistributedTask, JobRunner
 from lepton_ai.compute.plan import JobOptions, decode_plan
-from lepton_ai.compute.tasks import run_local
+from lepton_ai.compute.run_task import run_local
 
 
 class _Submitted(Exception):
@@ -185,7 +185,7 @@ def test_big_chunks_go_by_reference_when_the_cluster_stores_blobs() -> None:
     srcs = plan.stages[0].sources or []
     assert len(srcs) == 2 and all(isinstance(s, BlobSource) for s in srcs), srcs
     assert len(runner.blobs) == 2
-    from lepton_ai.compute.tasks import run_task
+    from lepton_ai.compute.run_task import run_task
 
     out = run_task(plan, 0, 1, fetch_blob=runner.blobs.__getitem__)
     assert out.result is not None

@@ -2,17 +2,7 @@
 
 from __future__ import annotations
 
-from lepton_ai.compute.plan import JobOptions
-from lepton_ai.compute.scheduler_events import (
-    Cancel,
-    Dispatch,
-    FetchFailed,
-    TaskAttempt,
-    TaskFailed,
-    TaskStarted,
-    TaskSucceeded,
-)
-from lepton_ai.compute.state import (
+from lepton_ai.compute.job_state import (
     ApplyResult,
     ErrorInfo,
     JobDeleted,
@@ -22,6 +12,16 @@ from lepton_ai.compute.state import (
     JobStatus,
     JobSubmitted,
     OutputRef,
+)
+from lepton_ai.compute.plan import JobOptions
+from lepton_ai.compute.scheduler_events import (
+    Cancel,
+    Dispatch,
+    FetchFailed,
+    TaskAttempt,
+    TaskFailed,
+    TaskStarted,
+    TaskSucceeded,
 )
 from lepton_ai.monitor.phi import PhiConfig
 from lepton_ai.node.control import (

@@ -18,7 +18,7 @@ CORE_GLOBS = (
     "consensus/leader_search.py",
     "compute/scheduler*.py",
     "compute/scheduler/*.py",
-    "compute/state.py",
+    "compute/job_state.py",
     "monitor/phi.py",
     "monitor/alerts.py",
     "monitor/events.py",

@@ -47,7 +47,7 @@ import pytest
 from helpers import wait_until
 from lepton_ai.cli import build_parser
 from lepton_ai.consensus.server import parse_peers
-from lepton_ai.node.netutil import parse_address
+from lepton_ai.node.node_net import parse_address
 
 ROOT = Path(__file__).resolve().parents[2]
 SYSTEMD = ROOT / "deploy" / "systemd"

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from helpers import PLAN, map_done
-from lepton_ai.compute.plan import JobOptions
-from lepton_ai.compute.state import (
+from lepton_ai.compute.job_state import (
     ApplyResult,
     JobCommand,
     JobStateConfig,
@@ -12,6 +11,7 @@ from lepton_ai.compute.state import (
     decode_apply_result,
     encode_command,
 )
+from lepton_ai.compute.plan import JobOptions
 from lepton_ai.consensus.kv import Get, OpenSession, Put, Request
 from lepton_ai.consensus.kv import encode_command as kv_encode
 from lepton_ai.node.replicated import (

@@ -10,10 +10,10 @@ from collections.abc import Callable
 
 import pytest
 
-from lepton_ai.consensus.client import ClientConfig as KvClientConfig
+from lepton_ai.consensus.client import KvClientConfig
 from lepton_ai.heal.backoff import Backoff
-from lepton_ai.node.client import ClientConfig
-from lepton_ai.node.executors import ExecutorConfig
+from lepton_ai.node.client import CoordinatorClientConfig
+from lepton_ai.node.executor_slots import ExecutorConfig
 from lepton_ai.node.worker import WorkerConfig
 
 
@@ -52,7 +52,7 @@ def test_a_bad_back_off_is_refused(initial_s: float, factor: float, max_s: float
 LOOPS: dict[str, tuple[Callable[[], Backoff], float, float]] = {
     "executor restarts": (ExecutorConfig().restart_backoff, 0.05, 2.0),
     "worker reconnects": (WorkerConfig().reconnect_backoff, 0.05, 1.0),
-    "coordinator client retries": (ClientConfig().retry_backoff, 0.05, 0.5),
+    "coordinator client retries": (CoordinatorClientConfig().retry_backoff, 0.05, 0.5),
     "kv client retries": (KvClientConfig().backoff, 0.02, 0.3),
 }
 

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from lepton_ai.consensus.client import ClientConfig, parse_addresses
+from lepton_ai.consensus.client import KvClientConfig, parse_addresses
 from lepton_ai.consensus.server import parse_peers
 from lepton_ai.consensus.transport import FrameSplitter
 from lepton_ai.errors import FrameTooLarge
@@ -45,4 +45,4 @@ def test_parse_peers_and_addresses() -> None:
         with pytest.raises(ValueError):
             parse_addresses(bad_addr)
     with pytest.raises(ValueError):
-        ClientConfig(deadline_s=0)
+        KvClientConfig(deadline_s=0)

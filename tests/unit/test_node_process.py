@@ -52,7 +52,7 @@ def test_advertised_address_is_never_a_wildcard() -> None:
     a port."""
     import socket
 
-    from lepton_ai.node.netutil import advertised_address, local_ip_toward
+    from lepton_ai.node.node_net import advertised_address, local_ip_toward
 
     with socket.socket() as sock:
         sock.bind(("0.0.0.0", 0))  # bound, never listening: nothing is exposed

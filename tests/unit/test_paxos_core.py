@@ -15,7 +15,7 @@ from lepton_ai.consensus.core import (
     Ready,
     Replica,
 )
-from lepton_ai.consensus.messages import (
+from lepton_ai.consensus.peer_messages import (
     KIND_COMMANDS,
     KIND_NOOP,
     NACK_BEHIND,

@@ -7,7 +7,7 @@ import pytest
 from lepton_ai.consensus.core_leader import has_quorum, merge_promises, quorum_slot
 from lepton_ai.consensus.core_log import Log
 from lepton_ai.consensus.core_types import InvariantError, ProposalId
-from lepton_ai.consensus.messages import (
+from lepton_ai.consensus.peer_messages import (
     KIND_COMMANDS,
     KIND_CONFIG,
     Entry,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lepton_ai.consensus.core_types import Ready
-from lepton_ai.consensus.messages import (
+from lepton_ai.consensus.peer_messages import (
     KIND_COMMANDS,
     Accept,
     Accepted,

@@ -146,7 +146,7 @@ def test_reduce_merges_partials_in_one_final_task_in_partition_order() -> None:
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from lepton_ai.compute.tasks import run_local  # noqa: E402
+from lepton_ai.compute.run_task import run_local  # noqa: E402
 
 
 def _key7(x: int) -> tuple[int, int]:

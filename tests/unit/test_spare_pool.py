@@ -12,7 +12,7 @@ import asyncio
 from typing import Any
 
 from helpers import wait_until_async
-from lepton_ai.node.executors import ExecutorConfig, SparePool
+from lepton_ai.node.executor_slots import ExecutorConfig, SparePool
 
 IDLE_FOR_S = 0.3  # a lull must last this long; far longer than a poll, so a gap is no lull
 POLL_S = 0.005

@@ -15,7 +15,7 @@ import pytest
 
 from helpers import wait_until_async
 from lepton_ai.errors import DataLost, StorageFull
-from lepton_ai.node.netutil import node_wire_config
+from lepton_ai.node.node_net import node_wire_config
 from lepton_ai.storage.checksum import crc32c
 from lepton_ai.storage.dataclient import (
     DataClient,

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from helpers import NoRunner
 from lepton_ai.compute.api import DistributedTask
-from lepton_ai.compute.plan import JobOptions
-from lepton_ai.compute.state import (
+from lepton_ai.compute.job_state import (
     ErrorInfo,
     JobCommand,
     JobDeleted,
@@ -18,6 +17,7 @@ from lepton_ai.compute.state import (
     TaskFinished,
     encode_command,
 )
+from lepton_ai.compute.plan import JobOptions
 from lepton_ai.data.outputs import WriteSpec
 from lepton_ai.node.coord_machine import JobsMachine
 from lepton_ai.node.replicated import CoordinatorMachine
@@ -100,7 +100,7 @@ def test_replicas_agree_through_a_snapshot() -> None:
 
 
 def test_an_output_survives_its_job_evicted_by_its_own_finish() -> None:
-    from lepton_ai.compute.state import JobStateConfig
+    from lepton_ai.compute.job_state import JobStateConfig
 
     machine = CoordinatorMachine(JobStateConfig(finished_jobs_max=1))
     run(machine, [JobSubmitted("writer", WRITE, JobOptions())])

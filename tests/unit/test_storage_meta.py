@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lepton_ai.compute.job_state import JobDeleted, JobSubmitted, decode_command, encode_command
 from lepton_ai.compute.plan import JobOptions
-from lepton_ai.compute.state import JobDeleted, JobSubmitted, decode_command, encode_command
 from lepton_ai.consensus.kv import OpenSession, Put, Request
 from lepton_ai.consensus.kv import decode_command as decode_kv
 from lepton_ai.consensus.kv import encode_command as encode_kv

@@ -26,7 +26,7 @@ import pytest
 from lepton_ai.cli import build_parser
 from lepton_ai.consensus.server import parse_peers
 from lepton_ai.heal.membership import EXIT_REMOVED
-from lepton_ai.node.netutil import parse_address
+from lepton_ai.node.node_net import parse_address
 from lepton_ai.node.programs import add_coordinator_args, add_worker_args
 from lepton_ai.wire import resolve_token
 

@@ -12,6 +12,7 @@ import itertools
 import pytest
 
 from lepton_ai.compute.api import DistributedTask
+from lepton_ai.compute.job_state import ApplyResult, JobStateMachine, JobSubmitted, OutputRef
 from lepton_ai.compute.plan import JobOptions
 from lepton_ai.compute.scheduler import TRANSITIONS, Scheduler, TaskEvent, TaskState
 from lepton_ai.compute.scheduler.task_state import HISTORY_MAX, Task
@@ -23,7 +24,6 @@ from lepton_ai.compute.scheduler_events import (
     TaskSucceeded,
     WorkerJoined,
 )
-from lepton_ai.compute.state import ApplyResult, JobStateMachine, JobSubmitted, OutputRef
 from lepton_ai.errors import InvariantError
 
 S, E = TaskState, TaskEvent

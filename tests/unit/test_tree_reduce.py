@@ -6,7 +6,7 @@ import operator
 
 from lepton_ai.compute.api import DistributedTask
 from lepton_ai.compute.plan import REDUCE_FAN_IN, JobOptions, decode_plan, partial_bucket
-from lepton_ai.compute.tasks import run_local
+from lepton_ai.compute.run_task import run_local
 
 
 class _Runner:  # plans only: nothing is submitted
@@ -47,7 +47,7 @@ def test_partial_buckets_are_contiguous_and_cover_every_group() -> None:
 def test_counter_partials_round_trip_and_fall_back_to_pickle() -> None:
     from collections import Counter
 
-    from lepton_ai.compute.tasks import decode_bucket, encode_partial
+    from lepton_ai.compute.run_task import decode_bucket, encode_partial
 
     for counts in (
         Counter({"a": 3, "b": 1}),

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lepton_ai.consensus.core_types import Ready
-from lepton_ai.consensus.messages import KIND_COMMANDS, Entry, Value
-from lepton_ai.consensus.storage import WAL_NAME, WAL_PREALLOCATE_BYTES, ReplicaStorage
+from lepton_ai.consensus.peer_messages import KIND_COMMANDS, Entry, Value
+from lepton_ai.consensus.replica_disk import WAL_NAME, WAL_PREALLOCATE_BYTES, ReplicaStorage
 from lepton_ai.consensus.wal import WalConfig, WalCorruption, WriteAheadLog
 
 HEADER = 16  # magic + salt

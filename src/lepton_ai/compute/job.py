@@ -18,7 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import msgspec
 
-from lepton_ai.compute.state import JobRecord
+from lepton_ai.compute.job_state import JobRecord
 from lepton_ai.errors import Unavailable
 
 PROGRESS_AFTER_S = 1.0

@@ -31,7 +31,7 @@ from typing import Literal
 
 import msgspec
 
-from lepton_ai.compute.state import ApplyResult, JobCommand, OutputRef
+from lepton_ai.compute.job_state import ApplyResult, JobCommand, OutputRef
 
 FailureKind = Literal["infra", "user", "cancelled"]
 

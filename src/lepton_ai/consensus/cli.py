@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Any
 
-from lepton_ai.consensus.client import ClientConfig, KvClient, parse_addresses
+from lepton_ai.consensus.client import KvClient, KvClientConfig, parse_addresses
 from lepton_ai.errors import LeptonError
 from lepton_ai.wire import resolve_token
 
@@ -134,7 +134,7 @@ def _replicas(args: argparse.Namespace) -> tuple[str, str]:
 def _client(args: argparse.Namespace) -> KvClient:
     peers, token = _replicas(args)
     return KvClient(
-        parse_addresses(peers), token=token, config=ClientConfig(deadline_s=args.timeout)
+        parse_addresses(peers), token=token, config=KvClientConfig(deadline_s=args.timeout)
     )
 
 

@@ -9,7 +9,7 @@ on a back-off (``leader_search.py``; one search at a time per
 client, shared by its concurrent requests). A write is retried with the *same*
 session sequence number (the same command bytes), so the KV machine applies it at
 most once and returns its first result (see ``kv.py``). Reads use the leader's read
-index: no log write. When no leader answers within ``ClientConfig.deadline_s`` the
+index: no log write. When no leader answers within ``KvClientConfig.deadline_s`` the
 call raises ``lepton_ai.errors.Unavailable``.
 
 ``KvClient`` is the asyncio client; ``KV`` wraps it for synchronous code (it owns a
@@ -29,6 +29,18 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from lepton_ai.consensus.client_messages import (
+    ChangeMembers,
+    ClientMessage,
+    Failed,
+    Read,
+    Redirect,
+    Reply,
+    ReplyMessage,
+    Status,
+    StatusQuery,
+    Submit,
+)
 from lepton_ai.consensus.kv import (
     Cas,
     Delete,
@@ -43,18 +55,6 @@ from lepton_ai.consensus.kv import (
     encode_command,
 )
 from lepton_ai.consensus.leader_search import LeaderSearch, SearchConfig
-from lepton_ai.consensus.protocol import (
-    ChangeMembers,
-    ClientMessage,
-    Failed,
-    Read,
-    Redirect,
-    Reply,
-    ReplyMessage,
-    Status,
-    StatusQuery,
-    Submit,
-)
 from lepton_ai.errors import AuthError, LeptonError, ProtocolError, Unavailable
 from lepton_ai.heal.backoff import Backoff
 from lepton_ai.wire import Codec, Connection, ConnectionClosed, WireConfig, connect
@@ -65,7 +65,7 @@ _value_encoder = msgspec.msgpack.Encoder()
 
 
 @dataclass(frozen=True)
-class ClientConfig:
+class KvClientConfig:
     deadline_s: float = 10.0  # whole operation, all retries included
     attempt_timeout_s: float = 2.0  # one try on one replica
     backoff_s: float = 0.02  # pause after a refused try (or none reachable), doubled ...
@@ -145,10 +145,10 @@ class KvClient:
     """Asyncio KV client for a replica group. Use ``async with`` or call ``close``."""
 
     def __init__(
-        self, addresses: str | Sequence[str], *, token: str, config: ClientConfig | None = None
+        self, addresses: str | Sequence[str], *, token: str, config: KvClientConfig | None = None
     ) -> None:
         self.addresses = parse_addresses(addresses)
-        self.config = config or ClientConfig()
+        self.config = config or KvClientConfig()
         self._backoff = self.config.backoff()
         self._token = token
         self._leader: str | None = None
@@ -594,7 +594,7 @@ class KV:
     """
 
     def __init__(
-        self, addresses: str | Sequence[str], *, token: str, config: ClientConfig | None = None
+        self, addresses: str | Sequence[str], *, token: str, config: KvClientConfig | None = None
     ) -> None:
         self._client = KvClient(addresses, token=token, config=config)
         self._loop = asyncio.new_event_loop()

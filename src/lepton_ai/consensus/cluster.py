@@ -28,8 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lepton_ai.consensus.client import KV, ClientConfig, KvClient
-from lepton_ai.consensus.protocol import Status
+from lepton_ai.consensus.client import KV, KvClient, KvClientConfig
+from lepton_ai.consensus.client_messages import Status
 from lepton_ai.errors import LeptonError
 from lepton_ai.wire import generate_token
 from lepton_ai.wire.handshake import TOKEN_ENV
@@ -109,7 +109,7 @@ class KvCluster:
         data_dir: str | Path | None = None,
         token: str | None = None,
         config: LauncherConfig | None = None,
-        client_config: ClientConfig | None = None,
+        client_config: KvClientConfig | None = None,
         extra_args: Sequence[str] = (),
     ) -> None:
         if replicas < 1:

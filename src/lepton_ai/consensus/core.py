@@ -90,7 +90,7 @@ from lepton_ai.consensus.core_types import (
     ProposalId,
     Ready,
 )
-from lepton_ai.consensus.messages import (
+from lepton_ai.consensus.peer_messages import (
     KIND_COMMANDS,
     KIND_CONFIG,
     NACK_BEHIND,

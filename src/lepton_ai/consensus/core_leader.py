@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from lepton_ai.consensus.core_log import Log
 from lepton_ai.consensus.core_types import InvariantError, LearnerStatus, PaxosConfig
-from lepton_ai.consensus.messages import (
+from lepton_ai.consensus.peer_messages import (
     KIND_CONFIG,
     KIND_NOOP,
     Accept,

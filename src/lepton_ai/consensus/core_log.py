@@ -8,7 +8,7 @@ while (``log_retain_entries``) so a slightly lagging peer is caught up without a
 from __future__ import annotations
 
 from lepton_ai.consensus.core_types import InvariantError
-from lepton_ai.consensus.messages import KIND_CONFIG, Ballot, Entry, Snapshot, Value
+from lepton_ai.consensus.peer_messages import KIND_CONFIG, Ballot, Entry, Snapshot, Value
 
 
 class Log:

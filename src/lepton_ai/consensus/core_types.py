@@ -7,8 +7,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lepton_ai.consensus.api import NotLeader
-from lepton_ai.consensus.messages import ZERO_BALLOT, Ballot, Entry, PeerMessage, Snapshot, Value
+from lepton_ai.consensus.log_host import NotLeader
+from lepton_ai.consensus.peer_messages import (
+    ZERO_BALLOT,
+    Ballot,
+    Entry,
+    PeerMessage,
+    Snapshot,
+    Value,
+)
 from lepton_ai.errors import InvariantError, LeptonError  # InvariantError: re-exported
 
 __all__ = [

@@ -16,7 +16,7 @@ Latency path: a leader's Accept and Heartbeat leave *before* its own fdatasync
 followers' fdatasyncs overlap instead of adding up; and the server writes a pass's
 replies from an ``on_pass_end`` hook, in the pass, not one event-loop turn later.
 
-``ReplicaDriver`` implements ``lepton_ai.consensus.api.LogHost`` for whatever
+``ReplicaDriver`` implements ``lepton_ai.consensus.log_host.LogHost`` for whatever
 ``StateMachine`` it is given; the KV server and (later) the coordinator run on it.
 """
 
@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from lepton_ai.consensus.api import NotLeader, StateMachine
 from lepton_ai.consensus.core import Replica
 from lepton_ai.consensus.core_types import (
     DurableState,
@@ -42,7 +41,8 @@ from lepton_ai.consensus.core_types import (
     ProposalId,
     Ready,
 )
-from lepton_ai.consensus.messages import (
+from lepton_ai.consensus.log_host import NotLeader, StateMachine
+from lepton_ai.consensus.peer_messages import (
     KIND_COMMANDS,
     KIND_CONFIG,
     ZERO_BALLOT,
@@ -50,7 +50,7 @@ from lepton_ai.consensus.messages import (
     Value,
 )
 from lepton_ai.consensus.ready_order import split_early
-from lepton_ai.consensus.storage import ReplicaStorage
+from lepton_ai.consensus.replica_disk import ReplicaStorage
 from lepton_ai.consensus.timings import ConsensusTimings
 from lepton_ai.consensus.transport import PeerLink, TransportConfig
 from lepton_ai.errors import LeptonError, Unavailable

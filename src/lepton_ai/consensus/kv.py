@@ -137,7 +137,7 @@ class _Snapshot(msgspec.Struct):
 
 
 class KvMachine:
-    """Deterministic KV state machine; implements ``lepton_ai.consensus.api.StateMachine``."""
+    """Deterministic KV state machine; implements ``lepton_ai.consensus.log_host.StateMachine``."""
 
     def __init__(self, config: KvConfig | None = None) -> None:
         self.config = config or KvConfig()

@@ -15,7 +15,7 @@ this replica (``Promise``, ``Accepted``, ``HeartbeatAck``, ``Nack``) and everyth
 from __future__ import annotations
 
 from lepton_ai.consensus.core_types import Ready
-from lepton_ai.consensus.messages import Accept, Heartbeat, PeerMessage
+from lepton_ai.consensus.peer_messages import Accept, Heartbeat, PeerMessage
 
 EARLY_TYPES = (Accept, Heartbeat)
 """Leader-role messages that carry no vote of their sender."""

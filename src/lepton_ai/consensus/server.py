@@ -25,11 +25,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lepton_ai import eventloop
-from lepton_ai.consensus.api import NotLeader, StateMachine
+from lepton_ai.consensus.client_messages import (
+    ChangeMembers,
+    Failed,
+    PeerStatus,
+    Read,
+    Redirect,
+    Reply,
+    Status,
+    StatusQuery,
+    Submit,
+)
 from lepton_ai.consensus.core_types import InvariantError, Overloaded, PaxosConfig
 from lepton_ai.consensus.driver import DriverConfig, LeadershipLost, ReplicaDriver
 from lepton_ai.consensus.kv import Get, KvMachine, encode_result
-from lepton_ai.consensus.messages import (
+from lepton_ai.consensus.log_host import NotLeader, StateMachine
+from lepton_ai.consensus.peer_messages import (
     PEER_MESSAGE_TYPES,
     Accept,
     Accepted,
@@ -41,18 +52,7 @@ from lepton_ai.consensus.messages import (
     Prepare,
     Promise,
 )
-from lepton_ai.consensus.protocol import (
-    ChangeMembers,
-    Failed,
-    PeerStatus,
-    Read,
-    Redirect,
-    Reply,
-    Status,
-    StatusQuery,
-    Submit,
-)
-from lepton_ai.consensus.storage import ReplicaStorage
+from lepton_ai.consensus.replica_disk import ReplicaStorage
 from lepton_ai.consensus.transport import FrameSplitter, PeerHello, read_frames
 from lepton_ai.consensus.wal import WalCorruption
 from lepton_ai.errors import LeptonError, ProtocolError

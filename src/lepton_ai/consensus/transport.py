@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from lepton_ai.consensus.messages import PeerMessage
+from lepton_ai.consensus.peer_messages import PeerMessage
 from lepton_ai.errors import AuthError, FrameTooLarge, LeptonError
 from lepton_ai.wire import Codec, Connection, ConnectionClosed, WireConfig, connect, encode_frame
 from lepton_ai.wire.frames import HEADER as _HEADER

@@ -24,8 +24,8 @@ from typing import Any
 
 import msgspec
 
+from lepton_ai.compute.job_state import JobRecord
 from lepton_ai.compute.plan import decode_plan
-from lepton_ai.compute.state import JobRecord
 from lepton_ai.data.sources import InlineSource, RangeSource, Source, TextSource
 from lepton_ai.monitor.cost import Calibration, JobReport, JobTerms
 

@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from lepton_ai.compute.job_state import OutputRef
 from lepton_ai.compute.plan import JobPlan, decode_plan
 from lepton_ai.compute.scheduler_events import Dispatch, FetchFailed, TaskAttempt
-from lepton_ai.compute.state import OutputRef
 from lepton_ai.data.sources import BlobSource
 from lepton_ai.errors import DataLost, LeptonError, StorageFull
 from lepton_ai.node.messages import BlockData, ExecRun, FetchBlocks, PutShuffle, ShuffleMessage
-from lepton_ai.node.netutil import parse_address
+from lepton_ai.node.node_net import parse_address
 from lepton_ai.node.shuffle_copy import (
     ShuffleCopyFailed,
     receive_shuffle,

@@ -6,7 +6,7 @@ long-poll (``WaitJob``) on one does not block a ``status()`` on another.
 
 After losing the leader the client asks the other coordinators in turn at once (a
 follower answers with the leader it knows, and holds the request while it knows
-none: ``coord_views.NO_LEADER_WAIT_S``), and again every 10-20 ms while they still
+none: ``coord_client_api.NO_LEADER_WAIT_S``), and again every 10-20 ms while they still
 name the dead one, instead of sleeping on a back-off through the election
 (``consensus/leader_search.py``).
 """
@@ -26,14 +26,14 @@ from lepton_ai.consensus.leader_search import Asking, LeaderSearch, SearchConfig
 from lepton_ai.errors import AuthError, LeptonError, LimitExceeded, StorageFull, Unavailable
 from lepton_ai.heal.backoff import Backoff
 from lepton_ai.node.messages import ClientReply, CoordinatorMessage, ErrorReply
-from lepton_ai.node.netutil import node_wire_config, parse_address
+from lepton_ai.node.node_net import node_wire_config, parse_address
 from lepton_ai.wire import Codec, Connection, WireConfig, connect
 
 _CODEC = Codec[ClientReply](ClientReply)
 
 
 @dataclass(frozen=True)
-class ClientConfig:
+class CoordinatorClientConfig:
     request_timeout_s: float = 30.0
     idle_connections_max: int = 8  # per coordinator address
     retries_max: int = 3  # connection failures per address, per request, before giving up
@@ -62,14 +62,16 @@ class ClientConfig:
 class CoordinatorClient:
     """Talks to whichever coordinator leads; follows redirects; ``Unavailable`` at the deadline."""
 
-    def __init__(self, addresses: str, token: str, config: ClientConfig | None = None) -> None:
+    def __init__(
+        self, addresses: str, token: str, config: CoordinatorClientConfig | None = None
+    ) -> None:
         self.addresses = [parse_address(a.strip()) for a in addresses.split(",") if a.strip()]
         if not self.addresses:
             raise ValueError("no coordinator address given")
         if not token:
             raise ValueError("a cluster token is required")
         self.token = token
-        self.config = config or ClientConfig()
+        self.config = config or CoordinatorClientConfig()
         # Shared by the requests (they run on one loop): which coordinators failed lately.
         self._search = LeaderSearch(self.addresses, self.config.search())
         self._idle: dict[tuple[str, int], list[Connection[ClientReply]]] = {}

@@ -55,7 +55,7 @@ from lepton_ai.compute.plan import JobOptions
 from lepton_ai.errors import LeptonError, Unavailable
 from lepton_ai.heal.restarts import Observed
 from lepton_ai.monitor.events import EventKind, phase_of
-from lepton_ai.node.client import ClientConfig, CoordinatorClient, check_reply
+from lepton_ai.node.client import CoordinatorClient, CoordinatorClientConfig, check_reply
 from lepton_ai.node.messages import (
     CancelJob,
     ClusterInfo,
@@ -116,11 +116,10 @@ class Cluster:
         self.kv = kv
 
     def _attach_kv_at(self, paxos: list[str]) -> None:
-        from lepton_ai.consensus.client import KV
-        from lepton_ai.consensus.client import ClientConfig as KvConfig
+        from lepton_ai.consensus.client import KV, KvClientConfig
         from lepton_ai.wire import WireConfig
 
-        config = KvConfig(wire=WireConfig(tls=self.tls))
+        config = KvClientConfig(wire=WireConfig(tls=self.tls))
         self.attach_kv(KV(",".join(paxos), token=self.token, config=config))
 
     # -- the storage layer ----------------------------------------------------------
@@ -581,7 +580,7 @@ class LocalCluster(Cluster):
         self.replace_after_s = _checked_standbys(standbys, coordinators, replace_after_s)
         self.standbys = standbys
         self._removed = 0  # coordinators the group removed (each replaced by a standby)
-        from lepton_ai.node.netutil import bind_listener
+        from lepton_ai.node.node_net import bind_listener
         from lepton_ai.wire import generate_token
 
         self.workers = workers
@@ -720,7 +719,7 @@ class LocalCluster(Cluster):
         self._removed += 1
         if standbys - 1 >= self.standbys:
             return
-        from lepton_ai.node.netutil import bind_listener
+        from lepton_ai.node.node_net import bind_listener
         from lepton_ai.node.supervise import member_key
 
         new = str(max(STANDBY_ID_BASE - 1, *map(int, self.coordinator_ids)) + 1)
@@ -762,7 +761,7 @@ class LocalCluster(Cluster):
                 self._paxos[index].close()
 
     def _rebind(self, index: int) -> None:
-        from lepton_ai.node.netutil import bind_listener
+        from lepton_ai.node.node_net import bind_listener
 
         for socks, addresses in (
             (self._listeners, self.coordinator_addresses),
@@ -1028,7 +1027,7 @@ def connect(
     return cluster
 
 
-def client_config(tls: TlsConfig | None) -> ClientConfig:
+def client_config(tls: TlsConfig | None) -> CoordinatorClientConfig:
     """A coordinator client's config with ``tls`` (not the process's default)."""
-    wire = dataclasses.replace(ClientConfig().wire, tls=tls)
-    return ClientConfig(wire=wire)
+    wire = dataclasses.replace(CoordinatorClientConfig().wire, tls=tls)
+    return CoordinatorClientConfig(wire=wire)

@@ -24,17 +24,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from lepton_ai.compute.scheduler_events import (
-    Cancel,
-    Dispatch,
-    FetchFailed,
-    SchedulerEvent,
-    TaskAttempt,
-    TaskFailed,
-    TaskStarted,
-    TaskSucceeded,
-)
-from lepton_ai.compute.state import (
+from lepton_ai.compute.job_state import (
     ApplyResult,
     JobCommand,
     JobDeleted,
@@ -44,6 +34,16 @@ from lepton_ai.compute.state import (
     JobSubmitted,
     OutputLost,
     OutputRef,
+)
+from lepton_ai.compute.scheduler_events import (
+    Cancel,
+    Dispatch,
+    FetchFailed,
+    SchedulerEvent,
+    TaskAttempt,
+    TaskFailed,
+    TaskStarted,
+    TaskSucceeded,
 )
 from lepton_ai.monitor.events import EventKind
 from lepton_ai.monitor.phi import PhiAccrualDetector, PhiConfig

@@ -9,7 +9,7 @@ from lepton_ai.monitor.phi import PhiConfig
 from lepton_ai.node.control import ControlConfig
 from lepton_ai.node.coord_serve import ServeControlConfig
 from lepton_ai.node.coord_storage import StorageControlConfig
-from lepton_ai.node.netutil import node_wire_config
+from lepton_ai.node.node_net import node_wire_config
 from lepton_ai.wire import WireConfig
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.routing import BaseRoute
 
 from lepton_ai.monitor.http import metrics_routes, sd_route, serve_http
-from lepton_ai.node.netutil import parse_address
+from lepton_ai.node.node_net import parse_address
 
 if TYPE_CHECKING:
     from lepton_ai.node.coordinator import Coordinator

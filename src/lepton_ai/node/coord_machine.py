@@ -13,7 +13,7 @@ from typing import Protocol
 
 import msgspec
 
-from lepton_ai.compute.state import (
+from lepton_ai.compute.job_state import (
     ApplyResult,
     JobCommand,
     JobFinished,

@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from lepton_ai.compute.job_state import JobStateMachine
 from lepton_ai.compute.scheduler_events import Cancel, Dispatch, TaskAttempt
-from lepton_ai.compute.state import JobStateMachine
-from lepton_ai.node.coord_views import WorkerView
+from lepton_ai.node.coord_client_api import WorkerView
 from lepton_ai.node.messages import CancelTasks, JobPlanBlob, RunTasks
 
 

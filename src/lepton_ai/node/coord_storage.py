@@ -24,8 +24,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from lepton_ai.compute.plan import decode_plan
-from lepton_ai.compute.state import (
+from lepton_ai.compute.job_state import (
     ApplyResult,
     JobCommand,
     JobDeleted,
@@ -34,6 +33,7 @@ from lepton_ai.compute.state import (
     JobStateMachine,
     TaskFinished,
 )
+from lepton_ai.compute.plan import decode_plan
 from lepton_ai.data.outputs import LEP, part_name, stored_prefix
 from lepton_ai.data.sources import BlobSource
 from lepton_ai.errors import LeptonError
@@ -89,7 +89,7 @@ from lepton_ai.storage.meta import (
 )
 
 if TYPE_CHECKING:
-    from lepton_ai.node.coord_views import WorkerView
+    from lepton_ai.node.coord_client_api import WorkerView
     from lepton_ai.node.coordinator import Coordinator
 
 log = logging.getLogger("lepton_ai.coordinator.storage")

@@ -1,6 +1,6 @@
 """The coordinator program: a thin asyncio shell around two sans-I/O cores.
 
-Durable state is ``compute.state.JobStateMachine`` behind a ``LogHost``: a
+Durable state is ``compute.job_state.JobStateMachine`` behind a ``LogHost``: a
 ``LocalLog`` for one coordinator, or the Multi-Paxos log (``node.replicated``;
 the controllers run only on the confirmed leader). The cores decide; this shell
 turns messages and time into their events and carries out their actions:
@@ -29,6 +29,15 @@ from typing import Any
 
 import msgspec
 
+from lepton_ai.compute.job_state import (
+    ApplyResult,
+    JobCommand,
+    JobDeleted,
+    JobFailedCmd,
+    JobFinished,
+    decode_apply_result,
+    encode_command,
+)
 from lepton_ai.compute.scheduler import Scheduler
 from lepton_ai.compute.scheduler_events import (
     Applied,
@@ -45,22 +54,14 @@ from lepton_ai.compute.scheduler_events import (
     WorkerJoined,
     WorkerLost,
 )
-from lepton_ai.compute.state import (
-    ApplyResult,
-    JobCommand,
-    JobDeleted,
-    JobFailedCmd,
-    JobFinished,
-    decode_apply_result,
-    encode_command,
-)
-from lepton_ai.consensus.api import LogHost, NotLeader
+from lepton_ai.consensus.log_host import LogHost, NotLeader
 from lepton_ai.errors import InvariantError, LeptonError, Unavailable
 from lepton_ai.monitor import metrics
 from lepton_ai.monitor.events import EventKind
 from lepton_ai.monitor.phi import PhiAccrualDetector
 from lepton_ai.node import control as ctl
 from lepton_ai.node.coord_alerts import AlertShell
+from lepton_ai.node.coord_client_api import ClientApi, WorkerView
 from lepton_ai.node.coord_config import CoordinatorConfig
 from lepton_ai.node.coord_http import CoordinatorHttp
 from lepton_ai.node.coord_machine import HostedMachine
@@ -68,7 +69,6 @@ from lepton_ai.node.coord_monitor import CoordinatorMonitor
 from lepton_ai.node.coord_outbox import Outbox
 from lepton_ai.node.coord_serve import ServeControl
 from lepton_ai.node.coord_storage import StorageControl
-from lepton_ai.node.coord_views import ClientApi, WorkerView
 from lepton_ai.node.messages import (
     CoordinatorMessage,
     DropJobs,

@@ -36,7 +36,7 @@ def main() -> None:
         # The agent closed us while we started (a spare or replacement no longer
         # wanted, or the node is stopping): nobody is listening, leave quietly.
         os._exit(0)
-    from lepton_ai.node.executor import run_executor
+    from lepton_ai.node.executor_process import run_executor
 
     run_executor(sock)
 

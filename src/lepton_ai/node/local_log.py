@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from lepton_ai.consensus.api import StateMachine
+from lepton_ai.consensus.log_host import StateMachine
 from lepton_ai.consensus.wal import (
     WalConfig,
     WalCorruption,

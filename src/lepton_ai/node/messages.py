@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import msgspec
 
+from lepton_ai.compute.job_state import OutputRef
 from lepton_ai.compute.plan import JobOptions
 from lepton_ai.compute.scheduler_events import (
     Dispatch,
@@ -28,7 +29,6 @@ from lepton_ai.compute.scheduler_events import (
     TaskStarted,
     TaskSucceeded,
 )
-from lepton_ai.compute.state import OutputRef
 from lepton_ai.monitor.tasklog import TaskSpan
 from lepton_ai.serve.spec import (
     DeploymentCommand,

@@ -144,7 +144,7 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
 
 def _run_worker_args(args: Any) -> None:
     """``lepton worker`` and ``python -m lepton_ai.node.worker`` (argparse namespace)."""
-    from lepton_ai.node.executors import ExecutorConfig
+    from lepton_ai.node.executor_slots import ExecutorConfig
     from lepton_ai.node.node_storage import NodeStorageConfig
     from lepton_ai.node.worker import WorkerConfig
     from lepton_ai.wire import resolve_token
@@ -320,7 +320,7 @@ async def serve_coordinator(
     *,
     http_sock: socket.socket | None = None,
 ) -> None:
-    from lepton_ai.compute.state import JobStateConfig
+    from lepton_ai.compute.job_state import JobStateConfig
     from lepton_ai.node.coord_machine import JobsMachine
     from lepton_ai.node.coordinator import Coordinator
     from lepton_ai.node.local_log import LocalLog, LocalLogConfig
@@ -375,7 +375,7 @@ def run_coordinator(
     Multi-Paxos log (``node.replicated``); without, it runs on a local log.
     """
     from lepton_ai.node.coord_config import CoordinatorConfig
-    from lepton_ai.node.netutil import advertised_address, bind_listener, parse_address
+    from lepton_ai.node.node_net import advertised_address, bind_listener, parse_address
     from lepton_ai.node.process import private_files, watch_parent
 
     if (peers is None) != (node_id is None):

@@ -31,19 +31,19 @@ from collections.abc import Callable
 
 import msgspec
 
-from lepton_ai.compute.scheduler_events import (
-    Propose,
-    ProposeFailed,
-    SchedulerEvent,
-    TaskFailed,
-)
-from lepton_ai.compute.state import (
+from lepton_ai.compute.job_state import (
     ApplyResult,
     JobCommand,
     JobStateConfig,
     JobStateMachine,
     decode_command,
     encode_command,
+)
+from lepton_ai.compute.scheduler_events import (
+    Propose,
+    ProposeFailed,
+    SchedulerEvent,
+    TaskFailed,
 )
 from lepton_ai.consensus.client import KvClient
 from lepton_ai.consensus.driver import ReplicaDriver

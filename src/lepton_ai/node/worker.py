@@ -53,7 +53,7 @@ from lepton_ai.monitor import metrics
 from lepton_ai.monitor.http import bind_http, metrics_routes, serve_http
 from lepton_ai.node.agent_data import SHUFFLE_CODEC, DataPort
 from lepton_ai.node.agent_monitor import AgentMonitor
-from lepton_ai.node.executors import (
+from lepton_ai.node.executor_slots import (
     ExecutorConfig,
     ExecutorDied,
     ExecutorSlot,
@@ -82,7 +82,7 @@ from lepton_ai.node.messages import (
     TaskReport,
     WorkerMessage,
 )
-from lepton_ai.node.netutil import (
+from lepton_ai.node.node_net import (
     REPORT_BATCH_BYTES_MAX,
     local_ip_toward,
     node_wire_config,

@@ -12,7 +12,7 @@ from dataclasses import replace
 from lepton_ai import eventloop
 from lepton_ai.serve.config import ReplicaConfig, ServeConfig
 from lepton_ai.serve.policy import Policy
-from lepton_ai.serve.supervisor import ServeRuntime, StartupError
+from lepton_ai.serve.runtime import ServeRuntime, StartupError
 from lepton_ai.serve.target import TargetError, check_target
 
 

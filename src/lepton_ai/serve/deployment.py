@@ -30,8 +30,8 @@ from typing import Any
 from lepton_ai import eventloop
 from lepton_ai.serve.cluster_deployment import ClusterDeployment
 from lepton_ai.serve.config import ReplicaConfig, ServeConfig
+from lepton_ai.serve.runtime import ServeRuntime
 from lepton_ai.serve.spec import Autoscale
-from lepton_ai.serve.supervisor import ServeRuntime
 from lepton_ai.serve.target import check_target
 
 _CALL_TIMEOUT_S = 30.0

@@ -1,7 +1,7 @@
-"""Starting a replica process (``python -m lepton_ai.serve.child``) and reading its hello.
+"""Starting a replica process (``python -m lepton_ai.serve.replica_main``) and reading its hello.
 
-Shared by the local supervisor (``serve/supervisor.py``) and a worker node's serving
-shell (``serve/node_serve.py``), so both speak the one protocol ``serve/child.py``
+Shared by the local supervisor (``serve/runtime.py``) and a worker node's serving
+shell (``serve/node_serve.py``), so both speak the one protocol ``serve/replica_main.py``
 documents: one JSON line on stdout, ``{"port": N, "pid": P}`` or ``{"error": "..."}``.
 The caller owns the process from the moment it is spawned (it stops and reaps it).
 """
@@ -56,7 +56,7 @@ async def spawn_replica(
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "lepton_ai.serve.child",
+        "lepton_ai.serve.replica_main",
         *args,
         stdin=asyncio.subprocess.PIPE,  # kept open: EOF tells the child we are gone
         stdout=asyncio.subprocess.PIPE,

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from lepton_ai.consensus.messages import KIND_COMMANDS, Ballot, Entry, Value
+from lepton_ai.consensus.peer_messages import KIND_COMMANDS, Ballot, Entry, Value
 
 
 class SafetyViolation(AssertionError):

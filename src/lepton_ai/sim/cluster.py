@@ -25,7 +25,7 @@ import msgspec
 
 from lepton_ai.consensus.core import Overloaded, PaxosConfig, ProposalId, Ready, Replica
 from lepton_ai.consensus.core_types import InvariantError, NotLeader
-from lepton_ai.consensus.messages import Entry, PeerMessage, Snapshot, Value
+from lepton_ai.consensus.peer_messages import Entry, PeerMessage, Snapshot, Value
 from lepton_ai.consensus.ready_order import EARLY_TYPES, Outgoing, split_early
 from lepton_ai.sim.checker import SafetyChecker, SmState
 from lepton_ai.sim.disk import DiskConfig, InFlightSync, SimDisk, SyncStats, records

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lepton_ai.consensus.core_types import DurableState, Ready
-from lepton_ai.consensus.messages import ZERO_BALLOT, Ballot, Entry, Snapshot
+from lepton_ai.consensus.peer_messages import ZERO_BALLOT, Ballot, Entry, Snapshot
 from lepton_ai.consensus.ready_order import Outgoing
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from lepton_ai.consensus.messages import PeerMessage
+from lepton_ai.consensus.peer_messages import PeerMessage
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder: msgspec.msgpack.Decoder[PeerMessage] = msgspec.msgpack.Decoder(PeerMessage)

@@ -39,7 +39,7 @@ from typing import NamedTuple
 import msgspec
 
 from lepton_ai.errors import DataLost, LeptonError, ProtocolError, StorageFull
-from lepton_ai.node.netutil import node_wire_config, parse_address
+from lepton_ai.node.node_net import node_wire_config, parse_address
 from lepton_ai.storage import checksum as crc32c
 from lepton_ai.storage.dataserver import write_chunk_frame
 from lepton_ai.storage.messages import (

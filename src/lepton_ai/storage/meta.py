@@ -270,7 +270,7 @@ def _reject(reason: str) -> StorageResult:
 
 
 class StorageStateMachine:
-    """The deterministic object-metadata machine (``consensus.api.StateMachine``).
+    """The deterministic object-metadata machine (``consensus.log_host.StateMachine``).
 
     ``objects`` (key -> meta) is the state; the rest are indexes derived from it
     and rebuilt on restore. Returned metas are shared with the state: do not mutate

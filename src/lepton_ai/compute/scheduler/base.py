@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from lepton_ai.compute.job_state import ErrorInfo, JobCommand, JobFailedCmd, TaskOutcome
 from lepton_ai.compute.plan import JobOptions, JobPlan
 from lepton_ai.compute.scheduler.task_state import (
     ATTEMPT_ENDED,
@@ -27,7 +28,6 @@ from lepton_ai.compute.scheduler_events import (
     SchedulerConfig,
     TaskAttempt,
 )
-from lepton_ai.compute.state import ErrorInfo, JobCommand, JobFailedCmd, TaskOutcome
 from lepton_ai.errors import InvariantError
 
 

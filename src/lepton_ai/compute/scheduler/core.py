@@ -4,7 +4,7 @@ It decides where each task attempt runs, retries infrastructure failures, fails
 a job on a user exception, re-runs map tasks whose output was lost, and starts
 speculative backups of stragglers. It never writes durable state: facts go out
 as ``Propose(command)`` and come back as ``Applied`` once the job state machine
-(``state.py``) has applied them, in log order, so every decision that matters
+(``job_state.py``) has applied them, in log order, so every decision that matters
 after a failover is in the log. Everything else here is soft state, rebuilt by
 ``Scheduler.from_state`` plus the workers' ``WorkerJoined(running=...)`` reports.
 
@@ -19,6 +19,16 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
+from lepton_ai.compute.job_state import (
+    ErrorInfo,
+    JobDeleted,
+    JobFailedCmd,
+    JobFinished,
+    JobState,
+    JobSubmitted,
+    TaskFinished,
+    TaskOutcome,
+)
 from lepton_ai.compute.plan import decode_plan
 from lepton_ai.compute.scheduler.base import Job
 from lepton_ai.compute.scheduler.recovery import Recovery
@@ -50,16 +60,6 @@ from lepton_ai.compute.scheduler_events import (
     Tick,
     WorkerJoined,
     WorkerLost,
-)
-from lepton_ai.compute.state import (
-    ErrorInfo,
-    JobDeleted,
-    JobFailedCmd,
-    JobFinished,
-    JobState,
-    JobSubmitted,
-    TaskFinished,
-    TaskOutcome,
 )
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import msgspec
 
+from lepton_ai.compute.job_state import OutputRef
 from lepton_ai.compute.scheduler.base import Job, SchedulerBase, Worker
 from lepton_ai.compute.scheduler.task_state import RUNNING, Run, Task
 from lepton_ai.compute.scheduler_events import Cancel, Dispatch, TaskAttempt
-from lepton_ai.compute.state import OutputRef
 from lepton_ai.errors import InvariantError
 
 

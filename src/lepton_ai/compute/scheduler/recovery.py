@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
+from lepton_ai.compute.job_state import ErrorInfo, JobState, OutputLost
 from lepton_ai.compute.plan import decode_plan
 from lepton_ai.compute.scheduler.base import Job, SchedulerBase, Worker, held_on
 from lepton_ai.compute.scheduler.task_state import (
@@ -22,7 +23,6 @@ from lepton_ai.compute.scheduler.task_state import (
     Task,
 )
 from lepton_ai.compute.scheduler_events import FetchFailed, TaskAttempt, WorkerJoined
-from lepton_ai.compute.state import ErrorInfo, JobState, OutputLost
 
 
 class Recovery(SchedulerBase):

@@ -47,8 +47,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final, NamedTuple
 
+from lepton_ai.compute.job_state import TaskOutcome
 from lepton_ai.compute.scheduler_events import TaskAttempt
-from lepton_ai.compute.state import TaskOutcome
 from lepton_ai.errors import InvariantError
 
 HISTORY_MAX: Final = 16  # transitions an InvariantError reports, per task

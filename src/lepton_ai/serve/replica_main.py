@@ -1,4 +1,4 @@
-"""Entry point of a replica process: ``python -m lepton_ai.serve.child``.
+"""Entry point of a replica process: ``python -m lepton_ai.serve.replica_main``.
 
 Protocol with the supervisor (one JSON line on stdout, then nothing):
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from helpers import PLAN, map_done
-from lepton_ai.compute.plan import JobOptions
-from lepton_ai.compute.state import (
+from lepton_ai.compute.job_state import (
     ErrorInfo,
     JobDeleted,
     JobFailedCmd,
@@ -20,7 +19,8 @@ from lepton_ai.compute.state import (
     decode_apply_result,
     encode_command,
 )
-from lepton_ai.compute.tasks import run_task
+from lepton_ai.compute.plan import JobOptions
+from lepton_ai.compute.run_task import run_task
 from lepton_ai.errors import JobFailed, TaskError
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from lepton_ai.consensus.core_types import InvariantError, Ready
-from lepton_ai.consensus.messages import KIND_COMMANDS, Entry, Snapshot, Value
-from lepton_ai.consensus.storage import WAL_NAME, ReplicaStorage
+from lepton_ai.consensus.peer_messages import KIND_COMMANDS, Entry, Snapshot, Value
+from lepton_ai.consensus.replica_disk import WAL_NAME, ReplicaStorage
 from lepton_ai.consensus.wal import WalCorruption
 
 

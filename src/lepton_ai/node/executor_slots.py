@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from lepton_ai.compute.scheduler_events import TaskAttempt
 from lepton_ai.errors import LeptonError
 from lepton_ai.heal.backoff import Backoff
-from lepton_ai.node import executor as exec_mod
+from lepton_ai.node import executor_process as exec_mod
 from lepton_ai.node.messages import (
     ExecCancel,
     ExecDone,

@@ -1,4 +1,4 @@
-"""Messages between KV clients and replicas (peer-to-peer messages live in ``messages.py``).
+"""Messages between KV clients and replicas (peer-to-peer messages live in ``peer_messages.py``).
 
 Every request carries a request id (``rid``) chosen by the client, unique per
 connection; the replica answers with exactly one message carrying the same id.

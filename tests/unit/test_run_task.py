@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from lepton_ai.compute.api import DistributedTask
 from lepton_ai.compute.plan import JobOptions, decode_plan
-from lepton_ai.compute.tasks import (
+from lepton_ai.compute.run_task import (
     CorruptInput,
     UserCodeError,
     decode_bucket,

@@ -11,7 +11,7 @@ from pathlib import Path
 from lepton_ai.compute.plan import NarrowOp, ShuffleOp, SourceOp, build_plan, encode_plan
 from lepton_ai.compute.scheduler_events import TaskAttempt
 from lepton_ai.data.sources import range_sources
-from lepton_ai.node.executor import Executor, FramedPipe, PipeClosed
+from lepton_ai.node.executor_process import Executor, FramedPipe, PipeClosed
 from lepton_ai.node.messages import ExecDone, ExecFailed, ExecHello, ExecPlan, ExecRun
 from lepton_ai.storage.blockstore import BlockStore
 

@@ -1,7 +1,7 @@
 """The supervisor: replica processes, restarts with back-off, scaling, drain, shutdown.
 
 One asyncio task per replica *slot* runs the slot's life: spawn the child
-(``python -m lepton_ai.serve.child``), wait for its port, wait until ``/readyz``
+(``python -m lepton_ai.serve.replica_main``), wait for its port, wait until ``/readyz``
 answers 200, then hand it to the balancer; when the process exits (or the
 health loop kills it for failing liveness) take it out of rotation and start
 another after the ``RestartBackoff`` delay. ``ServeRuntime.run`` owns every task in
@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lepton_ai.node.netutil import advertised_address
+from lepton_ai.node.node_net import advertised_address
 from lepton_ai.serve.balancer import Balancer
 from lepton_ai.serve.config import ServeConfig
 from lepton_ai.serve.frontend import FrontEnd, listen

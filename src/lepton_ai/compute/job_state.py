@@ -265,7 +265,7 @@ _OK = ApplyResult(True)
 
 
 class JobStateMachine:
-    """The deterministic job state machine (``consensus.api.StateMachine``)."""
+    """The deterministic job state machine (``consensus.log_host.StateMachine``)."""
 
     def __init__(self, config: JobStateConfig | None = None) -> None:
         self.config = config or JobStateConfig()

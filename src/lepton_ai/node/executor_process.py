@@ -40,8 +40,8 @@ from lepton_ai.node.messages import (
 )
 
 if TYPE_CHECKING:
+    from lepton_ai.compute.job_state import OutputRef
     from lepton_ai.compute.plan import JobPlan
-    from lepton_ai.compute.state import OutputRef
     from lepton_ai.storage.blockstore import BlockStore
     from lepton_ai.storage.objects import ObjectStore
 
@@ -202,7 +202,7 @@ class Executor:
         """
         import cloudpickle  # noqa: F401
 
-        import lepton_ai.compute.tasks  # noqa: F401
+        import lepton_ai.compute.run_task  # noqa: F401
 
         queue: deque[ExecRun] = deque()
         replies: list[ExecMessage] = []
@@ -270,8 +270,8 @@ class Executor:
             self.plans.popitem(last=False)
 
     def run(self, msg: ExecRun) -> ExecDone | ExecFailed:
-        from lepton_ai.compute.state import OutputRef
-        from lepton_ai.compute.tasks import CorruptInput, UserCodeError, run_task
+        from lepton_ai.compute.job_state import OutputRef
+        from lepton_ai.compute.run_task import CorruptInput, UserCodeError, run_task
         from lepton_ai.storage.blockstore import ShuffleKey
 
         a = msg.attempt
@@ -323,7 +323,7 @@ class Executor:
     def _result_ref(self, result: bytes, store: bool = False) -> OutputRef:
         """Small results inline (in the log); bigger ones (and parts of a ``lep://``
         output) stored on this node."""
-        from lepton_ai.compute.state import OutputRef
+        from lepton_ai.compute.job_state import OutputRef
 
         if len(result) <= self.result_inline_max and not store:
             return OutputRef(self.worker, "result", len(result), result)

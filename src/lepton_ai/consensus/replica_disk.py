@@ -25,7 +25,7 @@ from pathlib import Path
 import msgspec
 
 from lepton_ai.consensus.core_types import DurableState, InvariantError, Ready
-from lepton_ai.consensus.messages import ZERO_BALLOT, Ballot, Entry, Snapshot
+from lepton_ai.consensus.peer_messages import ZERO_BALLOT, Ballot, Entry, Snapshot
 from lepton_ai.consensus.wal import (
     WalConfig,
     WalCorruption,

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from lepton_ai.compute.job_state import ErrorInfo, JobDeleted, JobFailedCmd, JobRecord, JobSubmitted
 from lepton_ai.compute.plan import PLAN_BYTES_MAX, decode_plan
 from lepton_ai.compute.scheduler_events import RunningReport
-from lepton_ai.compute.state import ErrorInfo, JobDeleted, JobFailedCmd, JobRecord, JobSubmitted
 from lepton_ai.errors import LeptonError
 from lepton_ai.node.messages import (
     CancelJob,
