@@ -1,4 +1,4 @@
-"""The supervisor: replica processes, restarts with back-off, scaling, drain, shutdown.
+"""ServeRuntime: replica processes, restarts with back-off, scaling, drain, shutdown.
 
 One asyncio task per replica *slot* runs the slot's life: spawn the child
 (``python -m lepton_ai.serve.replica_main``), wait for its port, wait until ``/readyz``
