@@ -125,7 +125,7 @@ class BedCluster:
     def paxos_status(self, i: int) -> Any:
         """Host ``i``'s coordinator's Paxos status (role, leader, commit/applied index),
         None when it does not answer in time (paused, cut off, dead)."""
-        from lepton_ai.consensus.client import KV
+        from lepton_ai.consensus.client_sync import KV
 
         with (
             KV(self.paxos_addresses[i], token=self.token) as kv,

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: ``hosts`
 from hosts.bedcluster import BedCluster, converged
 from hosts.netbed import NetBed, available
 from hosts.workload import corpus, submit_wordcount
-from lepton_ai.consensus.client import KV
+from lepton_ai.consensus.client_sync import KV
 from lepton_ai.errors import LeptonError
 
 STUCK_S = 0.05  # a write in flight at the fault and acked later than this was held up by it

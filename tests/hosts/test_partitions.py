@@ -19,7 +19,8 @@ from collections.abc import Callable
 import pytest
 
 from helpers import wait_until
-from lepton_ai.consensus.client import KV, KvClientConfig
+from lepton_ai.consensus.client import KvClientConfig
+from lepton_ai.consensus.client_sync import KV
 from lepton_ai.errors import Unavailable
 from lepton_ai.node.client import CoordinatorClient
 from lepton_ai.node.messages import ListJobs

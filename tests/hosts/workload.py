@@ -31,7 +31,8 @@ from typing import Any
 import cloudpickle
 
 from lepton_ai.compute.api import DistributedTask
-from lepton_ai.consensus.client import KV, KvClientConfig
+from lepton_ai.consensus.client import KvClientConfig
+from lepton_ai.consensus.client_sync import KV
 from lepton_ai.errors import LeptonError
 from lepton_ai.sim.linearizability import Operation, check_history
 

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from helpers import lepton, wait_until
-from lepton_ai.consensus.client import KV
+from lepton_ai.consensus.client_sync import KV
 from lepton_ai.heal.membership import EXIT_REMOVED
 from lepton_ai.node.process import pid_alive
 

@@ -19,7 +19,8 @@ import pytest
 
 from helpers import wait_until
 from lepton_ai.consensus import cli as kv_cli
-from lepton_ai.consensus.client import KV, KvClientConfig
+from lepton_ai.consensus.client import KvClientConfig
+from lepton_ai.consensus.client_sync import KV
 from lepton_ai.consensus.cluster import KvCluster, LauncherConfig
 from lepton_ai.consensus.kv import KvConfig
 from lepton_ai.consensus.peer_messages import Accept, Prepare
@@ -261,15 +262,16 @@ def test_concurrent_first_use_opens_one_connection_per_replica(
     """100 requests at once on a fresh client: one connection per replica, not one per
     request, and nothing left running after close (no "Task was destroyed")."""
     from lepton_ai.consensus import client as client_mod
+    from lepton_ai.consensus import client_conns
 
     opened: list[tuple[str, int]] = []
-    real_connect = client_mod.connect
+    real_connect = client_conns.connect
 
     async def counting_connect(host: str, port: int, **kw: object) -> object:
         opened.append((host, port))
         return await real_connect(host, port, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(client_mod, "connect", counting_connect)
+    monkeypatch.setattr(client_conns, "connect", counting_connect)
 
     async def run() -> None:
         kv = client_mod.KvClient(cluster.addresses, token=cluster.token)

@@ -17,7 +17,8 @@ import pytest
 
 from helpers import running, wait_until_async
 from lepton_ai.consensus.core_types import PaxosConfig
-from lepton_ai.consensus.driver import DriverConfig, ReplicaDriver
+from lepton_ai.consensus.driver import ReplicaDriver
+from lepton_ai.consensus.driver_config import DriverConfig
 from lepton_ai.consensus.peer_messages import Heartbeat
 from lepton_ai.consensus.replica_disk import ReplicaStorage
 from lepton_ai.consensus.server import SERVER_CODEC

@@ -12,23 +12,21 @@ most once and returns its first result (see ``kv.py``). Reads use the leader's r
 index: no log write. When no leader answers within ``KvClientConfig.deadline_s`` the
 call raises ``lepton_ai.errors.Unavailable``.
 
-``KvClient`` is the asyncio client; ``KV`` wraps it for synchronous code (it owns a
-private event loop thread), which is what ``cluster.kv`` returns.
+``KvClient`` is the asyncio client (its connections are ``client_conns``, its
+argument checks ``client_checks``); ``client_sync.KV`` wraps it for synchronous code
+(it owns a private event loop thread), which is what ``cluster.kv`` returns.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
-import threading
-import weakref
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
-import msgspec
-
+from lepton_ai.consensus.client_checks import check_key, check_value, checked
+from lepton_ai.consensus.client_conns import ReplicaConnections
 from lepton_ai.consensus.client_messages import (
     ChangeMembers,
     ClientMessage,
@@ -44,7 +42,6 @@ from lepton_ai.consensus.client_messages import (
 from lepton_ai.consensus.kv import (
     Cas,
     Delete,
-    KvConfig,
     KvError,
     KvResult,
     Op,
@@ -57,11 +54,7 @@ from lepton_ai.consensus.kv import (
 from lepton_ai.consensus.leader_search import LeaderSearch, SearchConfig
 from lepton_ai.errors import AuthError, LeptonError, ProtocolError, Unavailable
 from lepton_ai.heal.backoff import Backoff
-from lepton_ai.wire import Codec, Connection, ConnectionClosed, WireConfig, connect
-
-T = TypeVar("T")
-_REPLY_CODEC = Codec[ReplyMessage](ReplyMessage)
-_value_encoder = msgspec.msgpack.Encoder()
+from lepton_ai.wire import WireConfig
 
 
 @dataclass(frozen=True)
@@ -116,21 +109,6 @@ def parse_addresses(addresses: str | Sequence[str]) -> list[str]:
     return out
 
 
-def _split(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host, int(port)
-
-
-class _Link:
-    """One connection to one replica and the task reading its replies."""
-
-    def __init__(self, address: str, conn: Connection[ReplyMessage]) -> None:
-        self.address = address
-        self.conn = conn
-        self.rids: set[int] = set()
-        self.reader: asyncio.Task[None] | None = None
-
-
 @dataclass
 class _Tries:
     """One request's retries so far."""
@@ -150,15 +128,10 @@ class KvClient:
         self.addresses = parse_addresses(addresses)
         self.config = config or KvClientConfig()
         self._backoff = self.config.backoff()
-        self._token = token
         self._leader: str | None = None
         self._rr = 0
         self._rids = itertools.count(1)
-        self._links: dict[str, _Link] = {}
-        # One connect per address at a time: callers that find no link while one is
-        # being made wait for it (two links would leak the loser's reader task).
-        self._connecting: dict[str, asyncio.Future[None]] = {}
-        self._pending: dict[int, asyncio.Future[ReplyMessage]] = {}
+        self._conns = ReplicaConnections(token=token, wire=self.config.wire)
         self._search = LeaderSearch(self.addresses, self.config.search())
         # The running leader search, awaited by every other request that lost the leader.
         self._searching: asyncio.Future[None] | None = None
@@ -191,8 +164,8 @@ class KvClient:
 
     # -- public operations ---------------------------------------------------------
     async def put(self, key: str, value: Any) -> None:
-        _check_key(key)
-        _check_value(value)
+        check_key(key)
+        check_value(value)
         await self._write(Put(key, value))
 
     async def get(self, key: str, default: Any = None) -> Any:
@@ -200,23 +173,23 @@ class KvClient:
         return result.value if result.found else default
 
     async def read(self, key: str) -> KvResult:
-        _check_key(key)
+        check_key(key)
         reply = await self._request(lambda rid: Read(rid, key))
         if not isinstance(reply, Reply):
             raise ProtocolError(f"expected a Reply, got {type(reply).__name__}")
-        return _checked(decode_result(reply.result))
+        return checked(decode_result(reply.result))
 
     async def delete(self, key: str) -> bool:
-        _check_key(key)
+        check_key(key)
         return (await self._write(Delete(key))).found
 
     async def cas(self, key: str, expected: Any, new: Any) -> bool:
         """Set ``key`` to ``new`` iff it equals ``expected`` (None: iff absent). True if swapped."""
-        _check_key(key)
+        check_key(key)
         if expected is not None:
-            _check_value(expected)
+            check_value(expected)
         if new is not None:
-            _check_value(new)
+            check_value(new)
         return (await self._write(Cas(key, expected, new))).ok
 
     async def change_members(self, *, add: bool, node: int, address: str = "") -> None:
@@ -233,17 +206,16 @@ class KvClient:
 
     async def status(self, address: str, timeout_s: float = 2.0) -> Status:
         """Ask one replica for its view (no redirect, no retry)."""
-        link = await asyncio.wait_for(self._link(address), timeout_s)
+        link = await asyncio.wait_for(self._conns.link(address), timeout_s)
         rid = next(self._rids)
-        reply = await self._exchange(link, StatusQuery(rid), rid, timeout_s)
+        reply = await self._conns.exchange(link, StatusQuery(rid), rid, timeout_s)
         if not isinstance(reply, Status):
             raise ProtocolError(f"expected Status, got {type(reply).__name__}")
         return reply
 
     async def close(self) -> None:
         self._closed = True
-        for link in list(self._links.values()):
-            await self._drop(link)
+        await self._conns.close()
 
     # -- sessions ---------------------------------------------------------------------
     async def _open_session(self) -> int:
@@ -255,7 +227,7 @@ class KvClient:
                 reply = await self._request(lambda rid: Submit(rid, command))
                 if not isinstance(reply, Reply):
                     raise ProtocolError(f"expected a Reply, got {type(reply).__name__}")
-                self._session = _checked(decode_result(reply.result)).session
+                self._session = checked(decode_result(reply.result)).session
             return self._session
 
     async def _write(self, op: Op) -> KvResult:
@@ -279,7 +251,7 @@ class KvClient:
                     raise ProtocolError(f"expected a Reply, got {type(reply).__name__}")
                 result = decode_result(reply.result)
                 if result.error != "session_expired":
-                    return _checked(result)
+                    return checked(result)
                 if sends[0] > 1:
                     # An earlier send may have been applied before the session was evicted;
                     # re-running it under a new session could apply it twice.
@@ -307,11 +279,11 @@ class KvClient:
             address = self._target()
             timeout = min(remaining, self.config.attempt_timeout_s)
             try:
-                link = self._links.get(address)
+                link = self._conns.links.get(address)
                 if link is None or link.conn.closed:  # connect only when needed (a task)
-                    link = await asyncio.wait_for(self._link(address), timeout)
+                    link = await asyncio.wait_for(self._conns.link(address), timeout)
                 rid = next(self._rids)
-                reply = await self._exchange(link, make(rid), rid, timeout)
+                reply = await self._conns.exchange(link, make(rid), rid, timeout)
             except AuthError:
                 raise
             except (OSError, TimeoutError, LeptonError) as exc:
@@ -451,81 +423,6 @@ class KvClient:
         usable = named != address and self._search.usable(named, asyncio.get_running_loop().time())
         return named if usable else None
 
-    async def _exchange(
-        self, link: _Link, msg: ClientMessage, rid: int, timeout: float
-    ) -> ReplyMessage:
-        fut: asyncio.Future[ReplyMessage] = asyncio.get_running_loop().create_future()
-        self._pending[rid] = fut
-        link.rids.add(rid)
-        try:
-            link.conn.send_nowait(msg)
-            if link.conn.writer.transport.get_write_buffer_size():
-                await link.conn.drain()  # only when the socket pushes back
-            return await asyncio.wait_for(fut, timeout)
-        except (ConnectionClosed, OSError):
-            await self._drop(link)
-            raise
-        finally:
-            self._pending.pop(rid, None)
-            link.rids.discard(rid)
-
-    async def _link(self, address: str) -> _Link:
-        while True:
-            link = self._links.get(address)
-            if link is not None and not link.conn.closed:
-                return link
-            pending = self._connecting.get(address)
-            if pending is None:
-                break
-            # Another caller is connecting: wait for it (not for its errors: if it
-            # failed, this caller tries for itself).
-            await asyncio.wait({pending})
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._connecting[address] = done
-        try:
-            return await self._connect(address)
-        finally:
-            del self._connecting[address]
-            done.set_result(None)
-
-    async def _connect(self, address: str) -> _Link:
-        host, port = _split(address)
-        conn = await connect(
-            host, port, token=self._token, codec=_REPLY_CODEC, config=self.config.wire
-        )
-        link = _Link(address, conn)
-        if self._closed:  # closed while it connected: nobody would close this link
-            await conn.close()
-            raise ConnectionClosed(f"{address}: client closed")
-        self._links[address] = link
-        link.reader = asyncio.get_running_loop().create_task(self._read_replies(link))
-        return link
-
-    async def _read_replies(self, link: _Link) -> None:
-        try:
-            while True:
-                msg = await link.conn.recv()
-                fut = self._pending.get(msg.rid)
-                if fut is not None and not fut.done():
-                    fut.set_result(msg)
-        except (ConnectionClosed, ProtocolError, OSError) as exc:
-            for rid in list(link.rids):
-                fut = self._pending.get(rid)
-                if fut is not None and not fut.done():
-                    fut.set_exception(ConnectionClosed(f"{link.address}: {exc}"))
-            if self._links.get(link.address) is link:
-                del self._links[link.address]
-            await link.conn.close()
-
-    async def _drop(self, link: _Link) -> None:
-        if self._links.get(link.address) is link:
-            del self._links[link.address]
-        await link.conn.close()
-        if link.reader is not None and link.reader is not asyncio.current_task():
-            link.reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await link.reader
-
 
 def _refused(exc: BaseException) -> bool:
     """A refused connection (asyncio reports one per resolved address as a plain OSError
@@ -543,111 +440,3 @@ def _submitter(command: bytes, sends: list[int]) -> Callable[[int], ClientMessag
         return Submit(rid, command)
 
     return make
-
-
-_LIMITS = KvConfig()  # the replicas' defaults: refused here at once, not after a round trip
-
-
-def _check_key(key: object) -> None:
-    if not isinstance(key, str):
-        raise TypeError(f"KV keys are str, got {type(key).__name__}")
-    if not key:
-        raise ValueError("KV keys cannot be empty")
-    try:
-        size = len(key.encode())
-    except UnicodeEncodeError as exc:  # a lone surrogate: not text any replica can store
-        raise ValueError(f"KV key {key!r} is not valid Unicode text: {exc.reason}") from None
-    if size > _LIMITS.key_bytes_max:
-        raise ValueError(
-            f"KV key of {size} bytes (UTF-8) over key_bytes_max={_LIMITS.key_bytes_max}"
-        )
-
-
-def _check_value(value: object) -> None:
-    if value is None:
-        raise ValueError("KV values cannot be None (None means 'absent'; use delete)")
-    try:
-        size = len(_value_encoder.encode(value))
-    except TypeError as exc:
-        raise TypeError(f"KV value is not serialisable as MessagePack: {exc}") from exc
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"KV value holds text that is not valid Unicode: {exc.reason}") from None
-    if size > _LIMITS.value_bytes_max:
-        raise ValueError(
-            f"KV value of {size} bytes (MessagePack) over value_bytes_max={_LIMITS.value_bytes_max}"
-        )
-
-
-def _checked(result: KvResult) -> KvResult:
-    if result.error is not None:
-        if result.error.startswith(("too_large", "invalid")) or result.error == "none_value":
-            raise ValueError(f"KV refused the command: {result.error}")
-        raise KvError(f"KV refused the command: {result.error}")
-    return result
-
-
-class KV:
-    """Synchronous KV handle (``cluster.kv``): ``put``, ``get``, ``delete``, ``cas``.
-
-    It runs a ``KvClient`` on a private event-loop thread that it owns and stops
-    in ``close``, so it works from plain scripts and from inside other event loops.
-    """
-
-    def __init__(
-        self, addresses: str | Sequence[str], *, token: str, config: KvClientConfig | None = None
-    ) -> None:
-        self._client = KvClient(addresses, token=token, config=config)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="lepton-kv-client", daemon=True
-        )
-        self._thread.start()
-        # Closed at interpreter exit too, if the caller never did: else its connections'
-        # reader tasks die with the loop and Python prints "Task was destroyed".
-        self._finalizer = weakref.finalize(self, _close_kv, self._client, self._loop, self._thread)
-
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        if not self._thread.is_alive():
-            coro.close()
-            raise ValueError("this KV handle is closed")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    def put(self, key: str, value: Any) -> None:
-        self._run(self._client.put(key, value))
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self._run(self._client.get(key, default))
-
-    def delete(self, key: str) -> bool:
-        return self._run(self._client.delete(key))
-
-    def cas(self, key: str, expected: Any, new: Any) -> bool:
-        return self._run(self._client.cas(key, expected, new))
-
-    def status(self, address: str, timeout_s: float = 2.0) -> Status:
-        return self._run(self._client.status(address, timeout_s))
-
-    @property
-    def addresses(self) -> list[str]:
-        return list(self._client.addresses)
-
-    def close(self) -> None:
-        self._finalizer()
-
-    def __enter__(self) -> KV:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _close_kv(client: KvClient, loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
-    """Close ``client`` on its loop, then stop the loop's thread (once)."""
-    if not thread.is_alive():
-        return
-    with contextlib.suppress(Exception):
-        asyncio.run_coroutine_threadsafe(client.close(), loop).result(5.0)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(timeout=5)
-    if not thread.is_alive():
-        loop.close()

@@ -28,8 +28,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lepton_ai.consensus.client import KV, KvClient, KvClientConfig
+from lepton_ai.consensus.client import KvClient, KvClientConfig
 from lepton_ai.consensus.client_messages import Status
+from lepton_ai.consensus.client_sync import KV
 from lepton_ai.errors import LeptonError
 from lepton_ai.wire import generate_token
 from lepton_ai.wire.handshake import TOKEN_ENV

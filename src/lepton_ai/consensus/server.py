@@ -37,7 +37,9 @@ from lepton_ai.consensus.client_messages import (
     Submit,
 )
 from lepton_ai.consensus.core_types import InvariantError, Overloaded, PaxosConfig
-from lepton_ai.consensus.driver import DriverConfig, LeadershipLost, ReplicaDriver
+from lepton_ai.consensus.driver import ReplicaDriver
+from lepton_ai.consensus.driver_config import DriverConfig
+from lepton_ai.consensus.driver_waiters import LeadershipLost
 from lepton_ai.consensus.kv import Get, KvMachine, encode_result
 from lepton_ai.consensus.log_host import NotLeader, StateMachine
 from lepton_ai.consensus.peer_messages import (

@@ -116,7 +116,8 @@ class Cluster:
         self.kv = kv
 
     def _attach_kv_at(self, paxos: list[str]) -> None:
-        from lepton_ai.consensus.client import KV, KvClientConfig
+        from lepton_ai.consensus.client import KvClientConfig
+        from lepton_ai.consensus.client_sync import KV
         from lepton_ai.wire import WireConfig
 
         config = KvClientConfig(wire=WireConfig(tls=self.tls))
