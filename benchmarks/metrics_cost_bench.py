@@ -1,15 +1,17 @@
-"""What monitoring costs: 10,000 trivial tasks with the metrics layer and without.
+"""What monitoring costs: 10,000 trivial tasks with metrics on and with metrics off.
 
-    .venv/bin/python benchmarks/metrics_cost_bench.py [--baseline 9921f15] [--head HEAD]
+    .venv/bin/python benchmarks/metrics_cost_bench.py [--head HEAD] [--baseline REV]
         [--runs 5] [--tasks 10000] [--scrape-s 1.0] [--json]
 
-"Without" is the last commit before the metrics layer (``--baseline``: no task log,
-no counters, no HTTP port), "with" is this checkout; each is a frozen copy of its
-tree (``git worktree``) run in its own interpreter, the two alternating run by run
-so a load change on this shared machine hits both alike. During each "with" run
-every process's ``/metrics`` is scraped every ``--scrape-s`` seconds (Prometheus'
-default is 15 s: 1 s is the pessimistic case). Reported: medians of tasks/s and of
-the CPU seconds every cluster process spent, and their ratios.
+"With" is ``--head`` (default this checkout's HEAD) as it ships; "without" is the
+same tree with ``LEPTON_METRICS=0`` (no metric sources, no task timeline at the
+leader), or with ``--baseline REV`` another commit (9921f15: main before the metrics
+layer existed, which also lacks everything landed since). Each is a frozen copy of
+its tree (``git worktree``) run in its own interpreter, the two alternating run by
+run (ABBA) so a load change on this shared machine hits both alike. During each
+"with" run every process's ``/metrics`` is scraped every ``--scrape-s`` seconds
+(Prometheus' default is 15 s: 1 s is the pessimistic case). Reported: medians of
+tasks/s and of the CPU seconds every cluster process spent, and their ratios.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_BASELINE = "9921f15"  # main before the metrics layer (issue 12)
+METRICS_OFF = {"LEPTON_METRICS": "0"}
 
 # Run inside each tree's interpreter; prints one JSON line.
 _RUN = r"""
@@ -87,8 +89,8 @@ def frozen_tree(rev: str, into: Path) -> Path:
     return into
 
 
-def one_run(tree: Path, tasks: int, scrape_s: float) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": str(tree / "src")}
+def one_run(tree: Path, tasks: int, scrape_s: float, extra_env: dict[str, str]) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": str(tree / "src"), **extra_env}
     out = subprocess.run(
         [sys.executable, "-c", _RUN, str(tasks), str(scrape_s)],
         env=env,
@@ -103,7 +105,9 @@ def one_run(tree: Path, tasks: int, scrape_s: float) -> dict[str, Any]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--baseline", default=DEFAULT_BASELINE)
+    ap.add_argument(
+        "--baseline", default="", help="compare with this commit (default: HEAD, metrics off)"
+    )
     ap.add_argument("--head", default="HEAD", help="the tree with metrics (default HEAD)")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--tasks", type=int, default=10_000)
@@ -117,10 +121,11 @@ def main() -> int:
             capture_output=True,
             text=True,
         ).stdout.strip()
-        trees = {
-            "without": frozen_tree(args.baseline, Path(tmp) / "without"),
-            "with": frozen_tree(head, Path(tmp) / "with"),
-        }
+        trees = {"with": frozen_tree(head, Path(tmp) / "with")}
+        trees["without"] = (
+            frozen_tree(args.baseline, Path(tmp) / "without") if args.baseline else trees["with"]
+        )
+        envs: dict[str, dict[str, str]] = {"with": {}, "without": METRICS_OFF}
         try:
             samples: dict[str, list[dict[str, Any]]] = {"without": [], "with": []}
             for i in range(args.runs):
@@ -129,9 +134,9 @@ def main() -> int:
                 order = list(trees.items()) if i % 2 == 0 else list(trees.items())[::-1]
                 for name, tree in order:
                     scrape = args.scrape_s if name == "with" else 0.0
-                    samples[name].append(one_run(tree, args.tasks, scrape))
+                    samples[name].append(one_run(tree, args.tasks, scrape, envs[name]))
         finally:
-            for tree in trees.values():
+            for tree in set(trees.values()):
                 subprocess.run(
                     ["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)],
                     check=False,
@@ -150,7 +155,7 @@ def summarize(
         for name, runs in samples.items()
     }
     return {
-        "baseline": args.baseline,
+        "baseline": args.baseline or f"{head} with LEPTON_METRICS=0",
         "head": head,
         "tasks": args.tasks,
         "runs": args.runs,

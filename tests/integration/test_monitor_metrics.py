@@ -225,3 +225,23 @@ def _new_leader(cluster: lep.LocalCluster, old: str) -> bool:
         return cluster.dashboard_url != old
     except lep.LeptonError:
         return False  # no leader known right now
+
+
+def test_metrics_off_leaves_jobs_running_and_metrics_empty(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # LEPTON_METRICS=0 reaches every process LocalCluster starts (they inherit it).
+    monkeypatch.setenv("LEPTON_METRICS", "0")
+    with lep.LocalCluster(workers=1) as off:
+        job = word_count(off, 300)
+        assert dict(job.result(timeout=60)) == {f"w{i}": 300 // 7 + (i < 300 % 7) for i in range(7)}
+
+        def members() -> list[dict[str, Any]]:
+            return [m for m in off.status()["members"] if m["role"] in ("coordinator", "worker")]
+
+        wait_until(lambda: all(m["metrics"] for m in members()), 10.0, "metrics addresses")
+        for m in members():
+            samples = scrape(f"http://{m['metrics']}/metrics")
+            assert not [name for name in samples if name.startswith("lepton_")], m["id"]
+            assert "process_cpu_seconds" in samples  # the runtime's own metrics stay
+        assert off.job_tasks(job.id) == []  # no task timeline kept

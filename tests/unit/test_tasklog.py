@@ -76,3 +76,15 @@ def test_a_lost_worker_takes_its_running_attempts_with_it() -> None:
     assert outcomes == {0: ("lost", 3.0), 1: ("succeeded", 2.0), 2: ("running", 0.0)}
     assert log.ended(att("j", 0, 0, 1), "w1", "succeeded", 4.0) is None  # too late
     assert log.worker_lost("w1", 5.0) == 0
+
+
+def test_a_lost_worker_counts_only_attempts_still_kept_and_running() -> None:
+    log = TaskLog(spans_per_job_max=2)
+    for i in range(3):  # the first is pushed out by the bound while it runs
+        log.dispatched(att("j", 0, i, i + 1), "w1", False, 1.0)
+    log.dispatched(att("k", 0, 0, 9), "w2", False, 1.0)
+    assert log.worker_lost("w1", 2.0) == 2
+    assert [s.outcome for s in log.spans("j")[0]] == ["lost", "lost"]
+    assert [s.outcome for s in log.spans("k")[0]] == ["running"]
+    assert log.worker_lost("w1", 3.0) == 0
+    assert log.worker_lost("w2", 3.0) == 1

@@ -17,6 +17,7 @@ so keeping them costs nothing between scrapes.
 from __future__ import annotations
 
 import bisect
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from prometheus_client import REGISTRY, generate_latest
@@ -29,6 +30,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+METRICS_ENV = "LEPTON_METRICS"  # "0": this process collects no metrics
 STAGE_LABELS_MAX = 8  # stages past this share one label value ("8+")
 
 # Seconds: a trivial task is ~1 ms at the leader; a long one minutes.
@@ -95,6 +97,17 @@ def labelled_counter(
     for value_label, value in rows:
         family.add_metric([value_label], value)
     return family
+
+
+def enabled_from_env() -> bool:
+    """Whether this process collects metrics: ``LEPTON_METRICS=0`` turns off the
+    coordinators' and worker agents' metric sources and the leader's task timeline
+    (as Ray's ``RAY_enable_metrics_collection=0``), for the last few percent of task
+    throughput; ``/metrics`` then holds only the process's own runtime metrics."""
+    value = os.environ.get(METRICS_ENV, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{METRICS_ENV} must be 0 (metrics off) or 1 (on), not {value!r}")
+    return value == "1"
 
 
 def stage_label(stage: int) -> str:

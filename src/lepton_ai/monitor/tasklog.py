@@ -43,36 +43,27 @@ class TaskSpan(msgspec.Struct, frozen=True):
     dispatched: float = 0.0
 
 
-class Span:
+class Span(msgspec.Struct, gc=False):
     """The mutable record the log keeps per attempt: the leader updates it in place at
-    start and end (a frozen ``TaskSpan`` per event cost the leader an allocation and
-    GC pressure on every task report); ``TaskSpan``s are built only when asked."""
+    start and end, and builds ``TaskSpan``s only when asked. ``gc=False``: it holds
+    only scalars and a scalar struct, so it can never be part of a reference cycle, and
+    the collector need not walk the tens of thousands a busy leader keeps (tracked,
+    their collections were a third of this bookkeeping's cost per task)."""
 
-    __slots__ = (
-        "attempt",
-        "dispatched",
-        "ended",
-        "outcome",
-        "partition",
-        "speculative",
-        "stage",
-        "started",
-        "worker",
-    )
-
-    def __init__(self, a: TaskAttempt, worker: str, now: float, speculative: bool = False) -> None:
-        self.stage, self.partition, self.attempt = a.stage, a.partition, a.attempt
-        self.worker = worker
-        self.dispatched = self.started = now
-        self.ended = 0.0
-        self.outcome: Outcome = "running"
-        self.speculative = speculative
+    attempt: TaskAttempt
+    worker: str
+    dispatched: float
+    started: float
+    ended: float = 0.0
+    outcome: Outcome = "running"
+    speculative: bool = False
 
     def frozen(self) -> TaskSpan:
+        a = self.attempt
         return TaskSpan(
-            self.stage,
-            self.partition,
-            self.attempt,
+            a.stage,
+            a.partition,
+            a.attempt,
             self.worker,
             self.started,
             self.ended,
@@ -82,16 +73,15 @@ class Span:
         )
 
 
-_Key = tuple[int, int, int, int]
-
-
 @dataclass
 class _JobSpans:
-    spans: OrderedDict[_Key, Span] = field(default_factory=OrderedDict)
+    # Keyed by the attempt itself (a frozen scalar struct: hashing it builds no key).
+    spans: OrderedDict[TaskAttempt, Span] = field(default_factory=OrderedDict)
     dropped: int = 0  # attempts pushed out by SPANS_PER_JOB_MAX
-    # (stage, partition) of every task dispatched: a job's task count is bounded by its
-    # plan's partitions, so this is too.
-    tasks: set[tuple[int, int]] = field(default_factory=set)
+    # stage << 32 | partition of every task dispatched: a job's task count is bounded by
+    # its plan's partitions, so this is too. (An int: no tuple per dispatch.)
+    tasks: set[int] = field(default_factory=set)
+    running: int = 0  # spans still "running": a lost worker's are looked for only here
 
 
 class TaskLog:
@@ -102,9 +92,6 @@ class TaskLog:
         self.jobs_max = jobs_max
         self._jobs: OrderedDict[str, _JobSpans] = OrderedDict()
         self._last: tuple[str, _JobSpans] | None = None  # the job touched last (MRU)
-        # worker -> (job, key) of its attempts still running: what a lost worker takes
-        # with it. Bounded by the spans kept (an entry goes when its span ends or goes).
-        self._running: dict[str, set[tuple[str, _Key]]] = {}
 
     def dispatched(
         self, a: TaskAttempt, worker: str, speculative: bool, now: float
@@ -112,16 +99,17 @@ class TaskLog:
         """Open the attempt's span; says whether it is the task's first run, a retry
         or a speculative backup."""
         job = self._job(a.job_id)
-        key = (a.stage, a.partition, a.epoch, a.attempt)
-        job.spans[key] = Span(a, worker, now, speculative)
-        self._running.setdefault(worker, set()).add((a.job_id, key))
-        if len(job.spans) > self.spans_per_job_max:
-            old_key, old = job.spans.popitem(last=False)
-            self._not_running(a.job_id, old_key, old)
+        spans = job.spans
+        spans[a] = Span(a, worker, now, now, speculative=speculative)
+        job.running += 1
+        if len(spans) > self.spans_per_job_max:
+            _, old = spans.popitem(last=False)
+            if old.outcome == "running":
+                job.running -= 1
             job.dropped += 1
-        task = (a.stage, a.partition)
         if speculative:
             return "backup"
+        task = a.stage << 32 | a.partition
         if task in job.tasks:
             return "retry"
         job.tasks.add(task)
@@ -132,40 +120,37 @@ class TaskLog:
         leader's term — starts and ends at ``now``). Returns the closed span, or None
         for a second report of an attempt already closed."""
         job = self._job(a.job_id)
-        key = (a.stage, a.partition, a.epoch, a.attempt)
-        span = job.spans.get(key)
+        span = job.spans.get(a)
         if span is None:
-            span = job.spans[key] = Span(a, worker, now)
+            span = job.spans[a] = Span(a, worker, now, now)
         elif span.outcome != "running":
             return None  # a duplicate report (or one after its worker was lost)
         else:
-            self._not_running(a.job_id, key, span)
+            job.running -= 1
         span.ended, span.outcome = now, outcome
         return span
 
     def started(self, a: TaskAttempt, now: float) -> None:
         """Its worker says the attempt (re)started running now (it sat queued)."""
         job = self._jobs.get(a.job_id)
-        span = None if job is None else job.spans.get((a.stage, a.partition, a.epoch, a.attempt))
+        span = None if job is None else job.spans.get(a)
         if span is not None and span.outcome == "running":
             span.started = now
 
     def worker_lost(self, worker: str, now: float) -> int:
-        """Close the lost worker's running attempts as "lost"; returns how many."""
-        lost = self._running.pop(worker, set())
-        for job_id, key in lost:
-            job = self._jobs.get(job_id)
-            span = None if job is None else job.spans.get(key)
-            if span is not None:
-                span.ended, span.outcome = now, "lost"
-        return len(lost)
-
-    def _not_running(self, job_id: str, key: _Key, span: Span) -> None:
-        running = self._running.get(span.worker)
-        if running is not None:
-            running.discard((job_id, key))
-            if not running:
-                del self._running[span.worker]
+        """Close the lost worker's running attempts as "lost"; returns how many. A scan
+        of the jobs with attempts running (rare, and bounded by the spans kept) spares
+        the hot path an index of running attempts by worker."""
+        lost = 0
+        for job in self._jobs.values():
+            if not job.running:
+                continue
+            for span in job.spans.values():
+                if span.outcome == "running" and span.worker == worker:
+                    span.ended, span.outcome = now, "lost"
+                    job.running -= 1
+                    lost += 1
+        return lost
 
     def spans(self, job_id: str) -> tuple[list[TaskSpan], int]:
         """The job's attempts in dispatch order and how many were dropped."""
@@ -175,11 +160,9 @@ class TaskLog:
         return [span.frozen() for span in job.spans.values()], job.dropped
 
     def forget(self, job_id: str) -> None:
-        job = self._jobs.pop(job_id, None)
+        self._jobs.pop(job_id, None)
         if self._last is not None and self._last[0] == job_id:
             self._last = None
-        for key, span in job.spans.items() if job is not None else ():
-            self._not_running(job_id, key, span)
 
     def _job(self, job_id: str) -> _JobSpans:
         last = self._last

@@ -48,8 +48,6 @@ from lepton_ai.compute.scheduler_events import (
     SchedulerAction,
     SchedulerEvent,
     TaskFailed,
-    TaskStarted,
-    TaskSucceeded,
     Tick,
     WorkerJoined,
     WorkerLost,
@@ -89,11 +87,6 @@ log = logging.getLogger("lepton_ai.coordinator")
 CODEC = Codec[CoordinatorMessage](CoordinatorMessage)
 
 
-# What the monitor sees of the scheduler's input (a tuple: ``A | B`` would build a
-# union object on every step).
-_OBSERVED = (TaskSucceeded, TaskFailed, TaskStarted, WorkerLost)
-
-
 class Coordinator:
     def __init__(
         self,
@@ -127,7 +120,7 @@ class Coordinator:
         self._proposals = asyncio.Semaphore(config.inflight_proposals_max)
         self._tg: asyncio.TaskGroup | None = None
         self.api = ClientApi(self)
-        self.monitor = CoordinatorMonitor(self)
+        self.monitor = CoordinatorMonitor(self, metrics.enabled_from_env())
         self.storage = StorageControl(self, config.storage)
         self.serving = ServeControl(self, config.serve)
         self.alerting = AlertShell(self, config.alert_webhook)
@@ -198,7 +191,8 @@ class Coordinator:
     # -- the driver ------------------------------------------------------------------
     async def run(self, server_sock: socket.socket) -> None:
         self.event(EventKind.COORDINATOR_STARTED, f"{self.address} pid {os.getpid()}")
-        metrics.add_source("coordinator", self.monitor.collect)
+        if self.monitor.enabled:
+            metrics.add_source("coordinator", self.monitor.collect)
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             server = await serve(
@@ -233,8 +227,9 @@ class Coordinator:
     def step(self, event: SchedulerEvent) -> None:
         if self.scheduler is None:
             return  # not leading: applied commands only update the state machine
-        if isinstance(event, _OBSERVED):
-            self.monitor.observe(event)
+        observe = self.monitor.observers.get(type(event))
+        if observe is not None:
+            observe(event)
         try:
             actions = self.scheduler.step(event)
         except InvariantError as exc:

@@ -519,7 +519,8 @@ async def serve_replicated(
         listen_sock=paxos_sock,
     )
     await replica.start()
-    metrics.add_source("paxos", paxos_metrics(replica.log))
+    if metrics.enabled_from_env():
+        metrics.add_source("paxos", paxos_metrics(replica.log))
     coordinator = ReplicatedCoordinator(
         replica.log, machine, address, config, token=token, node_id=node_id
     )

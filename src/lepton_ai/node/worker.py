@@ -270,7 +270,8 @@ class WorkerAgent(DataPort):
         bind_host = "127.0.0.1" if host == "127.0.0.1" else "0.0.0.0"
         http_sock = bind_http(bind_host, self.config.metrics_port)
         self.metrics_address = f"{host}:{http_sock.getsockname()[1]}"
-        metrics.add_source("agent", self.monitor.collect)
+        if metrics.enabled_from_env():
+            metrics.add_source("agent", self.monitor.collect)
         if self.config.serve_slots > 0:
             # Its replicas' state changes (one ready, one died) reach the leader at once.
             self.serving = NodeServing(
