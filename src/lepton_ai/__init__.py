@@ -16,9 +16,9 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it (DESIGN.md section 5).
 _EXPORTS: dict[str, str] = {
-    "LocalCluster": "lepton_ai.node.cluster",
-    "connect": "lepton_ai.node.cluster",
-    "Cluster": "lepton_ai.node.cluster",
+    "LocalCluster": "lepton_ai.node.local_cluster",
+    "connect": "lepton_ai.node.cluster_handle",
+    "Cluster": "lepton_ai.node.cluster_handle",
     "DistributedTask": "lepton_ai.compute.api",
     "Dataset": "lepton_ai.compute.api",
     "Job": "lepton_ai.compute.job",

@@ -21,7 +21,7 @@ import pytest
 
 import lepton_ai as lep
 from helpers import assert_mid_job, pids_left, wait_until
-from lepton_ai.node.cluster import LocalCluster
+from lepton_ai.node.local_cluster import LocalCluster
 from lepton_ai.node.messages import ClientReply, ErrorReply, GetStatus, WaitJob
 from lepton_ai.node.process import pid_alive
 from lepton_ai.wire import Codec, connect

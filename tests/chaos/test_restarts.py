@@ -22,7 +22,7 @@ import pytest
 
 import lepton_ai as lep
 from helpers import pids_left, strength_gap, wait_full_strength, wait_until
-from lepton_ai.node.cluster import LocalCluster
+from lepton_ai.node.local_cluster import LocalCluster
 from lepton_ai.node.process import pid_alive
 
 # The tasks' functions travel by value: the executors cannot import this module.

@@ -23,7 +23,7 @@ import pytest
 
 import lepton_ai as lep
 from helpers import pids_left, wait_full_strength
-from lepton_ai.node.cluster import LocalCluster
+from lepton_ai.node.local_cluster import LocalCluster
 from lepton_ai.node.process import pid_alive
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -154,14 +154,14 @@ class BedCluster:
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         """Until every worker is registered with its executors started."""
-        from lepton_ai.node.cluster import _ready_workers
+        from lepton_ai.node.member_status import ready_workers
 
         deadline = time.monotonic() + timeout_s
         ready = 0
         while time.monotonic() < deadline:
             with contextlib.suppress(LeptonError, OSError), self.connect() as lc:
                 info = lc._cluster_info(self.config.workers, 5.0)
-                ready = _ready_workers(info.members)
+                ready = ready_workers(info.members)
                 if ready >= self.config.workers:
                     return
             time.sleep(0.2)

@@ -23,7 +23,7 @@ import lepton_ai as lep
 from lepton_ai.compute.plan import JobOptions
 from lepton_ai.consensus.client import KvClient, KvClientConfig
 from lepton_ai.errors import LeptonError, Unavailable
-from lepton_ai.node.cluster import LocalCluster
+from lepton_ai.node.local_cluster import LocalCluster
 from lepton_ai.node.process import pid_alive
 from lepton_ai.sim.linearizability import Operation, check_history
 

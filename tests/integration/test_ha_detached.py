@@ -19,7 +19,7 @@ import pytest
 
 import lepton_ai as lep
 from helpers import lepton, wait_until
-from lepton_ai.node.cluster import LocalCluster
+from lepton_ai.node.local_cluster import LocalCluster
 from lepton_ai.node.process import pid_alive
 
 DRIVER = textwrap.dedent(

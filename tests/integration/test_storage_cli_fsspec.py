@@ -21,7 +21,7 @@ import pytest
 import lepton_ai as lep
 import lepton_ai.storage.fsspec as lepfs
 from helpers import lepton
-from lepton_ai.node.cluster import LocalCluster
+from lepton_ai.node.local_cluster import LocalCluster
 from lepton_ai.storage.checksum import crc32c
 from lepton_ai.storage.fsspec import LeptonFileSystem
 

@@ -218,7 +218,7 @@ def test_read_parquet_builds_a_plan_that_runs(tmp_path: Path) -> None:
 
 
 def test_health_split_into_typed_fields() -> None:
-    from lepton_ai.node.cluster import split_health
+    from lepton_ai.node.member_status import split_health
 
     assert split_health("coordinator", "leader") == ("alive", "", "leader")
     assert split_health("coordinator", "standby") == ("alive", "", "standby")

@@ -29,7 +29,7 @@ UNAVAILABLE_GRACE_S = 15.0  # how long a result() keeps retrying an unreachable 
 
 @runtime_checkable
 class JobSource(Protocol):
-    """What a cluster handle offers a Job (``node.cluster.Cluster`` implements it)."""
+    """What a cluster handle offers a Job (``node.cluster_handle.Cluster`` implements it)."""
 
     def job_info(self, job_id: str, wait_s: float = 0.0) -> Any: ...
 

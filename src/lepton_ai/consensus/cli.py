@@ -111,7 +111,7 @@ def _replicas(args: argparse.Namespace) -> tuple[str, str]:
     cluster every other command finds ($LEPTON_ADDRESS, or `lepton cluster up`'s)."""
     if args.peers:
         return args.peers, resolve_token(args.token)
-    from lepton_ai.node.cluster import Cluster, find_cluster
+    from lepton_ai.node.cluster_handle import Cluster, find_cluster
 
     try:
         address, token = find_cluster(None, args.token)

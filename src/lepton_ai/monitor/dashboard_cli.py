@@ -24,7 +24,7 @@ DEFAULT_HOST = "127.0.0.1"  # nothing listens beyond this host unless asked
 
 def _connect(args: argparse.Namespace) -> tuple[Any, str | None]:
     """The cluster handle, and the state file it was found through (if any)."""
-    from lepton_ai.node.cluster import ADDRESS_ENV, connect, find_cluster
+    from lepton_ai.node.cluster_handle import ADDRESS_ENV, connect, find_cluster
     from lepton_ai.node.state_file import default_state_file
 
     address, token = find_cluster(args.address, args.token, args.state_file)

@@ -44,7 +44,7 @@ def add_connect_args(p: argparse.ArgumentParser) -> None:
 
 
 def connect_from_args(args: argparse.Namespace) -> Any:
-    from lepton_ai.node.cluster import connect
+    from lepton_ai.node.cluster_handle import connect
 
     if args.address:
         return connect(args.address, args.token)
@@ -192,7 +192,7 @@ def _cmd_down(args: argparse.Namespace) -> int:
 
 def _merge_supervised(args: argparse.Namespace, status: dict[str, Any]) -> None:
     """Restarts and last exits as ``cluster up``'s supervisor saw them."""
-    from lepton_ai.node.cluster import with_typed_health
+    from lepton_ai.node.member_status import with_typed_health
 
     if args.address:
         return

@@ -23,7 +23,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from lepton_ai.node.cluster import LocalCluster
+from lepton_ai.node.local_cluster import LocalCluster
 from lepton_ai.node.process import private_files
 from lepton_ai.node.supervise import member_key
 

@@ -31,7 +31,7 @@ class CoordinatorHttp:
         self._status_lock = asyncio.Lock()
         # A client of this cluster through this coordinator (it follows redirects):
         # the dashboard's source and /sd read the cluster through it.
-        from lepton_ai.node.cluster import Cluster
+        from lepton_ai.node.cluster_handle import Cluster
 
         self.cluster = Cluster(coordinator.address, coordinator.token)
 

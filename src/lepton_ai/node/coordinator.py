@@ -423,7 +423,7 @@ class Coordinator:
         self.step(WorkerLost(worker_id, time.monotonic()))
 
 
-if __name__ == "__main__":  # python -m lepton_ai.node.coordinator (node.cluster spawns it)
+if __name__ == "__main__":  # python -m lepton_ai.node.coordinator (node.local_cluster starts it)
     from lepton_ai.node.programs import coordinator_main
 
     coordinator_main()

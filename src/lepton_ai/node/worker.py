@@ -794,7 +794,7 @@ class WorkerAgent(DataPort):
         )
 
 
-if __name__ == "__main__":  # python -m lepton_ai.node.worker (node.cluster spawns it)
+if __name__ == "__main__":  # python -m lepton_ai.node.worker (node.local_cluster starts it)
     from lepton_ai.node.programs import worker_main
 
     worker_main()

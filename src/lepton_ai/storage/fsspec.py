@@ -40,7 +40,7 @@ from lepton_ai.storage.control import ListObjects, ObjectList
 from lepton_ai.storage.messages import ObjectMeta
 
 if TYPE_CHECKING:
-    from lepton_ai.node.cluster import Cluster
+    from lepton_ai.node.cluster_handle import Cluster
     from lepton_ai.storage.client import ObjectFile, StorageClient
 
 PROTOCOL = "lep"
@@ -61,7 +61,7 @@ def resolve_cluster(
     address: str | None = None, token: str | None = None, state_file: str | None = None
 ) -> tuple[str, str]:
     """(address, token): explicit, else ``$LEPTON_ADDRESS``, else ``lepton cluster up``'s."""
-    from lepton_ai.node.cluster import find_cluster
+    from lepton_ai.node.cluster_handle import find_cluster
 
     try:
         return find_cluster(address, token, state_file)
@@ -78,7 +78,7 @@ def cluster_for(address: str, token: str) -> Cluster:
     with _handles_lock:
         handle = _handles.get(key)
         if handle is None:
-            from lepton_ai.node.cluster import connect
+            from lepton_ai.node.cluster_handle import connect
 
             handle = connect(address, token)
             _handles[key] = handle
@@ -188,7 +188,7 @@ class LeptonFileSystem(AbstractFileSystem):  # type: ignore[misc]  # fsspec is u
     def cluster(self) -> Cluster:
         if self._cluster is not None:
             return self._cluster
-        from lepton_ai.node.cluster import current
+        from lepton_ai.node.cluster_handle import current
 
         default = None if self._address or self._state_file else current()
         if default is not None:
