@@ -245,3 +245,12 @@ def test_metrics_off_leaves_jobs_running_and_metrics_empty(
             assert not [name for name in samples if name.startswith("lepton_")], m["id"]
             assert "process_cpu_seconds" in samples  # the runtime's own metrics stay
         assert off.job_tasks(job.id) == []  # no task timeline kept
+
+
+def test_a_bad_metrics_switch_is_refused_before_anything_starts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("LEPTON_METRICS", "yes")
+    with pytest.raises(ValueError, match="LEPTON_METRICS must be 0"):
+        lep.LocalCluster(workers=1, data_dir=str(tmp_path))
+    assert list(tmp_path.iterdir()) == []  # nothing written, nothing started

@@ -52,8 +52,10 @@ from lepton_ai.node.cluster_handle import Cluster
 from lepton_ai.node.local_launch import (
     STANDBY_ID_BASE,
     MemberProc,
+    checked_metrics_env,
     checked_sizes,
     checked_standbys,
+    checked_storage,
     checked_webhook,
     coordinator_command,
     sock_address,
@@ -143,14 +145,11 @@ class LocalCluster(Cluster):
         coordinators = checked_sizes(
             workers, coordinators, slots_per_worker, spares_per_worker, job_retention_s
         )
-        if not scrub_interval_s > 0 or not orphan_grace_s > 0:
-            raise ValueError("scrub_interval_s and orphan_grace_s must be > 0")
-        self.storage_timing = (float(scrub_interval_s), float(orphan_grace_s))
-        if not isinstance(storage_bytes_max, int) or storage_bytes_max < 0:
-            raise ValueError(f"storage_bytes_max must be an int >= 0, got {storage_bytes_max!r}")
+        self.storage_timing = checked_storage(scrub_interval_s, orphan_grace_s, storage_bytes_max)
         self.storage_bytes_max = storage_bytes_max
         self.job_retention_s = float(job_retention_s)
         self.alert_webhook = checked_webhook(alert_webhook)
+        checked_metrics_env()
         self.replace_after_s = checked_standbys(standbys, coordinators, replace_after_s)
         self.standbys = standbys
         self._removed = 0  # coordinators the group removed (each replaced by a standby)

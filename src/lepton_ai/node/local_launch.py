@@ -73,6 +73,27 @@ def checked_standbys(standbys: int, coordinators: int, replace_after_s: float) -
     return float(replace_after_s)
 
 
+def checked_storage(
+    scrub_interval_s: float, orphan_grace_s: float, storage_bytes_max: int
+) -> tuple[float, float]:
+    """Refuses bad storage timings or capacity; returns (scrub interval, orphan grace)."""
+    if not scrub_interval_s > 0 or not orphan_grace_s > 0:
+        raise ValueError("scrub_interval_s and orphan_grace_s must be > 0")
+    if not isinstance(storage_bytes_max, int) or storage_bytes_max < 0:
+        raise ValueError(f"storage_bytes_max must be an int >= 0, got {storage_bytes_max!r}")
+    return float(scrub_interval_s), float(orphan_grace_s)
+
+
+def checked_metrics_env() -> None:
+    """Every member reads $LEPTON_METRICS at start: a bad value is refused here, before
+    any starts, not as a coordinator's exit status."""
+    # Imported here: the metrics module brings prometheus-client, which a driver that
+    # only imports lepton_ai need not load.
+    from lepton_ai.monitor.metrics import enabled_from_env
+
+    enabled_from_env()
+
+
 def checked_webhook(url: str) -> str:
     if url and not url.startswith(("http://", "https://")):
         raise ValueError(f"alert_webhook must be an http(s) URL, got {url!r}")
