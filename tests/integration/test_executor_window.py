@@ -20,7 +20,7 @@ from lepton_ai.compute.plan import NarrowOp, SourceOp, build_plan, encode_plan
 from lepton_ai.compute.scheduler_events import TaskAttempt
 from lepton_ai.data.sources import range_sources
 from lepton_ai.node.executor_slots import ExecutorConfig, ExecutorDied, ExecutorSlot, Requeued
-from lepton_ai.node.messages import ExecDone, ExecFailed, ExecRun
+from lepton_ai.node.messages import ExecRun
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -75,8 +75,7 @@ def test_window_runs_in_order_and_a_queued_attempt_can_be_cancelled(tmp_path: Pa
         assert slot.cancel(_attempt(2))  # queued behind the slow one: dropped, no kill
         replies = [await f for f in futures]
         assert [r.attempt.partition for r in replies] == list(range(PARTS))
-        assert isinstance(replies[2], ExecFailed) and replies[2].kind == "cancelled"
-        assert all(isinstance(replies[p], ExecDone) for p in (0, 1, 3))
+        assert [r.kind for r in replies] == ["done", "done", "cancelled", "done"]
         assert slot.restarts == 0 and not slot.outstanding
 
     asyncio.run(_with_slot(tmp_path, body))
@@ -94,7 +93,7 @@ def test_executor_death_fails_the_running_attempt_and_requeues_the_rest(tmp_path
         assert all(type(o) is Requeued for o in outcomes[1:])
         # The slot comes back with a new executor that runs what was requeued.
         again = await slot.submit("job1", plan, ExecRun(_attempt(1)))
-        assert isinstance(await again, ExecDone) and slot.restarts == 1
+        assert (await again).kind == "done" and slot.restarts == 1
 
     asyncio.run(_with_slot(tmp_path, body))
 
@@ -124,6 +123,6 @@ def test_a_smaller_window_for_slow_stages_keeps_attempts_with_the_agent(tmp_path
         futures = [await slot.submit("job1", plan, ExecRun(_attempt(p))) for p in range(2)]
         assert not slot.can_take(slot.config.window_slow) and slot.can_take()
         replies = [await f for f in futures]
-        assert all(isinstance(r, ExecDone) for r in replies)
+        assert all(r.kind == "done" for r in replies)
 
     asyncio.run(_with_slot(tmp_path, body))

@@ -46,6 +46,12 @@ from lepton_ai.node.control import (
     WorkerJoining,
     WorkerReport,
 )
+from lepton_ai.node.messages import (
+    FailedReport,
+    FetchFailedReport,
+    StartedReport,
+    SucceededReport,
+)
 
 BEAT_S = 0.1
 
@@ -186,18 +192,24 @@ def test_a_queued_attempt_taken_for_an_idle_node_is_a_move_not_a_retry() -> None
 
 
 def test_reports_are_timed_by_the_coordinator_and_infra_failures_recorded() -> None:
+    """A report carries neither a time nor a worker: the scheduler's event gets the
+    coordinator's clock and the worker whose connection it came on."""
     core = ControlCore(ControlConfig())
     join(core, "w1", 0.0)
-    started = core.step(WorkerReport("w1", TaskStarted(attempt(), "w1", 999.0), 5.0))
+    started = core.step(WorkerReport("w1", StartedReport(attempt()), 5.0))
     assert scheduled(started) == [TaskStarted(attempt(), "w1", 5.0)]
-    done = TaskSucceeded(attempt(), "w1", [], 999.0)
-    assert scheduled(core.step(WorkerReport("w1", done, 6.0))) == [
-        TaskSucceeded(attempt(), "w1", [], 6.0)
-    ]
-    failed = core.step(WorkerReport("w1", TaskFailed(attempt(), "w1", "infra", 0.0, "oom"), 7.0))
+    out = [OutputRef("w1", "result", 2, b"ok")]
+    done = core.step(WorkerReport("w1", SucceededReport(attempt(), out), 6.0))
+    assert scheduled(done) == [TaskSucceeded(attempt(), "w1", out, 6.0)]
+    failed = core.step(WorkerReport("w1", FailedReport(attempt(), "infra", "oom"), 7.0))
     assert kinds(failed) == ["task_failed"] and "on name-w1: oom" in str(failed[0])
-    user = core.step(WorkerReport("w1", TaskFailed(attempt(), "w1", "user", 0.0, "boom"), 8.0))
+    assert scheduled(failed) == [TaskFailed(attempt(), "w1", "infra", 7.0, "oom")]
+    raised = FailedReport(attempt(), "user", "boom", "ValueError", "Traceback ...")
+    user = core.step(WorkerReport("w1", raised, 8.0))
     assert kinds(user) == []  # the replicated coordinator records user failures itself
+    assert scheduled(user) == [
+        TaskFailed(attempt(), "w1", "user", 8.0, "boom", "ValueError", "Traceback ...")
+    ]
 
 
 def _reader(core: ControlCore, reader: TaskAttempt, maps: dict[int, tuple[str, str]]) -> None:
@@ -207,9 +219,10 @@ def _reader(core: ControlCore, reader: TaskAttempt, maps: dict[int, tuple[str, s
 
 
 def _fetch(core: ControlCore, reader: TaskAttempt, part: int, holder: str) -> FetchFailed:
-    ev = FetchFailed(reader, "w3", 0, part, holder, 0.0)
-    out = scheduled(core.step(WorkerReport("w3", ev, 2.0)))
+    report = FetchFailedReport(reader, 0, part, holder)
+    out = scheduled(core.step(WorkerReport("w3", report, 2.0)))
     assert len(out) == 1 and isinstance(out[0], FetchFailed)
+    assert (out[0].worker, out[0].map_stage, out[0].map_partition) == ("w3", 0, part)
     return out[0]
 
 
@@ -227,10 +240,6 @@ def test_fetch_failures_are_blamed_on_the_right_holder_and_repeats_are_stale() -
     assert not first.stale and first.source_worker == "w2" and first.now == 2.0
     assert _fetch(core, r1, 1, "w2").stale
     assert not _fetch(core, r2, 0, "w1").stale
-    # A worker claiming ``stale`` itself is not believed: the host sets it.
-    _reader(core, attempt(partition=3), maps)
-    claimed = FetchFailed(attempt(partition=3), "w3", 0, 0, "w9", 0.0, stale=True)
-    assert not scheduled(core.step(WorkerReport("w3", claimed, 3.0)))[0].stale  # type: ignore[attr-defined]
 
 
 def test_a_fetch_failure_on_a_lost_holder_is_stale() -> None:
@@ -241,8 +250,7 @@ def test_a_fetch_failure_on_a_lost_holder_is_stale() -> None:
     _reader(core, reader, {0: ("w1", "j1/0/0:0")})
     lost = core.step(ConnectionClosed("w1"))
     assert losses(lost) == [LoseWorker("w1", "connection closed")]
-    ev = FetchFailed(reader, "w3", 0, 0, "w1", 0.0)
-    actions = core.step(WorkerReport("w3", ev, 2.0))
+    actions = core.step(WorkerReport("w3", FetchFailedReport(reader, 0, 0, "w1"), 2.0))
     assert kinds(actions) == ["fetch_failed"] and "(known bad)" in str(actions[0])
     assert scheduled(actions)[0].stale  # type: ignore[attr-defined]
 

@@ -12,7 +12,7 @@ from lepton_ai.compute.plan import NarrowOp, ShuffleOp, SourceOp, build_plan, en
 from lepton_ai.compute.scheduler_events import TaskAttempt
 from lepton_ai.data.sources import range_sources
 from lepton_ai.node.executor_process import Executor, FramedPipe, PipeClosed
-from lepton_ai.node.messages import ExecDone, ExecFailed, ExecHello, ExecPlan, ExecRun
+from lepton_ai.node.messages import ExecHello, ExecOutcome, ExecPlan, ExecRun
 from lepton_ai.storage.blockstore import BlockStore
 
 
@@ -35,12 +35,12 @@ def _executor(tmp_path: Path, plan: bytes) -> Executor:
 def test_map_then_reduce_through_the_block_store(tmp_path: Path) -> None:
     ex = _executor(tmp_path, _plan())
     maps = [ex.run(ExecRun(TaskAttempt("job1", 0, p, 1, p))) for p in range(2)]
-    assert all(isinstance(m, ExecDone) and len(m.outputs) == 3 for m in maps)
+    assert all(m.kind == "done" and len(m.outputs) == 3 for m in maps)
     totals = {}
     for bucket in range(3):
-        inputs = [ex.store.read_block("job1", m.outputs[bucket].block) for m in maps]  # type: ignore[union-attr]
+        inputs = [ex.store.read_block("job1", m.outputs[bucket].block) for m in maps]
         out = ex.run(ExecRun(TaskAttempt("job1", 1, bucket, 1, 10 + bucket), inputs))
-        assert isinstance(out, ExecDone) and out.outputs[0].data is not None
+        assert out.kind == "done" and out.outputs[0].data is not None
         import pickle
 
         totals.update(dict(pickle.loads(out.outputs[0].data)))
@@ -50,29 +50,28 @@ def test_map_then_reduce_through_the_block_store(tmp_path: Path) -> None:
 def test_reducer_reads_this_nodes_blocks_itself(tmp_path: Path) -> None:
     ex = _executor(tmp_path, _plan())
     maps = [ex.run(ExecRun(TaskAttempt("job1", 0, p, 1, p))) for p in range(2)]
-    blocks = [m.outputs[0].block for m in maps]  # type: ignore[union-attr]
+    blocks = [m.outputs[0].block for m in maps]
     by_agent = [ex.store.read_block("job1", b) for b in blocks]
     direct = ex.run(ExecRun(TaskAttempt("job1", 1, 0, 1, 10), [b"", b""], dict(enumerate(blocks))))
     mixed = ex.run(ExecRun(TaskAttempt("job1", 1, 0, 1, 11), [by_agent[0], b""], {1: blocks[1]}))
     shipped = ex.run(ExecRun(TaskAttempt("job1", 1, 0, 1, 12), by_agent))
-    assert isinstance(direct, ExecDone) and isinstance(mixed, ExecDone)
-    assert isinstance(shipped, ExecDone)
+    assert direct.kind == mixed.kind == shipped.kind == "done"
     assert direct.outputs[0].data == mixed.outputs[0].data == shipped.outputs[0].data
     missing = ex.run(ExecRun(TaskAttempt("job1", 1, 0, 1, 13), [b"", b""], {1: "gone"}))
-    assert isinstance(missing, ExecFailed) and missing.kind == "corrupt_input"
+    assert missing.kind == "corrupt_input"
     assert missing.map_partition == 1  # the agent reports it as a fetch failure of map 1
 
 
 def test_user_error_corrupt_input_and_missing_plan(tmp_path: Path) -> None:
     ex = _executor(tmp_path, _plan(lambda x: (x % 3, 1 // (x - 7))))
     bad = ex.run(ExecRun(TaskAttempt("job1", 0, 0, 1, 1)))
-    assert isinstance(bad, ExecFailed) and bad.kind == "user"
+    assert bad.kind == "user"
     assert bad.exc_type == "ZeroDivisionError" and "Traceback" in bad.traceback
     corrupt = ex.run(ExecRun(TaskAttempt("job1", 1, 0, 1, 2), [b"", b"Xjunk"]))
-    assert isinstance(corrupt, ExecFailed) and corrupt.kind == "corrupt_input"
+    assert corrupt.kind == "corrupt_input"
     assert corrupt.map_partition == 1
     lost = ex.run(ExecRun(TaskAttempt("nojob", 0, 0, 1, 3)))
-    assert isinstance(lost, ExecFailed) and lost.kind == "infra"
+    assert lost.kind == "infra"
 
 
 def test_oversized_result_fails_as_user_error(tmp_path: Path) -> None:
@@ -80,7 +79,7 @@ def test_oversized_result_fails_as_user_error(tmp_path: Path) -> None:
     ex = _executor(tmp_path, encode_plan(build_plan(ops, "collect")))
     ex.result_bytes_max = 100
     out = ex.run(ExecRun(TaskAttempt("job1", 0, 0, 1, 1)))
-    assert isinstance(out, ExecFailed) and out.kind == "user" and "bytes" in out.message
+    assert out.kind == "user" and "bytes" in out.message
 
 
 def test_framed_pipe_round_trip_and_bounds() -> None:
@@ -115,3 +114,18 @@ def test_hand_encoded_hello_is_what_msgspec_would_send() -> None:
         assert msgspec.msgpack.decode(frame[4:], type=ExecHello) == ExecHello(pid)
         assert int.from_bytes(frame[:4], "big") == len(frame) - 4
         assert msgspec.msgpack.decode(body, type=ExecHello) == ExecHello(pid)
+
+
+def test_an_outcome_carries_only_the_fields_it_sets() -> None:
+    """One message for every outcome: a success does not ship a failure's empty
+    fields (tiny tasks send one per task), nor a failure a success's."""
+    import msgspec
+
+    a = TaskAttempt("job1", 0, 0, 1, 1)
+    done = ExecOutcome(a, "done", [], 0.5)
+    failed = ExecOutcome(a, "corrupt_input", message="bad", map_partition=2)
+    for outcome in (done, failed):
+        body = msgspec.msgpack.encode(outcome)
+        assert msgspec.msgpack.decode(body, type=ExecOutcome) == outcome
+    assert b"traceback" not in msgspec.msgpack.encode(done)
+    assert b"duration_s" not in msgspec.msgpack.encode(failed)

@@ -25,10 +25,18 @@ import msgspec
 
 from lepton_ai.compute.job_state import OutputRef
 from lepton_ai.compute.plan import JobPlan, decode_plan
-from lepton_ai.compute.scheduler_events import Dispatch, FetchFailed, TaskAttempt
+from lepton_ai.compute.scheduler_events import TaskAttempt
 from lepton_ai.data.sources import BlobSource
 from lepton_ai.errors import DataLost, LeptonError, StorageFull
-from lepton_ai.node.messages import BlockData, ExecRun, FetchBlocks, PutShuffle, ShuffleMessage
+from lepton_ai.node.messages import (
+    BlockData,
+    ExecRun,
+    FetchBlocks,
+    FetchFailedReport,
+    PutShuffle,
+    ShuffleMessage,
+    TaskOrder,
+)
 from lepton_ai.node.node_net import parse_address
 from lepton_ai.node.shuffle_copy import (
     ShuffleCopyFailed,
@@ -132,7 +140,7 @@ class DataPort:
             out.append((source.key, source.obj))
         return out
 
-    async def _gather_inputs(self, d: Dispatch) -> ExecRun | FetchFailed:
+    async def _gather_inputs(self, d: TaskOrder) -> ExecRun | FetchFailedReport:
         """The attempt's run message: remote inputs fetched here, this node's own
         blocks named for the executor to read (``ExecRun.local``)."""
         a = d.attempt
@@ -149,11 +157,11 @@ class DataPort:
         for worker, maps in remote.items():
             bad = await self._fetch_remote(d, worker, maps, out)
             if bad is not None:
-                return FetchFailed(a, self.worker_id, a.stage - 1, bad, worker, 0.0)
+                return FetchFailedReport(a, a.stage - 1, bad, worker)
         return ExecRun(a, out, local)
 
     async def _fetch_remote(
-        self, d: Dispatch, worker: str, maps: list[int], out: list[bytes]
+        self, d: TaskOrder, worker: str, maps: list[int], out: list[bytes]
     ) -> int | None:
         """Fill ``out`` for ``maps`` from ``worker``; the first map that failed, or None."""
         address = d.addresses.get(worker)

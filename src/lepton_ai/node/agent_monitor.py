@@ -3,7 +3,7 @@
 The executors are short-lived children that run user code (and are replaced when
 they die), so the agent exports them, the way a node exporter or cAdvisor exports
 the containers of a host: the tasks they ran and how long (from the executors'
-own ``ExecDone`` timings), and each executor process's CPU and memory read with
+own timings in their ``ExecOutcome``s), and each executor process's CPU and memory read with
 psutil at scrape time, labelled ``executor``. One target per node, then, whatever
 its executors do.
 """
@@ -17,29 +17,32 @@ import psutil
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from lepton_ai.monitor import metrics as m
-from lepton_ai.node.messages import ExecDone, ExecFailed
+from lepton_ai.node.messages import ExecOutcome, ExecOutcomeKind
 
 if TYPE_CHECKING:
     from lepton_ai.node.worker import WorkerAgent
 
-_OUTCOMES = ("succeeded", "failed", "user_error", "cancelled", "corrupt_input")
+# An executor's outcome kind -> the label of its count (the coordinator's words).
+_OUTCOME_OF: dict[ExecOutcomeKind, str] = {
+    "done": "succeeded",
+    "infra": "failed",
+    "user": "user_error",
+    "cancelled": "cancelled",
+    "corrupt_input": "corrupt_input",
+}
 
 
 class AgentMonitor:
     def __init__(self, agent: WorkerAgent) -> None:
         self.agent = agent
-        self.tasks: dict[str, int] = dict.fromkeys(_OUTCOMES, 0)
+        self.tasks: dict[str, int] = dict.fromkeys(_OUTCOME_OF.values(), 0)
         self.task_seconds = m.Histo(m.TASK_BUCKETS_S)
         self._procs: dict[int, psutil.Process] = {}  # by pid: cpu_times needs the object
 
-    def executor_replied(self, reply: ExecDone | ExecFailed) -> None:
-        if isinstance(reply, ExecDone):
-            self.tasks["succeeded"] += 1
+    def executor_replied(self, reply: ExecOutcome) -> None:
+        self.tasks[_OUTCOME_OF[reply.kind]] += 1
+        if reply.kind == "done":
             self.task_seconds.observe(reply.duration_s)
-            return
-        outcome = {"user": "user_error", "infra": "failed"}.get(reply.kind, reply.kind)
-        if outcome in self.tasks:
-            self.tasks[outcome] += 1
 
     def collect(self) -> Iterator[Metric]:
         yield m.labelled_counter(

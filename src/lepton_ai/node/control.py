@@ -5,6 +5,8 @@ this core decides what the coordinator's shell used to decide inline:
 
 * which worker incarnations are members, and when one is lost (the phi-accrual
   detector's verdict, a closed connection, its node rejoining under a new id);
+* a worker's task report (``messages.TaskReport``) as the scheduler's event,
+  timed by the coordinator's clock (``task_event``);
 * whether a fetch failure is news or already known (``FetchFailed.stale``);
 * which finished jobs have outlived their retention;
 * which events go on the timeline.
@@ -47,6 +49,12 @@ from lepton_ai.compute.scheduler_events import (
 )
 from lepton_ai.monitor.events import EventKind
 from lepton_ai.monitor.phi import PhiAccrualDetector, PhiConfig
+from lepton_ai.node.messages import (
+    FailedReport,
+    StartedReport,
+    SucceededReport,
+    TaskReport,
+)
 
 
 @dataclass(frozen=True)
@@ -104,10 +112,10 @@ class CheckExpiry:
 
 @dataclass(frozen=True, slots=True)
 class WorkerReport:
-    """A task report from a member, as the worker sent it (its ``now`` is replaced)."""
+    """A task report from a member, as the worker sent it, heard at ``now``."""
 
     worker: str
-    report: TaskStarted | TaskSucceeded | TaskFailed | FetchFailed
+    report: TaskReport
     now: float
 
 
@@ -353,12 +361,15 @@ class ControlCore:
         return [RecordEvent(EventKind.TASK_TIMED_OUT, detail, a.job_id)]
 
     def _report(self, ev: WorkerReport) -> list[ControlAction]:
-        # The coordinator's clock, not the worker's, times the scheduler's events.
-        rep = msgspec.structs.replace(ev.report, now=ev.now)
-        inputs = None if isinstance(rep, TaskStarted) else self.reader_inputs.pop(rep.attempt, None)
+        rep = task_event(ev.report, ev.worker, ev.now)
+        if isinstance(rep, TaskStarted):
+            return [Schedule(rep)]
+        inputs = self.reader_inputs.pop(rep.attempt, None)  # the attempt is over
+        if isinstance(rep, TaskSucceeded):
+            return [Schedule(rep)]
         if isinstance(rep, FetchFailed):
             return self._fetch_failed(rep, inputs)
-        if isinstance(rep, TaskFailed) and rep.kind == "infra":
+        if rep.kind == "infra":
             member = self.members.get(ev.worker)
             on = member.name if member is not None else ev.worker
             a = rep.attempt
@@ -393,8 +404,7 @@ class ControlCore:
             ]
         if block is not None:
             self.bad_outputs.add(key)
-        ours = msgspec.structs.replace(ev, stale=False) if ev.stale else ev  # ours to set
-        return [RecordEvent(EventKind.FETCH_FAILED, detail, job_id), Schedule(ours)]
+        return [RecordEvent(EventKind.FETCH_FAILED, detail, job_id), Schedule(ev)]
 
     # -- applied commands and retention ------------------------------------------------
     def _applied(self, cmd: JobCommand, result: ApplyResult) -> list[ControlAction]:
@@ -450,3 +460,37 @@ class ControlCore:
             actions += [RecordEvent(EventKind.JOB_EXPIRED, f"older than {retention:g} s", job_id)]
             actions.append(ExpireJob(job_id))
         return actions
+
+
+def task_event(
+    report: TaskReport, worker: str, now: float
+) -> TaskSucceeded | TaskStarted | TaskFailed | FetchFailed:
+    """The scheduler's event for ``worker``'s report: the coordinator's clock times it
+    (the scheduler compares it with its own ``now``; a worker's clock is another
+    machine's), and ``worker`` is the member whose connection it came on.
+
+    The one place a report becomes a core event; most common kinds first (every task
+    reports its success, most their start).
+    """
+    if isinstance(report, SucceededReport):
+        return TaskSucceeded(report.attempt, worker, report.outputs, now)
+    if isinstance(report, StartedReport):
+        return TaskStarted(report.attempt, worker, now)
+    if isinstance(report, FailedReport):
+        return TaskFailed(
+            report.attempt,
+            worker,
+            report.kind,
+            now,
+            report.message,
+            report.exc_type,
+            report.traceback,
+        )
+    return FetchFailed(
+        report.attempt,
+        worker,
+        report.map_stage,
+        report.map_partition,
+        report.source_worker,
+        now,
+    )

@@ -2,7 +2,8 @@
 batched per worker and sent once per burst of steps.
 
 A step often dispatches many tasks at once (a stage starts, a worker joins): one
-``RunTasks`` per worker per loop turn instead of one message per task.
+``RunTasks`` per worker per loop turn instead of one message per task. The
+scheduler's ``Dispatch`` becomes the wire's ``TaskOrder`` here (``task_order``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Callable
 from lepton_ai.compute.job_state import JobStateMachine
 from lepton_ai.compute.scheduler_events import Cancel, Dispatch, TaskAttempt
 from lepton_ai.node.coord_client_api import WorkerView
-from lepton_ai.node.messages import CancelTasks, JobPlanBlob, RunTasks
+from lepton_ai.node.messages import CancelTasks, JobPlanBlob, RunTasks, TaskOrder
 
 
 class Outbox:
@@ -21,11 +22,11 @@ class Outbox:
         self,
         workers: dict[str, WorkerView],
         jobs: JobStateMachine,
-        gone: Callable[[Dispatch], None],
+        gone: Callable[[str, TaskAttempt], None],
     ) -> None:
         self.workers = workers  # the coordinator's members (shared, not copied)
         self.jobs = jobs
-        self.gone = gone  # a batched dispatch whose worker was lost before the flush
+        self.gone = gone  # (worker, attempt) batched for a worker lost before the flush
         self._tasks: dict[str, RunTasks] = {}
         # (worker, queued_only) -> attempts to cancel, sent after the dispatches of
         # the same loop turn: a steal of an attempt dispatched in this turn must
@@ -44,7 +45,7 @@ class Outbox:
                 replicas = rec.options.shuffle_replicas
                 batch.plans.append(JobPlanBlob(a.job_id, rec.plan, replicas))
                 view.plans_sent.add(a.job_id)
-        batch.tasks.append(d)
+        batch.tasks.append(task_order(d))
 
     def cancel(self, c: Cancel) -> None:
         self._cancels.setdefault((c.worker, c.queued_only), []).append(c.attempt)
@@ -66,11 +67,17 @@ class Outbox:
         for worker_id, batch in tasks.items():
             view = self.workers.get(worker_id)
             if view is None:
-                for d in batch.tasks:
-                    self.gone(d)
+                for order in batch.tasks:
+                    self.gone(worker_id, order.attempt)
                 continue
             view.conn.send_nowait(batch)
         for (worker_id, queued_only), attempts in cancels.items():
             view = self.workers.get(worker_id)
             if view is not None:  # a lost worker's attempts are void already
                 view.conn.send_nowait(CancelTasks(attempts, queued_only))
+
+
+def task_order(d: Dispatch) -> TaskOrder:
+    """What the worker needs of ``d``: not ``worker`` (it is the receiver) nor
+    ``speculative`` (a backup runs like any attempt)."""
+    return TaskOrder(d.attempt, d.slot, d.inputs, d.addresses)

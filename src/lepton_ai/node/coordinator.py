@@ -8,7 +8,7 @@ turns messages and time into their events and carries out their actions:
 * the scheduler (``compute.scheduler``): ``Propose`` -> ``LogHost.submit``, and
   the apply hook (not the submit's return) feeds ``Applied`` back, so commands
   ordered by any replica reach it the same way; ``Dispatch`` / ``Cancel`` -> the
-  workers, batched (``coord_outbox``);
+  workers, batched (``coord_outbox``: a dispatch goes as the wire's ``TaskOrder``);
 * the control core (``node.control``): members and their loss (the phi-accrual
   detector: a hang; a closed connection: a crash), stale fetch failures, job
   expiry, and the timeline's events.
@@ -47,6 +47,7 @@ from lepton_ai.compute.scheduler_events import (
     ProposeFailed,
     SchedulerAction,
     SchedulerEvent,
+    TaskAttempt,
     TaskFailed,
     Tick,
     WorkerJoined,
@@ -273,9 +274,9 @@ class Coordinator:
             self._job_over(action.job_id)
         # AdmitWorker / RefuseWorker: answered by the registration itself (_admit).
 
-    def _dispatch_gone(self, d: Dispatch) -> None:
+    def _dispatch_gone(self, worker: str, attempt: TaskAttempt) -> None:
         """A dispatch batched for a worker lost before the batch left."""
-        self.step(TaskFailed(d.attempt, d.worker, "infra", time.monotonic(), "gone"))
+        self.step(TaskFailed(attempt, worker, "infra", time.monotonic(), "gone"))
 
     # -- proposals and applied commands ----------------------------------------------
     def propose_action(self, action: Propose) -> None:

@@ -31,10 +31,9 @@ import msgspec
 
 from lepton_ai.node.messages import (
     ExecCancel,
-    ExecDone,
-    ExecFailed,
     ExecForget,
     ExecMessage,
+    ExecOutcome,
     ExecPlan,
     ExecRun,
 )
@@ -257,7 +256,8 @@ class Executor:
             drop = set(msg.attempts)
             for run in [r for r in queue if r.attempt in drop]:
                 queue.remove(run)
-                replies.append(ExecFailed(run.attempt, "cancelled", "cancelled before it started"))
+                why = "cancelled before it started"
+                replies.append(ExecOutcome(run.attempt, "cancelled", message=why))
         else:
             raise PipeClosed(f"unexpected {type(msg).__name__} from the agent")
 
@@ -269,7 +269,7 @@ class Executor:
         while len(self.plans) > PLANS_MAX:
             self.plans.popitem(last=False)
 
-    def run(self, msg: ExecRun) -> ExecDone | ExecFailed:
+    def run(self, msg: ExecRun) -> ExecOutcome:
         from lepton_ai.compute.job_state import OutputRef
         from lepton_ai.compute.run_task import CorruptInput, UserCodeError, run_task
         from lepton_ai.storage.blockstore import ShuffleKey
@@ -277,13 +277,13 @@ class Executor:
         a = msg.attempt
         plan = self.plans.get(a.job_id)
         if plan is None:
-            return ExecFailed(a, "infra", f"executor has no plan for job {a.job_id}")
+            return ExecOutcome(a, "infra", message=f"executor has no plan for job {a.job_id}")
         started = time.perf_counter()
         inputs = list(msg.inputs) if msg.local else msg.inputs
         if msg.local:
             bad = self._read_local(a.job_id, msg.local, inputs)
             if bad is not None:
-                return ExecFailed(a, "corrupt_input", bad[1], map_partition=bad[0])
+                return ExecOutcome(a, "corrupt_input", message=bad[1], map_partition=bad[0])
         try:
             out = run_task(
                 plan,
@@ -306,15 +306,20 @@ class Executor:
                         f"over result_bytes_max={self.result_bytes_max} "
                         "(reduce or aggregate it further, or write it with write_jsonl)"
                     )
-                    return ExecFailed(a, "user", why, "LimitExceeded")
+                    return ExecOutcome(a, "user", message=why, exc_type="LimitExceeded")
                 refs = [self._result_ref(result, out.store)]
         except UserCodeError as exc:
-            return ExecFailed(a, "user", exc.message, exc.exc_type, exc.traceback)
+            return ExecOutcome(
+                a, "user", message=exc.message, exc_type=exc.exc_type, traceback=exc.traceback
+            )
         except CorruptInput as exc:
-            return ExecFailed(a, "corrupt_input", str(exc), map_partition=exc.map_partition)
+            return ExecOutcome(
+                a, "corrupt_input", message=str(exc), map_partition=exc.map_partition
+            )
         except Exception as exc:  # noqa: BLE001 - reported to the scheduler as infra failure
-            return ExecFailed(a, "infra", f"{type(exc).__name__}: {exc}", type(exc).__name__)
-        return ExecDone(a, refs, time.perf_counter() - started)
+            name = type(exc).__name__
+            return ExecOutcome(a, "infra", message=f"{name}: {exc}", exc_type=name)
+        return ExecOutcome(a, "done", refs, time.perf_counter() - started)
 
     def _read_object(self, oid: str) -> bytes:
         """A stored input partition (the agent brought it to this node)."""

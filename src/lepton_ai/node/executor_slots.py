@@ -26,11 +26,10 @@ from lepton_ai.heal.backoff import Backoff
 from lepton_ai.node import executor_process as exec_mod
 from lepton_ai.node.messages import (
     ExecCancel,
-    ExecDone,
-    ExecFailed,
     ExecForget,
     ExecHello,
     ExecMessage,
+    ExecOutcome,
     ExecPlan,
     ExecRun,
 )
@@ -119,7 +118,7 @@ def describe_exit(code: int | None) -> str:
 class _Pending:
     __slots__ = ("future", "size_bytes")
 
-    def __init__(self, future: asyncio.Future[ExecDone | ExecFailed], size_bytes: int) -> None:
+    def __init__(self, future: asyncio.Future[ExecOutcome], size_bytes: int) -> None:
         self.future, self.size_bytes = future, size_bytes
 
 
@@ -247,14 +246,14 @@ class ExecutorSlot:
                 msg = await self._recv()
             except (ConnectionClosed, ConnectionError, LeptonError):
                 break
-            if isinstance(msg, ExecDone | ExecFailed):
+            if isinstance(msg, ExecOutcome):
                 self._on_reply(msg)
                 continue
             break  # anything else from an executor is a bug there: replace it
         code = await self._reap(kill=True)
         return describe_exit(code)
 
-    def _on_reply(self, msg: ExecDone | ExecFailed) -> None:
+    def _on_reply(self, msg: ExecOutcome) -> None:
         was_running = self.is_running(msg.attempt)
         pending = self.outstanding.pop(msg.attempt, None)
         if pending is None:
@@ -282,16 +281,14 @@ class ExecutorSlot:
                     proc.kill()
         return await proc.wait()
 
-    async def submit(
-        self, job_id: str, plan: bytes, msg: ExecRun
-    ) -> asyncio.Future[ExecDone | ExecFailed]:
+    async def submit(self, job_id: str, plan: bytes, msg: ExecRun) -> asyncio.Future[ExecOutcome]:
         """Hand one attempt to the executor; the future resolves with its reply, or
         fails with ``ExecutorDied`` (it was running) or ``Requeued`` (it never started)."""
         await self._ready.wait()
         writer = self._writer
         if writer is None or msg.attempt in self.outstanding:
             raise AssertionError(f"slot {self.slot}: cannot submit {msg.attempt}")
-        future: asyncio.Future[ExecDone | ExecFailed] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[ExecOutcome] = asyncio.get_running_loop().create_future()
         size = sum(map(len, msg.inputs))
         if not self.outstanding:
             self.running_since = asyncio.get_running_loop().time()

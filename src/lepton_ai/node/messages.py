@@ -1,6 +1,6 @@
 """Messages between the node programs (msgspec tagged structs, see ``lepton_ai.wire``).
 
-Three conversations, three unions, so each port decodes only what belongs to it:
+Four conversations, four unions, so each port decodes only what belongs to it:
 
 * ``CoordinatorMessage`` - what workers and clients send the coordinator (and
   its replies). A worker's first message is ``Register``; a client's is any
@@ -9,26 +9,31 @@ Three conversations, three unions, so each port decodes only what belongs to it:
 * ``ShuffleMessage`` - reducers pulling buckets from a node's shuffle server.
 * ``ExecMessage`` - the private pipe between a node agent and its executors.
 
-Task reports reuse the scheduler core's event structs (``TaskSucceeded`` and
-friends): the worker fills them in, the coordinator restamps ``now`` with its
-own clock and steps the scheduler with them unchanged.
+Tasks travel in structs of their own, not in the scheduler core's events and
+actions, so the wire carries only what the receiver cannot know and the core can
+change without changing the protocol:
+
+* ``TaskOrder`` (in ``RunTasks``): a dispatched attempt, without the worker it is
+  sent to. ``node.coord_outbox.task_order`` makes it from the core's ``Dispatch``.
+* ``TaskReport`` (in ``Reports``): ``StartedReport``, ``SucceededReport``,
+  ``FailedReport``, ``FetchFailedReport``, without a worker or a time: the
+  coordinator's connection names the worker and its clock times the event
+  (``node.control.task_event`` makes the core's ``TaskStarted`` and friends).
+* ``ExecOutcome``: an executor's one answer per attempt; its ``kind``
+  (``ExecOutcomeKind``) is the core's ``FailureKind`` plus "done" and
+  "corrupt_input". The agent turns it into a report in one place
+  (``outcome_report`` in ``node.worker``).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import msgspec
 
 from lepton_ai.compute.job_state import OutputRef
 from lepton_ai.compute.plan import JobOptions
-from lepton_ai.compute.scheduler_events import (
-    Dispatch,
-    FetchFailed,
-    RunningReport,
-    TaskAttempt,
-    TaskFailed,
-    TaskStarted,
-    TaskSucceeded,
-)
+from lepton_ai.compute.scheduler_events import FailureKind, RunningReport, TaskAttempt
 from lepton_ai.monitor.tasklog import TaskSpan
 from lepton_ai.serve.spec import (
     DeploymentCommand,
@@ -127,7 +132,41 @@ class StorageNotice(msgspec.Struct, frozen=True, tag=True):
     check: list[str] = []
 
 
-TaskReport = TaskStarted | TaskSucceeded | TaskFailed | FetchFailed
+class StartedReport(msgspec.Struct, frozen=True, tag=True):
+    """The attempt began running in its executor (it may have waited behind others)."""
+
+    attempt: TaskAttempt
+
+
+class SucceededReport(msgspec.Struct, frozen=True, tag=True):
+    """The attempt's outputs, as in ``TaskSucceeded``."""
+
+    attempt: TaskAttempt
+    outputs: list[OutputRef]
+
+
+class FailedReport(msgspec.Struct, frozen=True, tag=True, omit_defaults=True):
+    """The attempt ended without output; the fields are ``TaskFailed``'s."""
+
+    attempt: TaskAttempt
+    kind: FailureKind
+    message: str = ""
+    exc_type: str = ""
+    traceback: str = ""
+
+
+class FetchFailedReport(msgspec.Struct, frozen=True, tag=True):
+    """The attempt could not read input ``map_partition`` of stage ``map_stage`` from
+    ``source_worker``. Whether that is news (``FetchFailed.stale``) only the
+    coordinator can judge, so the worker has no say in it."""
+
+    attempt: TaskAttempt
+    map_stage: int
+    map_partition: int
+    source_worker: str
+
+
+TaskReport = StartedReport | SucceededReport | FailedReport | FetchFailedReport
 
 
 class Reports(msgspec.Struct, frozen=True, tag=True):
@@ -140,11 +179,22 @@ class JobPlanBlob(msgspec.Struct, frozen=True):
     shuffle_replicas: int = 1  # the job's option: copies of each map output (1 if unsaid)
 
 
+class TaskOrder(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Run ``attempt`` in scheduler slot ``slot``; ``inputs`` and ``addresses`` as in
+    ``Dispatch`` (where each map output of the parent stage lives; a task reading no
+    shuffle sends neither)."""
+
+    attempt: TaskAttempt
+    slot: int
+    inputs: list[OutputRef] = []
+    addresses: dict[str, str] = {}
+
+
 class RunTasks(msgspec.Struct, frozen=True, tag=True):
     """Plans the worker has not been sent yet, then the tasks to start."""
 
     plans: list[JobPlanBlob]
-    tasks: list[Dispatch]
+    tasks: list[TaskOrder]
 
 
 class CancelTasks(msgspec.Struct, frozen=True, tag=True):
@@ -463,26 +513,33 @@ class ExecForget(msgspec.Struct, frozen=True, tag=True):
     job_ids: list[str]
 
 
-class ExecDone(msgspec.Struct, frozen=True, tag=True):
-    attempt: TaskAttempt
-    outputs: list[OutputRef]
-    duration_s: float
+# "done", or how the attempt failed: the scheduler's kinds, and "corrupt_input" (a
+# shuffle input did not decode: the agent reports a fetch failure of its map).
+ExecOutcomeKind = Literal["done", "corrupt_input", FailureKind]
 
 
-class ExecFailed(msgspec.Struct, frozen=True, tag=True):
+class ExecOutcome(msgspec.Struct, frozen=True, tag=True, omit_defaults=True):
+    """The executor's answer to an ``ExecRun``: ``outputs`` and ``duration_s`` when
+    done; else ``message`` and, for user code, ``exc_type`` and ``traceback``;
+    ``map_partition`` names the corrupt input. (Fields left at their defaults are
+    not sent: a success does not carry a failure's empty fields, nor the reverse.)"""
+
     attempt: TaskAttempt
-    kind: str  # "user" | "infra" | "corrupt_input" | "cancelled"
-    message: str
+    kind: ExecOutcomeKind
+    outputs: list[OutputRef] = []
+    duration_s: float = 0.0
+    message: str = ""
     exc_type: str = ""
     traceback: str = ""
     map_partition: int = -1
 
 
 class ExecCancel(msgspec.Struct, frozen=True, tag=True):
-    """Drop these attempts if they have not started yet (answered ``ExecFailed`` kind
-    ``"cancelled"``); one already running or done is answered as usual."""
+    """Drop these attempts if they have not started yet (answered with an
+    ``ExecOutcome`` of kind "cancelled"); one already running or done is answered as
+    usual."""
 
     attempts: list[TaskAttempt]
 
 
-ExecMessage = ExecHello | ExecPlan | ExecRun | ExecForget | ExecDone | ExecFailed | ExecCancel
+ExecMessage = ExecHello | ExecPlan | ExecRun | ExecForget | ExecOutcome | ExecCancel

@@ -37,16 +37,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from lepton_ai.compute.plan import JobPlan
-from lepton_ai.compute.scheduler_events import (
-    Dispatch,
-    FailureKind,
-    FetchFailed,
-    RunningReport,
-    TaskAttempt,
-    TaskFailed,
-    TaskStarted,
-    TaskSucceeded,
-)
+from lepton_ai.compute.scheduler_events import FailureKind, RunningReport, TaskAttempt
 from lepton_ai.errors import LeptonError
 from lepton_ai.heal.backoff import Backoff
 from lepton_ai.monitor import metrics
@@ -66,9 +57,10 @@ from lepton_ai.node.messages import (
     ClusterInfo,
     DropJobs,
     ErrorReply,
-    ExecDone,
-    ExecFailed,
+    ExecOutcome,
     ExecutorInfo,
+    FailedReport,
+    FetchFailedReport,
     GetStatus,
     Heartbeat,
     Register,
@@ -78,7 +70,10 @@ from lepton_ai.node.messages import (
     RunTasks,
     ServeEndpoints,
     ShuffleMessage,
+    StartedReport,
     StorageNotice,
+    SucceededReport,
+    TaskOrder,
     TaskReport,
     WorkerMessage,
 )
@@ -226,10 +221,10 @@ class WorkerAgent(DataPort):
             raise ValueError(f"pipeline_depth must be >= 1, got {config.pipeline_depth}")
         self.sched_slots = config.slots * config.pipeline_depth
         # One lane per executor: scheduler slot s runs on executor s % executors.
-        self.lanes: list[deque[Dispatch]] = [deque() for _ in self.slots]
+        self.lanes: list[deque[TaskOrder]] = [deque() for _ in self.slots]
         self._lane_ready = [asyncio.Event() for _ in self.slots]
         # Handed to executor i and not answered yet (it runs them in this order).
-        self._submitted: list[dict[TaskAttempt, Dispatch]] = [{} for _ in self.slots]
+        self._submitted: list[dict[TaskAttempt, TaskOrder]] = [{} for _ in self.slots]
         self.plans: OrderedDict[str, bytes] = OrderedDict()
         self._decoded: OrderedDict[str, JobPlan] = (
             OrderedDict()
@@ -507,10 +502,10 @@ class WorkerAgent(DataPort):
                 if now - slot.running_since > max(limit, self.config.heartbeat_interval_s):
                     continue
             for d in lane:
-                self._report(TaskStarted(d.attempt, self.worker_id, 0.0))
+                self._report(StartedReport(d.attempt))
             for a in submitted:
                 if a != head:
-                    self._report(TaskStarted(a, self.worker_id, 0.0))
+                    self._report(StartedReport(a))
 
     def _note_duration(self, a: TaskAttempt, duration_s: float) -> None:
         key = (a.job_id, a.stage)
@@ -558,7 +553,7 @@ class WorkerAgent(DataPort):
         size = 0
         n = 0
         for rep in self.outbox:
-            if isinstance(rep, TaskSucceeded):
+            if isinstance(rep, SucceededReport):
                 size += sum(len(o.data or b"") for o in rep.outputs)
             if n and size > REPORT_BATCH_BYTES_MAX:
                 break
@@ -627,14 +622,14 @@ class WorkerAgent(DataPort):
             except ValueError as exc:  # a table past this node's limits: the old one stays
                 log.error("serving endpoints refused: %s", exc)
 
-    def _enqueue(self, d: Dispatch) -> None:
+    def _enqueue(self, d: TaskOrder) -> None:
         if not 0 <= d.slot < self.sched_slots or d.attempt.job_id not in self.plans:
             why = "no such slot" if d.attempt.job_id in self.plans else "plan not sent"
-            self._report(TaskFailed(d.attempt, self.worker_id, "infra", 0.0, message=why))
+            self._report(FailedReport(d.attempt, "infra", why))
             return
         index = d.slot % len(self.slots)
         if len(self.lanes[index]) >= self.config.queued_tasks_max:
-            self._report(TaskFailed(d.attempt, self.worker_id, "infra", 0.0, message="queue full"))
+            self._report(FailedReport(d.attempt, "infra", "queue full"))
             return
         self.lanes[index].append(d)
         self._lane_ready[index].set()
@@ -646,7 +641,7 @@ class WorkerAgent(DataPort):
             for d in lane:
                 if d.attempt == a:
                     lane.remove(d)
-                    self._report(TaskFailed(a, self.worker_id, "cancelled", 0.0))
+                    self._report(FailedReport(a, "cancelled"))
                     return
         for slot, submitted in zip(self.slots, self._submitted, strict=True):
             if a in submitted:
@@ -660,7 +655,7 @@ class WorkerAgent(DataPort):
     def _started(self, a: TaskAttempt) -> None:
         # It sat behind another attempt: tell the scheduler when it really
         # started, so queueing does not look like straggling.
-        self._report(TaskStarted(a, self.worker_id, 0.0))
+        self._report(StartedReport(a))
 
     async def _slot_loop(self, index: int) -> None:
         """Feed executor ``index`` from its lane while its window has room."""
@@ -683,18 +678,18 @@ class WorkerAgent(DataPort):
         typical = self._typical_s.get((a.job_id, a.stage))
         return ex.window if typical is None or typical < ex.slow_task_s else ex.window_slow
 
-    async def _submit(self, index: int, d: Dispatch) -> TaskReport | None:
+    async def _submit(self, index: int, d: TaskOrder) -> TaskReport | None:
         """Hand ``d`` to its executor; a report only if it failed before getting there."""
         a = d.attempt
         plan = self.plans.get(a.job_id)
         if plan is None:
-            return TaskFailed(a, self.worker_id, "infra", 0.0, message="plan forgotten")
+            return FailedReport(a, "infra", "plan forgotten")
         generation = self._generation
         missing = await self._bring_inputs(a, plan)
         if missing is not None:
-            return TaskFailed(a, self.worker_id, "infra", 0.0, message=missing)
+            return FailedReport(a, "infra", missing)
         run = await self._gather_inputs(d)
-        if isinstance(run, FetchFailed):
+        if isinstance(run, FetchFailedReport):
             return run
         if generation != self._generation:
             return None  # dispatched to a former incarnation
@@ -706,9 +701,9 @@ class WorkerAgent(DataPort):
     def _exec_done(
         self,
         index: int,
-        d: Dispatch,
+        d: TaskOrder,
         generation: int,
-        future: asyncio.Future[ExecDone | ExecFailed],
+        future: asyncio.Future[ExecOutcome],
     ) -> None:
         a = d.attempt
         self._submitted[index].pop(a, None)
@@ -724,32 +719,32 @@ class WorkerAgent(DataPort):
             return
         if isinstance(exc, ExecutorDied):
             kind: FailureKind = "cancelled" if exc.cancelled else "infra"
-            report = TaskFailed(a, self.worker_id, kind, 0.0, message=str(exc))
+            report = FailedReport(a, kind, str(exc))
         elif exc is not None:
             raise AssertionError(f"unexpected failure of {a}: {exc!r}") from exc
         else:
             reply = future.result()
             self.monitor.executor_replied(reply)
-            if isinstance(reply, ExecDone):
+            if reply.kind == "done":
                 self._note_duration(a, reply.duration_s)
                 if self._copies_wanted(d, reply):
                     self._finish_stored(d, reply, generation)
                     return
-            report = self._translate(d, reply)
+            report = outcome_report(d, reply)
         self._report(report)
         if a.job_id not in self.plans:
             # The job ended (DropJobs) while this attempt ran: what it just
             # wrote would otherwise outlive the job.
             self.store.delete_job(a.job_id)
 
-    def _copies_wanted(self, d: Dispatch, reply: ExecDone) -> bool:
+    def _copies_wanted(self, d: TaskOrder, reply: ExecOutcome) -> bool:
         """A stored result to replicate, or a shuffle file the job wants copied."""
         if any(o.obj is not None for o in reply.outputs):
             return True
         shuffle = bool(reply.outputs) and reply.outputs[0].data is None
         return shuffle and self._shuffle_replicas.get(d.attempt.job_id, 1) > 1
 
-    def _finish_stored(self, d: Dispatch, reply: ExecDone, generation: int) -> None:
+    def _finish_stored(self, d: TaskOrder, reply: ExecOutcome, generation: int) -> None:
         """Copy the attempt's output to other nodes, then report the task done.
 
         A copy that fails leaves the output with fewer copies, never unreported:
@@ -765,33 +760,30 @@ class WorkerAgent(DataPort):
             except (OSError, LeptonError) as exc:
                 log.warning("copies of %s's output failed: %s", d.attempt, exc)
             if generation == self._generation:
-                self._report(TaskSucceeded(d.attempt, self.worker_id, outputs, 0.0))
+                self._report(SucceededReport(d.attempt, outputs))
 
         task = asyncio.get_running_loop().create_task(finish())
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
 
-    def _translate(self, d: Dispatch, reply: ExecDone | ExecFailed) -> TaskReport:
-        a, w = d.attempt, self.worker_id
-        if isinstance(reply, ExecDone):
-            return TaskSucceeded(a, w, reply.outputs, 0.0)
-        if reply.kind == "corrupt_input" and 0 <= reply.map_partition < len(d.inputs):
-            src = d.inputs[reply.map_partition].worker
-            return FetchFailed(a, w, a.stage - 1, reply.map_partition, src, 0.0)
-        kind: FailureKind = "infra"
-        if reply.kind == "user":
-            kind = "user"
-        elif reply.kind == "cancelled":
-            kind = "cancelled"
-        return TaskFailed(
-            a,
-            w,
-            kind,
-            0.0,
-            message=reply.message,
-            exc_type=reply.exc_type,
-            traceback=reply.traceback,
-        )
+
+def outcome_report(order: TaskOrder, outcome: ExecOutcome) -> TaskReport:
+    """The report of ``order``'s attempt for the coordinator, from its executor's outcome.
+
+    The one place an outcome becomes a report. A corrupt shuffle input is the map
+    output's fault, not the reader's: it is reported as a fetch failure of that
+    map, so the scheduler re-makes it (an input the order never named is the
+    executor's own failure).
+    """
+    a, kind = order.attempt, outcome.kind
+    if kind == "done":
+        return SucceededReport(a, outcome.outputs)
+    if kind == "corrupt_input":
+        m = outcome.map_partition
+        if 0 <= m < len(order.inputs):
+            return FetchFailedReport(a, a.stage - 1, m, order.inputs[m].worker)
+        kind = "infra"
+    return FailedReport(a, kind, outcome.message, outcome.exc_type, outcome.traceback)
 
 
 if __name__ == "__main__":  # python -m lepton_ai.node.worker (node.local_cluster starts it)
