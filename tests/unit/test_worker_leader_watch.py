@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from lepton_ai.node.worker import LeaderWatchConfig, WorkerAgent, WorkerConfig
+from lepton_ai.node.agent_leader import LeaderFollower, LeaderWatchConfig
+from lepton_ai.node.worker import WorkerConfig
 
 
 def test_learned_coordinators_are_bounded_and_keep_the_joined_one() -> None:
@@ -24,8 +25,8 @@ def test_learned_coordinators_are_bounded_and_keep_the_joined_one() -> None:
         config=WorkerConfig(leader_watch=LeaderWatchConfig(known_max=3)),
     )
     for port in range(3, 8):
-        WorkerAgent._learn_coordinator(agent, ("h", port))
-        WorkerAgent._learn_coordinator(agent, ("h", port))  # known already: no change
+        LeaderFollower._learn_coordinator(agent, ("h", port))
+        LeaderFollower._learn_coordinator(agent, ("h", port))  # known already: no change
     assert len(agent.coordinators) == 3
     assert ("h", 2) in agent.coordinators and ("h", 7) in agent.coordinators
     assert closed == [("h", 1)]  # a forgotten address's probe connection is closed

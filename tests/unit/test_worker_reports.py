@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from lepton_ai.compute.job_state import OutputRef
 from lepton_ai.compute.scheduler_events import Dispatch, TaskAttempt
+from lepton_ai.node.agent_tasks import outcome_report
 from lepton_ai.node.coord_outbox import task_order
 from lepton_ai.node.messages import (
     CoordinatorMessage,
@@ -19,7 +20,6 @@ from lepton_ai.node.messages import (
     TaskOrder,
     WorkerMessage,
 )
-from lepton_ai.node.worker import outcome_report
 from lepton_ai.wire import Codec
 
 READER = TaskAttempt("j1", 1, 0, 1, 7)

@@ -22,7 +22,7 @@ change without changing the protocol:
 * ``ExecOutcome``: an executor's one answer per attempt; its ``kind``
   (``ExecOutcomeKind``) is the core's ``FailureKind`` plus "done" and
   "corrupt_input". The agent turns it into a report in one place
-  (``outcome_report`` in ``node.worker``).
+  (``node.agent_tasks.outcome_report``).
 """
 
 from __future__ import annotations
