@@ -4,7 +4,7 @@
 The coordinator calls ``dispatched`` with the scheduler's own ``Dispatch`` actions
 and ``observers`` with the task reports it steps, before the scheduler sees them,
 so both views match what the scheduler decided. This is on the leader's path of
-every task (~1 µs of it per task: ``benchmarks/metrics_cost_bench.py``), so it only
+every task (~2 µs of it per task; ``benchmarks/metrics_cost_bench.py``), so it only
 touches the task log's span and plain counters. Counters are plain ints (see
 ``monitor.metrics``); gauges are read from the coordinator's state at scrape time.
 """
