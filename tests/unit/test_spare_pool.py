@@ -1,17 +1,20 @@
 """The warm-spare pool starts a spare only when its node runs nothing (or waited too long).
 
-``SparePool._until_idle`` reads the loop's clock and sleeps on it (no clock to inject),
-so the tests do not sleep for a guessed while: a fake slot counts how often the pool
-looked at it, and the test waits for the pool to have looked (seen the state the test
-set up) a given number of times.
+``SparePool._until_idle`` reads the loop's clock and sleeps on it, so the tests run
+it on an event loop with a fake clock (``looptime``): sleeps take no real time and
+``loop.time()`` moves only by them, so each scripted timeline gives an exact answer
+and no test waits for a guessed while.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Coroutine
 from typing import Any
 
-from helpers import wait_until_async
+import looptime
+import pytest
+
 from lepton_ai.node.executor_slots import ExecutorConfig, SparePool
 
 IDLE_FOR_S = 0.3  # a lull must last this long; far longer than a poll, so a gap is no lull
@@ -19,16 +22,17 @@ POLL_S = 0.005
 
 
 class Slot:
-    """Stands in for an ``ExecutorSlot``: the pool reads only ``outstanding``."""
+    """Stands in for an ``ExecutorSlot``: the pool reads only ``outstanding``, which
+    is busy during the given ``(start, end)`` windows of loop time."""
 
-    def __init__(self, busy: bool) -> None:
-        self._outstanding: dict[str, object] = {"attempt": object()} if busy else {}
-        self.looks = 0  # how many times the pool read ``outstanding``
+    def __init__(self, busy: list[tuple[float, float]]) -> None:
+        self.busy = busy
 
     @property
     def outstanding(self) -> dict[str, object]:
-        self.looks += 1
-        return self._outstanding
+        now = asyncio.get_running_loop().time()
+        running = any(start <= now < end for start, end in self.busy)
+        return {"attempt": object()} if running else {}
 
 
 def _pool(wait_s: float) -> SparePool:
@@ -38,39 +42,43 @@ def _pool(wait_s: float) -> SparePool:
     return SparePool(1, lambda: ("w", "/nonexistent"), config)
 
 
-async def _looked(slot: Slot, times: int) -> None:
-    """Until the pool has read ``slot`` ``times`` more times."""
-    target = slot.looks + times
-    await wait_until_async(lambda: slot.looks >= target, 5.0, f"the pool polled {times} times")
+def on_fake_clock(main: Callable[[], Coroutine[Any, Any, float]]) -> float:
+    """Run ``main`` on a loop whose clock starts at 0 and moves only by its sleeps."""
+    with asyncio.Runner(loop_factory=lambda: looptime.new_event_loop(start=0.0)) as runner:
+        return runner.run(main())
+
+
+def _returns_at(slots: list[Any], wait_s: float) -> float:
+    """The loop time at which the pool decided a spare may start."""
+
+    async def main() -> float:
+        await _pool(wait_s)._until_idle(slots)
+        return asyncio.get_running_loop().time()
+
+    return on_fake_clock(main)
 
 
 def test_spare_start_waits_for_an_idle_node() -> None:
-    async def main() -> None:
-        busy, idle = Slot(busy=True), Slot(busy=False)
-        slots: list[Any] = [idle, busy]
-        waiting = asyncio.ensure_future(_pool(10.0)._until_idle(slots))
-        await _looked(busy, 20)  # many polls that saw a task running
-        assert not waiting.done()  # one slot still runs a task
-        busy._outstanding.clear()
-        await _looked(busy, 1)  # the pool saw the gap ...
-        busy._outstanding["next"] = object()  # ... but a gap between two tasks is no lull
-        await _looked(busy, 20)
-        assert not waiting.done()
-        busy._outstanding.clear()
-        t0 = asyncio.get_running_loop().time()
-        await asyncio.wait_for(waiting, 5.0)
-        # It returned for the lull, after the lull had lasted long enough.
-        assert asyncio.get_running_loop().time() - t0 >= IDLE_FOR_S - POLL_S
+    # Busy until 1.0; a 0.1 s gap between two tasks (no lull); busy again until 2.0;
+    # the other slot idle throughout. The lull starts at 2.0 and must last IDLE_FOR_S.
+    slots: list[Any] = [Slot([]), Slot([(0.0, 1.0), (1.1, 2.0)])]
+    assert _returns_at(slots, wait_s=10.0) == pytest.approx(2.0 + IDLE_FOR_S, abs=2 * POLL_S)
 
-    asyncio.run(main())
+
+def test_a_gap_shorter_than_the_lull_is_not_one() -> None:
+    # Gaps of IDLE_FOR_S / 2 every second until 5.0: only the idle node after 5.0 counts.
+    windows = [(float(t), t + 1.0 - IDLE_FOR_S / 2) for t in range(5)]
+    assert _returns_at([Slot(windows)], wait_s=10.0) == pytest.approx(
+        5.0 - IDLE_FOR_S / 2 + IDLE_FOR_S, abs=2 * POLL_S
+    )
 
 
 def test_spare_start_waits_no_longer_than_its_bound() -> None:
-    async def main() -> None:
-        slots: list[Any] = [Slot(busy=True)]
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        await asyncio.wait_for(_pool(0.05)._until_idle(slots), 1.0)
-        assert 0.04 <= loop.time() - t0 < 0.5
+    # Never idle: the pool gives up waiting at its bound, not before, not much after.
+    assert _returns_at([Slot([(0.0, 1e9)])], wait_s=3.0) == pytest.approx(3.0, abs=2 * POLL_S)
 
-    asyncio.run(main())
+
+def test_an_idle_node_starts_a_spare_after_one_lull() -> None:
+    assert _returns_at([Slot([]), Slot([])], wait_s=10.0) == pytest.approx(
+        IDLE_FOR_S, abs=2 * POLL_S
+    )
