@@ -3,16 +3,21 @@
 A follower that hears from its leader sleeps several ticks (messages wake it and
 their pass catches the ticks up); one whose leader went silent ticks every tick
 again, so its randomised election timeout fires when it should. Real drivers on a
-temporary directory; the peers' addresses are never answered (nothing listens on
-port 1), so the only leader a follower hears is the Heartbeat the test delivers.
+temporary directory, on an event loop with a fake clock (``looptime``: sleeps take
+no real time, the clock moves only by them) that the driver reads too, so every
+timing window below is exact rather than padded for a loaded machine. The peers'
+addresses are never answered (nothing listens on port 1), so the only leader a
+follower hears is the Heartbeat the test delivers.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
+import looptime
 import pytest
 
 from helpers import running, wait_until_async
@@ -37,7 +42,14 @@ class Null:
         pass
 
 
+def on_fake_clock(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run ``scenario`` on a loop whose clock starts at 0 and moves only by sleeps."""
+    with asyncio.Runner(loop_factory=lambda: looptime.new_event_loop(start=0.0)) as runner:
+        runner.run(scenario())
+
+
 def _driver(tmp_path: Path, node: int, members: tuple[int, ...]) -> ReplicaDriver:
+    """Call inside the running fake loop: the driver reads that loop's clock."""
     storage, durable = ReplicaStorage.open(tmp_path / f"r{node}", fsync=False)
     return ReplicaDriver.create(
         PaxosConfig(node_id=node, members=members),
@@ -48,12 +60,17 @@ def _driver(tmp_path: Path, node: int, members: tuple[int, ...]) -> ReplicaDrive
         token="t" * 32,
         peer_codec=SERVER_CODEC,
         config=DriverConfig(tick_s=TICK_S),
+        clock=asyncio.get_running_loop().time,
     )
 
 
 def _heartbeat(driver: ReplicaDriver) -> None:
     driver.deliver(Heartbeat(src=0, ballot=(1, 0), commit=0, read_seq=0))
     driver._pass()
+
+
+def _now() -> float:
+    return asyncio.get_running_loop().time()
 
 
 def test_follower_sleeps_while_it_hears_its_leader_and_ticks_each_tick_when_not(
@@ -66,30 +83,24 @@ def test_follower_sleeps_while_it_hears_its_leader_and_ticks_each_tick_when_not(
             _heartbeat(follower)
             assert follower.leader_id == 0
             cap = follower.config.ticks_per_pass_max
+            silence_s = follower.paxos.heartbeat_ticks * TICK_S
+            # Asleep (cap - 1 ticks per wake) right up to one heartbeat interval of
+            # silence, every tick from then on: long before any election timeout
+            # (election_ticks_min) can run out.
             assert follower._ticks_per_wake() == cap - 1
-            # Silent for a heartbeat interval: back to every tick, long before any
-            # election timeout (election_ticks_min) can run out. The switch depends on
-            # the clock alone (the driver takes no clock to fake), so the test watches
-            # for it and checks each look against the moment the heartbeat arrived:
-            # asleep before one heartbeat interval of silence, every tick from then on.
-            switch_at = follower._last_heard + follower.paxos.heartbeat_ticks * TICK_S
-            looks: list[tuple[float, int, float]] = []  # (before, ticks per wake, after)
-
-            def every_tick() -> bool:
-                before = time.monotonic()
-                per = follower._ticks_per_wake()
-                looks.append((before, per, time.monotonic()))
-                return per == 1
-
-            await wait_until_async(every_tick, 5.0, "ticking every tick", interval_s=0.002)
-            *asleep, (_, _, switched_by) = looks
-            assert all(before < switch_at for before, _, _ in asleep), (switch_at, looks)
-            assert switched_by >= switch_at, (switch_at, looks)  # not before the silence
+            await asyncio.sleep(silence_s - TICK_S / 10)
+            assert follower._ticks_per_wake() == cap - 1
+            await asyncio.sleep(TICK_S / 10)
+            assert follower._ticks_per_wake() == 1
+            await asyncio.sleep(10 * TICK_S)
+            assert follower._ticks_per_wake() == 1
+            _heartbeat(follower)  # heard again: asleep again
+            assert follower._ticks_per_wake() == cap - 1
             assert follower.paxos.heartbeat_ticks < follower.paxos.election_ticks_min
         finally:
             await follower.close()
 
-    asyncio.run(scenario())
+    on_fake_clock(scenario)
 
 
 @pytest.mark.timeout(30)
@@ -100,14 +111,18 @@ def test_leader_wakes_once_per_heartbeat(tmp_path: Path) -> None:
             await wait_until_async(
                 lambda: leader.is_leader, 5.0, "a one-member group electing itself"
             )
-            assert leader._ticks_per_wake() == leader.paxos.heartbeat_ticks
-            passes, t1 = leader.passes, time.monotonic()
-            await asyncio.sleep(0.5)  # a measuring window (nothing to wait for): count passes
-            elapsed_ticks = (time.monotonic() - t1) / TICK_S
-            # Idle: one pass per wake-up, every heartbeat_ticks ticks (not every tick).
-            assert leader.passes - passes <= elapsed_ticks / leader.paxos.heartbeat_ticks + 3
+            heartbeat_ticks = leader.paxos.heartbeat_ticks
+            assert leader._ticks_per_wake() == heartbeat_ticks
+            window_ticks = 100
+            passes = leader.passes
+            await asyncio.sleep(window_ticks * TICK_S)  # idle: nothing else wakes it
+            # One pass per wake-up, every heartbeat_ticks ticks (not every tick).
+            wakes = leader.passes - passes
+            assert (
+                window_ticks // heartbeat_ticks - 1 <= wakes <= window_ticks // heartbeat_ticks + 1
+            )
 
-    asyncio.run(scenario())
+    on_fake_clock(scenario)
 
 
 @pytest.mark.timeout(30)
@@ -120,18 +135,17 @@ def test_a_follower_whose_leader_goes_silent_campaigns_within_its_election_timeo
             for _ in range(10):  # a leader heard for a while, then silent
                 _heartbeat(follower)
                 await asyncio.sleep(TICK_S)
-            silent_at = time.monotonic()
+            silent_at = _now() - TICK_S  # the last heartbeat
             await wait_until_async(
                 lambda: follower.core.promised != (1, 0),
                 5.0,
                 "the follower campaigning",
-                interval_s=0.002,
+                interval_s=TICK_S / 10,
             )
-            waited_s = time.monotonic() - silent_at
+            waited_ticks = (_now() - silent_at) / TICK_S
             paxos = follower.paxos
-            # Not before the shortest timeout; not much after the longest one (the
-            # sleep-longer ticker must not delay it by its nap: generous load margin).
-            assert waited_s >= paxos.election_ticks_min * TICK_S * 0.9
-            assert waited_s <= paxos.election_ticks_max * TICK_S + 0.5
+            # Within its randomised timeout, to the tick: the sleep-longer ticker
+            # delays no tick (each pass catches up the ticks due), it only batches them.
+            assert paxos.election_ticks_min - 1 <= waited_ticks <= paxos.election_ticks_max + 1
 
-    asyncio.run(scenario())
+    on_fake_clock(scenario)

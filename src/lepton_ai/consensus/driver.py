@@ -80,7 +80,13 @@ class ReplicaDriver:
         token: str,
         peer_codec: Codec[object],
         config: DriverConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        # Every time the shell reads (ticks, silence, pacing, timings) comes from
+        # ``clock``, monotonic seconds; its sleeps are the event loop's, which reads
+        # the same clock by default. A test runs it on a fake loop clock (looptime)
+        # and passes ``loop.time``, so its timing windows are exact.
+        self._clock = clock
         self.paxos = paxos
         self.node_id = paxos.node_id
         self.state_machine = state_machine
@@ -96,15 +102,15 @@ class ReplicaDriver:
         )
         self._inbox: deque[PeerMessage] = deque()
         self._proposals: deque[tuple[bytes, Done]] = deque()
-        self.timings = ConsensusTimings()  # the cost model's p, d, u, e, as measured
+        self.timings = ConsensusTimings(clock)  # the cost model's p, d, u, e, as measured
         self._read_requests: deque[Done] = deque()
         self._waiters = Waiters()
         self._wake = asyncio.Event()
         self._callbacks: list[Callable[[bool], None]] = []
         self._was_leader = False
-        self._last_tick = time.monotonic()
+        self._last_tick = self._clock()
         self._last_heard = self._last_tick  # monotonic time a peer message last arrived
-        self._pacer = SlotPacer(self.config, self._wake.set)
+        self._pacer = SlotPacer(self.config, self._wake.set, clock)
         self._campaign_now = False  # set by _first_campaign, acted on in the next pass
         self._removed_logged = False
         self._pass_end: list[Callable[[], None]] = []
@@ -126,6 +132,7 @@ class ReplicaDriver:
         token: str,
         peer_codec: Codec[object],
         config: DriverConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> ReplicaDriver:
         """Build the core from recovered durable state (election jitter from the OS RNG)."""
         replica = Replica(paxos, durable, random_fn=random.Random().random)
@@ -138,6 +145,7 @@ class ReplicaDriver:
             token=token,
             peer_codec=peer_codec,
             config=config,
+            clock=clock,
         )
 
     @property
@@ -259,7 +267,7 @@ class ReplicaDriver:
             self.dropped_inbox += 1
             return
         self._inbox.append(msg)
-        self._last_heard = time.monotonic()
+        self._last_heard = self._clock()
         self._wake.set()
 
     # -- the loop -------------------------------------------------------------------------
@@ -288,9 +296,9 @@ class ReplicaDriver:
         )
 
     async def _first_campaign(self) -> None:
-        deadline = time.monotonic() + self.config.first_campaign_wait_s
+        deadline = self._clock() + self.config.first_campaign_wait_s
         quorum = len(self.core.members) // 2  # peers needed besides this replica
-        while time.monotonic() < deadline:
+        while self._clock() < deadline:
             if self.core.promised != ZERO_BALLOT or self.core.leader_id is not None:
                 return  # someone campaigned already: a normal election is under way
             if sum(1 for link in self.peers.links.values() if link.connected) >= quorum:
@@ -322,7 +330,7 @@ class ReplicaDriver:
         cap = self.config.ticks_per_pass_max
         if core.is_leader:
             return max(1, min(self.paxos.heartbeat_ticks, cap))
-        silent_s = time.monotonic() - self._last_heard
+        silent_s = self._clock() - self._last_heard
         if core.leader_id is None or silent_s >= self.paxos.heartbeat_ticks * self.config.tick_s:
             return 1
         return max(1, cap - 1)  # one tick of slack: a late wake-up past the cap drops ticks
@@ -355,7 +363,7 @@ class ReplicaDriver:
             self._campaign_now = False
             if self.core.promised == ZERO_BALLOT and self.core.leader_id is None:
                 self.core.campaign()
-        now = time.monotonic()
+        now = self._clock()
         due = int((now - self._last_tick) / self.config.tick_s)
         if due > 0:
             self._last_tick += due * self.config.tick_s
@@ -393,7 +401,7 @@ class ReplicaDriver:
     def _take_proposals(self) -> None:
         if not self._proposals or self._pacer.holding(self.core):
             return
-        now = time.monotonic()
+        now = self._clock()
         taken = self._pacer.take(len(self._proposals), now)
         self.timings.proposing(taken, now)
         for _ in range(taken):

@@ -9,7 +9,6 @@ of commands rides in fewer, larger slots. An idle leader's command goes at once.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 
 from lepton_ai.consensus.core import Replica
@@ -19,8 +18,11 @@ from lepton_ai.consensus.driver_config import DriverConfig
 class SlotPacer:
     """The driver's batching state: when proposals last went in, and whether it paces."""
 
-    def __init__(self, config: DriverConfig, wake: Callable[[], None]) -> None:
+    def __init__(
+        self, config: DriverConfig, wake: Callable[[], None], clock: Callable[[], float]
+    ) -> None:
         self._config = config
+        self._clock = clock  # the driver's (monotonic seconds)
         self._wake = wake
         self.last_batch = 0.0  # monotonic time proposals last went into the core
         self._timer: asyncio.TimerHandle | None = None
@@ -40,7 +42,7 @@ class SlotPacer:
             return True
         if not self.paced:
             return False
-        wait_s = self.last_batch + self._config.batch_interval_s - time.monotonic()
+        wait_s = self.last_batch + self._config.batch_interval_s - self._clock()
         if wait_s <= 0:
             return False
         if self._timer is None:

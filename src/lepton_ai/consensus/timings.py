@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 
 from lepton_ai.monitor.metrics import CONSENSUS_BUCKETS_S, Histo
 
@@ -25,7 +26,8 @@ SLOTS_TRACKED_MAX = 4096  # slots in flight whose Accept time is kept (more are 
 
 
 class ConsensusTimings:
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock  # the driver's (monotonic seconds)
         self.propose = Histo(CONSENSUS_BUCKETS_S)
         self.decide = Histo(CONSENSUS_BUCKETS_S)
         self.apply = Histo(CONSENSUS_BUCKETS_S)
@@ -34,10 +36,10 @@ class ConsensusTimings:
         # popped together: the driver pops only in ``_take_proposals``).
         self._queued: deque[float] = deque()
         self._sent: dict[int, float] = {}  # slot -> when its Accept left
-        self._leaderless_since: float | None = time.monotonic()  # at start: none known
+        self._leaderless_since: float | None = self._clock()  # at start: none known
 
     def queued(self) -> None:
-        self._queued.append(time.monotonic())
+        self._queued.append(self._clock())
 
     def proposing(self, count: int, now: float) -> None:
         for _ in range(min(count, len(self._queued))):
@@ -50,14 +52,14 @@ class ConsensusTimings:
     def committed(self, slot: int) -> None:
         started = self._sent.pop(slot, None)
         if started is not None:
-            self.decide.observe(time.monotonic() - started)
+            self.decide.observe(self._clock() - started)
 
     def applied(self, commands: int, seconds: float) -> None:
         if commands:
             self.apply.observe(seconds / commands)
 
     def leader_changed(self, known: bool, leading: bool) -> None:
-        now = time.monotonic()
+        now = self._clock()
         if not leading:
             self._sent.clear()  # this term's slots are no longer this replica's to time
         if not known:
