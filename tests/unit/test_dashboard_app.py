@@ -206,6 +206,7 @@ class CountingSource:
     def __init__(self, delay_s: float = 0.0) -> None:
         self.delay_s = delay_s
         self.calls = 0
+        self.closed = False
         self.lock = threading.Lock()
 
     def snapshot(self) -> dict[str, Any]:
@@ -217,6 +218,9 @@ class CountingSource:
 
     def job_tasks(self, job_id: str) -> list[dict[str, Any]] | None:
         return None
+
+    def close(self) -> None:
+        self.closed = True
 
 
 def test_app_login_and_data() -> None:
@@ -297,3 +301,10 @@ def test_cache_serves_the_last_snapshot_while_a_fetch_is_slow() -> None:
     first, stale, nothing_yet = asyncio.run(main())
     assert first == stale and b'"n":1' in first
     assert nothing_yet
+
+
+def test_the_app_closes_its_source_when_it_stops() -> None:
+    source = CountingSource()
+    with TestClient(dashboard_app(source, TOKEN)):
+        assert not source.closed
+    assert source.closed  # its kept-alive scrape connections go with it

@@ -142,6 +142,7 @@ class SnapshotCache:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        self.source.close()
 
 
 def _encode(fetch: Callable[[], Any]) -> bytes:

@@ -67,6 +67,10 @@ class DashboardSource(Protocol):
         outcome, speculative), or None when the cluster cannot tell."""
         ...
 
+    def close(self) -> None:
+        """Release what reading the cluster holds (kept-alive connections)."""
+        ...
+
 
 class ClusterSource:
     """A ``DashboardSource`` over a cluster handle (``Cluster`` or ``LocalCluster``).
@@ -181,6 +185,10 @@ class ClusterSource:
             if value:
                 links[name] = value if isinstance(value, str) else list(value)
         return links
+
+    def close(self) -> None:
+        if self._rates is not None:
+            self._rates.close()
 
     # -- task timeline -----------------------------------------------------------
     def _tasks_call(self) -> Callable[[str], list[dict[str, Any]]] | None:

@@ -109,13 +109,16 @@ def run_top(
 ) -> None:
     """Draw frames until Ctrl-C (or ``frames_max``); ``once``: print one and return."""
     console = console or Console()
-    if once:
-        console.print(render(source.snapshot()))
-        return
-    interval_s = max(interval_s, TOP_INTERVAL_S_MIN)
-    frames = 0
-    with Live(render(source.snapshot()), console=console, auto_refresh=False) as live:
-        while frames_max is None or frames < frames_max:
-            time.sleep(interval_s)
-            live.update(render(source.snapshot()), refresh=True)
-            frames += 1
+    try:
+        if once:
+            console.print(render(source.snapshot()))
+            return
+        interval_s = max(interval_s, TOP_INTERVAL_S_MIN)
+        frames = 0
+        with Live(render(source.snapshot()), console=console, auto_refresh=False) as live:
+            while frames_max is None or frames < frames_max:
+                time.sleep(interval_s)
+                live.update(render(source.snapshot()), refresh=True)
+                frames += 1
+    finally:
+        source.close()
