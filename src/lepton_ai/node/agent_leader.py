@@ -1,9 +1,10 @@
 """How a worker agent given several coordinators follows the leader (a mixin of
 ``WorkerAgent``).
 
-Given ``--join h1:p1,h2:p2,h3:p3`` the agent asks them (``GetStatus``, answered by
-followers too) who leads, points its session at that address, and drops a
-session held with one that no longer leads (a deposed or hung leader: SIGSTOP
+Given ``--join h1:p1,h2:p2,h3:p3`` (or a single address: a follower names the
+leader too) the agent asks them (``GetStatus``, answered by followers too) who
+leads, points its session at that address, and drops a session held with one that
+no longer leads (a deposed or hung leader: SIGSTOP
 leaves the TCP connection open, so the session would never notice by itself). It
 then re-registers with the leader, and the results waiting in its outbox go
 there. Leaders named in answers are remembered, bounded, so coordinators that

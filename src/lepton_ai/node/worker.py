@@ -252,8 +252,9 @@ class WorkerAgent(TaskRunner, LeaderFollower):
                     tg.create_task(self._slot_loop(i))
                 if self.config.executor.spares > 0:
                     tg.create_task(self.spares.run(self.slots))
-                if len(self.coordinators) > 1:
-                    tg.create_task(self._leader_watch())
+                # Also with one address given: a follower does not take workers but
+                # names the leader, and only the watch follows that name.
+                tg.create_task(self._leader_watch())
                 tg.create_task(self._coordinator_loop())
         finally:
             server.close()
